@@ -1,0 +1,34 @@
+//! Bounds of the formats. A decoder rejects anything larger, so a corrupt length can never make a
+//! reader allocate or loop without bound. Runtime budgets live in `dataplane::limits`.
+
+/// Largest blob (chunk, tree or chunk list) a pack may hold, raw or stored.
+pub const MAX_BLOB_SIZE: u32 = 64 << 20;
+/// Largest chunk the chunker may be configured to produce.
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+/// Smallest chunk minimum the chunker may be configured with (FastCDC's own floor).
+pub const MIN_CHUNK_SIZE: u32 = 64;
+/// Most blobs one pack may index.
+pub const MAX_PACK_ENTRIES: u32 = 1 << 20;
+/// Most entries one index run may hold.
+pub const MAX_INDEX_ENTRIES: u32 = 1 << 26;
+/// Most entries (children) one tree may hold.
+pub const MAX_TREE_NODES: u32 = 1 << 22;
+/// Most chunks one chunk list (one segment of a file) may hold.
+pub const MAX_CHUNK_LIST_ENTRIES: u32 = 1 << 20;
+/// Most segments one file may have (with the smallest segment size this is still 64 TiB+).
+pub const MAX_FILE_SEGMENTS: u32 = 1 << 24;
+/// Longest file name in a tree.
+pub const MAX_NAME_LEN: usize = 1024;
+/// Longest symlink target in a tree.
+pub const MAX_LINK_TARGET_LEN: usize = 4096;
+/// Smallest segment size a repository may be initialised with.
+pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
+/// Largest segment size a repository may be initialised with.
+pub const MAX_SEGMENT_SIZE: u64 = 64 << 30;
+
+const _: () = assert!(MAX_CHUNK_SIZE <= MAX_BLOB_SIZE);
+const _: () = assert!(MIN_CHUNK_SIZE < MAX_CHUNK_SIZE);
+// A chunk never spans a segment boundary, so a segment must hold at least one largest chunk.
+const _: () = assert!(MIN_SEGMENT_SIZE >= 4 * MIN_CHUNK_SIZE as u64);
+// A chunk list of a largest segment made of smallest chunks must be encodable.
+const _: () = assert!((MAX_CHUNK_LIST_ENTRIES as u64) * 40 + 12 <= MAX_BLOB_SIZE as u64);

@@ -1,0 +1,232 @@
+//! The small JSON records of a repository: its config, its key file and its snapshots.
+//!
+//! These are few and small, so they are JSON for people and tools to read; each carries a format
+//! version that is checked before anything else is trusted.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{limits, ChunkId, Error, RepoKey, Result};
+
+/// Repository format version this cbcr writes and reads.
+pub const VERSION: u32 = 1;
+
+/// `REPO/config`: fixed at init, read at every open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    pub version: u32,
+    /// Names the key file under `REPO/keys/`.
+    pub key_id: String,
+    pub chunker: ChunkerParams,
+    /// Files are cut at every multiple of this many bytes; each segment is chunked on its own.
+    pub segment_size: u64,
+}
+
+/// FastCDC v2020 sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkerParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl Default for ChunkerParams {
+    fn default() -> Self {
+        Self { min: 16 << 10, avg: 64 << 10, max: 256 << 10 }
+    }
+}
+
+impl RepoConfig {
+    /// Checks that the parameters are usable together; called on create and on every decode.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |detail: String| Err(Error::Corrupt { what: "repository config", detail });
+        let c = self.chunker;
+        if !(limits::MIN_CHUNK_SIZE <= c.min && c.min <= c.avg && c.avg <= c.max && c.max <= limits::MAX_CHUNK_SIZE) {
+            return bad(format!(
+                "chunk sizes must satisfy {} <= min <= avg <= max <= {} (got {}/{}/{})",
+                limits::MIN_CHUNK_SIZE,
+                limits::MAX_CHUNK_SIZE,
+                c.min,
+                c.avg,
+                c.max
+            ));
+        }
+        if !(limits::MIN_SEGMENT_SIZE..=limits::MAX_SEGMENT_SIZE).contains(&self.segment_size) {
+            return bad(format!(
+                "segment size {} is outside {}..={}",
+                self.segment_size,
+                limits::MIN_SEGMENT_SIZE,
+                limits::MAX_SEGMENT_SIZE
+            ));
+        }
+        if self.segment_size < u64::from(c.max) {
+            return bad(format!("segment size {} is smaller than the largest chunk {}", self.segment_size, c.max));
+        }
+        if self.segment_size / u64::from(c.min) > u64::from(limits::MAX_CHUNK_LIST_ENTRIES) {
+            return bad(format!("segment size {} over minimum chunk {} makes too many chunks per segment", self.segment_size, c.min));
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        check_version("repository config", bytes)?;
+        let c: Self = from_json("repository config", bytes)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// `REPO/keys/<key_id>`: the key for blob ids. Not encrypted: cbcr does not encrypt (yet), the
+/// key only makes ids unguessable; the file is mode 0600.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    pub version: u32,
+    /// 64 hex characters.
+    pub key: String,
+}
+
+impl KeyFile {
+    pub fn encode(key: &RepoKey) -> Vec<u8> {
+        to_json(&KeyFile { version: VERSION, key: crate::id::to_hex(key.as_bytes()) })
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<RepoKey> {
+        check_version("key file", bytes)?;
+        let f: KeyFile = from_json("key file", bytes)?;
+        let id = ChunkId::from_hex(&f.key).map_err(|_| Error::Corrupt { what: "key file", detail: "key is not 64 hex characters".into() })?;
+        Ok(RepoKey::from_bytes(id.0))
+    }
+}
+
+/// What one backup did; stored in its snapshot and printed as the summary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotStats {
+    /// Bytes read from source files (unchanged files are not read).
+    pub bytes_read: u64,
+    /// Total size of the files in the snapshot.
+    pub bytes_total: u64,
+    /// Raw bytes of the chunks this backup added to the repository.
+    pub bytes_new: u64,
+    /// Bytes this backup added to pack files (after compression, metadata included).
+    pub bytes_stored: u64,
+    pub chunks_total: u64,
+    pub chunks_new: u64,
+    pub files: u64,
+    pub dirs: u64,
+    /// Source files that could not be read and were left out.
+    pub files_skipped: u64,
+    pub duration_s: f64,
+}
+
+/// `REPO/snapshots/<id>`; the id is the BLAKE3 of these bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub version: u32,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub host: String,
+    /// Absolute source paths, sorted.
+    pub paths: Vec<String>,
+    /// Root tree: `/` of the snapshot, holding the paths' ancestors as directories.
+    pub tree: String,
+    pub parent: Option<String>,
+    pub stats: SnapshotStats,
+}
+
+impl Snapshot {
+    pub fn encode(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        check_version("snapshot", bytes)?;
+        let s: Self = from_json("snapshot", bytes)?;
+        ChunkId::from_hex(&s.tree)?;
+        if let Some(p) = &s.parent {
+            ChunkId::from_hex(p)?;
+        }
+        Ok(s)
+    }
+
+    /// The root tree's id.
+    pub fn tree_id(&self) -> ChunkId {
+        ChunkId::from_hex(&self.tree).unwrap_or_default()
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(v).expect("plain structs always serialize");
+    out.push(b'\n');
+    out
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt { what, detail: e.to_string() })
+}
+
+/// Reads only the version first, so a newer format is reported as such, not as a field error.
+fn check_version(what: &'static str, bytes: &[u8]) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let v: Versioned = from_json(what, bytes)?;
+    if v.version != VERSION {
+        return Err(Error::UnsupportedVersion { what, found: v.version, supported: VERSION });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> RepoConfig {
+        RepoConfig { version: VERSION, key_id: "00".into(), chunker: ChunkerParams::default(), segment_size: 1 << 30 }
+    }
+
+    #[test]
+    fn config_round_trips_and_newer_versions_are_named() {
+        let c = config();
+        assert_eq!(RepoConfig::decode(&c.encode()).unwrap(), c);
+        let newer = String::from_utf8(c.encode()).unwrap().replace("\"version\": 1", "\"version\": 7");
+        match RepoConfig::decode(newer.as_bytes()) {
+            Err(Error::UnsupportedVersion { found: 7, supported: 1, .. }) => {}
+            other => panic!("expected a version error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn inconsistent_chunker_is_rejected() {
+        let mut c = config();
+        c.chunker.min = c.chunker.max + 1;
+        assert!(c.validate().is_err());
+        let mut c = config();
+        c.segment_size = 1024;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn key_file_round_trips() {
+        let key = RepoKey::from_bytes([3; 32]);
+        assert_eq!(KeyFile::decode(&KeyFile::encode(&key)).unwrap().as_bytes(), key.as_bytes());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            prop_assert!(RepoConfig::decode(&bytes).is_err());
+            prop_assert!(Snapshot::decode(&bytes).is_err());
+            prop_assert!(KeyFile::decode(&bytes).is_err());
+        }
+    }
+}
