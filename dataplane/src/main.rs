@@ -1,10 +1,315 @@
-fn main() {
-    let mut hs = vec![];
-    for i in 0..2 {
-        let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(i))
-            .spawn(move || async move { println!("core {i} ok"); i })
-            .unwrap();
-        hs.push(h);
+//! `cbcr`: the command-line edge. Parses arguments, runs one command, maps its error to the
+//! documented exit code. Everything else lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode as ProcessExit;
+
+use clap::{Args, Parser, Subcommand};
+use dataplane::backup::{backup, BackupOptions};
+use dataplane::error::{Error, ExitCode};
+use dataplane::output::Reporter;
+use dataplane::repo::Repository;
+use dataplane::restore::{restore, RestoreOptions};
+use dataplane::verify::{describe, verify};
+use dataplane::{limits, runtime};
+use serde_json::json;
+use wire::repo::ChunkerParams;
+use wire::tree::{NodeKind, Tree};
+
+#[derive(Parser)]
+#[command(name = "cbcr", version, about = "Fast, thread-per-core backup for database fleets")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Repository directory.
+    #[arg(long, global = true, env = "CBCR_REPO")]
+    repo: Option<PathBuf>,
+    /// JSON Lines on stdout instead of human output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Only errors.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// No progress bar even on a terminal.
+    #[arg(long, global = true)]
+    no_progress: bool,
+    /// Cores to run on (default: every core this process may use).
+    #[arg(long, global = true, env = "CBCR_CORES")]
+    cores: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a repository (backup creates one with the defaults when --repo is missing or empty).
+    Init(InitArgs),
+    /// Back up files and directories into a new snapshot.
+    Backup {
+        /// Files and directories to back up.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Snapshot to compare against (id, prefix or `latest`); default: the latest with the same host and paths.
+        #[arg(long)]
+        parent: Option<String>,
+        /// zstd level (negative is faster).
+        #[arg(long, default_value_t = limits::DEFAULT_COMPRESSION_LEVEL, allow_negative_numbers = true)]
+        compression_level: i32,
+        /// Seal pack files at this size.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        pack_size: u64,
+    },
+    /// List snapshots.
+    Snapshots,
+    /// List the files of a snapshot.
+    Ls {
+        /// Snapshot id, id prefix, or `latest`.
+        snapshot: String,
+    },
+    /// Restore a snapshot under a target directory (paths keep their full original path).
+    Restore {
+        /// Snapshot id, id prefix, or `latest`.
+        snapshot: String,
+        /// Directory to restore into.
+        #[arg(long)]
+        target: PathBuf,
+        /// Restore only this snapshot path and what is below it (repeatable).
+        #[arg(long)]
+        include: Vec<PathBuf>,
+    },
+    /// Check the repository; exit 13 when anything is damaged.
+    Verify {
+        /// Also read every pack, decompress and re-hash every blob.
+        #[arg(long)]
+        read_data: bool,
+    },
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Files are cut at multiples of this size and each segment is chunked on its own core.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    segment_size: u64,
+    /// Smallest chunk.
+    #[arg(long, default_value = "16KiB", value_parser = parse_size)]
+    chunk_min: u64,
+    /// Average chunk.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    chunk_avg: u64,
+    /// Largest chunk.
+    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    chunk_max: u64,
+}
+
+fn main() -> ProcessExit {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut reporter = Reporter::new(cli.global.json, cli.global.quiet, !cli.global.no_progress);
+    let code = match run(cli, &mut reporter) {
+        Ok(code) => code,
+        Err(e) => {
+            reporter.finish();
+            let code = e.exit_code();
+            reporter.event(json!({"type": "error", "message": e.to_string(), "exit_code": code as i32}));
+            eprintln!("cbcr: error: {e}");
+            code
+        }
+    };
+    ProcessExit::from(code as u8)
+}
+
+fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
+    let g = cli.global;
+    let repo_path =
+        || g.repo.clone().ok_or_else(|| Error::Usage("no repository: give --repo DIR or set CBCR_REPO".into()));
+    let cores = g.cores.unwrap_or_else(runtime::default_cores);
+    match cli.command {
+        Command::Init(a) => {
+            let chunker =
+                ChunkerParams { min: to_u32(a.chunk_min)?, avg: to_u32(a.chunk_avg)?, max: to_u32(a.chunk_max)? };
+            let repo = Repository::init(&repo_path()?, a.segment_size, chunker)?;
+            reporter.event(json!({"type": "init", "repo": repo.root(), "config": repo.config}));
+            if !g.quiet && !g.json {
+                println!("created repository {}", repo.root().display());
+            }
+            Ok(ExitCode::Ok)
+        }
+        Command::Backup { paths, parent, compression_level, pack_size } => {
+            let repo = Repository::open_or_init(&repo_path()?)?;
+            let opts = BackupOptions { paths, parent, cores, compression_level, pack_size };
+            let out = backup(repo, &opts, reporter)?;
+            let s = &out.snapshot.stats;
+            reporter.event(json!({
+                "type": "summary",
+                "snapshot_id": out.snapshot_id.to_hex(),
+                "parent": out.snapshot.parent,
+                "bytes_read": s.bytes_read,
+                "bytes_total": s.bytes_total,
+                "bytes_new": s.bytes_new,
+                "bytes_stored": s.bytes_stored,
+                "chunks_total": s.chunks_total,
+                "chunks_new": s.chunks_new,
+                "files": s.files,
+                "dirs": s.dirs,
+                "files_skipped": s.files_skipped,
+                "duration_s": s.duration_s,
+            }));
+            if !g.quiet && !g.json {
+                println!(
+                    "snapshot {} saved: {} files, {} read, {} new, {} stored, {:.2}s ({:.0} MB/s)",
+                    out.snapshot_id.short(),
+                    s.files,
+                    human(s.bytes_read),
+                    human(s.bytes_new),
+                    human(s.bytes_stored),
+                    s.duration_s,
+                    s.bytes_read as f64 / s.duration_s.max(1e-9) / 1e6
+                );
+            }
+            Ok(if s.files_skipped > 0 { ExitCode::Partial } else { ExitCode::Ok })
+        }
+        Command::Snapshots => {
+            let repo = Repository::open(&repo_path()?)?;
+            for (id, s) in repo.snapshots()? {
+                if g.json {
+                    reporter.event(json!({"type": "snapshot", "id": id.to_hex(), "time": s.time, "host": s.host, "paths": s.paths, "parent": s.parent, "tree": s.tree, "stats": s.stats}));
+                } else {
+                    println!(
+                        "{}  {}  {}  {}  {}",
+                        id.short(),
+                        &s.time[..19.min(s.time.len())],
+                        s.host,
+                        human(s.stats.bytes_total),
+                        s.paths.join(" ")
+                    );
+                }
+            }
+            Ok(ExitCode::Ok)
+        }
+        Command::Ls { snapshot } => {
+            let repo = Repository::open(&repo_path()?)?;
+            let (_, snap) = repo.find_snapshot(&snapshot)?;
+            let index = dataplane::index::ChunkIndex::load(&repo)?;
+            let mut reader = dataplane::pack::BlobReader::new(&repo, &index)?;
+            list_tree(&mut reader, &snap.tree_id(), Path::new("/"), reporter, g.json)?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Restore { snapshot, target, include } => {
+            let repo = Repository::open(&repo_path()?)?;
+            let stats = restore(repo, &snapshot, &RestoreOptions { target: target.clone(), include, cores }, reporter)?;
+            reporter.event(json!({"type": "restore_summary", "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "target": target}));
+            if !g.quiet && !g.json {
+                println!(
+                    "restored {} files, {} dirs, {} to {}",
+                    stats.files,
+                    stats.dirs,
+                    human(stats.bytes),
+                    target.display()
+                );
+            }
+            Ok(ExitCode::Ok)
+        }
+        Command::Verify { read_data } => {
+            let repo = Repository::open(&repo_path()?)?;
+            let report = verify(repo, read_data, cores, reporter)?;
+            for d in &report.damage {
+                reporter.event(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
+                if !g.json {
+                    eprintln!("{}", describe(d));
+                }
+            }
+            reporter.event(json!({
+                "type": "verify_summary", "snapshots": report.snapshots, "packs": report.packs, "blobs_read": report.blobs,
+                "bytes_read": report.bytes_read, "unindexed_packs": report.unindexed_packs, "damaged": report.damage.len(),
+            }));
+            if !g.quiet && !g.json {
+                println!(
+                    "{} snapshots, {} packs{}: {}",
+                    report.snapshots,
+                    report.packs,
+                    if read_data { format!(", {} blobs read", report.blobs) } else { String::new() },
+                    if report.damage.is_empty() {
+                        "no damage".to_string()
+                    } else {
+                        format!("{} damaged objects", report.damage.len())
+                    }
+                );
+                if report.unindexed_packs > 0 {
+                    println!(
+                        "note: {} packs are not indexed (left by an interrupted backup; harmless)",
+                        report.unindexed_packs
+                    );
+                }
+            }
+            Ok(if report.damage.is_empty() { ExitCode::Ok } else { ExitCode::Integrity })
+        }
     }
-    for h in hs { println!("{:?}", h.join()); }
+}
+
+fn list_tree(
+    reader: &mut dataplane::pack::BlobReader<'_>,
+    id: &wire::ChunkId,
+    at: &Path,
+    reporter: &Reporter,
+    json: bool,
+) -> Result<(), Error> {
+    let mut buf = Vec::new();
+    reader.read(id, &mut buf)?;
+    let tree = Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {id}: {e}")))?;
+    for node in tree.nodes {
+        let path = at.join(String::from_utf8_lossy(&node.name).as_ref());
+        let kind = match node.kind {
+            NodeKind::File { .. } => "file",
+            NodeKind::Dir { .. } => "dir",
+            NodeKind::Symlink { .. } => "symlink",
+        };
+        if json {
+            reporter.event(json!({"type": "node", "path": path, "kind": kind, "size": node.meta.size, "mode": node.meta.mode, "uid": node.meta.uid, "gid": node.meta.gid, "mtime_ns": node.meta.mtime_ns}));
+        } else {
+            println!("{}", path.display());
+        }
+        if let NodeKind::Dir { tree } = node.kind {
+            list_tree(reader, &tree, &path, reporter, json)?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses `123`, `64KiB`, `1MiB`, `1GiB`, `2TiB` (also `K`, `M`, `G`, `T`, `KB`.. as powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 64KiB or 1GiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn to_u32(v: u64) -> Result<u32, Error> {
+    u32::try_from(v).map_err(|_| Error::Usage(format!("chunk size {v} is too large")))
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
 }

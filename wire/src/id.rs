@@ -25,10 +25,9 @@ impl ChunkId {
 
     /// Parses 64 hex characters.
     pub fn from_hex(s: &str) -> Result<Self, Error> {
-        let bytes = from_hex(s).filter(|b| b.len() == 32).ok_or_else(|| Error::Corrupt {
-            what: "id",
-            detail: format!("{s:?} is not 64 hex characters"),
-        })?;
+        let bytes = from_hex(s)
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| Error::Corrupt { what: "id", detail: format!("{s:?} is not 64 hex characters") })?;
         let mut id = [0u8; 32];
         id.copy_from_slice(&bytes);
         Ok(Self(id))
@@ -123,15 +122,9 @@ mod tests {
     fn keyed_ids_are_golden() {
         // Changing these breaks every repository ever written: they are the format.
         let key = RepoKey::from_bytes([7u8; 32]);
-        assert_eq!(
-            key.blob_id(b"cbcr").to_hex(),
-            to_hex(blake3::keyed_hash(&[7u8; 32], b"cbcr").as_bytes())
-        );
+        assert_eq!(key.blob_id(b"cbcr").to_hex(), to_hex(blake3::keyed_hash(&[7u8; 32], b"cbcr").as_bytes()));
         assert_ne!(key.blob_id(b"cbcr"), RepoKey::from_bytes([8u8; 32]).blob_id(b"cbcr"));
-        assert_eq!(
-            ChunkId::of_file(b"").to_hex(),
-            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-        );
+        assert_eq!(ChunkId::of_file(b"").to_hex(), "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
     }
 
     proptest! {

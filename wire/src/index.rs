@@ -51,7 +51,8 @@ pub fn encode_run(mut entries: Vec<IndexEntry>) -> Vec<u8> {
     assert!(entries.len() <= limits::MAX_INDEX_ENTRIES as usize);
     entries.sort_unstable_by_key(|e| e.id());
     assert!(entries.windows(2).all(|w| w[0].id() < w[1].id()), "duplicate blob id in an index run");
-    let header = IndexHeader { magic: MAGIC, version: VERSION.to_le_bytes(), count: (entries.len() as u32).to_le_bytes() };
+    let header =
+        IndexHeader { magic: MAGIC, version: VERSION.to_le_bytes(), count: (entries.len() as u32).to_le_bytes() };
     let mut out = Vec::with_capacity(HEADER_LEN + entries.len() * ENTRY_LEN + CHECKSUM_LEN);
     out.extend_from_slice(bytemuck::bytes_of(&header));
     out.extend_from_slice(bytemuck::cast_slice(&entries));
@@ -64,7 +65,11 @@ pub fn encode_run(mut entries: Vec<IndexEntry>) -> Vec<u8> {
 pub fn decode_run(bytes: &[u8]) -> Result<Vec<IndexEntry>> {
     const WHAT: &str = "index run";
     if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
-        return Err(Error::Truncated { what: WHAT, need: (HEADER_LEN + CHECKSUM_LEN) as u64, have: bytes.len() as u64 });
+        return Err(Error::Truncated {
+            what: WHAT,
+            need: (HEADER_LEN + CHECKSUM_LEN) as u64,
+            have: bytes.len() as u64,
+        });
     }
     let h: IndexHeader = bytemuck::pod_read_unaligned(&bytes[..HEADER_LEN]);
     if h.magic != MAGIC {
@@ -86,7 +91,8 @@ pub fn decode_run(bytes: &[u8]) -> Result<Vec<IndexEntry>> {
     if blake3::hash(body).as_bytes() != sum {
         return Err(Error::ChecksumMismatch { what: WHAT });
     }
-    let entries: Vec<IndexEntry> = body[HEADER_LEN..].chunks_exact(ENTRY_LEN).map(bytemuck::pod_read_unaligned).collect();
+    let entries: Vec<IndexEntry> =
+        body[HEADER_LEN..].chunks_exact(ENTRY_LEN).map(bytemuck::pod_read_unaligned).collect();
     for (i, e) in entries.iter().enumerate() {
         if i > 0 && entries[i - 1].id() >= e.id() {
             return Err(Error::Corrupt { what: WHAT, detail: "entries are not strictly sorted".into() });

@@ -5,8 +5,16 @@
 pub const MAX_BLOB_SIZE: u32 = 64 << 20;
 /// Largest chunk the chunker may be configured to produce.
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
-/// Smallest chunk minimum the chunker may be configured with (FastCDC's own floor).
+/// Chunker size bounds: FastCDC v2020's own (it panics outside them), checked at repository init.
 pub const MIN_CHUNK_SIZE: u32 = 64;
+/// Largest configurable minimum chunk size.
+pub const MAX_CHUNK_MIN: u32 = 1 << 20;
+/// Smallest configurable average chunk size.
+pub const MIN_CHUNK_AVG: u32 = 256;
+/// Largest configurable average chunk size.
+pub const MAX_CHUNK_AVG: u32 = 4 << 20;
+/// Smallest configurable maximum chunk size.
+pub const MIN_CHUNK_MAX: u32 = 1024;
 /// Most blobs one pack may index.
 pub const MAX_PACK_ENTRIES: u32 = 1 << 20;
 /// Most entries one index run may hold.

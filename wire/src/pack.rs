@@ -83,7 +83,14 @@ impl PackHeader {
 
 impl PackEntry {
     /// Describes a blob written at `offset` (from the start of the pack).
-    pub fn new(id: ChunkId, offset: u64, stored_len: u32, raw_len: u32, kind: BlobKind, compression: Compression) -> Self {
+    pub fn new(
+        id: ChunkId,
+        offset: u64,
+        stored_len: u32,
+        raw_len: u32,
+        kind: BlobKind,
+        compression: Compression,
+    ) -> Self {
         debug_assert!(stored_len <= limits::MAX_BLOB_SIZE && raw_len <= limits::MAX_BLOB_SIZE);
         Self {
             id,
@@ -202,7 +209,11 @@ pub fn parse_footer(bytes: &[u8], pack_len: u64) -> Result<TrailerLocation> {
 /// Decodes and validates the entries region described by `loc`.
 pub fn parse_entries(loc: &TrailerLocation, bytes: &[u8]) -> Result<Vec<PackEntry>> {
     if bytes.len() != loc.entries_len() {
-        return Err(Error::Truncated { what: "pack entries", need: loc.entries_len() as u64, have: bytes.len() as u64 });
+        return Err(Error::Truncated {
+            what: "pack entries",
+            need: loc.entries_len() as u64,
+            have: bytes.len() as u64,
+        });
     }
     if *blake3::hash(bytes).as_bytes() != loc.checksum {
         return Err(Error::ChecksumMismatch { what: "pack entries" });
@@ -256,7 +267,14 @@ mod tests {
         let mut entries = vec![];
         for (i, b) in blobs.iter().enumerate() {
             let id = ChunkId([i as u8; 32]);
-            entries.push(PackEntry::new(id, pack.len() as u64, b.len() as u32, b.len() as u32, BlobKind::Data, Compression::None));
+            entries.push(PackEntry::new(
+                id,
+                pack.len() as u64,
+                b.len() as u32,
+                b.len() as u32,
+                BlobKind::Data,
+                Compression::None,
+            ));
             pack.extend_from_slice(b);
         }
         let off = pack.len() as u64;
@@ -271,7 +289,10 @@ mod tests {
         assert_eq!(&pack[..8], b"CBCRPACK");
         assert_eq!(&pack[pack.len() - 8..], b"CBCRPEND");
         // The pack id is the format's checksum; pin it so an accidental layout change is caught.
-        assert_eq!(ChunkId::of_file(&pack).to_hex(), "4ce890c2dc57071e3ca562288dd19b3da644b32155851065665e936e4a17af43");
+        assert_eq!(
+            ChunkId::of_file(&pack).to_hex(),
+            "4ce890c2dc57071e3ca562288dd19b3da644b32155851065665e936e4a17af43"
+        );
         let entries = parse_pack(&pack).unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[1].offset(), HEADER_LEN as u64 + 5);

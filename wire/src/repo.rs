@@ -42,10 +42,17 @@ impl RepoConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |detail: String| Err(Error::Corrupt { what: "repository config", detail });
         let c = self.chunker;
-        if !(limits::MIN_CHUNK_SIZE <= c.min && c.min <= c.avg && c.avg <= c.max && c.max <= limits::MAX_CHUNK_SIZE) {
+        let in_range = (limits::MIN_CHUNK_SIZE..=limits::MAX_CHUNK_MIN).contains(&c.min)
+            && (limits::MIN_CHUNK_AVG..=limits::MAX_CHUNK_AVG).contains(&c.avg)
+            && (limits::MIN_CHUNK_MAX..=limits::MAX_CHUNK_SIZE).contains(&c.max);
+        if !(in_range && c.min <= c.avg && c.avg <= c.max) {
             return bad(format!(
-                "chunk sizes must satisfy {} <= min <= avg <= max <= {} (got {}/{}/{})",
+                "chunk sizes must satisfy min <= avg <= max with min in {}..={}, avg in {}..={}, max in {}..={} (got {}/{}/{})",
                 limits::MIN_CHUNK_SIZE,
+                limits::MAX_CHUNK_MIN,
+                limits::MIN_CHUNK_AVG,
+                limits::MAX_CHUNK_AVG,
+                limits::MIN_CHUNK_MAX,
                 limits::MAX_CHUNK_SIZE,
                 c.min,
                 c.avg,
@@ -64,7 +71,10 @@ impl RepoConfig {
             return bad(format!("segment size {} is smaller than the largest chunk {}", self.segment_size, c.max));
         }
         if self.segment_size / u64::from(c.min) > u64::from(limits::MAX_CHUNK_LIST_ENTRIES) {
-            return bad(format!("segment size {} over minimum chunk {} makes too many chunks per segment", self.segment_size, c.min));
+            return bad(format!(
+                "segment size {} over minimum chunk {} makes too many chunks per segment",
+                self.segment_size, c.min
+            ));
         }
         Ok(())
     }
@@ -99,7 +109,8 @@ impl KeyFile {
     pub fn decode(bytes: &[u8]) -> Result<RepoKey> {
         check_version("key file", bytes)?;
         let f: KeyFile = from_json("key file", bytes)?;
-        let id = ChunkId::from_hex(&f.key).map_err(|_| Error::Corrupt { what: "key file", detail: "key is not 64 hex characters".into() })?;
+        let id = ChunkId::from_hex(&f.key)
+            .map_err(|_| Error::Corrupt { what: "key file", detail: "key is not 64 hex characters".into() })?;
         Ok(RepoKey::from_bytes(id.0))
     }
 }

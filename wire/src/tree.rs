@@ -22,7 +22,7 @@ const LIST_MAGIC: &[u8; 4] = b"CBCL";
 pub const VERSION: u16 = 1;
 
 /// File metadata recorded for every node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Metadata {
     /// Permission and type bits as `st_mode`.
     pub mode: u32,
@@ -245,7 +245,16 @@ mod tests {
 
     fn arb_meta() -> impl Strategy<Value = Metadata> {
         (any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<i64>(), any::<i64>(), any::<u64>(), any::<u64>())
-            .prop_map(|(mode, uid, gid, size, mtime_ns, ctime_ns, inode, dev)| Metadata { mode, uid, gid, size, mtime_ns, ctime_ns, inode, dev })
+            .prop_map(|(mode, uid, gid, size, mtime_ns, ctime_ns, inode, dev)| Metadata {
+                mode,
+                uid,
+                gid,
+                size,
+                mtime_ns,
+                ctime_ns,
+                inode,
+                dev,
+            })
     }
 
     fn arb_kind() -> impl Strategy<Value = NodeKind> {

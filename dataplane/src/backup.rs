@@ -1,0 +1,556 @@
+//! Backup: walk the source paths, chunk every segment of every changed file on the cores,
+//! build the trees, and commit a snapshot.
+//!
+//! The walker (the calling thread) stats files and directories and hands segments to the
+//! cores through a bounded queue; each core runs a segment to completion (chunk, hash, dedup,
+//! compress, pack) and answers with the segment's chunk-list id. Directories are completed in
+//! post-order, oldest first, once their files are done; the walker waits only when more than
+//! [`limits::PENDING_FILES`] files are in flight, so memory does not grow with the snapshot.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::OsString;
+use std::fs::{self, File, Metadata as FsMetadata};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+use wire::repo::{Snapshot, SnapshotStats};
+use wire::tree::{ChunkList, ChunkRef, Metadata, Node, NodeKind, Tree};
+use wire::{BlobKind, ChunkId};
+
+use crate::chunker;
+use crate::error::{Error, Result};
+use crate::fault;
+use crate::index::{ChunkIndex, KnownBlobs};
+use crate::limits;
+use crate::output::Reporter;
+use crate::pack::{BlobReader, BlobWriter, WriteStats};
+use crate::repo::Repository;
+use crate::runtime;
+
+/// What the user asked for.
+pub struct BackupOptions {
+    pub paths: Vec<PathBuf>,
+    /// Snapshot to compare against; by default the latest with the same host and paths.
+    pub parent: Option<String>,
+    pub cores: usize,
+    pub compression_level: i32,
+    pub pack_size: u64,
+}
+
+/// A committed backup.
+pub struct BackupOutcome {
+    pub snapshot_id: ChunkId,
+    pub snapshot: Snapshot,
+}
+
+/// State the cores share: read-only but for the claim set.
+struct Shared {
+    repo: Repository,
+    known: KnownBlobs,
+    pack_size: u64,
+    level: i32,
+}
+
+/// A mapped source file; unmapped when the last of its segments is done.
+struct SourceMap {
+    map: Mmap,
+}
+
+struct SegmentJob {
+    source: Arc<SourceMap>,
+    file: usize,
+    segment: usize,
+    offset: usize,
+    len: usize,
+}
+
+struct SegmentDone {
+    file: usize,
+    segment: usize,
+    result: Result<SegmentSummary>,
+}
+
+struct SegmentSummary {
+    list: ChunkId,
+    bytes: u64,
+    chunks: u64,
+}
+
+/// Runs a backup into `repo` and commits its snapshot.
+pub fn backup(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    let lock = repo.lock()?;
+    repo.clean_tmp(&lock)?;
+    let paths = canonical_sources(&opts.paths)?;
+    let path_strings: Vec<String> = paths.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let host = hostname();
+    let parent = match &opts.parent {
+        Some(spec) => Some(repo.find_snapshot(spec)?),
+        None => repo.snapshots()?.into_iter().rev().find(|(_, s)| s.host == host && s.paths == path_strings),
+    };
+    if opts.pack_size < limits::MIN_PACK_SIZE {
+        return Err(Error::Usage(format!("--pack-size must be at least {} bytes", limits::MIN_PACK_SIZE)));
+    }
+    let index = ChunkIndex::load(&repo)?;
+    let shared = Arc::new(Shared {
+        repo,
+        known: KnownBlobs::new(index),
+        pack_size: opts.pack_size,
+        level: opts.compression_level,
+    });
+
+    let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
+    let (job_tx, job_rx) = bounded::<SegmentJob>(depth);
+    let (done_tx, done_rx) = bounded::<SegmentDone>(depth);
+    let cores = {
+        let shared = Arc::clone(&shared);
+        runtime::spawn(opts.cores, move |_core| run_core(&shared, &job_rx, &done_tx))?
+    };
+
+    if let Some(bar) = reporter.start_bar("backup") {
+        let paths = paths.clone();
+        std::thread::spawn(move || bar.set_length(paths.iter().map(|p| scan_size(p)).sum()));
+    }
+    let mut walker = Walker {
+        shared: &shared,
+        tree_writer: BlobWriter::new(&shared.repo, &shared.known, shared.pack_size, shared.level)?,
+        reader: BlobReader::new(&shared.repo, shared.known.index())?,
+        jobs: job_tx,
+        done: done_rx,
+        files: HashMap::new(),
+        next_slot: 0,
+        dirs_done: HashMap::new(),
+        pending: VecDeque::new(),
+        pending_files: 0,
+        stats: SnapshotStats::default(),
+        reporter,
+    };
+    let parent_root = match &parent {
+        Some((_, snap)) => Some(walker.load_tree(&snap.tree_id())?),
+        None => None,
+    };
+    let walked = walker.walk_sources(&paths, parent_root.as_ref());
+    let Walker { tree_writer, jobs, done, mut stats, reporter, .. } = walker;
+    // Closing the queue lets the cores seal their packs and stop; draining the answers keeps
+    // a core from blocking on a send when the walk stopped early.
+    drop(jobs);
+    for _ in done.iter() {}
+    let core_results = cores.join()?;
+    let root = walked?;
+    let mut written = tree_writer.finish()?;
+    for r in core_results {
+        written.add(&r?);
+    }
+    reporter.finish();
+
+    stats.bytes_new = written.bytes_new;
+    stats.chunks_new = written.chunks_new;
+    stats.bytes_stored = written.bytes_stored;
+    stats.duration_s = started.elapsed().as_secs_f64();
+    let snapshot = Snapshot {
+        version: wire::repo::VERSION,
+        time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        host,
+        paths: path_strings,
+        tree: root.to_hex(),
+        parent: parent.map(|(id, _)| id.to_hex()),
+        stats,
+    };
+    let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
+    drop(lock);
+    Ok(BackupOutcome { snapshot_id, snapshot })
+}
+
+/// One core: take segments until the queue closes, then seal the open pack.
+fn run_core(shared: &Shared, jobs: &Receiver<SegmentJob>, done: &Sender<SegmentDone>) -> Result<WriteStats> {
+    let mut writer = BlobWriter::new(&shared.repo, &shared.known, shared.pack_size, shared.level)?;
+    let params = shared.repo.config.chunker;
+    for job in jobs.iter() {
+        let result = backup_segment(&mut writer, params, &job);
+        let answer = SegmentDone { file: job.file, segment: job.segment, result };
+        if done.send(answer).is_err() {
+            break;
+        }
+    }
+    writer.finish()
+}
+
+/// Chunks, hashes, dedups, compresses and packs one segment; stores its chunk list.
+fn backup_segment(
+    writer: &mut BlobWriter<'_>,
+    params: wire::repo::ChunkerParams,
+    job: &SegmentJob,
+) -> Result<SegmentSummary> {
+    let data = &job.source.map[job.offset..job.offset + job.len];
+    let mut list = ChunkList::default();
+    for (off, len) in chunker::chunks(data, params) {
+        let chunk = &data[off..off + len];
+        let id = if chunker::is_zero(chunk) { ChunkId::default() } else { writer.store(BlobKind::Data, chunk)?.0 };
+        list.chunks.push(ChunkRef { id, len: len as u32, zero: id == ChunkId::default() });
+    }
+    // The pages were read once and are not needed again: drop them from this process's page
+    // tables so RSS stays at one segment per core (the page cache keeps them if it wants).
+    // SAFETY: nothing else reads this range of the private read-only mapping afterwards.
+    let _ = unsafe { job.source.map.unchecked_advise_range(UncheckedAdvice::DontNeed, job.offset, job.len) };
+    fault::point("segment");
+    let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
+    Ok(SegmentSummary { list: list_id, bytes: job.len as u64, chunks: list.chunks.len() as u64 })
+}
+
+/// The walker's bookkeeping for a file whose segments are on the cores.
+struct FileInFlight {
+    segments: Vec<Option<ChunkId>>,
+    left: usize,
+}
+
+enum PendingNode {
+    Done(Node),
+    File { name: Vec<u8>, meta: Metadata, slot: usize },
+    Dir { name: Vec<u8>, meta: Metadata, slot: usize },
+}
+
+struct PendingDir {
+    slot: usize,
+    nodes: Vec<PendingNode>,
+}
+
+/// The source paths as a tree of names: a `Leaf` is backed up whole, an `Inner` node is an
+/// ancestor recorded only so that restore can recreate the full path.
+enum Source {
+    Leaf,
+    Inner(BTreeMap<OsString, Source>),
+}
+
+struct Walker<'a> {
+    shared: &'a Shared,
+    tree_writer: BlobWriter<'a>,
+    reader: BlobReader<'a>,
+    jobs: Sender<SegmentJob>,
+    done: Receiver<SegmentDone>,
+    files: HashMap<usize, FileInFlight>,
+    next_slot: usize,
+    dirs_done: HashMap<usize, ChunkId>,
+    pending: VecDeque<PendingDir>,
+    pending_files: usize,
+    stats: SnapshotStats,
+    reporter: &'a mut Reporter,
+}
+
+impl Walker<'_> {
+    /// Walks every source and returns the root tree's id.
+    fn walk_sources(&mut self, paths: &[PathBuf], parent: Option<&Tree>) -> Result<ChunkId> {
+        let mut root = Source::Inner(BTreeMap::new());
+        for p in paths {
+            let names: Vec<OsString> = p.components().skip(1).map(|c| c.as_os_str().to_owned()).collect();
+            insert_source(&mut root, &names);
+        }
+        let slot = match &root {
+            Source::Leaf => self.walk_dir(Path::new("/"), parent)?,
+            Source::Inner(children) => self.walk_ancestors(Path::new("/"), children, parent)?,
+        };
+        while !self.pending.is_empty() {
+            self.complete_oldest_dir()?;
+        }
+        Ok(self.dirs_done.remove(&slot).expect("the root is completed last"))
+    }
+
+    fn walk_ancestors(
+        &mut self,
+        path: &Path,
+        children: &BTreeMap<OsString, Source>,
+        parent: Option<&Tree>,
+    ) -> Result<usize> {
+        let mut nodes = vec![];
+        for (name, child) in children {
+            let child_path = path.join(name);
+            match child {
+                Source::Leaf => self.add_entry(&mut nodes, &child_path, name.as_bytes(), parent)?,
+                Source::Inner(grandchildren) => {
+                    let md = fs::symlink_metadata(&child_path)
+                        .map_err(|e| Error::Usage(format!("{}: {e}", child_path.display())))?;
+                    let sub = self.parent_subtree(parent, name.as_bytes())?;
+                    let slot = self.walk_ancestors(&child_path, grandchildren, sub.as_ref())?;
+                    nodes.push(PendingNode::Dir { name: name.as_bytes().to_vec(), meta: metadata(&md), slot });
+                }
+            }
+        }
+        self.push_dir(nodes)
+    }
+
+    fn walk_dir(&mut self, path: &Path, parent: Option<&Tree>) -> Result<usize> {
+        let mut names = vec![];
+        match fs::read_dir(path) {
+            Ok(entries) => {
+                for entry in entries {
+                    match entry {
+                        Ok(e) => names.push(e.file_name()),
+                        Err(e) => self.skip(path, &e.to_string()),
+                    }
+                }
+            }
+            Err(e) => self.skip(path, &format!("cannot list directory: {e}")),
+        }
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut nodes = Vec::with_capacity(names.len());
+        for name in names {
+            self.add_entry(&mut nodes, &path.join(&name), name.as_bytes(), parent)?;
+        }
+        self.push_dir(nodes)
+    }
+
+    fn add_entry(
+        &mut self,
+        nodes: &mut Vec<PendingNode>,
+        path: &Path,
+        name: &[u8],
+        parent: Option<&Tree>,
+    ) -> Result<()> {
+        let md = match fs::symlink_metadata(path) {
+            Ok(md) => md,
+            Err(e) => {
+                self.skip(path, &e.to_string());
+                return Ok(());
+            }
+        };
+        let mut meta = metadata(&md);
+        let name = name.to_vec();
+        let ft = md.file_type();
+        if ft.is_dir() {
+            let sub = self.parent_subtree(parent, &name)?;
+            let slot = self.walk_dir(path, sub.as_ref())?;
+            nodes.push(PendingNode::Dir { name, meta, slot });
+        } else if ft.is_file() {
+            if let Some(Node { meta: old, kind: NodeKind::File { segments }, .. }) = parent.and_then(|t| t.find(&name))
+            {
+                if unchanged(old, &meta) {
+                    self.stats.files += 1;
+                    self.stats.bytes_total += meta.size;
+                    self.reporter.advance(meta.size, 1);
+                    nodes.push(PendingNode::Done(Node {
+                        name,
+                        meta,
+                        kind: NodeKind::File { segments: segments.clone() },
+                    }));
+                    return Ok(());
+                }
+            }
+            match self.start_file(path, &mut meta) {
+                Ok(Some(slot)) => nodes.push(PendingNode::File { name, meta, slot }),
+                Ok(None) => {
+                    nodes.push(PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments: vec![] } }))
+                }
+                Err(e) => {
+                    self.skip(path, &e);
+                    return Ok(());
+                }
+            }
+            self.stats.files += 1;
+            self.stats.bytes_total += meta.size;
+        } else if ft.is_symlink() {
+            match fs::read_link(path) {
+                Ok(target) => {
+                    let target = target.as_os_str().as_bytes().to_vec();
+                    nodes.push(PendingNode::Done(Node { name, meta, kind: NodeKind::Symlink { target } }));
+                }
+                Err(e) => self.skip(path, &e.to_string()),
+            }
+        } else {
+            self.reporter.warn(path, "not a regular file, directory or symlink: left out");
+        }
+        Ok(())
+    }
+
+    /// Maps a file and queues its segments. `None` for an empty file. The error is a message
+    /// for the skip warning: a source file that can't be read is left out, not fatal.
+    fn start_file(&mut self, path: &Path, meta: &mut Metadata) -> std::result::Result<Option<usize>, String> {
+        let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+        let len = file.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+        if len == 0 {
+            meta.size = 0;
+            return Ok(None);
+        }
+        // SAFETY: the mapping is read-only and private. A file truncated by another process
+        // while mapped raises SIGBUS; cbcr, like every mmap reader, documents that risk.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map: {e}"))?;
+        let _ = map.advise(Advice::Sequential);
+        meta.size = map.len() as u64;
+        let segment_size = self.shared.repo.config.segment_size as usize;
+        let count = map.len().div_ceil(segment_size);
+        let source = Arc::new(SourceMap { map });
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.files.insert(slot, FileInFlight { segments: vec![None; count], left: count });
+        self.pending_files += 1;
+        for segment in 0..count {
+            let offset = segment * segment_size;
+            let len = segment_size.min(source.map.len() - offset);
+            let job = SegmentJob { source: Arc::clone(&source), file: slot, segment, offset, len };
+            self.queue(job).map_err(|e| e.to_string())?;
+        }
+        Ok(Some(slot))
+    }
+
+    /// Queues a segment, taking answers while the queue is full so the cores never wait on us.
+    fn queue(&mut self, job: SegmentJob) -> Result<()> {
+        let jobs = self.jobs.clone();
+        let mut job = Some(job);
+        while job.is_some() {
+            // The message expression is evaluated only if the send arm is the one selected.
+            select! {
+                send(jobs, job.take().expect("loop condition")) -> sent => {
+                    sent.map_err(|_| Error::Usage("the cores stopped".into()))?
+                }
+                recv(self.done) -> answer => self.take_answer(answer)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn take_answer(&mut self, answer: std::result::Result<SegmentDone, crossbeam_channel::RecvError>) -> Result<()> {
+        let done = answer.map_err(|_| Error::Usage("the cores stopped".into()))?;
+        let summary = done.result?;
+        let f = self.files.get_mut(&done.file).expect("answers are for files in flight");
+        debug_assert!(f.segments[done.segment].is_none());
+        f.segments[done.segment] = Some(summary.list);
+        f.left -= 1;
+        self.stats.bytes_read += summary.bytes;
+        self.stats.chunks_total += summary.chunks;
+        self.reporter.advance(summary.bytes, u64::from(f.left == 0));
+        Ok(())
+    }
+
+    fn push_dir(&mut self, nodes: Vec<PendingNode>) -> Result<usize> {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.pending.push_back(PendingDir { slot, nodes });
+        while self.pending_files > limits::PENDING_FILES {
+            self.complete_oldest_dir()?;
+        }
+        Ok(slot)
+    }
+
+    /// Waits for the files of the oldest pending directory and stores its tree. Directories
+    /// are pushed in post-order, so its subdirectories are already complete.
+    fn complete_oldest_dir(&mut self) -> Result<()> {
+        let dir = self.pending.pop_front().expect("called with a pending directory");
+        let mut tree = Tree { nodes: Vec::with_capacity(dir.nodes.len()) };
+        for node in dir.nodes {
+            tree.nodes.push(match node {
+                PendingNode::Done(n) => n,
+                PendingNode::File { name, meta, slot } => {
+                    while self.files[&slot].left > 0 {
+                        let answer = self.done.recv();
+                        self.take_answer(answer)?;
+                    }
+                    let f = self.files.remove(&slot).expect("checked above");
+                    self.pending_files -= 1;
+                    let segments = f.segments.into_iter().map(|s| s.expect("all segments answered")).collect();
+                    Node { name, meta, kind: NodeKind::File { segments } }
+                }
+                PendingNode::Dir { name, meta, slot } => {
+                    let tree = self.dirs_done.remove(&slot).expect("subdirectories complete before their parent");
+                    Node { name, meta, kind: NodeKind::Dir { tree } }
+                }
+            });
+        }
+        let (id, _) = self.tree_writer.store(BlobKind::Tree, &tree.encode())?;
+        self.dirs_done.insert(dir.slot, id);
+        self.stats.dirs += 1;
+        Ok(())
+    }
+
+    fn parent_subtree(&mut self, parent: Option<&Tree>, name: &[u8]) -> Result<Option<Tree>> {
+        match parent.and_then(|t| t.find(name)) {
+            Some(Node { kind: NodeKind::Dir { tree }, .. }) => Ok(Some(self.load_tree(&tree.clone())?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn load_tree(&mut self, id: &ChunkId) -> Result<Tree> {
+        let mut buf = Vec::new();
+        self.reader.read(id, &mut buf)?;
+        Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {id}: {e}")))
+    }
+
+    fn skip(&mut self, path: &Path, why: &str) {
+        self.stats.files_skipped += 1;
+        self.reporter.warn(path, why);
+    }
+}
+
+fn insert_source(node: &mut Source, names: &[OsString]) {
+    let Source::Inner(children) = node else {
+        return;
+    };
+    match names {
+        [] => *node = Source::Leaf,
+        [first, rest @ ..] => {
+            insert_source(children.entry(first.clone()).or_insert_with(|| Source::Inner(BTreeMap::new())), rest)
+        }
+    }
+}
+
+/// Absolute, symlink-free source paths, sorted, with those inside another source dropped.
+fn canonical_sources(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if paths.is_empty() {
+        return Err(Error::Usage("give at least one path to back up".into()));
+    }
+    let mut out = vec![];
+    for p in paths {
+        let c = fs::canonicalize(p).map_err(|e| Error::Usage(format!("source {}: {e}", p.display())))?;
+        debug_assert!(matches!(c.components().next(), Some(Component::RootDir)));
+        out.push(c);
+    }
+    out.sort();
+    out.dedup();
+    let all = out.clone();
+    out.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
+    Ok(out)
+}
+
+/// A file is unchanged when size, mtime, ctime and inode all match: it is not read again.
+fn unchanged(old: &Metadata, new: &Metadata) -> bool {
+    old.size == new.size && old.mtime_ns == new.mtime_ns && old.ctime_ns == new.ctime_ns && old.inode == new.inode
+}
+
+/// Tree metadata from `lstat`.
+pub fn metadata(md: &FsMetadata) -> Metadata {
+    Metadata {
+        mode: md.mode(),
+        uid: md.uid(),
+        gid: md.gid(),
+        size: if md.is_file() { md.len() } else { 0 },
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        inode: md.ino(),
+        dev: md.dev(),
+    }
+}
+
+/// Sum of regular file sizes under `path`, for the progress bar's total.
+fn scan_size(path: &Path) -> u64 {
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => {
+            fs::read_dir(path).map(|rd| rd.filter_map(|e| e.ok()).map(|e| scan_size(&e.path())).sum()).unwrap_or(0)
+        }
+        Ok(md) if md.is_file() => md.len(),
+        _ => 0,
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer outlives the call and its length is passed.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if ok {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "unknown".into()
+    }
+}

@@ -1,0 +1,83 @@
+//! Errors of the data plane and the exit code each one maps to.
+//!
+//! Policy: library code returns [`Error`] with the path or object it was working on attached;
+//! only `main.rs` turns it into a message and an exit code. Messages say what to do about it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Documented exit codes (README, "Exit codes"). Keep the two in step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitCode {
+    Ok = 0,
+    Fatal = 1,
+    /// Backup finished, but some source files could not be read and are not in the snapshot.
+    Partial = 3,
+    NoRepository = 10,
+    Locked = 11,
+    UnsupportedFormat = 12,
+    /// Verify found damage, or restore met data that does not match its id.
+    Integrity = 13,
+    NoSpace = 14,
+    Interrupted = 130,
+}
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: not a cbcr repository (no config file); give --repo an existing repository, or an empty or missing directory for `backup`/`init` to create one")]
+    NotARepository(PathBuf),
+    #[error("{0}: already a cbcr repository")]
+    AlreadyARepository(PathBuf),
+    #[error("repository {0} is locked by another backup; wait for it to finish (the lock is released when that process exits)")]
+    Locked(PathBuf),
+    #[error("{path}: {source}")]
+    Format { path: PathBuf, source: wire::Error },
+    #[error(
+        "no space left on device while writing {0}; free space and run the backup again (earlier snapshots are intact)"
+    )]
+    NoSpace(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("integrity: {0}")]
+    Integrity(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot start the thread-per-core runtime on core {core}: {detail}. cbcr needs io_uring and locked memory: check `ulimit -l` (LimitMEMLOCK= under systemd) and that the container's seccomp profile allows io_uring")]
+    Runtime { core: usize, detail: String },
+}
+
+impl Error {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::NotARepository(_) => ExitCode::NoRepository,
+            Error::Locked(_) => ExitCode::Locked,
+            Error::Format { source: wire::Error::UnsupportedVersion { .. }, .. } => ExitCode::UnsupportedFormat,
+            Error::Format { .. } | Error::Integrity(_) => ExitCode::Integrity,
+            Error::NoSpace(_) => ExitCode::NoSpace,
+            _ => ExitCode::Fatal,
+        }
+    }
+
+    /// A decode error of the file at `path`.
+    pub fn format(path: &Path, source: wire::Error) -> Self {
+        Error::Format { path: path.to_owned(), source }
+    }
+}
+
+/// Attaches the path an I/O error is about; disk-full becomes [`Error::NoSpace`].
+pub trait IoContext<T> {
+    fn at(self, path: &Path) -> Result<T, Error>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &Path) -> Result<T, Error> {
+        self.map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::NoSpace(path.to_owned()),
+            _ => Error::Io { path: path.to_owned(), source },
+        })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,40 @@
+//! Crash points for the kill -9 tests.
+//!
+//! `CBCR_FAULT=NAME:N` makes the process SIGKILL itself the N-th time it passes the point called
+//! NAME. The test suite uses it to stop a backup at exact places in chunking, pack writing and
+//! the commit, then checks that the repository is consistent. Unset, a point costs one load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// The points a backup passes, in the order of the commit protocol.
+pub const POINTS: &[&str] = &["segment", "pack-write", "pack-seal", "index-write", "snapshot-write", "snapshot-rename"];
+
+struct Armed {
+    name: String,
+    at: u64,
+    hits: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let spec = std::env::var("CBCR_FAULT").ok()?;
+            let (name, at) = spec.split_once(':')?;
+            Some(Armed { name: name.to_owned(), at: at.parse().ok()?, hits: AtomicU64::new(0) })
+        })
+        .as_ref()
+}
+
+/// Passes the crash point `name`.
+#[inline]
+pub fn point(name: &'static str) {
+    debug_assert!(POINTS.contains(&name));
+    if let Some(a) = armed() {
+        if a.name == name && a.hits.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
+            // SAFETY: plain syscalls; the process dies here, as with an external kill -9.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+}

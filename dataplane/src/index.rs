@@ -1,0 +1,116 @@
+//! The chunk index of a repository, held in memory while a command runs, and the set of blobs a
+//! running backup has claimed but not yet made durable.
+//!
+//! Loading every run into one hash map costs ~100 bytes per blob (1.6 MB per GB of unique data
+//! at 64 KiB chunks). The design's partitioned on-disk runs with a membership filter replace it
+//! when repositories outgrow that; the interface (`get`, `contains`) stays.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Mutex;
+
+use wire::index::{decode_run, IndexEntry};
+use wire::ChunkId;
+
+use crate::error::{Error, IoContext, Result};
+use crate::repo::Repository;
+
+/// Blob ids are uniformly random, so their first 8 bytes are already a good hash.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // ChunkId hashes as its 32-byte array: the length prefix is written first, then the bytes.
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 ^= u64::from(*b) << (8 * i);
+        }
+    }
+    fn write_usize(&mut self, _: usize) {}
+}
+
+type IdBuild = BuildHasherDefault<IdHasher>;
+
+/// Blob id -> where it is stored.
+#[derive(Default)]
+pub struct ChunkIndex {
+    entries: HashMap<ChunkId, IndexEntry, IdBuild>,
+    runs: usize,
+}
+
+impl ChunkIndex {
+    /// Loads every index run of the repository. A run that fails to decode is an error naming it.
+    pub fn load(repo: &Repository) -> Result<Self> {
+        let mut index = Self::default();
+        for path in repo.list("index")? {
+            let bytes = std::fs::read(&path).at(&path)?;
+            let run = decode_run(&bytes).map_err(|e| Error::format(&path, e))?;
+            index.insert_run(run);
+        }
+        Ok(index)
+    }
+
+    /// Adds the entries of one run; the first place recorded for a blob wins.
+    pub fn insert_run(&mut self, run: Vec<IndexEntry>) {
+        self.runs += 1;
+        self.entries.reserve(run.len());
+        for e in run {
+            self.entries.entry(e.id()).or_insert(e);
+        }
+    }
+
+    pub fn get(&self, id: &ChunkId) -> Option<&IndexEntry> {
+        self.entries.get(id)
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn runs(&self) -> usize {
+        self.runs
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &IndexEntry> {
+        self.entries.values()
+    }
+}
+
+const SHARDS: usize = 64;
+
+/// Blobs already in the repository plus those claimed by a core during this backup, so each new
+/// blob is stored once even when two cores meet it at the same time.
+pub struct KnownBlobs {
+    index: ChunkIndex,
+    claimed: [Mutex<HashSet<ChunkId, IdBuild>>; SHARDS],
+}
+
+impl KnownBlobs {
+    pub fn new(index: ChunkIndex) -> Self {
+        Self { index, claimed: std::array::from_fn(|_| Mutex::default()) }
+    }
+
+    /// True when the caller is the first to meet `id` and must store it.
+    pub fn claim(&self, id: &ChunkId) -> bool {
+        if self.index.contains(id) {
+            return false;
+        }
+        let shard = &self.claimed[id.0[0] as usize % SHARDS];
+        shard.lock().expect("a core panicked while holding a claim shard").insert(*id)
+    }
+
+    pub fn index(&self) -> &ChunkIndex {
+        &self.index
+    }
+}

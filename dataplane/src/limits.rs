@@ -1,0 +1,32 @@
+//! Every runtime bound of the data plane, in one place. Format bounds are in `wire::limits`.
+//!
+//! Memory of a backup is the sum of these budgets, whatever the size of the snapshot:
+//! per core one pack write buffer, one compression buffer and the segment being chunked (mapped,
+//! and dropped from the page tables as soon as it is done), plus the bounded queues below.
+
+/// Pack files are sealed once they reach this many bytes (the design's ~64 MiB).
+pub const PACK_TARGET_SIZE: u64 = 64 << 20;
+/// Smallest `--pack-size` accepted (tests use small packs to exercise sealing).
+pub const MIN_PACK_SIZE: u64 = 64 << 10;
+/// Bytes buffered in memory before a pack writer hands them to the kernel.
+pub const PACK_WRITE_BUFFER: usize = 1 << 20;
+/// Segment jobs queued for the cores, per core: enough to keep every core busy while the
+/// walker stats the next files.
+pub const SEGMENT_QUEUE_PER_CORE: usize = 4;
+/// Files whose content is still being chunked before the walker waits for the oldest
+/// directory to complete. Bounds the walker's bookkeeping (and open mappings).
+pub const PENDING_FILES: usize = 1024;
+/// Open pack files a reader keeps per core (restore, verify).
+pub const OPEN_PACKS_PER_READER: usize = 64;
+/// Most cores one process drives.
+pub const MAX_CORES: usize = 1024;
+/// Locked memory glommio registers for io_uring per core (its default is 10 MiB; less keeps
+/// cbcr under a default RLIMIT_MEMLOCK of 8 MiB on two cores).
+pub const IO_MEMORY_PER_CORE: usize = 1 << 20;
+/// zstd level used when none is given (the design's default).
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+
+const _: () = assert!(MIN_PACK_SIZE <= PACK_TARGET_SIZE);
+// A pack must hold at least one largest blob, or a writer could never make progress.
+const _: () = assert!(PACK_TARGET_SIZE >= wire::limits::MAX_BLOB_SIZE as u64);
+const _: () = assert!(PACK_WRITE_BUFFER as u64 <= MIN_PACK_SIZE * 16);

@@ -1,0 +1,238 @@
+//! Writing blobs into packs, and reading them back verified.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use wire::index::{encode_run, IndexEntry};
+use wire::pack::{encode_trailer, PackEntry, PackHeader};
+use wire::{BlobKind, ChunkId, Compression};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fault;
+use crate::index::{ChunkIndex, KnownBlobs};
+use crate::limits;
+use crate::repo::Repository;
+
+/// One pack being written under `tmp/`.
+struct PackWriter {
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    hasher: blake3::Hasher,
+    len: u64,
+    entries: Vec<PackEntry>,
+}
+
+impl PackWriter {
+    fn create(repo: &Repository) -> Result<Self> {
+        let tmp = repo.tmp_path("pack");
+        let file = OpenOptions::new().create_new(true).write(true).open(&tmp).at(&tmp)?;
+        let mut w = Self {
+            tmp,
+            out: BufWriter::with_capacity(limits::PACK_WRITE_BUFFER, file),
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            entries: vec![],
+        };
+        w.write(&PackHeader::encode())?;
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write_all(bytes).at(&self.tmp)?;
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn add(
+        &mut self,
+        id: ChunkId,
+        kind: BlobKind,
+        compression: Compression,
+        raw_len: usize,
+        stored: &[u8],
+    ) -> Result<()> {
+        let entry = PackEntry::new(id, self.len, stored.len() as u32, raw_len as u32, kind, compression);
+        self.write(stored)?;
+        self.entries.push(entry);
+        fault::point("pack-write");
+        Ok(())
+    }
+
+    /// Makes the pack durable under its final name, then its index run: the commit order of the
+    /// design. Returns the bytes the pack occupies.
+    fn seal(mut self, repo: &Repository) -> Result<u64> {
+        let trailer = encode_trailer(&self.entries, self.len);
+        self.write(&trailer)?;
+        let file = self.out.into_inner().map_err(|e| e.into_error()).at(&self.tmp)?;
+        file.sync_all().at(&self.tmp)?;
+        let id = ChunkId(*self.hasher.finalize().as_bytes());
+        fault::point("pack-seal");
+        repo.publish(&self.tmp, &repo.pack_path(&id))?;
+        fault::point("index-write");
+        let run = self.entries.iter().map(|&entry| IndexEntry { pack: id, entry }).collect();
+        repo.write_index_run(&encode_run(run))?;
+        Ok(self.len)
+    }
+}
+
+/// What one [`BlobWriter`] added to the repository.
+#[derive(Clone, Debug, Default)]
+pub struct WriteStats {
+    /// File-content chunks stored (trees and chunk lists are not counted).
+    pub chunks_new: u64,
+    /// Raw bytes of those chunks.
+    pub bytes_new: u64,
+    /// Bytes of the packs sealed, metadata blobs and trailers included.
+    pub bytes_stored: u64,
+}
+
+impl WriteStats {
+    pub fn add(&mut self, o: &WriteStats) {
+        self.chunks_new += o.chunks_new;
+        self.bytes_new += o.bytes_new;
+        self.bytes_stored += o.bytes_stored;
+    }
+}
+
+/// A core's way into the repository: dedups, compresses and packs blobs. One per core, never
+/// shared; the only shared state is the [`KnownBlobs`] set.
+pub struct BlobWriter<'a> {
+    repo: &'a Repository,
+    known: &'a KnownBlobs,
+    pack: Option<PackWriter>,
+    pack_size: u64,
+    compressor: zstd::bulk::Compressor<'static>,
+    buf: Vec<u8>,
+    pub stats: WriteStats,
+}
+
+impl<'a> BlobWriter<'a> {
+    pub fn new(repo: &'a Repository, known: &'a KnownBlobs, pack_size: u64, level: i32) -> Result<Self> {
+        let compressor =
+            zstd::bulk::Compressor::new(level).map_err(|e| Error::Usage(format!("zstd level {level}: {e}")))?;
+        Ok(Self { repo, known, pack: None, pack_size, compressor, buf: Vec::new(), stats: WriteStats::default() })
+    }
+
+    /// Hashes and stores a blob unless the repository already has it. Returns its id and
+    /// whether it was new.
+    pub fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<(ChunkId, bool)> {
+        let id = self.repo.key.blob_id(data);
+        Ok((id, self.store_with_id(id, kind, data)?))
+    }
+
+    /// Stores a blob whose id the caller computed; returns whether it was new.
+    pub fn store_with_id(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<bool> {
+        debug_assert_eq!(id, self.repo.key.blob_id(data));
+        if !self.known.claim(&id) {
+            return Ok(false);
+        }
+        assert!(data.len() <= wire::limits::MAX_BLOB_SIZE as usize);
+        self.buf.clear();
+        self.buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        let compressed = self.compressor.compress_to_buffer(data, &mut self.buf).is_ok_and(|n| n < data.len());
+        let (stored, compression) =
+            if compressed { (&self.buf[..], Compression::Zstd) } else { (data, Compression::None) };
+        if self.pack.is_none() {
+            self.pack = Some(PackWriter::create(self.repo)?);
+        }
+        let pack = self.pack.as_mut().expect("created above");
+        pack.add(id, kind, compression, data.len(), stored)?;
+        if kind == BlobKind::Data {
+            self.stats.chunks_new += 1;
+            self.stats.bytes_new += data.len() as u64;
+        }
+        if pack.len >= self.pack_size {
+            self.seal()?;
+        }
+        Ok(true)
+    }
+
+    fn seal(&mut self) -> Result<()> {
+        if let Some(pack) = self.pack.take() {
+            self.stats.bytes_stored += pack.seal(self.repo)?;
+        }
+        Ok(())
+    }
+
+    /// Seals the open pack; everything stored is durable and indexed when this returns.
+    pub fn finish(mut self) -> Result<WriteStats> {
+        self.seal()?;
+        Ok(self.stats)
+    }
+}
+
+/// Reads blobs back, decompresses them and checks every one against its id. One per core.
+pub struct BlobReader<'a> {
+    repo: &'a Repository,
+    index: &'a ChunkIndex,
+    packs: HashMap<ChunkId, File>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    stored: Vec<u8>,
+}
+
+impl<'a> BlobReader<'a> {
+    pub fn new(repo: &'a Repository, index: &'a ChunkIndex) -> Result<Self> {
+        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Usage(format!("zstd: {e}")))?;
+        Ok(Self { repo, index, packs: HashMap::new(), decompressor, stored: Vec::new() })
+    }
+
+    /// Reads blob `id` into `out` (replacing its content).
+    pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        let entry = *self.index.get(id).ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
+        self.read_entry(&entry, out)
+    }
+
+    /// Reads the blob at `entry` into `out`, verified.
+    pub fn read_entry(&mut self, entry: &IndexEntry, out: &mut Vec<u8>) -> Result<()> {
+        let e = &entry.entry;
+        if self.packs.len() >= limits::OPEN_PACKS_PER_READER && !self.packs.contains_key(&entry.pack) {
+            self.packs.clear();
+        }
+        let path = self.repo.pack_path(&entry.pack);
+        let file = match self.packs.entry(entry.pack) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(File::open(&path).map_err(|source| {
+                Error::Integrity(format!("pack {} holding blob {} cannot be opened: {source}", entry.pack, e.id))
+            })?),
+        };
+        self.stored.resize(e.stored_len() as usize, 0);
+        file.read_exact_at(&mut self.stored, e.offset()).map_err(|source| {
+            Error::Integrity(format!("pack {}: blob {} cannot be read: {source}", entry.pack, e.id))
+        })?;
+        decode_blob(&mut self.decompressor, &self.stored, e, out)
+            .map_err(|detail| Error::Integrity(format!("pack {}: blob {} {detail}", entry.pack, e.id)))?;
+        if self.repo.key.blob_id(out) != e.id {
+            return Err(Error::Integrity(format!(
+                "pack {}: blob {} does not match its id (data is corrupt)",
+                entry.pack, e.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Turns stored bytes into the raw blob; the error says what failed.
+pub fn decode_blob(
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    stored: &[u8],
+    e: &PackEntry,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    out.clear();
+    match e.compression() {
+        Compression::None => out.extend_from_slice(stored),
+        Compression::Zstd => {
+            out.reserve(e.raw_len() as usize);
+            let n =
+                decompressor.decompress_to_buffer(stored, out).map_err(|err| format!("does not decompress: {err}"))?;
+            if n != e.raw_len() as usize {
+                return Err(format!("decompresses to {n} bytes, expected {}", e.raw_len()));
+            }
+        }
+    }
+    Ok(())
+}
