@@ -83,9 +83,16 @@ struct SegmentSummary {
 
 /// Runs a backup into `repo` and commits its snapshot.
 pub fn backup(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -> Result<BackupOutcome> {
-    let started = Instant::now();
     let lock = repo.lock()?;
-    repo.clean_tmp(&lock)?;
+    lock.clean_tmp()?;
+    // On failure, give back the space of packs that were never sealed (a full disk, most often).
+    backup_locked(repo, opts, reporter).inspect_err(|_| {
+        let _ = lock.clean_tmp();
+    })
+}
+
+fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -> Result<BackupOutcome> {
+    let started = Instant::now();
     let paths = canonical_sources(&opts.paths)?;
     let path_strings: Vec<String> = paths.iter().map(|p| p.to_string_lossy().into_owned()).collect();
     let host = hostname();
@@ -162,7 +169,6 @@ pub fn backup(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -
         stats,
     };
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
-    drop(lock);
     Ok(BackupOutcome { snapshot_id, snapshot })
 }
 

@@ -29,6 +29,18 @@ pub struct Repository {
 /// Held while a backup writes; released when dropped or when the process dies.
 pub struct RepoLock {
     _file: File,
+    tmp: PathBuf,
+}
+
+impl RepoLock {
+    /// Removes what interrupted writers left in `tmp/`: safe because the lock is held.
+    pub fn clean_tmp(&self) -> Result<()> {
+        for entry in fs::read_dir(&self.tmp).at(&self.tmp)? {
+            let path = entry.at(&self.tmp)?.path();
+            fs::remove_file(&path).at(&path)?;
+        }
+        Ok(())
+    }
 }
 
 impl Repository {
@@ -100,17 +112,7 @@ impl Repository {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(Error::Locked(self.root.clone()));
         }
-        Ok(RepoLock { _file: file })
-    }
-
-    /// Removes what interrupted writers left in `tmp/`. Only call while holding the lock.
-    pub fn clean_tmp(&self, _lock: &RepoLock) -> Result<()> {
-        let tmp = self.root.join("tmp");
-        for entry in fs::read_dir(&tmp).at(&tmp)? {
-            let path = entry.at(&tmp)?.path();
-            fs::remove_file(&path).at(&path)?;
-        }
-        Ok(())
+        Ok(RepoLock { _file: file, tmp: self.root.join("tmp") })
     }
 
     pub fn pack_path(&self, id: &ChunkId) -> PathBuf {

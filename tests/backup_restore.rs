@@ -1,0 +1,110 @@
+//! Round trips through the real binary: every file kind, files larger than several segments,
+//! incrementals, include filters, listing.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use cbcr_tests::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn round_trip_is_bit_exact_for_every_file_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    init_small(&repo);
+    // 3.5 segments of 1 MiB.
+    make_tree(&src, 1, 3 * (1 << 20) + (1 << 19));
+    let backup = ok(&["backup", "--repo", s(&repo), s(&src), "--json", "--cores", "2"]);
+    let summary = last_json(&backup);
+    assert_eq!(summary["type"], "summary");
+    for field in
+        ["snapshot_id", "bytes_read", "bytes_new", "bytes_stored", "chunks_total", "chunks_new", "files", "duration_s"]
+    {
+        assert!(!summary[field].is_null(), "summary lacks {field}: {summary}");
+    }
+    assert_eq!(summary["files"], 9);
+    assert_eq!(summary["bytes_read"], dir_size(&src));
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    let restored = out.join(src.strip_prefix("/").unwrap());
+    assert_same_tree(&src, &restored);
+    // All-zero chunks are holes: the sparse file's 3 MiB take (almost) no blocks.
+    let sparse = fs::metadata(restored.join("sparse")).unwrap();
+    assert!(sparse.blocks() * 512 < 1 << 20, "sparse file restored with {} blocks", sparse.blocks());
+    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+}
+
+#[test]
+fn one_core_and_two_cores_make_the_same_snapshot_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 2, 5 << 20);
+    for cores in ["1", "2"] {
+        let repo = tmp.path().join(format!("repo{cores}"));
+        init_small(&repo);
+        ok(&["backup", "--repo", s(&repo), s(&src), "--cores", cores]);
+    }
+    // Different keys make different ids, so compare the listing instead.
+    let list = |cores: &str| text(&ok(&["ls", "latest", "--repo", s(&tmp.path().join(format!("repo{cores}")))]).stdout);
+    assert_eq!(list("1"), list("2"));
+    assert!(list("1").contains("/big.db"));
+}
+
+#[test]
+fn incremental_of_unchanged_data_adds_under_one_percent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    init_small(&repo);
+    make_tree(&src, 3, 4 << 20);
+    let first = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    let size1 = dir_size(&repo);
+    let second = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    let size2 = dir_size(&repo);
+    assert_eq!(second["parent"], first["snapshot_id"], "the parent is found by host and paths");
+    assert_eq!(second["bytes_read"], 0, "unchanged files are not read");
+    assert_eq!(second["bytes_new"], 0);
+    assert!((size2 - size1) * 100 < size1, "incremental grew the repository by {} of {size1} bytes", size2 - size1);
+
+    // A changed file is read again; only its new chunks are stored.
+    let mut data = fs::read(src.join("big.db")).unwrap();
+    data[100_000] ^= 0xff;
+    fs::write(src.join("big.db"), &data).unwrap();
+    let third = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    assert_eq!(third["bytes_read"], data.len());
+    let new = third["bytes_new"].as_u64().unwrap();
+    assert!(new > 0 && new <= 3 * 64 * 1024, "one changed byte stored {new} new bytes");
+    // --parent names the snapshot to compare against.
+    let fourth = last_json(&ok(&[
+        "backup",
+        "--repo",
+        s(&repo),
+        s(&src),
+        "--json",
+        "--parent",
+        &first["snapshot_id"].as_str().unwrap()[..10],
+    ]));
+    assert_eq!(fourth["parent"], first["snapshot_id"]);
+    assert_eq!(fourth["bytes_read"], data.len(), "big.db differs from the first snapshot");
+    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+}
+
+#[test]
+fn restore_include_picks_one_subtree_and_snapshots_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    make_tree(&src, 4, 100_000);
+    // Created on first use with the defaults, through the environment variable.
+    let out_backup = cbcr_env(&["backup", s(&src), "--json"], &[("CBCR_REPO", s(&repo))]);
+    assert!(out_backup.status.success(), "{}", text(&out_backup.stderr));
+    let include = src.join("dir/sub");
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out), "--include", s(&include)]);
+    let restored = out.join(src.strip_prefix("/").unwrap());
+    assert_same_tree(&include, &restored.join("dir/sub"));
+    assert!(!restored.join("random.bin").exists(), "files outside --include are not restored");
+    let listing = text(&ok(&["snapshots", "--repo", s(&repo)]).stdout);
+    assert_eq!(listing.lines().count(), 1);
+    assert!(listing.contains(s(&src)));
+}
