@@ -1,1 +1,55 @@
-fn main() {}
+//! Criterion micro-benchmarks of the pipeline stages on 64 KiB pieces of database-like pages.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use wire::repo::ChunkerParams;
+
+const PIECE: usize = 64 << 10;
+
+fn stages(c: &mut Criterion) {
+    let data = bench::db_pages(7, 4096); // 32 MiB
+    let mut g = c.benchmark_group("stages");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.sample_size(10);
+    g.bench_function("fastcdc_v2020_64k_avg", |b| {
+        b.iter(|| dataplane::chunker::chunks(&data, ChunkerParams::default()).count())
+    });
+    let key = wire::RepoKey::from_bytes([1; 32]);
+    g.bench_function("blake3_keyed_64k", |b| {
+        b.iter(|| data.chunks(PIECE).map(|p| key.blob_id(p).0[0] as u64).sum::<u64>())
+    });
+    for level in [-1, 1, 3] {
+        let mut compressor = zstd::bulk::Compressor::new(level).unwrap();
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(PIECE));
+        g.bench_with_input(BenchmarkId::new("zstd_compress_64k", level), &level, |b, _| {
+            b.iter(|| {
+                data.chunks(PIECE)
+                    .map(|p| {
+                        out.clear();
+                        compressor.compress_to_buffer(p, &mut out).unwrap()
+                    })
+                    .sum::<usize>()
+            })
+        });
+    }
+    let compressed: Vec<Vec<u8>> = data.chunks(PIECE).map(|p| zstd::bulk::compress(p, 1).unwrap()).collect();
+    let mut decompressor = zstd::bulk::Decompressor::new().unwrap();
+    let mut out = Vec::with_capacity(PIECE);
+    g.bench_function("zstd_decompress_64k", |b| {
+        b.iter(|| {
+            compressed
+                .iter()
+                .map(|p| {
+                    out.clear();
+                    decompressor.decompress_to_buffer(p, &mut out).unwrap()
+                })
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("zero_check_64k", |b| {
+        b.iter(|| data.chunks(PIECE).filter(|p| dataplane::chunker::is_zero(p)).count())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);

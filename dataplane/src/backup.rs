@@ -28,7 +28,7 @@ use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::output::Reporter;
-use crate::pack::{BlobReader, BlobWriter, WriteStats};
+use crate::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats};
 use crate::repo::Repository;
 use crate::runtime;
 
@@ -114,9 +114,10 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
     let (job_tx, job_rx) = bounded::<SegmentJob>(depth);
     let (done_tx, done_rx) = bounded::<SegmentDone>(depth);
+    let sealer = Sealer::start(shared.repo.clone());
     let cores = {
-        let shared = Arc::clone(&shared);
-        runtime::spawn(opts.cores, move |_core| run_core(&shared, &job_rx, &done_tx))?
+        let (shared, seal_tx) = (Arc::clone(&shared), sealer.sender());
+        runtime::spawn(opts.cores, move |_core| run_core(&shared, &job_rx, &done_tx, seal_tx.clone()))?
     };
 
     if let Some(bar) = reporter.start_bar("backup") {
@@ -125,7 +126,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     }
     let mut walker = Walker {
         shared: &shared,
-        tree_writer: BlobWriter::new(&shared.repo, &shared.known, shared.pack_size, shared.level)?,
+        tree_writer: BlobWriter::new(&shared.repo, &shared.known, sealer.sender(), shared.pack_size, shared.level)?,
         reader: BlobReader::new(&shared.repo, shared.known.index())?,
         jobs: job_tx,
         done: done_rx,
@@ -137,22 +138,22 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         stats: SnapshotStats::default(),
         reporter,
     };
-    let parent_root = match &parent {
-        Some((_, snap)) => Some(walker.load_tree(&snap.tree_id())?),
-        None => None,
-    };
-    let walked = walker.walk_sources(&paths, parent_root.as_ref());
+    let walked = walker.walk_sources(&paths, parent.as_ref().map(|(_, snap)| snap.tree_id()));
     let Walker { tree_writer, jobs, done, mut stats, reporter, .. } = walker;
-    // Closing the queue lets the cores seal their packs and stop; draining the answers keeps
-    // a core from blocking on a send when the walk stopped early.
+    // Closing the queue lets the cores close their packs and stop; draining the answers keeps
+    // a core from blocking on a send when the walk stopped early. Every pack closed is made
+    // durable before this returns, on success and on error alike.
     drop(jobs);
     for _ in done.iter() {}
-    let core_results = cores.join()?;
+    let core_results = cores.join();
+    let tree_written = tree_writer.finish();
+    let sealed = sealer.finish();
     let root = walked?;
-    let mut written = tree_writer.finish()?;
-    for r in core_results {
+    let mut written = tree_written?;
+    for r in core_results? {
         written.add(&r?);
     }
+    sealed?;
     reporter.finish();
 
     stats.bytes_new = written.bytes_new;
@@ -173,8 +174,13 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
 }
 
 /// One core: take segments until the queue closes, then seal the open pack.
-fn run_core(shared: &Shared, jobs: &Receiver<SegmentJob>, done: &Sender<SegmentDone>) -> Result<WriteStats> {
-    let mut writer = BlobWriter::new(&shared.repo, &shared.known, shared.pack_size, shared.level)?;
+fn run_core(
+    shared: &Shared,
+    jobs: &Receiver<SegmentJob>,
+    done: &Sender<SegmentDone>,
+    sealer: Sender<SealJob>,
+) -> Result<WriteStats> {
+    let mut writer = BlobWriter::new(&shared.repo, &shared.known, sealer, shared.pack_size, shared.level)?;
     let params = shared.repo.config.chunker;
     for job in jobs.iter() {
         let result = backup_segment(&mut writer, params, &job);
@@ -194,18 +200,33 @@ fn backup_segment(
 ) -> Result<SegmentSummary> {
     let data = &job.source.map[job.offset..job.offset + job.len];
     let mut list = ChunkList::default();
+    let mut released = 0;
     for (off, len) in chunker::chunks(data, params) {
         let chunk = &data[off..off + len];
         let id = if chunker::is_zero(chunk) { ChunkId::default() } else { writer.store(BlobKind::Data, chunk)?.0 };
         list.chunks.push(ChunkRef { id, len: len as u32, zero: id == ChunkId::default() });
+        if off + len - released >= limits::MAPPED_WINDOW {
+            release_pages(&job.source.map, job.offset + released, off + len - released);
+            released = off + len;
+        }
     }
-    // The pages were read once and are not needed again: drop them from this process's page
-    // tables so RSS stays at one segment per core (the page cache keeps them if it wants).
-    // SAFETY: nothing else reads this range of the private read-only mapping afterwards.
-    let _ = unsafe { job.source.map.unchecked_advise_range(UncheckedAdvice::DontNeed, job.offset, job.len) };
+    release_pages(&job.source.map, job.offset + released, job.len - released);
     fault::point("segment");
     let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
     Ok(SegmentSummary { list: list_id, bytes: job.len as u64, chunks: list.chunks.len() as u64 })
+}
+
+/// Drops pages that were read and are not needed again from this process's page tables, so RSS
+/// stays at one window per core; the page cache keeps them if it wants. Segments start at
+/// multiples of the page size, so only the start may need rounding up.
+fn release_pages(map: &Mmap, offset: usize, len: usize) {
+    let page = 4096;
+    let start = offset.next_multiple_of(page);
+    let end = offset + len;
+    if end > start {
+        // SAFETY: nothing reads this range of the private read-only mapping again.
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+    }
 }
 
 /// The walker's bookkeeping for a file whose segments are on the cores.
@@ -249,7 +270,12 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     /// Walks every source and returns the root tree's id.
-    fn walk_sources(&mut self, paths: &[PathBuf], parent: Option<&Tree>) -> Result<ChunkId> {
+    fn walk_sources(&mut self, paths: &[PathBuf], parent: Option<ChunkId>) -> Result<ChunkId> {
+        let parent = match parent {
+            Some(id) => Some(self.load_tree(&id)?),
+            None => None,
+        };
+        let parent = parent.as_ref();
         let mut root = Source::Inner(BTreeMap::new());
         for p in paths {
             let names: Vec<OsString> = p.components().skip(1).map(|c| c.as_os_str().to_owned()).collect();

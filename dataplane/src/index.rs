@@ -38,24 +38,24 @@ type IdBuild = BuildHasherDefault<IdHasher>;
 #[derive(Default)]
 pub struct ChunkIndex {
     entries: HashMap<ChunkId, IndexEntry, IdBuild>,
-    runs: usize,
 }
 
 impl ChunkIndex {
     /// Loads every index run of the repository. A run that fails to decode is an error naming it.
     pub fn load(repo: &Repository) -> Result<Self> {
         let mut index = Self::default();
-        for path in repo.list("index")? {
-            let bytes = std::fs::read(&path).at(&path)?;
-            let run = decode_run(&bytes).map_err(|e| Error::format(&path, e))?;
+        let runs = repo.list("index")?;
+        for path in &runs {
+            let bytes = std::fs::read(path).at(path)?;
+            let run = decode_run(&bytes).map_err(|e| Error::format(path, e))?;
             index.insert_run(run);
         }
+        tracing::info!(blobs = index.entries.len(), runs = runs.len(), "index loaded");
         Ok(index)
     }
 
     /// Adds the entries of one run; the first place recorded for a blob wins.
     pub fn insert_run(&mut self, run: Vec<IndexEntry>) {
-        self.runs += 1;
         self.entries.reserve(run.len());
         for e in run {
             self.entries.entry(e.id()).or_insert(e);
@@ -68,18 +68,6 @@ impl ChunkIndex {
 
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.entries.contains_key(id)
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn runs(&self) -> usize {
-        self.runs
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &IndexEntry> {

@@ -4,6 +4,9 @@
 //! per core one pack write buffer, one compression buffer and the segment being chunked (mapped,
 //! and dropped from the page tables as soon as it is done), plus the bounded queues below.
 
+/// A core drops the pages of the segment it is chunking from its page tables every this many
+/// bytes, so a mapped 1 GiB segment costs this much RSS, not 1 GiB.
+pub const MAPPED_WINDOW: usize = 8 << 20;
 /// Pack files are sealed once they reach this many bytes (the design's ~64 MiB).
 pub const PACK_TARGET_SIZE: u64 = 64 << 20;
 /// Smallest `--pack-size` accepted (tests use small packs to exercise sealing).
@@ -16,6 +19,8 @@ pub const SEGMENT_QUEUE_PER_CORE: usize = 4;
 /// Files whose content is still being chunked before the walker waits for the oldest
 /// directory to complete. Bounds the walker's bookkeeping (and open mappings).
 pub const PENDING_FILES: usize = 1024;
+/// Closed packs waiting for fsync: past this the cores wait for the disk.
+pub const SEAL_QUEUE: usize = 4;
 /// Open pack files a reader keeps per core (restore, verify).
 pub const OPEN_PACKS_PER_READER: usize = 64;
 /// Most cores one process drives.
@@ -27,6 +32,8 @@ pub const IO_MEMORY_PER_CORE: usize = 1 << 20;
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
 
 const _: () = assert!(MIN_PACK_SIZE <= PACK_TARGET_SIZE);
+// The window must hold a largest chunk, or a chunk could be dropped while it is still read.
+const _: () = assert!(MAPPED_WINDOW >= wire::limits::MAX_CHUNK_SIZE as usize / 2);
 // A pack must hold at least one largest blob, or a writer could never make progress.
 const _: () = assert!(PACK_TARGET_SIZE >= wire::limits::MAX_BLOB_SIZE as u64);
 const _: () = assert!(PACK_WRITE_BUFFER as u64 <= MIN_PACK_SIZE * 16);

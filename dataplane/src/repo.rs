@@ -20,6 +20,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fault;
 
 /// An open repository.
+#[derive(Clone)]
 pub struct Repository {
     root: PathBuf,
     pub config: RepoConfig,

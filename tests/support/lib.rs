@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{RngCore, SeedableRng};
 
 /// The release `cbcr` binary, built once per test process (or `CBCR_BIN` when set).
 pub fn cbcr_bin() -> &'static Path {
@@ -79,31 +79,6 @@ pub fn init_small(repo: &Path) {
     ]);
 }
 
-/// 8 KiB pages like a database's: a header, tuples of text and numbers, some free space.
-/// `ratio` picks how much of each page is filler that compresses well.
-pub fn db_pages(rng: &mut impl RngCore, pages: usize) -> Vec<u8> {
-    let mut out = vec![0u8; pages * 8192];
-    for (i, page) in out.chunks_mut(8192).enumerate() {
-        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let used = rng.gen_range(1024..8192);
-        let mut pos = 24;
-        while pos + 64 < used {
-            let row = format!(
-                "row {:08} account {:06} balance {:+012} ",
-                rng.gen::<u32>(),
-                rng.gen_range(0..100_000),
-                rng.gen::<i32>()
-            );
-            let n = row.len().min(used - pos);
-            page[pos..pos + n].copy_from_slice(&row.as_bytes()[..n]);
-            pos += n;
-            rng.fill_bytes(&mut page[pos..pos + 8]);
-            pos += 8;
-        }
-    }
-    out
-}
-
 /// Writes a source tree with every kind of entry cbcr records; `seed` varies the content.
 /// `big` is the size of the one large file (several segments with `init_small`).
 pub fn make_tree(root: &Path, seed: u64, big: usize) {
@@ -113,11 +88,11 @@ pub fn make_tree(root: &Path, seed: u64, big: usize) {
     let mut random = vec![0u8; 300_000];
     rng.fill_bytes(&mut random);
     fs::write(root.join("random.bin"), &random).unwrap();
-    fs::write(root.join("dir/pages.db"), db_pages(&mut rng, 64)).unwrap();
+    fs::write(root.join("dir/pages.db"), bench::db_pages(seed, 64)).unwrap();
     fs::write(root.join("dir/sub/small.txt"), format!("hello {seed}\n")).unwrap();
     fs::write(root.join("dir/sub/deeper/zeros"), vec![0u8; 200_000]).unwrap();
     fs::write(root.join("empty"), b"").unwrap();
-    let mut big_data = db_pages(&mut rng, big / 8192 + 1);
+    let mut big_data = bench::db_pages(seed + 1, big / bench::PAGE + 1);
     big_data.truncate(big);
     fs::write(root.join("big.db"), &big_data).unwrap();
     // Sparse: 3 MiB with data only at 1 MiB.
