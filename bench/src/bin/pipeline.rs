@@ -9,7 +9,6 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -82,7 +81,7 @@ fn ensure_input(path: &Path, size: u64) {
 fn run_backup(cbcr: &Path, repo: &Path, input: &Path, cores: usize) -> (f64, u64, serde_json::Value) {
     let _ = fs::remove_dir_all(repo);
     let t = Instant::now();
-    let child = Command::new(cbcr)
+    let mut child = Command::new(cbcr)
         .args(["backup", "--repo"])
         .arg(repo)
         .arg(input)
@@ -90,7 +89,7 @@ fn run_backup(cbcr: &Path, repo: &Path, input: &Path, cores: usize) -> (f64, u64
         .stdout(Stdio::piped())
         .spawn()
         .expect("cbcr runs");
-    let pid = child.id() as libc::pid_t;
+    let pid = child.id();
     // Peak RSS is read from /proc while the child runs: its rusage maxrss would also count the
     // high-water mark it inherited from this process at fork.
     let status_path = format!("/proc/{pid}/status");
@@ -104,14 +103,11 @@ fn run_backup(cbcr: &Path, repo: &Path, input: &Path, cores: usize) -> (f64, u64
         }
         peak_kib * 1024
     });
-    let mut stdout = child.stdout.expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
     let mut out = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut out).expect("read stdout");
-    let mut status = 0;
-    // SAFETY: plain syscall on our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let exit = child.wait().expect("wait for cbcr");
     let secs = t.elapsed().as_secs_f64();
-    let exit = std::process::ExitStatus::from_raw(status);
     assert!(exit.success(), "cbcr backup failed: {exit}");
     let rss = sampler.join().expect("sampler");
     let summary = serde_json::from_str(out.lines().last().expect("a summary line")).expect("JSON summary");
