@@ -21,6 +21,8 @@ pub const SEGMENT_QUEUE_PER_CORE: usize = 4;
 pub const PENDING_FILES: usize = 1024;
 /// Closed packs waiting for fsync: past this the cores wait for the disk.
 pub const SEAL_QUEUE: usize = 4;
+/// Bytes a restoring core collects before one `pwrite` (plus one largest chunk).
+pub const RESTORE_WRITE_BUFFER: usize = 4 << 20;
 /// Open pack files a reader keeps per core (restore, verify).
 pub const OPEN_PACKS_PER_READER: usize = 64;
 /// Most cores one process drives.

@@ -254,12 +254,22 @@ impl<'a> BlobReader<'a> {
 
     /// Reads blob `id` into `out` (replacing its content).
     pub fn read(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let entry = *self.index.get(id).ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
-        self.read_entry(&entry, out)
+        out.clear();
+        self.read_append(id, out)
     }
 
-    /// Reads the blob at `entry` into `out`, verified.
-    pub fn read_entry(&mut self, entry: &IndexEntry, out: &mut Vec<u8>) -> Result<()> {
+    /// Reads blob `id`, verified, and appends it to `out`; on error `out` is left as it was.
+    pub fn read_append(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        let entry = *self.index.get(id).ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
+        let start = out.len();
+        let read = self.read_entry(&entry, out, start);
+        if read.is_err() {
+            out.truncate(start);
+        }
+        read
+    }
+
+    fn read_entry(&mut self, entry: &IndexEntry, out: &mut Vec<u8>, start: usize) -> Result<()> {
         let e = &entry.entry;
         if self.packs.len() >= limits::OPEN_PACKS_PER_READER && !self.packs.contains_key(&entry.pack) {
             self.packs.clear();
@@ -277,7 +287,7 @@ impl<'a> BlobReader<'a> {
         })?;
         decode_blob(&mut self.decompressor, &self.stored, e, out)
             .map_err(|detail| Error::Integrity(format!("pack {}: blob {} {detail}", entry.pack, e.id)))?;
-        if self.repo.key.blob_id(out) != e.id {
+        if self.repo.key.blob_id(&out[start..]) != e.id {
             return Err(Error::Integrity(format!(
                 "pack {}: blob {} does not match its id (data is corrupt)",
                 entry.pack, e.id
@@ -287,20 +297,21 @@ impl<'a> BlobReader<'a> {
     }
 }
 
-/// Turns stored bytes into the raw blob; the error says what failed.
+/// Turns stored bytes into the raw blob, appended to `out`; the error says what failed.
 pub fn decode_blob(
     decompressor: &mut zstd::bulk::Decompressor<'static>,
     stored: &[u8],
     e: &PackEntry,
     out: &mut Vec<u8>,
 ) -> std::result::Result<(), String> {
-    out.clear();
     match e.compression() {
         Compression::None => out.extend_from_slice(stored),
         Compression::Zstd => {
-            out.reserve(e.raw_len() as usize);
-            let n =
-                decompressor.decompress_to_buffer(stored, out).map_err(|err| format!("does not decompress: {err}"))?;
+            let start = out.len();
+            out.resize(start + e.raw_len() as usize, 0);
+            let n = decompressor
+                .decompress_to_buffer(stored, &mut out[start..])
+                .map_err(|err| format!("does not decompress: {err}"))?;
             if n != e.raw_len() as usize {
                 return Err(format!("decompresses to {n} bytes, expected {}", e.raw_len()));
             }

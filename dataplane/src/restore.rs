@@ -114,9 +114,9 @@ fn run_core(shared: &Shared, jobs: &Receiver<SegmentJob>) -> u64 {
             return 0;
         }
     };
-    let (mut list_buf, mut chunk) = (Vec::new(), Vec::new());
+    let (mut list_buf, mut buf) = (Vec::new(), Vec::with_capacity(limits::RESTORE_WRITE_BUFFER));
     for job in jobs.iter() {
-        match restore_segment(&mut reader, &job, &mut list_buf, &mut chunk) {
+        match restore_segment(&mut reader, &job, &mut list_buf, &mut buf) {
             Ok(n) => bytes += n,
             Err(e) => record(shared, e),
         }
@@ -129,36 +129,53 @@ fn record(shared: &Shared, e: Error) {
 }
 
 /// Writes one segment of one file at its offset; sets the file's metadata if it was the last.
+/// Chunks are decompressed straight into `buf` and written in runs of up to
+/// [`limits::RESTORE_WRITE_BUFFER`]: cores writing the same file contend for its inode lock once
+/// per run, not once per chunk.
 fn restore_segment(
     reader: &mut BlobReader<'_>,
     job: &SegmentJob,
     list_buf: &mut Vec<u8>,
-    chunk: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
 ) -> Result<u64> {
     let path = &job.file.path;
     reader.read(&job.list, list_buf)?;
     let list = ChunkList::decode(list_buf)
         .map_err(|e| Error::Integrity(format!("chunk list {} of {}: {e}", job.list, path.display())))?;
     let file = OpenOptions::new().write(true).open(path).at(path)?;
-    let mut offset = job.offset;
+    let flush = |buf: &mut Vec<u8>, at: u64| -> Result<()> {
+        file.write_all_at(buf, at).at(path)?;
+        buf.clear();
+        Ok(())
+    };
+    buf.clear();
+    let (mut offset, mut run_start) = (job.offset, job.offset);
     for c in &list.chunks {
-        if !c.zero {
+        if c.zero || buf.len() + c.len as usize > limits::RESTORE_WRITE_BUFFER {
+            flush(buf, run_start)?;
+            run_start = offset;
+        }
+        if c.zero {
+            // Never written: the file was sized up front, so this stays a hole.
+            run_start += u64::from(c.len);
+        } else {
+            let before = buf.len();
             reader
-                .read(&c.id, chunk)
+                .read_append(&c.id, buf)
                 .map_err(|e| Error::Integrity(format!("{} at offset {offset}: {e}", path.display())))?;
-            if chunk.len() != c.len as usize {
+            if buf.len() - before != c.len as usize {
                 return Err(Error::Integrity(format!(
                     "{}: chunk {} has {} bytes, the list says {}",
                     path.display(),
                     c.id,
-                    chunk.len(),
+                    buf.len() - before,
                     c.len
                 )));
             }
-            file.write_all_at(chunk, offset).at(path)?;
         }
         offset += u64::from(c.len);
     }
+    flush(buf, run_start)?;
     drop(file);
     if job.file.segments_left.fetch_sub(1, Ordering::AcqRel) == 1 {
         set_metadata(path, &job.file.meta, false)?;

@@ -180,6 +180,7 @@ fn check_packs(repo: &Repository, jobs: &Receiver<PackJob>, read_data: bool) -> 
                     for e in &entries {
                         out.1 += 1;
                         let stored = &whole[e.offset() as usize..(e.offset() + u64::from(e.stored_len())) as usize];
+                        raw.clear();
                         let ok = decode_blob(&mut decompressor, stored, e, &mut raw).and_then(|()| {
                             if repo.key.blob_id(&raw) == e.id {
                                 Ok(())
