@@ -279,6 +279,21 @@ fn bad_paths_and_bad_repositories_get_clear_errors() {
 }
 
 #[test]
+fn too_little_locked_memory_is_named_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -l 0 && exec {} backup --repo {} /etc/hostname", cbcr_bin().display(), repo.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("locked-memory limit 0 KiB") && err.contains("ulimit -l"), "{err}");
+    assert_eq!(snapshot_count(&repo), 0);
+}
+
+#[test]
 fn unreadable_source_files_are_skipped_with_exit_3() {
     if !is_root() || Command::new("setpriv").arg("--version").output().is_err() {
         eprintln!("SKIPPED unreadable-file test: needs root and setpriv to run cbcr as an unprivileged user");

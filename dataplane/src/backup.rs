@@ -359,7 +359,9 @@ impl Walker<'_> {
         } else if ft.is_file() {
             if let Some(Node { meta: old, kind: NodeKind::File { segments }, .. }) = parent.and_then(|t| t.find(&name))
             {
-                if unchanged(old, &meta) {
+                // Reused only while its chunk lists are still indexed: a damaged repository
+                // heals by reading the file again.
+                if unchanged(old, &meta) && segments.iter().all(|s| self.shared.known.index().contains(s)) {
                     self.stats.files += 1;
                     self.stats.bytes_total += meta.size;
                     self.reporter.advance(meta.size, 1);
@@ -460,7 +462,7 @@ impl Walker<'_> {
         let slot = self.next_slot;
         self.next_slot += 1;
         self.pending.push_back(PendingDir { slot, nodes });
-        while self.pending_files > limits::PENDING_FILES {
+        while self.pending_files > limits::PENDING_FILES || self.pending.len() > limits::PENDING_DIRS {
             self.complete_oldest_dir()?;
         }
         Ok(slot)

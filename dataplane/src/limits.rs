@@ -23,6 +23,9 @@ pub const PENDING_FILES: usize = 1024;
 pub const SEAL_QUEUE: usize = 4;
 /// Bytes a restoring core collects before one `pwrite` (plus one largest chunk).
 pub const RESTORE_WRITE_BUFFER: usize = 4 << 20;
+/// Directories waiting for their files before the walker completes the oldest: bounds the
+/// walker's memory on trees of many small or empty directories.
+pub const PENDING_DIRS: usize = 4096;
 /// Open pack files a reader keeps per core (restore, verify).
 pub const OPEN_PACKS_PER_READER: usize = 64;
 /// Most cores one process drives.

@@ -3,6 +3,7 @@
 //! JSON events go to stdout, one object per line with a `type` field; progress and human
 //! messages go to stderr. Fields may be added, never renamed.
 
+use std::cell::Cell;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 
@@ -15,13 +16,14 @@ pub struct Reporter {
     quiet: bool,
     progress: bool,
     bar: Option<ProgressBar>,
+    files: Cell<u64>,
 }
 
 impl Reporter {
     /// `progress` asks for a bar; it is shown only when stderr is a terminal and not `--json`.
     pub fn new(json: bool, quiet: bool, progress: bool) -> Self {
         let progress = progress && !json && !quiet && std::io::stderr().is_terminal();
-        Self { json, quiet, progress, bar: None }
+        Self { json, quiet, progress, bar: None, files: Cell::new(0) }
     }
 
     pub fn json(&self) -> bool {
@@ -50,8 +52,8 @@ impl Reporter {
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
             if files > 0 {
-                let done: u64 = bar.prefix().split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                bar.set_prefix(format!("{} files", done + files));
+                self.files.set(self.files.get() + files);
+                bar.set_prefix(format!("{} files", self.files.get()));
             }
         }
     }
