@@ -3,13 +3,8 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use cbcr_tests::*;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn round_trip_is_bit_exact_for_every_file_kind() {

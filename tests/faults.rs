@@ -11,10 +11,6 @@ use std::process::Command;
 use cbcr_tests::*;
 use rand::{Rng, RngCore, SeedableRng};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Exit codes from the README table.
 const PARTIAL: i32 = 3;
 const NO_REPOSITORY: i32 = 10;

@@ -56,13 +56,9 @@ struct Shared {
     level: i32,
 }
 
-/// A mapped source file; unmapped when the last of its segments is done.
-struct SourceMap {
-    map: Mmap,
-}
-
 struct SegmentJob {
-    source: Arc<SourceMap>,
+    /// The mapped source file; unmapped when the last of its segments is done.
+    source: Arc<Mmap>,
     file: usize,
     segment: usize,
     offset: usize,
@@ -198,7 +194,7 @@ fn backup_segment(
     params: wire::repo::ChunkerParams,
     job: &SegmentJob,
 ) -> Result<SegmentSummary> {
-    let data = &job.source.map[job.offset..job.offset + job.len];
+    let data = &job.source[job.offset..job.offset + job.len];
     let mut list = ChunkList::default();
     let mut released = 0;
     for (off, len) in chunker::chunks(data, params) {
@@ -206,11 +202,11 @@ fn backup_segment(
         let id = if chunker::is_zero(chunk) { ChunkId::default() } else { writer.store(BlobKind::Data, chunk)?.0 };
         list.chunks.push(ChunkRef { id, len: len as u32, zero: id == ChunkId::default() });
         if off + len - released >= limits::MAPPED_WINDOW {
-            release_pages(&job.source.map, job.offset + released, off + len - released);
+            release_pages(&job.source, job.offset + released, off + len - released);
             released = off + len;
         }
     }
-    release_pages(&job.source.map, job.offset + released, job.len - released);
+    release_pages(&job.source, job.offset + released, job.len - released);
     fault::point("segment");
     let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
     Ok(SegmentSummary { list: list_id, bytes: job.len as u64, chunks: list.chunks.len() as u64 })
@@ -415,14 +411,14 @@ impl Walker<'_> {
         meta.size = map.len() as u64;
         let segment_size = self.shared.repo.config.segment_size as usize;
         let count = map.len().div_ceil(segment_size);
-        let source = Arc::new(SourceMap { map });
+        let source = Arc::new(map);
         let slot = self.next_slot;
         self.next_slot += 1;
         self.files.insert(slot, FileInFlight { segments: vec![None; count], left: count });
         self.pending_files += 1;
         for segment in 0..count {
             let offset = segment * segment_size;
-            let len = segment_size.min(source.map.len() - offset);
+            let len = segment_size.min(source.len() - offset);
             let job = SegmentJob { source: Arc::clone(&source), file: slot, segment, offset, len };
             self.queue(job).map_err(|e| e.to_string())?;
         }

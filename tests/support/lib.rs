@@ -51,6 +51,11 @@ pub fn ok(args: &[&str]) -> Output {
     out
 }
 
+/// A path as an argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
