@@ -99,6 +99,9 @@ fn restore_include_picks_one_subtree_and_snapshots_list() {
     let restored = out.join(src.strip_prefix("/").unwrap());
     assert_same_tree(&include, &restored.join("dir/sub"));
     assert!(!restored.join("random.bin").exists(), "files outside --include are not restored");
+    let missing = cbcr(&["restore", "latest", "--repo", s(&repo), "--target", s(&out), "--include", "/no/such/path"]);
+    assert_eq!(missing.status.code(), Some(1), "{}", text(&missing.stderr));
+    assert!(text(&missing.stderr).contains("/no/such/path"));
     let listing = text(&ok(&["snapshots", "--repo", s(&repo)]).stdout);
     assert_eq!(listing.lines().count(), 1);
     assert!(listing.contains(s(&src)));

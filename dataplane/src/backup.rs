@@ -216,7 +216,8 @@ fn backup_segment(
 /// stays at one window per core; the page cache keeps them if it wants. Segments start at
 /// multiples of the page size, so only the start may need rounding up.
 fn release_pages(map: &Mmap, offset: usize, len: usize) {
-    let page = 4096;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let start = offset.next_multiple_of(page);
     let end = offset + len;
     if end > start {

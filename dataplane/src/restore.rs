@@ -70,6 +70,13 @@ pub fn restore(
 ) -> Result<RestoreStats> {
     let (_, snap) = repo.find_snapshot(snapshot)?;
     let index = ChunkIndex::load(&repo)?;
+    let mut reader = BlobReader::new(&repo, &index)?;
+    for inc in &opts.include {
+        if !in_snapshot(&mut reader, snap.tree_id(), inc)? {
+            return Err(Error::Usage(format!("--include {}: not in snapshot {}", inc.display(), snapshot)));
+        }
+    }
+    drop(reader);
     fs::create_dir_all(&opts.target).at(&opts.target)?;
     let shared = Arc::new(Shared { repo, index, first_error: Mutex::new(None) });
     let (job_tx, job_rx) = bounded::<SegmentJob>(opts.cores * limits::SEGMENT_QUEUE_PER_CORE);
@@ -258,6 +265,23 @@ impl RestoreWalk<'_> {
     fn included(&self, at: &Path) -> bool {
         self.include.is_empty() || self.include.iter().any(|inc| at.starts_with(inc) || inc.starts_with(at))
     }
+}
+
+/// Whether the absolute snapshot path `path` names a node of the tree `root`.
+fn in_snapshot(reader: &mut BlobReader<'_>, root: ChunkId, path: &Path) -> Result<bool> {
+    let mut tree_id = root;
+    let mut buf = Vec::new();
+    let mut names = path.components().filter(|c| !matches!(c, std::path::Component::RootDir)).peekable();
+    while let Some(name) = names.next() {
+        reader.read(&tree_id, &mut buf)?;
+        let tree = Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {tree_id}: {e}")))?;
+        match tree.find(name.as_os_str().as_bytes()).map(|n| &n.kind) {
+            Some(_) if names.peek().is_none() => return Ok(true),
+            Some(NodeKind::Dir { tree }) => tree_id = *tree,
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
 }
 
 /// Sets mode, owner (when running as root) and times. `symlink`: of the link itself.
