@@ -60,7 +60,7 @@ enum Command {
         #[arg(long, default_value_t = limits::DEFAULT_COMPRESSION_LEVEL, allow_negative_numbers = true)]
         compression_level: i32,
         /// Seal pack files at this size.
-        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        #[arg(long, default_value = "64MiB", value_parser = dataplane::parse_size)]
         pack_size: u64,
     },
     /// List snapshots.
@@ -92,16 +92,16 @@ enum Command {
 #[derive(Args)]
 struct InitArgs {
     /// Files are cut at multiples of this size and each segment is chunked on its own core.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1GiB", value_parser = dataplane::parse_size)]
     segment_size: u64,
     /// Smallest chunk.
-    #[arg(long, default_value = "16KiB", value_parser = parse_size)]
+    #[arg(long, default_value = "16KiB", value_parser = dataplane::parse_size)]
     chunk_min: u64,
     /// Average chunk.
-    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    #[arg(long, default_value = "64KiB", value_parser = dataplane::parse_size)]
     chunk_avg: u64,
     /// Largest chunk.
-    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    #[arg(long, default_value = "256KiB", value_parser = dataplane::parse_size)]
     chunk_max: u64,
 }
 
@@ -280,23 +280,6 @@ fn list_tree(
         }
     }
     Ok(())
-}
-
-/// Parses `123`, `64KiB`, `1MiB`, `1GiB`, `2TiB` (also `K`, `M`, `G`, `T`, `KB`.. as powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 64KiB or 1GiB"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use KiB, MiB, GiB or TiB)")),
-    };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn to_u32(v: u64) -> Result<u32, Error> {
