@@ -31,10 +31,13 @@ use crate::output::Reporter;
 use crate::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats};
 use crate::repo::Repository;
 use crate::runtime;
+use crate::synth::{self, SynthFile, SynthSpec};
 
 /// What the user asked for.
 pub struct BackupOptions {
     pub paths: Vec<PathBuf>,
+    /// A generated source instead of `paths` (`synth://pg?...`).
+    pub synth: Option<SynthSpec>,
     /// Snapshot to compare against; by default the latest with the same host and paths.
     pub parent: Option<String>,
     pub cores: usize,
@@ -56,9 +59,17 @@ struct Shared {
     level: i32,
 }
 
+/// Where a segment's bytes come from.
+#[derive(Clone)]
+enum SegmentSource {
+    /// A mapped source file; unmapped when the last of its segments is done.
+    Mapped(Arc<Mmap>),
+    /// A generated file, produced window by window on the core.
+    Synth(Arc<SynthSpec>, Arc<SynthFile>),
+}
+
 struct SegmentJob {
-    /// The mapped source file; unmapped when the last of its segments is done.
-    source: Arc<Mmap>,
+    source: SegmentSource,
     file: usize,
     segment: usize,
     offset: usize,
@@ -89,8 +100,15 @@ pub fn backup(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -
 
 fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -> Result<BackupOutcome> {
     let started = Instant::now();
-    let paths = canonical_sources(&opts.paths)?;
-    let path_strings: Vec<String> = paths.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let paths = match &opts.synth {
+        Some(spec) if spec.size > 0 && repo.config.segment_size.is_multiple_of(synth::PAGE as u64) => vec![],
+        Some(_) => return Err(Error::Usage("synth:// sources need a segment size that is a multiple of 8 KiB".into())),
+        None => canonical_sources(&opts.paths)?,
+    };
+    let path_strings: Vec<String> = match &opts.synth {
+        Some(spec) => vec![spec.source_name()],
+        None => paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
+    };
     let host = hostname();
     let parent = match &opts.parent {
         Some(spec) => Some(repo.find_snapshot(spec)?),
@@ -117,8 +135,13 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     };
 
     if let Some(bar) = reporter.start_bar("backup") {
-        let paths = paths.clone();
-        std::thread::spawn(move || bar.set_length(paths.iter().map(|p| scan_size(p)).sum()));
+        match &opts.synth {
+            Some(spec) => bar.set_length(spec.files().iter().map(SynthFile::len).sum()),
+            None => {
+                let paths = paths.clone();
+                std::thread::spawn(move || bar.set_length(paths.iter().map(|p| scan_size(p)).sum()));
+            }
+        }
     }
     let mut walker = Walker {
         shared: &shared,
@@ -134,7 +157,11 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         stats: SnapshotStats::default(),
         reporter,
     };
-    let walked = walker.walk_sources(&paths, parent.as_ref().map(|(_, snap)| snap.tree_id()));
+    let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
+    let walked = match &opts.synth {
+        Some(spec) => walker.walk_synth(spec, parent_tree),
+        None => walker.walk_sources(&paths, parent_tree),
+    };
     let Walker { tree_writer, jobs, done, mut stats, reporter, .. } = walker;
     // Closing the queue lets the cores close their packs and stop; draining the answers keeps
     // a core from blocking on a send when the walk stopped early. Every pack closed is made
@@ -178,8 +205,9 @@ fn run_core(
 ) -> Result<WriteStats> {
     let mut writer = BlobWriter::new(&shared.repo, &shared.known, sealer, shared.pack_size, shared.level)?;
     let params = shared.repo.config.chunker;
+    let mut window = Vec::new();
     for job in jobs.iter() {
-        let result = backup_segment(&mut writer, params, &job);
+        let result = backup_segment(&mut writer, params, &job, &mut window);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
             break;
@@ -193,20 +221,32 @@ fn backup_segment(
     writer: &mut BlobWriter<'_>,
     params: wire::repo::ChunkerParams,
     job: &SegmentJob,
+    window: &mut Vec<u8>,
 ) -> Result<SegmentSummary> {
-    let data = &job.source[job.offset..job.offset + job.len];
     let mut list = ChunkList::default();
-    let mut released = 0;
-    for (off, len) in chunker::chunks(data, params) {
-        let chunk = &data[off..off + len];
+    let mut store = |chunk: &[u8]| -> Result<()> {
         let id = if chunker::is_zero(chunk) { ChunkId::default() } else { writer.store(BlobKind::Data, chunk)?.0 };
-        list.chunks.push(ChunkRef { id, len: len as u32, zero: id == ChunkId::default() });
-        if off + len - released >= limits::MAPPED_WINDOW {
-            release_pages(&job.source, job.offset + released, off + len - released);
-            released = off + len;
+        list.chunks.push(ChunkRef { id, len: chunk.len() as u32, zero: id == ChunkId::default() });
+        Ok(())
+    };
+    match &job.source {
+        SegmentSource::Mapped(map) => {
+            let data = &map[job.offset..job.offset + job.len];
+            let mut released = 0;
+            for (off, len) in chunker::chunks(data, params) {
+                store(&data[off..off + len])?;
+                if off + len - released >= limits::MAPPED_WINDOW {
+                    release_pages(map, job.offset + released, off + len - released);
+                    released = off + len;
+                }
+            }
+            release_pages(map, job.offset + released, job.len - released);
+        }
+        SegmentSource::Synth(spec, file) => {
+            let fill = |offset: usize, buf: &mut [u8]| spec.fill(file, (job.offset + offset) as u64, buf);
+            chunker::chunk_stream(job.len, synth::PAGE, params, window, fill, &mut store)?;
         }
     }
-    release_pages(&job.source, job.offset + released, job.len - released);
     fault::point("segment");
     let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
     Ok(SegmentSummary { list: list_id, bytes: job.len as u64, chunks: list.chunks.len() as u64 })
@@ -241,6 +281,13 @@ enum PendingNode {
 struct PendingDir {
     slot: usize,
     nodes: Vec<PendingNode>,
+}
+
+/// A directory of a generated source.
+#[derive(Default)]
+struct SynthDir {
+    dirs: BTreeMap<String, SynthDir>,
+    files: Vec<(String, Arc<SynthFile>)>,
 }
 
 /// The source paths as a tree of names: a `Leaf` is backed up whole, an `Inner` node is an
@@ -346,7 +393,7 @@ impl Walker<'_> {
                 return Ok(());
             }
         };
-        let mut meta = metadata(&md);
+        let meta = metadata(&md);
         let name = name.to_vec();
         let ft = md.file_type();
         if ft.is_dir() {
@@ -354,34 +401,8 @@ impl Walker<'_> {
             let slot = self.walk_dir(path, sub.as_ref())?;
             nodes.push(PendingNode::Dir { name, meta, slot });
         } else if ft.is_file() {
-            if let Some(Node { meta: old, kind: NodeKind::File { segments }, .. }) = parent.and_then(|t| t.find(&name))
-            {
-                // Reused only while its chunk lists are still indexed: a damaged repository
-                // heals by reading the file again.
-                if unchanged(old, &meta) && segments.iter().all(|s| self.shared.known.index().contains(s)) {
-                    self.stats.files += 1;
-                    self.stats.bytes_total += meta.size;
-                    self.reporter.advance(meta.size, 1);
-                    nodes.push(PendingNode::Done(Node {
-                        name,
-                        meta,
-                        kind: NodeKind::File { segments: segments.clone() },
-                    }));
-                    return Ok(());
-                }
-            }
-            match self.start_file(path, &mut meta) {
-                Ok(Some(slot)) => nodes.push(PendingNode::File { name, meta, slot }),
-                Ok(None) => {
-                    nodes.push(PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments: vec![] } }))
-                }
-                Err(e) => {
-                    self.skip(path, &e);
-                    return Ok(());
-                }
-            }
-            self.stats.files += 1;
-            self.stats.bytes_total += meta.size;
+            self.add_file(nodes, name, meta, parent, |walker, meta| walker.start_file(path, meta))
+                .unwrap_or_else(|e| self.skip(path, &e));
         } else if ft.is_symlink() {
             match fs::read_link(path) {
                 Ok(target) => {
@@ -396,13 +417,49 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Maps a file and queues its segments. `None` for an empty file. The error is a message
-    /// for the skip warning: a source file that can't be read is left out, not fatal.
+    /// Adds a regular file: reused from the parent when unchanged, else started by `start`
+    /// (which returns the slot of its segments in flight, `None` for an empty file, or why it
+    /// can't be read).
+    fn add_file(
+        &mut self,
+        nodes: &mut Vec<PendingNode>,
+        name: Vec<u8>,
+        mut meta: Metadata,
+        parent: Option<&Tree>,
+        start: impl FnOnce(&mut Self, &mut Metadata) -> std::result::Result<Option<usize>, String>,
+    ) -> std::result::Result<(), String> {
+        let reusable = match parent.and_then(|t| t.find(&name)) {
+            // Reused only while its chunk lists are still indexed: a damaged repository heals
+            // by reading the file again.
+            Some(Node { meta: old, kind: NodeKind::File { segments }, .. })
+                if unchanged(old, &meta) && segments.iter().all(|s| self.shared.known.index().contains(s)) =>
+            {
+                Some(segments.clone())
+            }
+            _ => None,
+        };
+        let node = match reusable {
+            Some(segments) => {
+                self.reporter.advance(meta.size, 1);
+                PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments } })
+            }
+            None => match start(self, &mut meta)? {
+                Some(slot) => PendingNode::File { name, meta, slot },
+                None => PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments: vec![] } }),
+            },
+        };
+        self.stats.files += 1;
+        self.stats.bytes_total += meta.size;
+        nodes.push(node);
+        Ok(())
+    }
+
+    /// Maps a file and queues its segments.
     fn start_file(&mut self, path: &Path, meta: &mut Metadata) -> std::result::Result<Option<usize>, String> {
         let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
         let len = file.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+        meta.size = len;
         if len == 0 {
-            meta.size = 0;
             return Ok(None);
         }
         // SAFETY: the mapping is read-only and private. A file truncated by another process
@@ -410,20 +467,74 @@ impl Walker<'_> {
         let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map: {e}"))?;
         let _ = map.advise(Advice::Sequential);
         meta.size = map.len() as u64;
-        let segment_size = self.shared.repo.config.segment_size as usize;
-        let count = map.len().div_ceil(segment_size);
-        let source = Arc::new(map);
+        self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size).map(Some).map_err(|e| e.to_string())
+    }
+
+    /// Queues every segment of a file of `len` bytes and returns its slot.
+    fn queue_segments(&mut self, source: SegmentSource, len: u64) -> Result<usize> {
+        let segment_size = self.shared.repo.config.segment_size;
+        let count = len.div_ceil(segment_size) as usize;
         let slot = self.next_slot;
         self.next_slot += 1;
         self.files.insert(slot, FileInFlight { segments: vec![None; count], left: count });
         self.pending_files += 1;
         for segment in 0..count {
-            let offset = segment * segment_size;
-            let len = segment_size.min(source.len() - offset);
-            let job = SegmentJob { source: Arc::clone(&source), file: slot, segment, offset, len };
-            self.queue(job).map_err(|e| e.to_string())?;
+            let offset = segment as u64 * segment_size;
+            let len = segment_size.min(len - offset) as usize;
+            self.queue(SegmentJob { source: source.clone(), file: slot, segment, offset: offset as usize, len })?;
         }
-        Ok(Some(slot))
+        Ok(slot)
+    }
+
+    /// Walks a generated source: its files in their directories.
+    fn walk_synth(&mut self, spec: &SynthSpec, parent: Option<ChunkId>) -> Result<ChunkId> {
+        let parent = match parent {
+            Some(id) => Some(self.load_tree(&id)?),
+            None => None,
+        };
+        let mut root = SynthDir::default();
+        for f in spec.files() {
+            let mut dir = &mut root;
+            let mut names: Vec<&str> = f.path.split('/').collect();
+            let file_name = names.pop().expect("paths have a file name").to_owned();
+            for d in names {
+                dir = dir.dirs.entry(d.to_owned()).or_default();
+            }
+            dir.files.push((file_name, Arc::new(f)));
+        }
+        let spec = Arc::new(spec.clone());
+        let slot = self.walk_synth_dir(&spec, &root, parent.as_ref())?;
+        while !self.pending.is_empty() {
+            self.complete_oldest_dir()?;
+        }
+        Ok(self.dirs_done.remove(&slot).expect("the root is completed last"))
+    }
+
+    fn walk_synth_dir(&mut self, spec: &Arc<SynthSpec>, dir: &SynthDir, parent: Option<&Tree>) -> Result<usize> {
+        let mut nodes = vec![];
+        let stamp = |mode: u32, size: u64, mtime_ns: i64, inode: u64| Metadata {
+            mode,
+            size,
+            mtime_ns,
+            ctime_ns: mtime_ns,
+            inode,
+            ..Default::default()
+        };
+        for (name, sub) in &dir.dirs {
+            let subtree = self.parent_subtree(parent, name.as_bytes())?;
+            let slot = self.walk_synth_dir(spec, sub, subtree.as_ref())?;
+            let meta = stamp(0o40700, 0, 0, 0);
+            nodes.push(PendingNode::Dir { name: name.as_bytes().to_vec(), meta, slot });
+        }
+        for (name, f) in &dir.files {
+            let meta = stamp(0o100600, f.len(), f.mtime_ns, f.inode());
+            let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
+            self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta| {
+                walker.queue_segments(source, meta.size).map(Some).map_err(|e| e.to_string())
+            })
+            .map_err(Error::Usage)?;
+        }
+        self.push_dir(nodes)
     }
 
     /// Queues a segment, taking answers while the queue is full so the cores never wait on us.

@@ -9,6 +9,45 @@ pub fn chunks(segment: &[u8], p: ChunkerParams) -> impl Iterator<Item = (usize, 
     fastcdc::v2020::FastCDC::new(segment, p.min, p.avg, p.max).map(|c| (c.offset, c.length))
 }
 
+/// Chunks a stream of `len` bytes produced by `fill(offset, buf)` in windows, calling `emit`
+/// with each chunk in order. Cut points are exactly those of [`chunks`] over the whole stream:
+/// a cut depends only on the bytes of its own chunk, and the last chunk of a window, which may
+/// have been cut short by the window's end, is carried into the next window. `fill` is called
+/// with offsets and lengths that are multiples of `align`; `window` is reused between calls.
+pub fn chunk_stream<E>(
+    len: usize,
+    align: usize,
+    p: ChunkerParams,
+    window: &mut Vec<u8>,
+    mut fill: impl FnMut(usize, &mut [u8]),
+    mut emit: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    assert!(len.is_multiple_of(align));
+    let capacity = (crate::limits::STREAM_WINDOW + p.max as usize).next_multiple_of(align);
+    window.resize(capacity, 0);
+    let (mut filled, mut produced) = (0, 0);
+    loop {
+        let n = ((capacity - filled) / align * align).min(len - produced);
+        fill(produced, &mut window[filled..filled + n]);
+        filled += n;
+        produced += n;
+        let end = produced == len;
+        let mut consumed = 0;
+        for (off, chunk_len) in chunks(&window[..filled], p) {
+            if !end && off + chunk_len == filled {
+                break;
+            }
+            emit(&window[off..off + chunk_len])?;
+            consumed = off + chunk_len;
+        }
+        if end {
+            return Ok(());
+        }
+        window.copy_within(consumed..filled, 0);
+        filled -= consumed;
+    }
+}
+
 /// True when every byte is zero: such chunks are not stored and restore leaves a hole.
 #[inline]
 pub fn is_zero(data: &[u8]) -> bool {
@@ -57,6 +96,22 @@ mod tests {
         let b: Vec<_> = chunks(&shifted, ChunkerParams::default()).map(|(o, l)| &shifted[o..o + l]).collect();
         let shared = a.iter().filter(|c| b.contains(c)).count();
         assert!(shared + 2 >= a.len(), "only the chunks around the insertion may change: {shared} of {}", a.len());
+    }
+
+    #[test]
+    fn streamed_cut_points_equal_whole_slice_cut_points() {
+        let data = seeded(20 << 20, 9);
+        let p = ChunkerParams { min: 2 << 10, avg: 8 << 10, max: 32 << 10 };
+        let whole: Vec<&[u8]> = chunks(&data, p).map(|(o, l)| &data[o..o + l]).collect();
+        let mut streamed = vec![];
+        let mut window = Vec::new();
+        chunk_stream::<()>(data.len(), 8192, p, &mut window, |off, buf| buf.copy_from_slice(&data[off..off + buf.len()]), |c| {
+            streamed.push(c.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(streamed.len(), whole.len());
+        assert!(streamed.iter().zip(&whole).all(|(a, b)| a == b));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 /// A core drops the pages of the segment it is chunking from its page tables every this many
 /// bytes, so a mapped 1 GiB segment costs this much RSS, not 1 GiB.
 pub const MAPPED_WINDOW: usize = 8 << 20;
+/// Bytes a core generates at a time for a streamed (synthetic) source, plus one largest chunk.
+pub const STREAM_WINDOW: usize = 8 << 20;
 /// Pack files are sealed once they reach this many bytes (the design's ~64 MiB).
 pub const PACK_TARGET_SIZE: u64 = 64 << 20;
 /// Smallest `--pack-size` accepted (tests use small packs to exercise sealing).

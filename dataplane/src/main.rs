@@ -11,6 +11,7 @@ use dataplane::output::Reporter;
 use dataplane::repo::Repository;
 use dataplane::restore::{restore, RestoreOptions};
 use dataplane::verify::{describe, verify};
+use dataplane::synth::SynthSpec;
 use dataplane::{limits, runtime};
 use serde_json::json;
 use wire::repo::ChunkerParams;
@@ -50,7 +51,7 @@ enum Command {
     Init(InitArgs),
     /// Back up files and directories into a new snapshot.
     Backup {
-        /// Files and directories to back up.
+        /// Files and directories to back up, or one generated source `synth://pg?size=..&seed=..&gen=..`.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Snapshot to compare against (id, prefix or `latest`); default: the latest with the same host and paths.
@@ -143,7 +144,14 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
         }
         Command::Backup { paths, parent, compression_level, pack_size } => {
             let repo = Repository::open_or_init(&repo_path()?)?;
-            let opts = BackupOptions { paths, parent, cores, compression_level, pack_size };
+            let synth = match paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://")) {
+                Some(_) if paths.len() > 1 => {
+                    return Err(Error::Usage("a synth:// source is backed up on its own, not with other paths".into()))
+                }
+                Some(url) => Some(SynthSpec::parse(url)?),
+                None => None,
+            };
+            let opts = BackupOptions { paths, synth, parent, cores, compression_level, pack_size };
             let out = backup(repo, &opts, reporter)?;
             let s = &out.snapshot.stats;
             reporter.event(json!({
