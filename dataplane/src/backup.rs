@@ -523,7 +523,7 @@ impl Walker<'_> {
         for (name, sub) in &dir.dirs {
             let subtree = self.parent_subtree(parent, name.as_bytes())?;
             let slot = self.walk_synth_dir(spec, sub, subtree.as_ref())?;
-            let meta = stamp(0o40700, 0, 0, 0);
+            let meta = stamp(0o40700, 0, spec.mtime_ns(), 0);
             nodes.push(PendingNode::Dir { name: name.as_bytes().to_vec(), meta, slot });
         }
         for (name, f) in &dir.files {

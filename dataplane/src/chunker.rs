@@ -105,10 +105,17 @@ mod tests {
         let whole: Vec<&[u8]> = chunks(&data, p).map(|(o, l)| &data[o..o + l]).collect();
         let mut streamed = vec![];
         let mut window = Vec::new();
-        chunk_stream::<()>(data.len(), 8192, p, &mut window, |off, buf| buf.copy_from_slice(&data[off..off + buf.len()]), |c| {
-            streamed.push(c.to_vec());
-            Ok(())
-        })
+        chunk_stream::<()>(
+            data.len(),
+            8192,
+            p,
+            &mut window,
+            |off, buf| buf.copy_from_slice(&data[off..off + buf.len()]),
+            |c| {
+                streamed.push(c.to_vec());
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(streamed.len(), whole.len());
         assert!(streamed.iter().zip(&whole).all(|(a, b)| a == b));

@@ -9,9 +9,9 @@ use dataplane::backup::{backup, BackupOptions};
 use dataplane::error::{Error, ExitCode};
 use dataplane::output::Reporter;
 use dataplane::repo::Repository;
-use dataplane::restore::{restore, RestoreOptions};
-use dataplane::verify::{describe, verify};
+use dataplane::restore::{restore, Destination, RestoreOptions};
 use dataplane::synth::SynthSpec;
+use dataplane::verify::{describe, verify};
 use dataplane::{limits, runtime};
 use serde_json::json;
 use wire::repo::ChunkerParams;
@@ -87,6 +87,12 @@ enum Command {
         /// Also read every pack, decompress and re-hash every blob.
         #[arg(long)]
         read_data: bool,
+        /// Instead, compare a snapshot's content with the generated source it was made from.
+        #[arg(long, value_name = "synth://...")]
+        against: Option<String>,
+        /// The snapshot to compare with --against.
+        #[arg(long, default_value = "latest", requires = "against")]
+        snapshot: String,
     },
 }
 
@@ -211,7 +217,8 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
         }
         Command::Restore { snapshot, target, include } => {
             let repo = Repository::open(&repo_path()?)?;
-            let stats = restore(repo, &snapshot, &RestoreOptions { target: target.clone(), include, cores }, reporter)?;
+            let opts = RestoreOptions { dest: Destination::Dir(target.clone()), include, cores };
+            let stats = restore(repo, &snapshot, &opts, reporter)?;
             reporter.event(json!({"type": "restore_summary", "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "target": target}));
             if !g.quiet && !g.json {
                 println!(
@@ -224,7 +231,18 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::Ok)
         }
-        Command::Verify { read_data } => {
+        Command::Verify { against: Some(url), snapshot, .. } => {
+            let repo = Repository::open(&repo_path()?)?;
+            let opts = RestoreOptions { dest: Destination::Compare(SynthSpec::parse(&url)?), include: vec![], cores };
+            let stats = restore(repo, &snapshot, &opts, reporter)?;
+            reporter
+                .event(json!({"type": "compare_summary", "files": stats.files, "bytes": stats.bytes, "source": url}));
+            if !g.quiet && !g.json {
+                println!("snapshot {snapshot} equals {url}: {} files, {}", stats.files, human(stats.bytes));
+            }
+            Ok(ExitCode::Ok)
+        }
+        Command::Verify { read_data, .. } => {
             let repo = Repository::open(&repo_path()?)?;
             let report = verify(repo, read_data, cores, reporter)?;
             for d in &report.damage {

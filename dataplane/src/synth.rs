@@ -164,6 +164,11 @@ impl SynthSpec {
         ((self.size / PAGE as u64) * 2 / 100).div_ceil(PAGES_PER_WAL_FILE).max(1)
     }
 
+    /// mtime of this generation's directories.
+    pub fn mtime_ns(&self) -> i64 {
+        gen_time(self.gen)
+    }
+
     /// Every file of this generation, in path order.
     pub fn files(&self) -> Vec<SynthFile> {
         let mut files = vec![];
