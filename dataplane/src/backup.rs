@@ -27,7 +27,8 @@ use crate::error::{Error, Result};
 use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
-use crate::output::Reporter;
+use crate::metrics::Stage;
+use crate::output::{Progress, Reporter};
 use crate::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats};
 use crate::repo::Repository;
 use crate::runtime;
@@ -49,6 +50,8 @@ pub struct BackupOptions {
 pub struct BackupOutcome {
     pub snapshot_id: ChunkId,
     pub snapshot: Snapshot,
+    /// Per-stage latency percentiles, merged and per core (`metrics::StageHistograms`).
+    pub stage_latency: serde_json::Value,
 }
 
 /// State the cores share: read-only but for the claim set.
@@ -134,13 +137,12 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         runtime::spawn(opts.cores, move |_core| run_core(&shared, &job_rx, &done_tx, seal_tx.clone()))?
     };
 
-    if let Some(bar) = reporter.start_bar("backup") {
-        match &opts.synth {
-            Some(spec) => bar.set_length(spec.files().iter().map(SynthFile::len).sum()),
-            None => {
-                let paths = paths.clone();
-                std::thread::spawn(move || bar.set_length(paths.iter().map(|p| scan_size(p)).sum()));
-            }
+    let progress = reporter.start("backup");
+    match &opts.synth {
+        Some(spec) => progress.set_total(spec.files().iter().map(SynthFile::len).sum()),
+        None => {
+            let (paths, progress) = (paths.clone(), Arc::clone(&progress));
+            std::thread::spawn(move || progress.set_total(paths.iter().map(|p| scan_size(p)).sum()));
         }
     }
     let mut walker = Walker {
@@ -156,6 +158,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         pending_files: 0,
         stats: SnapshotStats::default(),
         reporter,
+        progress,
     };
     let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
     let walked = match &opts.synth {
@@ -173,8 +176,11 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     let sealed = sealer.finish();
     let root = walked?;
     let mut written = tree_written?;
+    let mut per_core = vec![];
     for r in core_results? {
-        written.add(&r?);
+        let core = r?;
+        per_core.push(core.stages.to_json());
+        written.add(&core);
     }
     sealed?;
     reporter.finish();
@@ -193,7 +199,8 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         stats,
     };
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
-    Ok(BackupOutcome { snapshot_id, snapshot })
+    let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
+    Ok(BackupOutcome { snapshot_id, snapshot, stage_latency })
 }
 
 /// One core: take segments until the queue closes, then seal the open pack.
@@ -224,9 +231,14 @@ fn backup_segment(
     window: &mut Vec<u8>,
 ) -> Result<SegmentSummary> {
     let mut list = ChunkList::default();
+    // The time between two chunks reaching `store` is the time to find the next cut point,
+    // reading (or generating) the source bytes included.
+    let mut cut_started = Instant::now();
     let mut store = |chunk: &[u8]| -> Result<()> {
+        writer.stats.stages.record(Stage::Chunk, cut_started.elapsed());
         let id = if chunker::is_zero(chunk) { ChunkId::default() } else { writer.store(BlobKind::Data, chunk)?.0 };
         list.chunks.push(ChunkRef { id, len: chunk.len() as u32, zero: id == ChunkId::default() });
+        cut_started = Instant::now();
         Ok(())
     };
     match &job.source {
@@ -310,6 +322,7 @@ struct Walker<'a> {
     pending_files: usize,
     stats: SnapshotStats,
     reporter: &'a mut Reporter,
+    progress: Arc<Progress>,
 }
 
 impl Walker<'_> {
@@ -440,7 +453,7 @@ impl Walker<'_> {
         };
         let node = match reusable {
             Some(segments) => {
-                self.reporter.advance(meta.size, 1);
+                self.progress.add(meta.size, 1);
                 PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments } })
             }
             None => match start(self, &mut meta)? {
@@ -562,7 +575,7 @@ impl Walker<'_> {
         f.left -= 1;
         self.stats.bytes_read += summary.bytes;
         self.stats.chunks_total += summary.chunks;
-        self.reporter.advance(summary.bytes, u64::from(f.left == 0));
+        self.progress.add(summary.bytes, u64::from(f.left == 0));
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fault;
 pub mod index;
 pub mod limits;
+pub mod metrics;
 pub mod output;
 pub mod pack;
 pub mod repo;

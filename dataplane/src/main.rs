@@ -174,6 +174,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                 "dirs": s.dirs,
                 "files_skipped": s.files_skipped,
                 "duration_s": s.duration_s,
+                "stage_latency_us": out.stage_latency,
             }));
             if !g.quiet && !g.json {
                 println!(

@@ -6,6 +6,7 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{bounded, Sender};
 
@@ -17,6 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
+use crate::metrics::{Stage, StageHistograms};
 use crate::repo::Repository;
 
 /// One pack being written under `tmp/`.
@@ -135,9 +137,10 @@ fn seal(repo: &Repository, job: SealJob) -> Result<()> {
     repo.write_index_run(&encode_run(run))
 }
 
-/// What one [`BlobWriter`] added to the repository.
+/// What one [`BlobWriter`] added to the repository, and how long its stages took.
 #[derive(Clone, Debug, Default)]
 pub struct WriteStats {
+    pub stages: StageHistograms,
     /// File-content chunks stored (trees and chunk lists are not counted).
     pub chunks_new: u64,
     /// Raw bytes of those chunks.
@@ -148,6 +151,7 @@ pub struct WriteStats {
 
 impl WriteStats {
     pub fn add(&mut self, o: &WriteStats) {
+        self.stages.merge(&o.stages);
         self.chunks_new += o.chunks_new;
         self.bytes_new += o.bytes_new;
         self.bytes_stored += o.bytes_stored;
@@ -192,7 +196,9 @@ impl<'a> BlobWriter<'a> {
     /// Hashes and stores a blob unless the repository already has it. Returns its id and
     /// whether it was new.
     pub fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<(ChunkId, bool)> {
+        let started = Instant::now();
         let id = self.repo.key.blob_id(data);
+        self.stats.stages.record(Stage::Hash, started.elapsed());
         Ok((id, self.store_with_id(id, kind, data)?))
     }
 
@@ -203,9 +209,12 @@ impl<'a> BlobWriter<'a> {
             return Ok(false);
         }
         assert!(data.len() <= wire::limits::MAX_BLOB_SIZE as usize);
+        let started = Instant::now();
         self.buf.clear();
         self.buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
         let compressed = self.compressor.compress_to_buffer(data, &mut self.buf).is_ok_and(|n| n < data.len());
+        let written = Instant::now();
+        self.stats.stages.record(Stage::Compress, written - started);
         let (stored, compression) =
             if compressed { (&self.buf[..], Compression::Zstd) } else { (data, Compression::None) };
         if self.pack.is_none() {
@@ -213,6 +222,7 @@ impl<'a> BlobWriter<'a> {
         }
         let pack = self.pack.as_mut().expect("created above");
         pack.add(id, kind, compression, data.len(), stored)?;
+        self.stats.stages.record(Stage::Write, written.elapsed());
         if kind == BlobKind::Data {
             self.stats.chunks_new += 1;
             self.stats.bytes_new += data.len() as u64;

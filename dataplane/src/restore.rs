@@ -21,7 +21,6 @@ use std::collections::HashMap;
 
 use crossbeam_channel::{bounded, Receiver};
 use filetime::FileTime;
-use indicatif::ProgressBar;
 use wire::tree::{ChunkList, Metadata, Node, NodeKind, Tree};
 use wire::ChunkId;
 
@@ -29,7 +28,7 @@ use crate::chunker;
 use crate::error::{Error, IoContext, Result};
 use crate::index::ChunkIndex;
 use crate::limits;
-use crate::output::Reporter;
+use crate::output::{Progress, Reporter};
 use crate::pack::BlobReader;
 use crate::repo::Repository;
 use crate::runtime;
@@ -79,7 +78,7 @@ struct Shared {
     repo: Repository,
     index: ChunkIndex,
     first_error: Mutex<Option<Error>>,
-    bar: Option<ProgressBar>,
+    progress: Arc<Progress>,
 }
 
 /// Restores `snapshot` (a spec: `latest`, an id or a prefix) into `opts.target`.
@@ -108,11 +107,9 @@ pub fn restore(
             (PathBuf::from("/"), Some((Arc::new(spec.clone()), files)))
         }
     };
-    let bar = reporter.start_bar(if expected.is_some() { "compare" } else { "restore" });
-    if let Some(bar) = &bar {
-        bar.set_length(snap.stats.bytes_total);
-    }
-    let shared = Arc::new(Shared { repo, index, first_error: Mutex::new(None), bar });
+    let progress = reporter.start(if expected.is_some() { "compare" } else { "restore" });
+    progress.set_total(snap.stats.bytes_total);
+    let shared = Arc::new(Shared { repo, index, first_error: Mutex::new(None), progress });
     let (job_tx, job_rx) = bounded::<SegmentJob>(opts.cores * limits::SEGMENT_QUEUE_PER_CORE);
     let cores = {
         let shared = Arc::clone(&shared);
@@ -127,7 +124,6 @@ pub fn restore(
         jobs: job_tx,
         dirs: vec![],
         stats: RestoreStats::default(),
-        reporter: &*reporter,
     };
     let walked = walk.tree(&snap.tree_id(), &target, Path::new("/"));
     let RestoreWalk { jobs, dirs, stats, expected, .. } = walk;
@@ -162,9 +158,7 @@ fn run_core(shared: &Shared, jobs: &Receiver<SegmentJob>) -> u64 {
         match restore_segment(&mut reader, &job, &mut list_buf, &mut buf, &mut generated) {
             Ok(n) => {
                 bytes += n;
-                if let Some(bar) = &shared.bar {
-                    bar.inc(n);
-                }
+                shared.progress.add(n, 0);
             }
             Err(e) => record(shared, e),
         }
@@ -268,7 +262,6 @@ struct RestoreWalk<'a> {
     jobs: crossbeam_channel::Sender<SegmentJob>,
     dirs: Vec<(PathBuf, Metadata)>,
     stats: RestoreStats,
-    reporter: &'a Reporter,
 }
 
 impl RestoreWalk<'_> {
@@ -335,7 +328,7 @@ impl RestoreWalk<'_> {
                     },
                 };
                 self.stats.files += 1;
-                self.reporter.advance(0, 1);
+                self.shared.progress.add(0, 1);
                 if segments.is_empty() {
                     return if writing { set_metadata(dest, &node.meta, false) } else { Ok(()) };
                 }

@@ -105,10 +105,8 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
         damaged_blobs.extend(entries.iter().map(|e| e.id));
     }
     report.packs = jobs.len() as u64;
-    let bar = reporter.start_bar(if read_data { "verify (read data)" } else { "verify" });
-    if let Some(bar) = &bar {
-        bar.set_length(jobs.iter().map(|j| fs::metadata(&j.path).map_or(0, |m| m.len())).sum());
-    }
+    let progress = reporter.start(if read_data { "verify (read data)" } else { "verify" });
+    progress.set_total(jobs.iter().map(|j| fs::metadata(&j.path).map_or(0, |m| m.len())).sum());
     let repo = Arc::new(repo);
     let (tx, rx) = bounded::<PackJob>(cores * 2);
     let workers = {
@@ -116,9 +114,7 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
         runtime::spawn(cores, move |_| check_packs(&repo, &rx, read_data))?
     };
     for job in jobs {
-        if let Some(bar) = &bar {
-            bar.inc(fs::metadata(&job.path).map_or(0, |m| m.len()));
-        }
+        progress.add(fs::metadata(&job.path).map_or(0, |m| m.len()), 0);
         if tx.send(job).is_err() {
             break;
         }
