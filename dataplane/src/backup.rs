@@ -60,6 +60,8 @@ struct Shared {
     known: KnownBlobs,
     pack_size: u64,
     level: i32,
+    /// Cores count bytes as they go (once per window); the walker counts files.
+    progress: Arc<Progress>,
 }
 
 /// Where a segment's bytes come from.
@@ -121,11 +123,13 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         return Err(Error::Usage(format!("--pack-size must be at least {} bytes", limits::MIN_PACK_SIZE)));
     }
     let index = ChunkIndex::load(&repo)?;
+    let progress = reporter.start("backup");
     let shared = Arc::new(Shared {
         repo,
         known: KnownBlobs::new(index),
         pack_size: opts.pack_size,
         level: opts.compression_level,
+        progress: Arc::clone(&progress),
     });
 
     let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
@@ -137,7 +141,6 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         runtime::spawn(opts.cores, move |_core| run_core(&shared, &job_rx, &done_tx, seal_tx.clone()))?
     };
 
-    let progress = reporter.start("backup");
     match &opts.synth {
         Some(spec) => progress.set_total(spec.files().iter().map(SynthFile::len).sum()),
         None => {
@@ -158,7 +161,6 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         pending_files: 0,
         stats: SnapshotStats::default(),
         reporter,
-        progress,
     };
     let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
     let walked = match &opts.synth {
@@ -214,7 +216,7 @@ fn run_core(
     let params = shared.repo.config.chunker;
     let mut window = Vec::new();
     for job in jobs.iter() {
-        let result = backup_segment(&mut writer, params, &job, &mut window);
+        let result = backup_segment(&mut writer, params, &job, &mut window, &shared.progress);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
             break;
@@ -229,6 +231,7 @@ fn backup_segment(
     params: wire::repo::ChunkerParams,
     job: &SegmentJob,
     window: &mut Vec<u8>,
+    progress: &Progress,
 ) -> Result<SegmentSummary> {
     let mut list = ChunkList::default();
     // The time between two chunks reaching `store` is the time to find the next cut point,
@@ -249,13 +252,18 @@ fn backup_segment(
                 store(&data[off..off + len])?;
                 if off + len - released >= limits::MAPPED_WINDOW {
                     release_pages(map, job.offset + released, off + len - released);
+                    progress.add((off + len - released) as u64, 0);
                     released = off + len;
                 }
             }
             release_pages(map, job.offset + released, job.len - released);
+            progress.add((job.len - released) as u64, 0);
         }
         SegmentSource::Synth(spec, file) => {
-            let fill = |offset: usize, buf: &mut [u8]| spec.fill(file, (job.offset + offset) as u64, buf);
+            let fill = |offset: usize, buf: &mut [u8]| {
+                spec.fill(file, (job.offset + offset) as u64, buf);
+                progress.add(buf.len() as u64, 0);
+            };
             chunker::chunk_stream(job.len, synth::PAGE, params, window, fill, &mut store)?;
         }
     }
@@ -322,7 +330,6 @@ struct Walker<'a> {
     pending_files: usize,
     stats: SnapshotStats,
     reporter: &'a mut Reporter,
-    progress: Arc<Progress>,
 }
 
 impl Walker<'_> {
@@ -453,7 +460,7 @@ impl Walker<'_> {
         };
         let node = match reusable {
             Some(segments) => {
-                self.progress.add(meta.size, 1);
+                self.shared.progress.add(meta.size, 1);
                 PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments } })
             }
             None => match start(self, &mut meta)? {
@@ -575,7 +582,7 @@ impl Walker<'_> {
         f.left -= 1;
         self.stats.bytes_read += summary.bytes;
         self.stats.chunks_total += summary.chunks;
-        self.progress.add(summary.bytes, u64::from(f.left == 0));
+        self.shared.progress.add(0, u64::from(f.left == 0));
         Ok(())
     }
 

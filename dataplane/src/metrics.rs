@@ -31,7 +31,9 @@ pub struct StageHistograms {
 impl Default for StageHistograms {
     fn default() -> Self {
         // 1 ns to 60 s at 2 significant digits: ~20 KiB per stage.
-        Self { stages: std::array::from_fn(|_| Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid bounds")) }
+        Self {
+            stages: std::array::from_fn(|_| Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid bounds")),
+        }
     }
 }
 

@@ -1,0 +1,351 @@
+//! `perf`: cbcr's end-to-end performance harness.
+//!
+//! ```text
+//! cargo run --release -p perf -- run [--size 10GiB] [--sizes 1GiB,10GiB] [--cores 1,2] [--quick] [--out DIR]
+//! cargo run --release -p perf -- peers --input FILE_OR_DIR [--out DIR]
+//! cargo run --release -p perf -- soak [--duration 30m] [--size 1GiB] [--out DIR]
+//! ```
+//! Sources are `synth://pg` (generated, never on disk). Figures are measured in the same run as
+//! the stage limits they are compared with.
+
+mod report;
+mod sample;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use dataplane::synth::{SynthSpec, PAGE};
+use sample::Run;
+
+#[derive(Parser)]
+#[command(name = "perf", about = "cbcr end-to-end performance harness")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// The cbcr binary (default: next to this one).
+    #[arg(long, global = true)]
+    cbcr: Option<PathBuf>,
+    /// Where reports and scratch repositories go.
+    #[arg(long, global = true, default_value = "perf-out")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Stage limits, then full backup, incremental, restore and verify per size and core count.
+    Run {
+        /// Size of the synthetic database (also the largest of --sizes).
+        #[arg(long, default_value = "10GiB", value_parser = dataplane::parse_size)]
+        size: u64,
+        /// Sizes for the scaling-with-size curve (default: --size only).
+        #[arg(long, value_delimiter = ',', value_parser = dataplane::parse_size)]
+        sizes: Vec<u64>,
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        cores: Vec<usize>,
+        /// Compressibility preset of the synthetic data (3 typical, 23 pgbench-like).
+        #[arg(long, default_value_t = 3)]
+        ratio: u32,
+        /// Small sizes (1 GiB and 4 GiB): finishes in a few minutes on 2 cores.
+        #[arg(long)]
+        quick: bool,
+        /// Restore by comparing with regeneration instead of writing files (for sizes larger
+        /// than the free disk).
+        #[arg(long)]
+        restore_compare: bool,
+    },
+    /// cbcr, restic and borg on the same input in one run.
+    Peers {
+        #[arg(long)]
+        input: PathBuf,
+    },
+    /// Loop backup, incremental, restore and verify; fail if resources grow without bound.
+    Soak {
+        #[arg(long, default_value = "30m")]
+        duration: String,
+        #[arg(long, default_value = "1GiB", value_parser = dataplane::parse_size)]
+        size: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cbcr = cli.cbcr.clone().unwrap_or_else(|| std::env::current_exe().expect("own path").with_file_name("cbcr"));
+    ensure!(cbcr.exists(), "{} not found: `cargo build --release -p dataplane` or pass --cbcr", cbcr.display());
+    std::fs::create_dir_all(&cli.out)?;
+    match cli.command {
+        Cmd::Run { size, sizes, cores, ratio, quick, restore_compare } => {
+            let sizes = match (quick, sizes.is_empty()) {
+                (true, _) => vec![1 << 30, 4 << 30],
+                (false, true) => vec![size],
+                (false, false) => sizes,
+            };
+            run(&cbcr, &cli.out, &sizes, &cores, ratio, restore_compare)
+        }
+        Cmd::Peers { input } => peers(&cbcr, &cli.out, &input),
+        Cmd::Soak { duration, size } => soak(&cbcr, &cli.out, parse_duration(&duration)?, size),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().with_context(|| format!("{s:?}: a duration like 90s, 30m or 2h"))?;
+    Ok(Duration::from_secs(match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => bail!("{s:?}: unit must be s, m or h"),
+    }))
+}
+
+fn synth(size: u64, ratio: u32, gen: u32) -> String {
+    format!("synth://pg?size={size}&seed=7&ratio={ratio}&gen={gen}")
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Single-core stage throughputs (bytes/s) on 256 MiB of the synthetic table pages.
+fn stage_limits(ratio: u32) -> Result<Value> {
+    let spec = SynthSpec::parse(&synth(1 << 30, ratio, 1))?;
+    let table = spec.files().into_iter().next().context("a table file")?;
+    let mut data = vec![0u8; (256 << 20).min(table.len() as usize) / PAGE * PAGE];
+    let t = Instant::now();
+    spec.fill(&table, 0, &mut data);
+    let generate = data.len() as f64 / t.elapsed().as_secs_f64();
+    let costs = bench::measure_stages(&data, Default::default(), dataplane::limits::DEFAULT_COMPRESSION_LEVEL);
+    let compressed: Vec<Vec<u8>> =
+        data.chunks(64 << 10).map(|c| zstd::bulk::compress(c, 1)).collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(64 << 10);
+    let mut d = zstd::bulk::Decompressor::new()?;
+    let t = Instant::now();
+    for c in &compressed {
+        out.clear();
+        d.decompress_to_buffer(c, &mut out)?;
+    }
+    let decompress = data.len() as f64 / t.elapsed().as_secs_f64();
+    let ratio_measured = data.len() as f64 / compressed.iter().map(Vec::len).sum::<usize>() as f64;
+    // On a generated source, generating the bytes is the read stage.
+    let per_byte = 1.0 / generate + costs.chunk + costs.hash + costs.compress;
+    Ok(json!({
+        "bytes": data.len(), "zstd1_ratio": ratio_measured,
+        "generate_gbps": generate / 1e9, "read_gbps": 1e-9 / costs.read, "chunk_gbps": 1e-9 / costs.chunk,
+        "hash_gbps": 1e-9 / costs.hash, "compress_gbps": 1e-9 / costs.compress, "decompress_gbps": decompress / 1e9,
+        "backup_core_limit_gbps": 1e-9 / per_byte,
+    }))
+}
+
+/// One phase's figures.
+fn phase(name: &str, size: u64, cores: usize, bytes: u64, r: &Run, limit_gbps: Option<f64>) -> Value {
+    let gbps = bytes as f64 / r.seconds / 1e9;
+    eprintln!(
+        "{name:>12} {:>9} {cores:>5} cores {:>8.2} s {gbps:>7.3} GB/s {:>8} RSS {}",
+        human(size),
+        r.seconds,
+        human(r.peak_rss),
+        limit_gbps.map_or(String::new(), |l| format!(" efficiency {:.2}", gbps / l))
+    );
+    json!({
+        "phase": name, "size": size, "cores": cores, "bytes": bytes, "seconds": r.seconds, "gbps": gbps,
+        "peak_rss": r.peak_rss, "efficiency": limit_gbps.map(|l| gbps / l),
+        "summary": r.summary, "samples": r.samples.iter().map(sample::Sample::to_json).collect::<Vec<_>>(),
+        "progress": r.progress.iter().map(|(t, b)| json!({"t": t, "bytes_done": b})).chain([json!({"t": r.seconds, "bytes_done": bytes})]).collect::<Vec<_>>(),
+    })
+}
+
+fn run(cbcr: &Path, out: &Path, sizes: &[u64], cores: &[usize], ratio: u32, restore_compare: bool) -> Result<()> {
+    let started = Instant::now();
+    eprintln!("measuring stage limits on one core...");
+    let limits = stage_limits(ratio)?;
+    let core_limit = limits["backup_core_limit_gbps"].as_f64().unwrap_or(f64::NAN);
+    eprintln!("stage limits: {limits}");
+    let every = Duration::from_millis(if sizes.iter().max() <= Some(&(4 << 30)) { 250 } else { 1000 });
+    let mut phases = vec![];
+    for &size in sizes {
+        for &c in cores {
+            let repo = out.join("repo");
+            let target = out.join("restore");
+            let _ = std::fs::remove_dir_all(&repo);
+            let _ = std::fs::remove_dir_all(&target);
+            let cores_arg = c.to_string();
+            let args = |a: &[&str]| -> Vec<String> {
+                a.iter().map(|x| x.to_string()).chain(["--cores".into(), cores_arg.clone()]).collect()
+            };
+            let full = sample::run(cbcr, &args(&["backup", "--repo", &s(&repo), &synth(size, ratio, 1)]), every)?;
+            let bytes = full.summary["bytes_read"].as_u64().unwrap_or(size);
+            phases.push(phase("full", size, c, bytes, &full, Some(core_limit * c as f64)));
+            let incr = sample::run(cbcr, &args(&["backup", "--repo", &s(&repo), &synth(size, ratio, 2)]), every)?;
+            let total = incr.summary["bytes_total"].as_u64().unwrap_or(size);
+            phases.push(phase("incremental", size, c, total, &incr, None));
+            let restore = if restore_compare {
+                sample::run(cbcr, &args(&["verify", "--repo", &s(&repo), "--against", &synth(size, ratio, 2)]), every)?
+            } else {
+                sample::run(cbcr, &args(&["restore", "latest", "--repo", &s(&repo), "--target", &s(&target)]), every)?
+            };
+            phases.push(phase(
+                if restore_compare { "restore-compare" } else { "restore" },
+                size,
+                c,
+                total,
+                &restore,
+                None,
+            ));
+            let _ = std::fs::remove_dir_all(&target);
+            let verify = sample::run(cbcr, &args(&["verify", "--repo", &s(&repo), "--read-data"]), every)?;
+            let stored = dir_bytes(&repo);
+            phases.push(phase("verify", size, c, stored, &verify, None));
+            let _ = std::fs::remove_dir_all(&repo);
+        }
+    }
+    let report = json!({
+        "type": "perf_report", "created": humantime_now(), "cores_available": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "sizes": sizes, "cores": cores, "ratio": ratio, "stage_limits": limits, "phases": phases,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(out.join("report.html"), report::html(&report))?;
+    eprintln!("wrote {}/report.json and report.html in {:.0} s", out.display(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn humantime_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format!("unix {secs}")
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    let Ok(md) = std::fs::symlink_metadata(p) else { return 0 };
+    if md.is_dir() {
+        std::fs::read_dir(p).map_or(0, |d| d.flatten().map(|e| dir_bytes(&e.path())).sum())
+    } else {
+        md.len()
+    }
+}
+
+fn human(b: u64) -> String {
+    let (v, u) = match b {
+        b if b >= 1 << 40 => (b as f64 / (1u64 << 40) as f64, "TiB"),
+        b if b >= 1 << 30 => (b as f64 / (1u64 << 30) as f64, "GiB"),
+        b => (b as f64 / (1u64 << 20) as f64, "MiB"),
+    };
+    format!("{v:.1}{u}")
+}
+
+/// Wall seconds of a command; its output is discarded, a failure is an error.
+fn timed(cmd: &mut Command) -> Result<f64> {
+    let t = Instant::now();
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn peers(cbcr: &Path, out: &Path, input: &Path) -> Result<()> {
+    for tool in ["restic", "borg"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            eprintln!("installing restic and borgbackup (Debian)");
+            let ok = Command::new("sh")
+                .args(["-c", "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y restic borgbackup"])
+                .status()?;
+            ensure!(ok.success(), "could not install restic and borg");
+            break;
+        }
+    }
+    let input = std::fs::canonicalize(input)?;
+    let work = out.join("peers");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let bytes = dir_bytes(&input);
+    let mut rows = vec![];
+    let (repo, target) = (work.join("cbcr"), work.join("out"));
+    let full = timed(Command::new(cbcr).args(["backup", "--no-progress", "--repo", &s(&repo), &s(&input)]))?;
+    let incr = timed(Command::new(cbcr).args(["backup", "--no-progress", "--repo", &s(&repo), &s(&input)]))?;
+    let rest = timed(Command::new(cbcr).args(["restore", "latest", "--repo", &s(&repo), "--target", &s(&target)]))?;
+    rows.push(("cbcr", full, incr, rest, dir_bytes(&repo)));
+    std::fs::remove_dir_all(&target)?;
+
+    let repo = work.join("restic");
+    let restic = |args: &[&str]| {
+        let mut c = Command::new("restic");
+        c.args(args).arg("--repo").arg(&repo).env("RESTIC_PASSWORD", "perf");
+        c
+    };
+    timed(&mut restic(&["init"]))?;
+    let full = timed(restic(&["backup"]).arg(&input))?;
+    let incr = timed(restic(&["backup"]).arg(&input))?;
+    let rest = timed(restic(&["restore", "latest", "--target"]).arg(&target))?;
+    rows.push(("restic", full, incr, rest, dir_bytes(&repo)));
+    std::fs::remove_dir_all(&target)?;
+
+    let repo = work.join("borg");
+    let borg = |args: &[&str]| {
+        let mut c = Command::new("borg");
+        c.args(args).env("BORG_PASSPHRASE", "perf").env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes");
+        c
+    };
+    timed(borg(&["init", "-e", "none"]).arg(&repo))?;
+    let full = timed(borg(&["create"]).arg(format!("{}::a", repo.display())).arg(&input))?;
+    let incr = timed(borg(&["create"]).arg(format!("{}::b", repo.display())).arg(&input))?;
+    std::fs::create_dir_all(&target)?;
+    let rest = timed(borg(&["extract"]).arg(format!("{}::b", repo.display())).current_dir(&target))?;
+    rows.push(("borg", full, incr, rest, dir_bytes(&repo)));
+    std::fs::remove_dir_all(&work)?;
+
+    println!(
+        "{:<8} {:>10} {:>10} {:>10} {:>10} {:>15}",
+        "tool", "full s", "full MB/s", "incr s", "restore s", "repo bytes"
+    );
+    for (tool, full, incr, rest, size) in &rows {
+        println!("{tool:<8} {full:>10.2} {:>10.0} {incr:>10.2} {rest:>10.2} {size:>15}", bytes as f64 / full / 1e6);
+    }
+    let fastest = rows[1..].iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+    println!("cbcr full backup: {:.2}x the fastest peer", fastest / rows[0].1);
+    Ok(())
+}
+
+fn soak(cbcr: &Path, out: &Path, duration: Duration, size: u64) -> Result<()> {
+    let repo = out.join("soak-repo");
+    let _ = std::fs::remove_dir_all(&repo);
+    let started = Instant::now();
+    let mut rows: Vec<(u32, u64, u64, u64, u64)> = vec![];
+    let mut gen = 1;
+    while started.elapsed() < duration || gen <= 3 {
+        let url = synth(size, 3, gen);
+        let every = Duration::from_millis(50);
+        let backup = sample::run(cbcr, &["backup".into(), "--repo".into(), s(&repo), url.clone()], every)?;
+        let compare = sample::run(cbcr, &["verify".into(), "--repo".into(), s(&repo), "--against".into(), url], every)?;
+        let verify = sample::run(cbcr, &["verify".into(), "--repo".into(), s(&repo), "--read-data".into()], every)?;
+        let peak = backup.peak_rss.max(compare.peak_rss).max(verify.peak_rss);
+        let fds = [&backup, &compare, &verify].iter().flat_map(|r| r.samples.iter().map(|s| s.fds)).max().unwrap_or(0);
+        let threads =
+            [&backup, &compare, &verify].iter().flat_map(|r| r.samples.iter().map(|s| s.threads)).max().unwrap_or(0);
+        let grown = backup.summary["bytes_stored"].as_u64().unwrap_or(0);
+        eprintln!("gen {gen}: peak RSS {} fds {fds} threads {threads} stored {}", human(peak), human(grown));
+        rows.push((gen, peak, fds, threads, grown));
+        gen += 1;
+    }
+    // Compare the last third with the middle third: growth that has not levelled off by then
+    // is unbounded (the first third holds the full backup and the caches filling up).
+    let third = (rows.len() / 3).max(1);
+    let (early, late) = (&rows[rows.len() - 2 * third..rows.len() - third], &rows[rows.len() - third..]);
+    let max = |rows: &[(u32, u64, u64, u64, u64)], f: fn(&(u32, u64, u64, u64, u64)) -> u64| {
+        rows.iter().map(f).max().unwrap_or(0)
+    };
+    let report = json!({"type": "soak_report", "generations": rows.len(), "seconds": started.elapsed().as_secs_f64(),
+        "rows": rows.iter().map(|r| json!({"gen": r.0, "peak_rss": r.1, "fds": r.2, "threads": r.3, "bytes_stored": r.4})).collect::<Vec<_>>()});
+    std::fs::write(out.join("soak.json"), serde_json::to_vec_pretty(&report)?)?;
+    let _ = std::fs::remove_dir_all(&repo);
+    ensure!(max(late, |r| r.1) <= max(early, |r| r.1) * 3 / 2 + (16 << 20), "peak RSS grew: {rows:?}");
+    ensure!(max(late, |r| r.2) <= max(early, |r| r.2) + 8, "open descriptors grew: {rows:?}");
+    ensure!(max(late, |r| r.3) <= max(early, |r| r.3) + 4, "threads grew: {rows:?}");
+    ensure!(
+        max(late, |r| r.4) <= max(early, |r| r.4) * 2 + (1 << 20),
+        "repository growth per generation grew: {rows:?}"
+    );
+    println!("soak passed: {} generations in {:.0} s, resources flat", rows.len(), started.elapsed().as_secs_f64());
+    Ok(())
+}
