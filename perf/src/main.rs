@@ -58,10 +58,15 @@ enum Cmd {
         #[arg(long)]
         restore_compare: bool,
     },
-    /// cbcr, restic and borg on the same input in one run.
+    /// cbcr, restic and borg on the same input in one run: full backup, incremental, restore.
     Peers {
+        /// A file or directory (the incremental then sees it unchanged).
+        #[arg(long, required_unless_present = "synth", conflicts_with = "synth")]
+        input: Option<PathBuf>,
+        /// Or a synthetic database written to disk (`synth://pg?size=..`): generation 1 for the
+        /// full backup, generation 2 for the incremental.
         #[arg(long)]
-        input: PathBuf,
+        synth: Option<String>,
     },
     /// Loop backup, incremental, restore and verify; fail if resources grow without bound.
     Soak {
@@ -86,7 +91,7 @@ fn main() -> Result<()> {
             };
             run(&cbcr, &cli.out, &sizes, &cores, ratio, restore_compare)
         }
-        Cmd::Peers { input } => peers(&cbcr, &cli.out, &input),
+        Cmd::Peers { input, synth } => peers(&cbcr, &cli.out, input, synth),
         Cmd::Soak { duration, size } => soak(&cbcr, &cli.out, parse_duration(&duration)?, size),
     }
 }
@@ -244,66 +249,191 @@ fn timed(cmd: &mut Command) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-fn peers(cbcr: &Path, out: &Path, input: &Path) -> Result<()> {
-    for tool in ["restic", "borg"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            eprintln!("installing restic and borgbackup (Debian)");
-            let ok = Command::new("sh")
-                .args(["-c", "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y restic borgbackup"])
-                .status()?;
-            ensure!(ok.success(), "could not install restic and borg");
-            break;
-        }
+/// One backup tool as `peers` drives it.
+struct Peer {
+    name: &'static str,
+    repo: PathBuf,
+    /// The command that backs `input` up as archive `tag`.
+    backup: Box<dyn Fn(&Path, &str) -> Command>,
+    /// The command that restores the latest backup into a directory.
+    restore: Box<dyn Fn(&Path) -> Command>,
+}
+
+fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>) -> Result<()> {
+    if Command::new("restic").arg("version").output().is_err()
+        || Command::new("borg").arg("--version").output().is_err()
+    {
+        eprintln!("installing restic and borgbackup (Debian)");
+        let ok = Command::new("sh")
+            .args(["-c", "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y restic borgbackup"])
+            .status()?;
+        ensure!(ok.success(), "could not install restic and borg");
     }
-    let input = std::fs::canonicalize(input)?;
-    let work = out.join("peers");
+    let work = std::fs::canonicalize(out)?.join("peers");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let bytes = dir_bytes(&input);
-    let mut rows = vec![];
-    let (repo, target) = (work.join("cbcr"), work.join("out"));
-    let full = timed(Command::new(cbcr).args(["backup", "--no-progress", "--repo", &s(&repo), &s(&input)]))?;
-    let incr = timed(Command::new(cbcr).args(["backup", "--no-progress", "--repo", &s(&repo), &s(&input)]))?;
-    let rest = timed(Command::new(cbcr).args(["restore", "latest", "--repo", &s(&repo), "--target", &s(&target)]))?;
-    rows.push(("cbcr", full, incr, rest, dir_bytes(&repo)));
-    std::fs::remove_dir_all(&target)?;
-
-    let repo = work.join("restic");
-    let restic = |args: &[&str]| {
+    let spec = synth.as_deref().map(|url| SynthSpec::parse(url)).transpose()?;
+    let input = match (&spec, input) {
+        (Some(spec), _) => {
+            let dir = work.join("pgdata");
+            write_synth(spec, &dir)?;
+            dir
+        }
+        (None, Some(input)) => std::fs::canonicalize(input)?,
+        (None, None) => bail!("give --input or --synth"),
+    };
+    let cbcr = cbcr.to_owned();
+    let restic_repo = work.join("restic");
+    let borg_repo = work.join("borg");
+    let restic = |repo: &Path| {
         let mut c = Command::new("restic");
-        c.args(args).arg("--repo").arg(&repo).env("RESTIC_PASSWORD", "perf");
+        c.arg("--repo").arg(repo).env("RESTIC_PASSWORD", "perf");
         c
     };
-    timed(&mut restic(&["init"]))?;
-    let full = timed(restic(&["backup"]).arg(&input))?;
-    let incr = timed(restic(&["backup"]).arg(&input))?;
-    let rest = timed(restic(&["restore", "latest", "--target"]).arg(&target))?;
-    rows.push(("restic", full, incr, rest, dir_bytes(&repo)));
-    std::fs::remove_dir_all(&target)?;
-
-    let repo = work.join("borg");
-    let borg = |args: &[&str]| {
+    let borg = || {
         let mut c = Command::new("borg");
-        c.args(args).env("BORG_PASSPHRASE", "perf").env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes");
+        c.env("BORG_PASSPHRASE", "perf").env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes");
         c
     };
-    timed(borg(&["init", "-e", "none"]).arg(&repo))?;
-    let full = timed(borg(&["create"]).arg(format!("{}::a", repo.display())).arg(&input))?;
-    let incr = timed(borg(&["create"]).arg(format!("{}::b", repo.display())).arg(&input))?;
-    std::fs::create_dir_all(&target)?;
-    let rest = timed(borg(&["extract"]).arg(format!("{}::b", repo.display())).current_dir(&target))?;
-    rows.push(("borg", full, incr, rest, dir_bytes(&repo)));
-    std::fs::remove_dir_all(&work)?;
-
-    println!(
-        "{:<8} {:>10} {:>10} {:>10} {:>10} {:>15}",
-        "tool", "full s", "full MB/s", "incr s", "restore s", "repo bytes"
-    );
-    for (tool, full, incr, rest, size) in &rows {
-        println!("{tool:<8} {full:>10.2} {:>10.0} {incr:>10.2} {rest:>10.2} {size:>15}", bytes as f64 / full / 1e6);
+    timed(restic(&restic_repo).arg("init"))?;
+    timed(borg().args(["init", "-e", "none"]).arg(&borg_repo))?;
+    let peers = [
+        Peer {
+            name: "cbcr",
+            repo: work.join("cbcr"),
+            backup: Box::new({
+                let (cbcr, repo) = (cbcr.clone(), work.join("cbcr"));
+                move |input, _| {
+                    let mut c = Command::new(&cbcr);
+                    c.args(["backup", "--no-progress", "--repo"]).arg(&repo).arg(input);
+                    c
+                }
+            }),
+            restore: Box::new({
+                let (cbcr, repo) = (cbcr.clone(), work.join("cbcr"));
+                move |target| {
+                    let mut c = Command::new(&cbcr);
+                    c.args(["restore", "latest", "--repo"]).arg(&repo).arg("--target").arg(target);
+                    c
+                }
+            }),
+        },
+        Peer {
+            name: "restic",
+            repo: restic_repo.clone(),
+            backup: Box::new({
+                let repo = restic_repo.clone();
+                move |input, _| {
+                    let mut c = restic(&repo);
+                    c.arg("backup").arg(input);
+                    c
+                }
+            }),
+            restore: Box::new({
+                let repo = restic_repo.clone();
+                move |target| {
+                    let mut c = restic(&repo);
+                    c.args(["restore", "latest", "--target"]).arg(target);
+                    c
+                }
+            }),
+        },
+        Peer {
+            name: "borg",
+            repo: borg_repo.clone(),
+            backup: Box::new({
+                let repo = borg_repo.clone();
+                move |input, tag| {
+                    let mut c = borg();
+                    c.arg("create").arg(format!("{}::{tag}", repo.display())).arg(input);
+                    c
+                }
+            }),
+            restore: Box::new({
+                let repo = borg_repo.clone();
+                move |target| {
+                    let mut c = borg();
+                    c.arg("extract").arg(format!("{}::b", repo.display())).current_dir(target);
+                    c
+                }
+            }),
+        },
+    ];
+    let bytes = dir_bytes(&input);
+    let mut full = vec![];
+    for p in &peers {
+        full.push((timed(&mut (p.backup)(&input, "a"))?, dir_bytes(&p.repo)));
     }
-    let fastest = rows[1..].iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
-    println!("cbcr full backup: {:.2}x the fastest peer", fastest / rows[0].1);
+    if let Some(spec) = &spec {
+        write_synth(&SynthSpec { gen: spec.gen + 1, ..spec.clone() }, &input)?;
+    }
+    let incr_bytes = dir_bytes(&input);
+    let mut rows = vec![];
+    for (p, (full_s, full_size)) in peers.iter().zip(full) {
+        let incr_s = timed(&mut (p.backup)(&input, "b"))?;
+        let growth = dir_bytes(&p.repo) - full_size;
+        let target = work.join("out");
+        std::fs::create_dir_all(&target)?;
+        let restore_s = timed(&mut (p.restore)(&target))?;
+        std::fs::remove_dir_all(&target)?;
+        rows.push((p.name, full_s, full_size, incr_s, growth, restore_s));
+    }
+    std::fs::remove_dir_all(&work)?;
+    println!(
+        "{:<7} {:>8} {:>9} {:>14} {:>8} {:>9} {:>14} {:>9}",
+        "tool", "full s", "full MB/s", "full bytes", "incr s", "incr MB/s", "incr growth", "restore s"
+    );
+    for (tool, full_s, full_size, incr_s, growth, restore_s) in &rows {
+        println!(
+            "{tool:<7} {full_s:>8.2} {:>9.0} {full_size:>14} {incr_s:>8.2} {:>9.0} {growth:>14} {restore_s:>9.2}",
+            bytes as f64 / full_s / 1e6,
+            incr_bytes as f64 / incr_s / 1e6
+        );
+    }
+    let best = |f: fn(&(&str, f64, u64, f64, u64, f64)) -> f64| rows[1..].iter().map(f).fold(f64::INFINITY, f64::min);
+    let cbcr_row = &rows[0];
+    println!(
+        "cbcr vs the fastest peer: full {:.2}x, incremental {:.2}x, restore {:.2}x; incremental growth {:.2}x less than the smallest",
+        best(|r| r.1) / cbcr_row.1,
+        best(|r| r.3) / cbcr_row.3,
+        best(|r| r.5) / cbcr_row.5,
+        best(|r| r.4 as f64) / (cbcr_row.4 as f64).max(1.0)
+    );
+    Ok(())
+}
+
+/// Writes a generation of a synthetic database into `dir` as real files: files of other
+/// generations that are gone are removed, unchanged files are left alone.
+fn write_synth(spec: &SynthSpec, dir: &Path) -> Result<()> {
+    let files = spec.files();
+    let wanted: std::collections::HashSet<PathBuf> = files.iter().map(|f| dir.join(&f.path)).collect();
+    for sub in ["base/16384", "pg_wal"] {
+        if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
+            for e in entries.flatten() {
+                if !wanted.contains(&e.path()) {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+        }
+    }
+    let mut buf = vec![0u8; 8 << 20];
+    for f in &files {
+        let path = dir.join(&f.path);
+        let mtime = std::time::UNIX_EPOCH + Duration::from_nanos(f.mtime_ns as u64);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == f.len() && m.modified().ok() == Some(mtime)) {
+            continue;
+        }
+        std::fs::create_dir_all(path.parent().context("file in a directory")?)?;
+        let mut out = std::fs::File::create(&path)?;
+        let mut offset = 0;
+        while offset < f.len() {
+            let n = (buf.len() as u64).min(f.len() - offset) as usize;
+            spec.fill(f, offset, &mut buf[..n]);
+            std::io::Write::write_all(&mut out, &buf[..n])?;
+            offset += n as u64;
+        }
+        out.set_modified(mtime)?;
+    }
     Ok(())
 }
 
