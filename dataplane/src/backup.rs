@@ -303,6 +303,10 @@ struct PendingDir {
     nodes: Vec<PendingNode>,
 }
 
+/// How starting a file went: the slot of its segments in flight, `None` for an empty file, or
+/// why the source file can't be read.
+type Started = std::result::Result<Option<usize>, String>;
+
 /// A directory of a generated source.
 #[derive(Default)]
 struct SynthDir {
@@ -421,8 +425,9 @@ impl Walker<'_> {
             let slot = self.walk_dir(path, sub.as_ref())?;
             nodes.push(PendingNode::Dir { name, meta, slot });
         } else if ft.is_file() {
-            self.add_file(nodes, name, meta, parent, |walker, meta| walker.start_file(path, meta))
-                .unwrap_or_else(|e| self.skip(path, &e));
+            if let Err(why) = self.add_file(nodes, name, meta, parent, |walker, meta| walker.start_file(path, meta))? {
+                self.skip(path, &why);
+            }
         } else if ft.is_symlink() {
             match fs::read_link(path) {
                 Ok(target) => {
@@ -437,17 +442,17 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Adds a regular file: reused from the parent when unchanged, else started by `start`
-    /// (which returns the slot of its segments in flight, `None` for an empty file, or why it
-    /// can't be read).
+    /// Adds a regular file: reused from the parent when unchanged, else started by `start`.
+    /// The inner error is why the source file can't be read (it is left out with a warning);
+    /// the outer one stops the backup (a core failed).
     fn add_file(
         &mut self,
         nodes: &mut Vec<PendingNode>,
         name: Vec<u8>,
         mut meta: Metadata,
         parent: Option<&Tree>,
-        start: impl FnOnce(&mut Self, &mut Metadata) -> std::result::Result<Option<usize>, String>,
-    ) -> std::result::Result<(), String> {
+        start: impl FnOnce(&mut Self, &mut Metadata) -> Result<Started>,
+    ) -> Result<std::result::Result<(), String>> {
         let reusable = match parent.and_then(|t| t.find(&name)) {
             // Reused only while its chunk lists are still indexed: a damaged repository heals
             // by reading the file again.
@@ -464,30 +469,40 @@ impl Walker<'_> {
                 PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments } })
             }
             None => match start(self, &mut meta)? {
-                Some(slot) => PendingNode::File { name, meta, slot },
-                None => PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments: vec![] } }),
+                Ok(Some(slot)) => PendingNode::File { name, meta, slot },
+                Ok(None) => PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments: vec![] } }),
+                Err(why) => return Ok(Err(why)),
             },
         };
         self.stats.files += 1;
         self.stats.bytes_total += meta.size;
         nodes.push(node);
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Maps a file and queues its segments.
-    fn start_file(&mut self, path: &Path, meta: &mut Metadata) -> std::result::Result<Option<usize>, String> {
-        let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-        let len = file.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
-        meta.size = len;
-        if len == 0 {
-            return Ok(None);
-        }
+    fn start_file(&mut self, path: &Path, meta: &mut Metadata) -> Result<Started> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(format!("cannot open: {e}"))),
+        };
         // SAFETY: the mapping is read-only and private. A file truncated by another process
         // while mapped raises SIGBUS; cbcr, like every mmap reader, documents that risk.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map: {e}"))?;
+        let map = match file.metadata().map(|m| m.len()) {
+            Ok(0) => {
+                meta.size = 0;
+                return Ok(Ok(None));
+            }
+            Ok(_) => unsafe { Mmap::map(&file) },
+            Err(e) => Err(e),
+        };
+        let map = match map {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(format!("cannot read: {e}"))),
+        };
         let _ = map.advise(Advice::Sequential);
         meta.size = map.len() as u64;
-        self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size).map(Some).map_err(|e| e.to_string())
+        Ok(Ok(Some(self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size)?)))
     }
 
     /// Queues every segment of a file of `len` bytes and returns its slot.
@@ -549,10 +564,11 @@ impl Walker<'_> {
         for (name, f) in &dir.files {
             let meta = stamp(0o100600, f.len(), f.mtime_ns, f.inode());
             let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
-            self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta| {
-                walker.queue_segments(source, meta.size).map(Some).map_err(|e| e.to_string())
-            })
-            .map_err(Error::Usage)?;
+            // A generated file is always readable: the inner result is always Ok.
+            let added = self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta| {
+                Ok(Ok(Some(walker.queue_segments(source, meta.size)?)))
+            })?;
+            debug_assert!(added.is_ok());
         }
         self.push_dir(nodes)
     }

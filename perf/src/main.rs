@@ -249,14 +249,27 @@ fn timed(cmd: &mut Command) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Makes the command that backs `input` up as archive `tag`.
+type BackupCommand = Box<dyn Fn(&Path, &str) -> Command>;
+/// Makes the command that restores the latest backup into a directory.
+type RestoreCommand = Box<dyn Fn(&Path) -> Command>;
+
 /// One backup tool as `peers` drives it.
 struct Peer {
     name: &'static str,
     repo: PathBuf,
-    /// The command that backs `input` up as archive `tag`.
-    backup: Box<dyn Fn(&Path, &str) -> Command>,
-    /// The command that restores the latest backup into a directory.
-    restore: Box<dyn Fn(&Path) -> Command>,
+    backup: BackupCommand,
+    restore: RestoreCommand,
+}
+
+/// One tool's figures.
+struct PeerRow {
+    name: &'static str,
+    full_s: f64,
+    full_size: u64,
+    incr_s: f64,
+    growth: u64,
+    restore_s: f64,
 }
 
 fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>) -> Result<()> {
@@ -272,7 +285,7 @@ fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>)
     let work = std::fs::canonicalize(out)?.join("peers");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let spec = synth.as_deref().map(|url| SynthSpec::parse(url)).transpose()?;
+    let spec = synth.as_deref().map(SynthSpec::parse).transpose()?;
     let input = match (&spec, input) {
         (Some(spec), _) => {
             let dir = work.join("pgdata");
@@ -376,28 +389,34 @@ fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>)
         std::fs::create_dir_all(&target)?;
         let restore_s = timed(&mut (p.restore)(&target))?;
         std::fs::remove_dir_all(&target)?;
-        rows.push((p.name, full_s, full_size, incr_s, growth, restore_s));
+        rows.push(PeerRow { name: p.name, full_s, full_size, incr_s, growth, restore_s });
     }
     std::fs::remove_dir_all(&work)?;
     println!(
         "{:<7} {:>8} {:>9} {:>14} {:>8} {:>9} {:>14} {:>9}",
         "tool", "full s", "full MB/s", "full bytes", "incr s", "incr MB/s", "incr growth", "restore s"
     );
-    for (tool, full_s, full_size, incr_s, growth, restore_s) in &rows {
+    for r in &rows {
         println!(
-            "{tool:<7} {full_s:>8.2} {:>9.0} {full_size:>14} {incr_s:>8.2} {:>9.0} {growth:>14} {restore_s:>9.2}",
-            bytes as f64 / full_s / 1e6,
-            incr_bytes as f64 / incr_s / 1e6
+            "{:<7} {:>8.2} {:>9.0} {:>14} {:>8.2} {:>9.0} {:>14} {:>9.2}",
+            r.name,
+            r.full_s,
+            bytes as f64 / r.full_s / 1e6,
+            r.full_size,
+            r.incr_s,
+            incr_bytes as f64 / r.incr_s / 1e6,
+            r.growth,
+            r.restore_s
         );
     }
-    let best = |f: fn(&(&str, f64, u64, f64, u64, f64)) -> f64| rows[1..].iter().map(f).fold(f64::INFINITY, f64::min);
+    let best = |f: fn(&PeerRow) -> f64| rows[1..].iter().map(f).fold(f64::INFINITY, f64::min);
     let cbcr_row = &rows[0];
     println!(
         "cbcr vs the fastest peer: full {:.2}x, incremental {:.2}x, restore {:.2}x; incremental growth {:.2}x less than the smallest",
-        best(|r| r.1) / cbcr_row.1,
-        best(|r| r.3) / cbcr_row.3,
-        best(|r| r.5) / cbcr_row.5,
-        best(|r| r.4 as f64) / (cbcr_row.4 as f64).max(1.0)
+        best(|r| r.full_s) / cbcr_row.full_s,
+        best(|r| r.incr_s) / cbcr_row.incr_s,
+        best(|r| r.restore_s) / cbcr_row.restore_s,
+        best(|r| r.growth as f64) / (cbcr_row.growth as f64).max(1.0)
     );
     Ok(())
 }
