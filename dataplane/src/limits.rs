@@ -28,6 +28,8 @@ pub const RESTORE_WRITE_BUFFER: usize = 4 << 20;
 /// Directories waiting for their files before the walker completes the oldest: bounds the
 /// walker's memory on trees of many small or empty directories.
 pub const PENDING_DIRS: usize = 4096;
+/// Bytes `verify --read-data` reads at a time while hashing a pack.
+pub const VERIFY_READ_BUFFER: usize = 1 << 20;
 /// Open pack files a reader keeps per core (restore, verify).
 pub const OPEN_PACKS_PER_READER: usize = 64;
 /// Most cores one process drives.

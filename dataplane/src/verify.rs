@@ -14,12 +14,13 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver};
 use wire::index::decode_run;
-use wire::pack::{parse_entries, parse_footer, parse_pack, PackEntry, FOOTER_LEN};
+use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::tree::{ChunkList, NodeKind, Tree};
 use wire::ChunkId;
 
 use crate::error::{Error, Result};
 use crate::index::ChunkIndex;
+use crate::limits;
 use crate::output::Reporter;
 use crate::pack::{decode_blob, BlobReader};
 use crate::repo::Repository;
@@ -162,47 +163,52 @@ type PackDamage = (Damage, Vec<ChunkId>);
 fn check_packs(repo: &Repository, jobs: &Receiver<PackJob>, read_data: bool) -> (Vec<PackDamage>, u64, u64) {
     let mut out = (vec![], 0, 0);
     let mut decompressor = zstd::bulk::Decompressor::new().expect("zstd contexts can always be created");
-    let mut raw = Vec::new();
+    let (mut raw, mut stored) = (Vec::new(), Vec::new());
     for job in jobs.iter() {
         let lost: Vec<ChunkId> = job.expected.iter().map(|e| e.id).collect();
         let pack_damage = |detail: String| (Damage { kind: "pack", name: job.id.to_hex(), detail }, lost.clone());
-        let entries = match read_trailer(&job.path, read_data) {
-            Ok((entries, whole)) => {
-                out.2 += whole.as_ref().map_or(0, |w| w.len() as u64);
-                if let Some(whole) = &whole {
-                    if ChunkId::of_file(whole) != job.id {
-                        out.0.push(pack_damage("content does not match its name (corrupt)".into()));
-                    }
-                    for e in &entries {
-                        out.1 += 1;
-                        let stored = &whole[e.offset() as usize..(e.offset() + u64::from(e.stored_len())) as usize];
-                        raw.clear();
-                        let ok = decode_blob(&mut decompressor, stored, e, &mut raw).and_then(|()| {
-                            if repo.key.blob_id(&raw) == e.id {
-                                Ok(())
-                            } else {
-                                Err("does not match its id (data is corrupt)".into())
-                            }
-                        });
-                        if let Err(detail) = ok {
-                            out.0.push((
-                                Damage {
-                                    kind: "blob",
-                                    name: e.id.to_hex(),
-                                    detail: format!("in pack {}: {detail}", job.id),
-                                },
-                                vec![e.id],
-                            ));
-                        }
-                    }
-                }
-                entries
-            }
+        let (file, entries) = match read_trailer(&job.path) {
+            Ok(found) => found,
             Err(detail) => {
                 out.0.push(pack_damage(detail));
                 continue;
             }
         };
+        if read_data {
+            // The whole file, streamed: its hash is its name.
+            match hash_file(&file, &mut stored) {
+                Ok((id, len)) => {
+                    out.2 += len;
+                    if id != job.id {
+                        out.0.push(pack_damage("content does not match its name (corrupt)".into()));
+                    }
+                }
+                Err(e) => out.0.push(pack_damage(format!("cannot be read: {e}"))),
+            }
+            for e in &entries {
+                out.1 += 1;
+                stored.resize(e.stored_len() as usize, 0);
+                raw.clear();
+                let ok = file
+                    .read_exact_at(&mut stored, e.offset())
+                    .map_err(|err| format!("cannot be read: {err}"))
+                    .and_then(|()| decode_blob(&mut decompressor, &stored, e, &mut raw))
+                    .and_then(|()| {
+                        if repo.key.blob_id(&raw) == e.id {
+                            Ok(())
+                        } else {
+                            Err("does not match its id (data is corrupt)".into())
+                        }
+                    });
+                if let Err(detail) = ok {
+                    let name = e.id.to_hex();
+                    out.0.push((
+                        Damage { kind: "blob", name, detail: format!("in pack {}: {detail}", job.id) },
+                        vec![e.id],
+                    ));
+                }
+            }
+        }
         let in_pack: HashSet<_> = entries.iter().map(|e| (e.id, e.offset(), e.stored_len())).collect();
         let disagree: Vec<ChunkId> = job
             .expected
@@ -218,24 +224,37 @@ fn check_packs(repo: &Repository, jobs: &Receiver<PackJob>, read_data: bool) -> 
     out
 }
 
-/// The pack's entries, and with `whole` its full bytes.
-fn read_trailer(path: &Path, whole: bool) -> std::result::Result<(Vec<PackEntry>, Option<Vec<u8>>), String> {
-    if whole {
-        let bytes = fs::read(path).map_err(|e| e.to_string())?;
-        let entries = parse_pack(&bytes).map_err(|e| e.to_string())?;
-        return Ok((entries, Some(bytes)));
-    }
+/// The open pack and its entries, from its header and trailer.
+fn read_trailer(path: &Path) -> std::result::Result<(File, Vec<PackEntry>), String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
-    let mut footer = [0u8; FOOTER_LEN];
-    if len < FOOTER_LEN as u64 {
+    if len < (HEADER_LEN + FOOTER_LEN) as u64 {
         return Err(format!("truncated to {len} bytes"));
     }
+    let mut header = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut header, 0).map_err(|e| e.to_string())?;
+    PackHeader::check(&header).map_err(|e| e.to_string())?;
+    let mut footer = [0u8; FOOTER_LEN];
     file.read_exact_at(&mut footer, len - FOOTER_LEN as u64).map_err(|e| e.to_string())?;
     let loc = parse_footer(&footer, len).map_err(|e| e.to_string())?;
     let mut entries = vec![0u8; loc.entries_len()];
     file.read_exact_at(&mut entries, loc.entries_offset).map_err(|e| e.to_string())?;
-    Ok((parse_entries(&loc, &entries).map_err(|e| e.to_string())?, None))
+    Ok((file, parse_entries(&loc, &entries).map_err(|e| e.to_string())?))
+}
+
+/// BLAKE3 of a whole file, read in pieces of `limits::VERIFY_READ_BUFFER`; and its length.
+fn hash_file(file: &File, buf: &mut Vec<u8>) -> std::io::Result<(ChunkId, u64)> {
+    buf.resize(limits::VERIFY_READ_BUFFER, 0);
+    let mut hasher = blake3::Hasher::new();
+    let mut offset = 0;
+    loop {
+        let n = file.read_at(buf, offset)?;
+        if n == 0 {
+            return Ok((ChunkId(*hasher.finalize().as_bytes()), offset));
+        }
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
 }
 
 struct SnapshotWalk<'a> {
