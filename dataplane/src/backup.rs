@@ -106,7 +106,7 @@ pub fn backup(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -
 fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -> Result<BackupOutcome> {
     let started = Instant::now();
     let paths = match &opts.synth {
-        Some(spec) if spec.size > 0 && repo.config.segment_size.is_multiple_of(synth::PAGE as u64) => vec![],
+        Some(_) if repo.config.segment_size.is_multiple_of(synth::PAGE as u64) => vec![],
         Some(_) => return Err(Error::Usage("synth:// sources need a segment size that is a multiple of 8 KiB".into())),
         None => canonical_sources(&opts.paths)?,
     };
