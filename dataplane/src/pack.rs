@@ -270,7 +270,7 @@ impl<'a> BlobReader<'a> {
 
     /// Reads blob `id`, verified, and appends it to `out`; on error `out` is left as it was.
     pub fn read_append(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let entry = *self.index.get(id).ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
+        let entry = self.index.get(id).ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
         let start = out.len();
         let read = self.read_entry(&entry, out, start);
         if read.is_err() {
