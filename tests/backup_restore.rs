@@ -131,3 +131,39 @@ fn synthetic_database_generations_back_up_and_compare_equal_to_regeneration() {
     assert_eq!(table.mode() & 0o777, 0o600);
     ok(&["verify", "--repo", s(&repo), "--read-data"]);
 }
+
+#[test]
+fn page_files_store_only_the_changed_pages_in_an_incremental() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("data"), tmp.path().join("repo"), tmp.path().join("out"));
+    init_small(&repo);
+    let rel = src.join("base/16384/16397");
+    fs::create_dir_all(rel.parent().unwrap()).unwrap();
+    let mut pages = bench::db_pages(21, 512); // 4 MiB: 4 segments of 1 MiB
+    fs::write(&rel, &pages).unwrap();
+    ok(&["backup", "--repo", s(&repo), s(&src)]);
+    // Rewrite 10 scattered pages, as UPDATEs do.
+    let changed = [3usize, 50, 101, 160, 222, 300, 333, 401, 470, 511];
+    for &p in &changed {
+        pages[p * bench::PAGE..(p + 1) * bench::PAGE].copy_from_slice(&bench::db_pages(1000 + p as u64, 1));
+    }
+    fs::write(&rel, &pages).unwrap();
+    let incr = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    let new = incr["bytes_new"].as_u64().unwrap();
+    // Default page chunks are 16 KiB: each changed page costs one chunk.
+    assert!(new <= changed.len() as u64 * 16384, "10 changed pages stored {new} new bytes");
+    assert!(new >= changed.len() as u64 * bench::PAGE as u64);
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+
+    // The same change under content-defined chunking costs far more.
+    let cdc_repo = tmp.path().join("cdc");
+    init_small(&cdc_repo);
+    fs::write(&rel, bench::db_pages(21, 512)).unwrap();
+    ok(&["backup", "--repo", s(&cdc_repo), s(&src), "--chunking", "cdc"]);
+    fs::write(&rel, &pages).unwrap();
+    let cdc = last_json(&ok(&["backup", "--repo", s(&cdc_repo), s(&src), "--json", "--chunking", "cdc"]));
+    assert!(cdc["bytes_new"].as_u64().unwrap() > 2 * new, "cdc {cdc} vs pages {new}");
+    let bad = cbcr(&["backup", "--repo", s(&repo), s(&src), "--page-chunk", "12KiB"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad.stderr));
+}

@@ -22,7 +22,7 @@ use wire::repo::{Snapshot, SnapshotStats};
 use wire::tree::{ChunkList, ChunkRef, Metadata, Node, NodeKind, Tree};
 use wire::{BlobKind, ChunkId};
 
-use crate::chunker;
+use crate::chunker::{self, ChunkPolicy};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
@@ -44,6 +44,38 @@ pub struct BackupOptions {
     pub cores: usize,
     pub compression_level: i32,
     pub pack_size: u64,
+    pub chunking: Chunking,
+}
+
+/// Which files are chunked at fixed page-aligned offsets instead of by content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunking {
+    /// Page chunks for files that look like PostgreSQL relation files (under a `base` or
+    /// `global` directory, a multiple of 8 KiB long); content-defined for everything else.
+    Auto { chunk: u32 },
+    /// Content-defined for every file.
+    Cdc,
+    /// Page chunks for every file whose length is a multiple of `page`.
+    Pages { page: u32, chunk: u32 },
+}
+
+impl Chunking {
+    /// The policy for a file at `path` of `len` bytes.
+    fn policy(&self, path: &Path, len: u64, cdc: ChunkPolicy) -> ChunkPolicy {
+        match *self {
+            Chunking::Cdc => cdc,
+            Chunking::Pages { page, chunk } if len.is_multiple_of(u64::from(page)) => ChunkPolicy::Fixed(chunk),
+            Chunking::Pages { .. } => cdc,
+            Chunking::Auto { chunk } => {
+                let relation_dir = path.components().any(|c| c.as_os_str() == "base" || c.as_os_str() == "global");
+                if relation_dir && len.is_multiple_of(synth::PAGE as u64) {
+                    ChunkPolicy::Fixed(chunk)
+                } else {
+                    cdc
+                }
+            }
+        }
+    }
 }
 
 /// A committed backup.
@@ -75,6 +107,7 @@ enum SegmentSource {
 
 struct SegmentJob {
     source: SegmentSource,
+    policy: ChunkPolicy,
     file: usize,
     segment: usize,
     offset: usize,
@@ -119,6 +152,23 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         Some(spec) => Some(repo.find_snapshot(spec)?),
         None => repo.snapshots()?.into_iter().rev().find(|(_, s)| s.host == host && s.paths == path_strings),
     };
+    if let Chunking::Auto { chunk } | Chunking::Pages { chunk, .. } = opts.chunking {
+        let page = match opts.chunking {
+            Chunking::Pages { page, .. } => page,
+            _ => synth::PAGE as u32,
+        };
+        if chunk == 0
+            || !chunk.is_multiple_of(page)
+            || !repo.config.segment_size.is_multiple_of(u64::from(chunk))
+            || chunk > wire::limits::MAX_CHUNK_SIZE
+        {
+            return Err(Error::Usage(format!(
+                "--page-chunk {chunk}: must be a multiple of the page size {page}, divide the segment size {}, and be at most {}",
+                repo.config.segment_size,
+                wire::limits::MAX_CHUNK_SIZE
+            )));
+        }
+    }
     if opts.pack_size < limits::MIN_PACK_SIZE {
         return Err(Error::Usage(format!("--pack-size must be at least {} bytes", limits::MIN_PACK_SIZE)));
     }
@@ -161,6 +211,8 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         pending_files: 0,
         stats: SnapshotStats::default(),
         reporter,
+        chunking: opts.chunking,
+        cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
     };
     let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
     let walked = match &opts.synth {
@@ -213,10 +265,9 @@ fn run_core(
     sealer: Sender<SealJob>,
 ) -> Result<WriteStats> {
     let mut writer = BlobWriter::new(&shared.repo, &shared.known, sealer, shared.pack_size, shared.level)?;
-    let params = shared.repo.config.chunker;
     let mut window = Vec::new();
     for job in jobs.iter() {
-        let result = backup_segment(&mut writer, params, &job, &mut window, &shared.progress);
+        let result = backup_segment(&mut writer, &job, &mut window, &shared.progress);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
             break;
@@ -228,7 +279,6 @@ fn run_core(
 /// Chunks, hashes, dedups, compresses and packs one segment; stores its chunk list.
 fn backup_segment(
     writer: &mut BlobWriter<'_>,
-    params: wire::repo::ChunkerParams,
     job: &SegmentJob,
     window: &mut Vec<u8>,
     progress: &Progress,
@@ -248,7 +298,7 @@ fn backup_segment(
         SegmentSource::Mapped(map) => {
             let data = &map[job.offset..job.offset + job.len];
             let mut released = 0;
-            for (off, len) in chunker::chunks(data, params) {
+            for (off, len) in chunker::cuts(data, job.policy) {
                 store(&data[off..off + len])?;
                 if off + len - released >= limits::MAPPED_WINDOW {
                     release_pages(map, job.offset + released, off + len - released);
@@ -264,7 +314,7 @@ fn backup_segment(
                 spec.fill(file, (job.offset + offset) as u64, buf);
                 progress.add(buf.len() as u64, 0);
             };
-            chunker::chunk_stream(job.len, synth::PAGE, params, window, fill, &mut store)?;
+            chunker::chunk_stream(job.len, synth::PAGE, job.policy, window, fill, &mut store)?;
         }
     }
     fault::point("segment");
@@ -334,6 +384,9 @@ struct Walker<'a> {
     pending_files: usize,
     stats: SnapshotStats,
     reporter: &'a mut Reporter,
+    chunking: Chunking,
+    /// The repository's content-defined policy.
+    cdc: ChunkPolicy,
 }
 
 impl Walker<'_> {
@@ -502,11 +555,12 @@ impl Walker<'_> {
         };
         let _ = map.advise(Advice::Sequential);
         meta.size = map.len() as u64;
-        Ok(Ok(Some(self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size)?)))
+        let policy = self.chunking.policy(path, meta.size, self.cdc);
+        Ok(Ok(Some(self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size, policy)?)))
     }
 
     /// Queues every segment of a file of `len` bytes and returns its slot.
-    fn queue_segments(&mut self, source: SegmentSource, len: u64) -> Result<usize> {
+    fn queue_segments(&mut self, source: SegmentSource, len: u64, policy: ChunkPolicy) -> Result<usize> {
         let segment_size = self.shared.repo.config.segment_size;
         let count = len.div_ceil(segment_size) as usize;
         let slot = self.next_slot;
@@ -516,7 +570,8 @@ impl Walker<'_> {
         for segment in 0..count {
             let offset = segment as u64 * segment_size;
             let len = segment_size.min(len - offset) as usize;
-            self.queue(SegmentJob { source: source.clone(), file: slot, segment, offset: offset as usize, len })?;
+            let job = SegmentJob { source: source.clone(), policy, file: slot, segment, offset: offset as usize, len };
+            self.queue(job)?;
         }
         Ok(slot)
     }
@@ -564,9 +619,10 @@ impl Walker<'_> {
         for (name, f) in &dir.files {
             let meta = stamp(0o100600, f.len(), f.mtime_ns, f.inode());
             let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
+            let policy = self.chunking.policy(Path::new(&f.path), f.len(), self.cdc);
             // A generated file is always readable: the inner result is always Ok.
             let added = self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta| {
-                Ok(Ok(Some(walker.queue_segments(source, meta.size)?)))
+                Ok(Ok(Some(walker.queue_segments(source, meta.size, policy)?)))
             })?;
             debug_assert!(added.is_ok());
         }

@@ -3,10 +3,63 @@
 
 use wire::repo::ChunkerParams;
 
-/// Content-defined cut points of one segment: `(offset, len)` pairs covering it exactly.
-/// A boundary is always forced at the segment start and end, so segments chunk independently.
-pub fn chunks(segment: &[u8], p: ChunkerParams) -> impl Iterator<Item = (usize, usize)> + '_ {
-    fastcdc::v2020::FastCDC::new(segment, p.min, p.avg, p.max).map(|c| (c.offset, c.length))
+/// How a file is cut into chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkPolicy {
+    /// Content-defined (FastCDC v2020) with the repository's sizes: for streams and archives,
+    /// whose bytes shift.
+    Cdc(ChunkerParams),
+    /// Fixed chunks of this many bytes at multiples of it: for page-structured database files,
+    /// whose pages never move, so a changed page changes exactly one chunk and no rolling hash
+    /// is computed.
+    Fixed(u32),
+}
+
+impl ChunkPolicy {
+    /// The longest chunk this policy makes.
+    pub fn max_len(&self) -> usize {
+        match *self {
+            ChunkPolicy::Cdc(p) => p.max as usize,
+            ChunkPolicy::Fixed(len) => len as usize,
+        }
+    }
+}
+
+/// Cut points of one segment: `(offset, len)` pairs covering it exactly. A boundary is always
+/// at the segment start and end, so segments chunk independently.
+pub fn cuts(segment: &[u8], policy: ChunkPolicy) -> Cuts<'_> {
+    match policy {
+        ChunkPolicy::Cdc(p) => Cuts::Cdc(fastcdc::v2020::FastCDC::new(segment, p.min, p.avg, p.max)),
+        ChunkPolicy::Fixed(len) => Cuts::Fixed { len: len as usize, total: segment.len(), next: 0 },
+    }
+}
+
+/// Content-defined cut points of one segment with the repository's sizes.
+pub fn chunks(segment: &[u8], p: ChunkerParams) -> Cuts<'_> {
+    cuts(segment, ChunkPolicy::Cdc(p))
+}
+
+/// The iterator of [`cuts`].
+pub enum Cuts<'a> {
+    Cdc(fastcdc::v2020::FastCDC<'a>),
+    Fixed { len: usize, total: usize, next: usize },
+}
+
+impl Iterator for Cuts<'_> {
+    type Item = (usize, usize);
+
+    fn next(&mut self) -> Option<(usize, usize)> {
+        match self {
+            Cuts::Cdc(cdc) => cdc.next().map(|c| (c.offset, c.length)),
+            Cuts::Fixed { len, total, next } => {
+                let start = *next;
+                (start < *total).then(|| {
+                    *next = (start + *len).min(*total);
+                    (start, *next - start)
+                })
+            }
+        }
+    }
 }
 
 /// Chunks a stream of `len` bytes produced by `fill(offset, buf)` in windows, calling `emit`
@@ -14,16 +67,18 @@ pub fn chunks(segment: &[u8], p: ChunkerParams) -> impl Iterator<Item = (usize, 
 /// a cut depends only on the bytes of its own chunk, and the last chunk of a window, which may
 /// have been cut short by the window's end, is carried into the next window. `fill` is called
 /// with offsets and lengths that are multiples of `align`; `window` is reused between calls.
+/// Fixed-size cut points stay at multiples of the chunk size: the window is consumed only up to
+/// the end of its last whole chunk.
 pub fn chunk_stream<E>(
     len: usize,
     align: usize,
-    p: ChunkerParams,
+    policy: ChunkPolicy,
     window: &mut Vec<u8>,
     mut fill: impl FnMut(usize, &mut [u8]),
     mut emit: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<(), E> {
     assert!(len.is_multiple_of(align));
-    let capacity = (crate::limits::STREAM_WINDOW + p.max as usize).next_multiple_of(align);
+    let capacity = (crate::limits::STREAM_WINDOW + policy.max_len()).next_multiple_of(align);
     window.resize(capacity, 0);
     let (mut filled, mut produced) = (0, 0);
     loop {
@@ -33,7 +88,7 @@ pub fn chunk_stream<E>(
         produced += n;
         let end = produced == len;
         let mut consumed = 0;
-        for (off, chunk_len) in chunks(&window[..filled], p) {
+        for (off, chunk_len) in cuts(&window[..filled], policy) {
             if !end && off + chunk_len == filled {
                 break;
             }
@@ -101,24 +156,28 @@ mod tests {
     #[test]
     fn streamed_cut_points_equal_whole_slice_cut_points() {
         let data = seeded(20 << 20, 9);
-        let p = ChunkerParams { min: 2 << 10, avg: 8 << 10, max: 32 << 10 };
-        let whole: Vec<&[u8]> = chunks(&data, p).map(|(o, l)| &data[o..o + l]).collect();
-        let mut streamed = vec![];
-        let mut window = Vec::new();
-        chunk_stream::<()>(
-            data.len(),
-            8192,
-            p,
-            &mut window,
-            |off, buf| buf.copy_from_slice(&data[off..off + buf.len()]),
-            |c| {
+        let cdc = ChunkPolicy::Cdc(ChunkerParams { min: 2 << 10, avg: 8 << 10, max: 32 << 10 });
+        for policy in [cdc, ChunkPolicy::Fixed(24 << 10), ChunkPolicy::Fixed(16 << 10)] {
+            let whole: Vec<&[u8]> = cuts(&data, policy).map(|(o, l)| &data[o..o + l]).collect();
+            let mut streamed = vec![];
+            let mut window = Vec::new();
+            let fill = |off: usize, buf: &mut [u8]| buf.copy_from_slice(&data[off..off + buf.len()]);
+            chunk_stream::<()>(data.len(), 8192, policy, &mut window, fill, |c| {
                 streamed.push(c.to_vec());
                 Ok(())
-            },
-        )
-        .unwrap();
-        assert_eq!(streamed.len(), whole.len());
-        assert!(streamed.iter().zip(&whole).all(|(a, b)| a == b));
+            })
+            .unwrap();
+            assert_eq!(streamed.len(), whole.len(), "{policy:?}");
+            assert!(streamed.iter().zip(&whole).all(|(a, b)| a == b), "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn fixed_cuts_cover_the_segment_at_multiples_of_the_length() {
+        let data = vec![1u8; 100_000];
+        let c: Vec<_> = cuts(&data, ChunkPolicy::Fixed(32768)).collect();
+        assert_eq!(c, vec![(0, 32768), (32768, 32768), (65536, 32768), (98304, 1696)]);
+        assert_eq!(cuts(&[], ChunkPolicy::Fixed(8192)).count(), 0);
     }
 
     #[test]

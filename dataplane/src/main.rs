@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 
 use clap::{Args, Parser, Subcommand};
-use dataplane::backup::{backup, BackupOptions};
+use dataplane::backup::{backup, BackupOptions, Chunking};
 use dataplane::error::{Error, ExitCode};
 use dataplane::output::Reporter;
 use dataplane::repo::Repository;
@@ -63,6 +63,14 @@ enum Command {
         /// Seal pack files at this size.
         #[arg(long, default_value = "64MiB", value_parser = dataplane::parse_size)]
         pack_size: u64,
+        /// `auto` (page chunks for PostgreSQL relation files, content-defined for the rest),
+        /// `cdc` (content-defined everywhere) or `pages:SIZE` (page chunks for every file whose
+        /// length is a multiple of the page SIZE, e.g. pages:16KiB for InnoDB).
+        #[arg(long, default_value = "auto", value_parser = parse_chunking)]
+        chunking: ChunkingArg,
+        /// Length of a page chunk: a multiple of the page size.
+        #[arg(long, default_value = "16KiB", value_parser = dataplane::parse_size)]
+        page_chunk: u64,
     },
     /// List snapshots.
     Snapshots,
@@ -148,7 +156,14 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::Ok)
         }
-        Command::Backup { paths, parent, compression_level, pack_size } => {
+        Command::Backup { paths, parent, compression_level, pack_size, chunking, page_chunk } => {
+            let chunk = u32::try_from(page_chunk)
+                .map_err(|_| Error::Usage(format!("--page-chunk {page_chunk} is too large")))?;
+            let chunking = match chunking {
+                ChunkingArg::Auto => Chunking::Auto { chunk },
+                ChunkingArg::Cdc => Chunking::Cdc,
+                ChunkingArg::Pages(page) => Chunking::Pages { page, chunk },
+            };
             let repo = Repository::open_or_init(&repo_path()?)?;
             let synth = match paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://")) {
                 Some(_) if paths.len() > 1 => {
@@ -157,7 +172,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                 Some(url) => Some(SynthSpec::parse(url)?),
                 None => None,
             };
-            let opts = BackupOptions { paths, synth, parent, cores, compression_level, pack_size };
+            let opts = BackupOptions { paths, synth, parent, cores, compression_level, pack_size, chunking };
             let out = backup(repo, &opts, reporter)?;
             let s = &out.snapshot.stats;
             reporter.event(json!({
@@ -307,6 +322,29 @@ fn list_tree(
         }
     }
     Ok(())
+}
+
+/// `--chunking` as given.
+#[derive(Clone, Copy, Debug)]
+enum ChunkingArg {
+    Auto,
+    Cdc,
+    Pages(u32),
+}
+
+fn parse_chunking(s: &str) -> Result<ChunkingArg, String> {
+    match s {
+        "auto" => Ok(ChunkingArg::Auto),
+        "cdc" => Ok(ChunkingArg::Cdc),
+        _ => {
+            let size = s.strip_prefix("pages:").ok_or_else(|| format!("{s:?}: use auto, cdc or pages:SIZE"))?;
+            let page = dataplane::parse_size(size)?;
+            match u32::try_from(page) {
+                Ok(p) if (512..=1 << 20).contains(&p) => Ok(ChunkingArg::Pages(p)),
+                _ => Err(format!("{s:?}: the page size must be 512 B to 1 MiB")),
+            }
+        }
+    }
 }
 
 fn to_u32(v: u64) -> Result<u32, Error> {
