@@ -1,0 +1,165 @@
+//! Real PostgreSQL (Debian's `postgresql`, started by the test as the `postgres` user on a
+//! private socket): pgbench data backed up, changed by a pgbench run, backed up again, restored,
+//! and started; row counts and a checksum query must match.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cbcr_tests::*;
+
+struct Postgres {
+    bin: PathBuf,
+    port: u16,
+    socket: PathBuf,
+}
+
+impl Postgres {
+    fn find(socket: &Path) -> Option<Self> {
+        let bin = fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .find(|b| b.join("initdb").exists())?;
+        let port = 5400 + (std::process::id() % 500) as u16;
+        Some(Self { bin, port, socket: socket.to_owned() })
+    }
+
+    /// Runs a PostgreSQL program as the `postgres` user and asserts it succeeded.
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        let out = Command::new("setpriv")
+            .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+            .arg(self.bin.join(program))
+            .args(args)
+            .output()
+            .expect("setpriv runs");
+        assert!(out.status.success(), "{program} {args:?}: {}\n{}", text(&out.stdout), text(&out.stderr));
+        out
+    }
+
+    fn start(&self, data: &Path) {
+        let opts = format!("-k {} -c listen_addresses='' -p {}", self.socket.display(), self.port);
+        let log = self.socket.join(format!("{}.log", data.file_name().unwrap().to_string_lossy()));
+        self.run("pg_ctl", &["-D", s(data), "-o", &opts, "-w", "-l", s(&log), "start"]);
+    }
+
+    fn stop(&self, data: &Path) {
+        self.run("pg_ctl", &["-D", s(data), "-m", "fast", "-w", "stop"]);
+    }
+
+    fn query(&self, sql: &str) -> String {
+        let port = self.port.to_string();
+        text(&self.run("psql", &["-h", s(&self.socket), "-p", &port, "-At", "-c", sql, "postgres"]).stdout)
+            .trim()
+            .to_owned()
+    }
+}
+
+/// Stops any server left running by a failed assertion.
+struct StopOnDrop<'a>(&'a Postgres, Vec<PathBuf>);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        for data in &self.1 {
+            let _ = Command::new("setpriv")
+                .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+                .arg(self.0.bin.join("pg_ctl"))
+                .args(["-D", s(data), "-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+/// Changed 8 KiB pages of relation files (under `base/` and `global/`, new pages included) and
+/// bytes of other changed files, between two copies of a data directory.
+fn changed(before: &Path, after: &Path, root: &Path) -> (u64, u64) {
+    let (mut pages, mut other) = (0, 0);
+    for entry in fs::read_dir(after).unwrap().flatten() {
+        let path = entry.path();
+        let old = before.join(path.file_name().unwrap());
+        let md = fs::symlink_metadata(&path).unwrap();
+        if md.is_dir() {
+            let (p, o) = changed(&old, &path, root);
+            pages += p;
+            other += o;
+        } else if md.is_file() {
+            let (new_bytes, old_bytes) = (fs::read(&path).unwrap(), fs::read(&old).unwrap_or_default());
+            let rel = path.strip_prefix(root).unwrap();
+            if rel.starts_with("base") || rel.starts_with("global") {
+                pages += new_bytes
+                    .chunks(8192)
+                    .enumerate()
+                    .filter(|(i, p)| old_bytes.get(i * 8192..i * 8192 + p.len()) != Some(p))
+                    .count() as u64;
+            } else if new_bytes != old_bytes {
+                other += new_bytes.len() as u64;
+            }
+        }
+    }
+    (pages, other)
+}
+
+fn chown_postgres(p: &Path) {
+    let ok = Command::new("chown").args(["postgres:postgres", s(p)]).status().unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn pgbench_database_round_trips_through_full_and_incremental_backups() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = tmp.path().join("sock");
+    let pg = match Postgres::find(&socket) {
+        Some(pg) if is_root() && Command::new("setpriv").arg("--version").output().is_ok() => pg,
+        _ => {
+            eprintln!("SKIPPED PostgreSQL test: needs root, setpriv and Debian's postgresql (.ci/run installs it)");
+            return;
+        }
+    };
+    let (data, repo, out) = (tmp.path().join("pgdata"), tmp.path().join("repo"), tmp.path().join("out"));
+    for dir in [&data, &socket] {
+        fs::create_dir(dir).unwrap();
+        chown_postgres(dir);
+    }
+    let restored = out.join(data.strip_prefix("/").unwrap());
+    let _guard = StopOnDrop(&pg, vec![data.clone(), restored.clone()]);
+    pg.run("initdb", &["-D", s(&data), "-A", "trust", "-N"]);
+    pg.start(&data);
+    let port = pg.port.to_string();
+    pg.run("pgbench", &["-i", "-q", "-s", "4", "-h", s(&socket), "-p", &port, "postgres"]);
+    pg.stop(&data);
+
+    // Cold backups: the server is stopped, so the files are consistent.
+    let full = last_json(&ok(&["backup", "--repo", s(&repo), s(&data), "--json"]));
+    pg.start(&data);
+    pg.run("pgbench", &["-t", "1500", "-c", "2", "-h", s(&socket), "-p", &port, "postgres"]);
+    let counts = "select count(*), sum(abalance) from pgbench_accounts; select count(*) from pgbench_history";
+    let checksum = "select md5(string_agg(aid || ':' || abalance, ',' order by aid)) from pgbench_accounts";
+    let (want_counts, want_checksum) = (pg.query(counts), pg.query(checksum));
+    assert!(want_counts.contains("400000"), "{want_counts}");
+    pg.stop(&data);
+    let incr = last_json(&ok(&["backup", "--repo", s(&repo), s(&data), "--json"]));
+    let (full_new, incr_new) = (full["bytes_new"].as_u64().unwrap(), incr["bytes_new"].as_u64().unwrap());
+    // What really changed: relation files page by page (hint bits and visibility maps included),
+    // every other changed file (WAL, commit log) whole.
+    let first = tmp.path().join("first");
+    let first_id = full["snapshot_id"].as_str().unwrap();
+    ok(&["restore", &first_id[..12], "--repo", s(&repo), "--target", s(&first)]);
+    let before = first.join(data.strip_prefix("/").unwrap());
+    let (pages, other) = changed(&before, &data, &data);
+    let bound = pages * 16384 + other;
+    assert!(
+        incr_new <= bound,
+        "the incremental stored {incr_new} new bytes; {pages} pages and {other} other bytes changed"
+    );
+    assert!(incr_new < full_new, "the incremental stored {incr_new} new bytes, the full {full_new}");
+
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+    pg.start(&restored);
+    assert_eq!(pg.query(counts), want_counts, "row counts of the restored database");
+    assert_eq!(pg.query(checksum), want_checksum, "checksum of the restored database");
+    pg.stop(&restored);
+    eprintln!("pgbench: full {full_new} new bytes; incremental {incr_new} ({pages} changed pages, {other} other changed bytes)");
+}
