@@ -196,9 +196,9 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                     "snapshot {} saved: {} files, {} read, {} new, {} stored, {:.2}s ({:.0} MB/s)",
                     out.snapshot_id.short(),
                     s.files,
-                    human(s.bytes_read),
-                    human(s.bytes_new),
-                    human(s.bytes_stored),
+                    dataplane::human_size(s.bytes_read),
+                    dataplane::human_size(s.bytes_new),
+                    dataplane::human_size(s.bytes_stored),
                     s.duration_s,
                     s.bytes_read as f64 / s.duration_s.max(1e-9) / 1e6
                 );
@@ -216,7 +216,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                         id.short(),
                         &s.time[..19.min(s.time.len())],
                         s.host,
-                        human(s.stats.bytes_total),
+                        dataplane::human_size(s.stats.bytes_total),
                         s.paths.join(" ")
                     );
                 }
@@ -241,7 +241,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                     "restored {} files, {} dirs, {} to {}",
                     stats.files,
                     stats.dirs,
-                    human(stats.bytes),
+                    dataplane::human_size(stats.bytes),
                     target.display()
                 );
             }
@@ -254,7 +254,11 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             reporter
                 .event(json!({"type": "compare_summary", "files": stats.files, "bytes": stats.bytes, "source": url}));
             if !g.quiet && !g.json {
-                println!("snapshot {snapshot} equals {url}: {} files, {}", stats.files, human(stats.bytes));
+                println!(
+                    "snapshot {snapshot} equals {url}: {} files, {}",
+                    stats.files,
+                    dataplane::human_size(stats.bytes)
+                );
             }
             Ok(ExitCode::Ok)
         }
@@ -349,15 +353,4 @@ fn parse_chunking(s: &str) -> Result<ChunkingArg, String> {
 
 fn to_u32(v: u64) -> Result<u32, Error> {
     u32::try_from(v).map_err(|_| Error::Usage(format!("chunk size {v} is too large")))
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
 }

@@ -150,9 +150,9 @@ fn phase(name: &str, size: u64, cores: usize, bytes: u64, r: &Run, limit_gbps: O
     let gbps = bytes as f64 / r.seconds / 1e9;
     eprintln!(
         "{name:>12} {:>9} {cores:>5} cores {:>8.2} s {gbps:>7.3} GB/s {:>8} RSS {}",
-        human(size),
+        dataplane::human_size(size),
         r.seconds,
-        human(r.peak_rss),
+        dataplane::human_size(r.peak_rss),
         limit_gbps.map_or(String::new(), |l| format!(" efficiency {:.2}", gbps / l))
     );
     json!({
@@ -208,7 +208,7 @@ fn run(cbcr: &Path, out: &Path, sizes: &[u64], cores: &[usize], ratio: u32, rest
         }
     }
     let report = json!({
-        "type": "perf_report", "created": humantime_now(), "cores_available": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "type": "perf_report", "created": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(), "cores_available": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "sizes": sizes, "cores": cores, "ratio": ratio, "stage_limits": limits, "phases": phases,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
@@ -218,11 +218,6 @@ fn run(cbcr: &Path, out: &Path, sizes: &[u64], cores: &[usize], ratio: u32, rest
     Ok(())
 }
 
-fn humantime_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    format!("unix {secs}")
-}
-
 fn dir_bytes(p: &Path) -> u64 {
     let Ok(md) = std::fs::symlink_metadata(p) else { return 0 };
     if md.is_dir() {
@@ -230,15 +225,6 @@ fn dir_bytes(p: &Path) -> u64 {
     } else {
         md.len()
     }
-}
-
-fn human(b: u64) -> String {
-    let (v, u) = match b {
-        b if b >= 1 << 40 => (b as f64 / (1u64 << 40) as f64, "TiB"),
-        b if b >= 1 << 30 => (b as f64 / (1u64 << 30) as f64, "GiB"),
-        b => (b as f64 / (1u64 << 20) as f64, "MiB"),
-    };
-    format!("{v:.1}{u}")
 }
 
 /// Wall seconds of a command; its output is discarded, a failure is an error.
@@ -473,7 +459,11 @@ fn soak(cbcr: &Path, out: &Path, duration: Duration, size: u64) -> Result<()> {
         let threads =
             [&backup, &compare, &verify].iter().flat_map(|r| r.samples.iter().map(|s| s.threads)).max().unwrap_or(0);
         let grown = backup.summary["bytes_stored"].as_u64().unwrap_or(0);
-        eprintln!("gen {gen}: peak RSS {} fds {fds} threads {threads} stored {}", human(peak), human(grown));
+        eprintln!(
+            "gen {gen}: peak RSS {} fds {fds} threads {threads} stored {}",
+            dataplane::human_size(peak),
+            dataplane::human_size(grown)
+        );
         rows.push((gen, peak, fds, threads, grown));
         gen += 1;
     }
