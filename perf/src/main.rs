@@ -235,17 +235,78 @@ fn timed(cmd: &mut Command) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Makes the command that backs `input` up as archive `tag`.
-type BackupCommand = Box<dyn Fn(&Path, &str) -> Command>;
-/// Makes the command that restores the latest backup into a directory.
-type RestoreCommand = Box<dyn Fn(&Path) -> Command>;
+/// A backup tool as `peers` drives it.
+#[derive(Clone, Copy)]
+enum Peer {
+    Cbcr,
+    Restic,
+    Borg,
+}
 
-/// One backup tool as `peers` drives it.
-struct Peer {
-    name: &'static str,
-    repo: PathBuf,
-    backup: BackupCommand,
-    restore: RestoreCommand,
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Cbcr => "cbcr",
+            Peer::Restic => "restic",
+            Peer::Borg => "borg",
+        }
+    }
+
+    /// A command of this tool on its repository under `work`.
+    fn command(self, cbcr: &Path, work: &Path) -> Command {
+        let repo = self.repo(work);
+        match self {
+            Peer::Cbcr => {
+                let mut c = Command::new(cbcr);
+                c.env("CBCR_REPO", repo).arg("--no-progress");
+                c
+            }
+            Peer::Restic => {
+                let mut c = Command::new("restic");
+                c.env("RESTIC_REPOSITORY", repo).env("RESTIC_PASSWORD", "perf");
+                c
+            }
+            Peer::Borg => {
+                let mut c = Command::new("borg");
+                c.env("BORG_REPO", repo)
+                    .env("BORG_PASSPHRASE", "perf")
+                    .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes");
+                c
+            }
+        }
+    }
+
+    fn repo(self, work: &Path) -> PathBuf {
+        work.join(self.name())
+    }
+
+    fn init(self, cbcr: &Path, work: &Path) -> Result<()> {
+        match self {
+            Peer::Cbcr => Ok(()),
+            Peer::Restic => timed(self.command(cbcr, work).arg("init")).map(drop),
+            Peer::Borg => timed(self.command(cbcr, work).args(["init", "-e", "none"])).map(drop),
+        }
+    }
+
+    /// Backs `input` up as archive `tag`.
+    fn backup(self, cbcr: &Path, work: &Path, input: &Path, tag: &str) -> Result<f64> {
+        let mut c = self.command(cbcr, work);
+        match self {
+            Peer::Cbcr | Peer::Restic => c.arg("backup").arg(input),
+            Peer::Borg => c.arg("create").arg(format!("::{tag}")).arg(input),
+        };
+        timed(&mut c)
+    }
+
+    /// Restores the latest backup (archive `b` for borg) into `target`.
+    fn restore(self, cbcr: &Path, work: &Path, target: &Path) -> Result<f64> {
+        let mut c = self.command(cbcr, work);
+        match self {
+            Peer::Cbcr | Peer::Restic => c.args(["restore", "latest", "--target"]).arg(target),
+            Peer::Borg => c.args(["extract", "::b"]).current_dir(target),
+        };
+        timed(&mut c)
+    }
 }
 
 /// One tool's figures.
@@ -281,87 +342,14 @@ fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>)
         (None, Some(input)) => std::fs::canonicalize(input)?,
         (None, None) => bail!("give --input or --synth"),
     };
-    let cbcr = cbcr.to_owned();
-    let restic_repo = work.join("restic");
-    let borg_repo = work.join("borg");
-    let restic = |repo: &Path| {
-        let mut c = Command::new("restic");
-        c.arg("--repo").arg(repo).env("RESTIC_PASSWORD", "perf");
-        c
-    };
-    let borg = || {
-        let mut c = Command::new("borg");
-        c.env("BORG_PASSPHRASE", "perf").env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes");
-        c
-    };
-    timed(restic(&restic_repo).arg("init"))?;
-    timed(borg().args(["init", "-e", "none"]).arg(&borg_repo))?;
-    let peers = [
-        Peer {
-            name: "cbcr",
-            repo: work.join("cbcr"),
-            backup: Box::new({
-                let (cbcr, repo) = (cbcr.clone(), work.join("cbcr"));
-                move |input, _| {
-                    let mut c = Command::new(&cbcr);
-                    c.args(["backup", "--no-progress", "--repo"]).arg(&repo).arg(input);
-                    c
-                }
-            }),
-            restore: Box::new({
-                let (cbcr, repo) = (cbcr.clone(), work.join("cbcr"));
-                move |target| {
-                    let mut c = Command::new(&cbcr);
-                    c.args(["restore", "latest", "--repo"]).arg(&repo).arg("--target").arg(target);
-                    c
-                }
-            }),
-        },
-        Peer {
-            name: "restic",
-            repo: restic_repo.clone(),
-            backup: Box::new({
-                let repo = restic_repo.clone();
-                move |input, _| {
-                    let mut c = restic(&repo);
-                    c.arg("backup").arg(input);
-                    c
-                }
-            }),
-            restore: Box::new({
-                let repo = restic_repo.clone();
-                move |target| {
-                    let mut c = restic(&repo);
-                    c.args(["restore", "latest", "--target"]).arg(target);
-                    c
-                }
-            }),
-        },
-        Peer {
-            name: "borg",
-            repo: borg_repo.clone(),
-            backup: Box::new({
-                let repo = borg_repo.clone();
-                move |input, tag| {
-                    let mut c = borg();
-                    c.arg("create").arg(format!("{}::{tag}", repo.display())).arg(input);
-                    c
-                }
-            }),
-            restore: Box::new({
-                let repo = borg_repo.clone();
-                move |target| {
-                    let mut c = borg();
-                    c.arg("extract").arg(format!("{}::b", repo.display())).current_dir(target);
-                    c
-                }
-            }),
-        },
-    ];
+    let peers = [Peer::Cbcr, Peer::Restic, Peer::Borg];
+    for p in peers {
+        p.init(cbcr, &work)?;
+    }
     let bytes = dir_bytes(&input);
     let mut full = vec![];
     for p in &peers {
-        full.push((timed(&mut (p.backup)(&input, "a"))?, dir_bytes(&p.repo)));
+        full.push((p.backup(cbcr, &work, &input, "a")?, dir_bytes(&p.repo(&work))));
     }
     if let Some(spec) = &spec {
         write_synth(&SynthSpec { gen: spec.gen + 1, ..spec.clone() }, &input)?;
@@ -369,13 +357,13 @@ fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>)
     let incr_bytes = dir_bytes(&input);
     let mut rows = vec![];
     for (p, (full_s, full_size)) in peers.iter().zip(full) {
-        let incr_s = timed(&mut (p.backup)(&input, "b"))?;
-        let growth = dir_bytes(&p.repo) - full_size;
+        let incr_s = p.backup(cbcr, &work, &input, "b")?;
+        let growth = dir_bytes(&p.repo(&work)) - full_size;
         let target = work.join("out");
         std::fs::create_dir_all(&target)?;
-        let restore_s = timed(&mut (p.restore)(&target))?;
+        let restore_s = p.restore(cbcr, &work, &target)?;
         std::fs::remove_dir_all(&target)?;
-        rows.push(PeerRow { name: p.name, full_s, full_size, incr_s, growth, restore_s });
+        rows.push(PeerRow { name: p.name(), full_s, full_size, incr_s, growth, restore_s });
     }
     std::fs::remove_dir_all(&work)?;
     println!(
