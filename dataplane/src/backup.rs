@@ -215,10 +215,10 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
     };
     let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
-    let walked = match &opts.synth {
-        Some(spec) => walker.walk_synth(spec, parent_tree),
-        None => walker.walk_sources(&paths, parent_tree),
-    };
+    let walked = walker.walk(parent_tree, |walker, parent| match &opts.synth {
+        Some(spec) => walker.walk_synth(spec, parent),
+        None => walker.walk_sources(&paths, parent),
+    });
     let Walker { tree_writer, jobs, done, mut stats, reporter, .. } = walker;
     // Closing the queue lets the cores close their packs and stop; draining the answers keeps
     // a core from blocking on a send when the walk stopped early. Every pack closed is made
@@ -391,25 +391,35 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     /// Walks every source and returns the root tree's id.
-    fn walk_sources(&mut self, paths: &[PathBuf], parent: Option<ChunkId>) -> Result<ChunkId> {
+    /// Walks a source with `walk_root` (given the parent snapshot's root tree), completes every
+    /// directory, and returns the root tree's id.
+    fn walk(
+        &mut self,
+        parent: Option<ChunkId>,
+        walk_root: impl FnOnce(&mut Self, Option<&Tree>) -> Result<usize>,
+    ) -> Result<ChunkId> {
         let parent = match parent {
             Some(id) => Some(self.load_tree(&id)?),
             None => None,
         };
-        let parent = parent.as_ref();
+        let slot = walk_root(self, parent.as_ref())?;
+        while !self.pending.is_empty() {
+            self.complete_oldest_dir()?;
+        }
+        Ok(self.dirs_done.remove(&slot).expect("the root is completed last"))
+    }
+
+    /// The root directory of the source paths; returns its slot.
+    fn walk_sources(&mut self, paths: &[PathBuf], parent: Option<&Tree>) -> Result<usize> {
         let mut root = Source::Inner(BTreeMap::new());
         for p in paths {
             let names: Vec<OsString> = p.components().skip(1).map(|c| c.as_os_str().to_owned()).collect();
             insert_source(&mut root, &names);
         }
-        let slot = match &root {
-            Source::Leaf => self.walk_dir(Path::new("/"), parent)?,
-            Source::Inner(children) => self.walk_ancestors(Path::new("/"), children, parent)?,
-        };
-        while !self.pending.is_empty() {
-            self.complete_oldest_dir()?;
+        match &root {
+            Source::Leaf => self.walk_dir(Path::new("/"), parent),
+            Source::Inner(children) => self.walk_ancestors(Path::new("/"), children, parent),
         }
-        Ok(self.dirs_done.remove(&slot).expect("the root is completed last"))
     }
 
     fn walk_ancestors(
@@ -577,11 +587,8 @@ impl Walker<'_> {
     }
 
     /// Walks a generated source: its files in their directories.
-    fn walk_synth(&mut self, spec: &SynthSpec, parent: Option<ChunkId>) -> Result<ChunkId> {
-        let parent = match parent {
-            Some(id) => Some(self.load_tree(&id)?),
-            None => None,
-        };
+    /// The root directory of a generated source; returns its slot.
+    fn walk_synth(&mut self, spec: &SynthSpec, parent: Option<&Tree>) -> Result<usize> {
         let mut root = SynthDir::default();
         for f in spec.files() {
             let mut dir = &mut root;
@@ -593,11 +600,7 @@ impl Walker<'_> {
             dir.files.push((file_name, Arc::new(f)));
         }
         let spec = Arc::new(spec.clone());
-        let slot = self.walk_synth_dir(&spec, &root, parent.as_ref())?;
-        while !self.pending.is_empty() {
-            self.complete_oldest_dir()?;
-        }
-        Ok(self.dirs_done.remove(&slot).expect("the root is completed last"))
+        self.walk_synth_dir(&spec, &root, parent)
     }
 
     fn walk_synth_dir(&mut self, spec: &Arc<SynthSpec>, dir: &SynthDir, parent: Option<&Tree>) -> Result<usize> {
