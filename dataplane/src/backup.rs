@@ -7,7 +7,7 @@
 //! post-order, oldest first, once their files are done; the walker waits only when more than
 //! [`limits::PENDING_FILES`] files are in flight, so memory does not grow with the snapshot.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata as FsMetadata};
 use std::os::unix::ffi::OsStrExt;
@@ -25,7 +25,7 @@ use wire::{BlobKind, ChunkId};
 use crate::chunker::{self, ChunkPolicy};
 use crate::error::{Error, Result};
 use crate::fault;
-use crate::index::{ChunkIndex, KnownBlobs};
+use crate::index::{ChunkIndex, IdBuild, KnownBlobs};
 use crate::limits;
 use crate::metrics::Stage;
 use crate::output::{Progress, Reporter};
@@ -89,7 +89,7 @@ pub struct BackupOutcome {
 /// State the cores share: read-only but for the claim set.
 struct Shared {
     repo: Repository,
-    known: KnownBlobs,
+    known: Arc<KnownBlobs>,
     pack_size: u64,
     level: i32,
     /// Cores count bytes as they go (once per window); the walker counts files.
@@ -108,6 +108,8 @@ enum SegmentSource {
 struct SegmentJob {
     source: SegmentSource,
     policy: ChunkPolicy,
+    /// The parent snapshot's chunk list for this segment of the file, if it had one.
+    previous: Option<ChunkId>,
     file: usize,
     segment: usize,
     offset: usize,
@@ -173,10 +175,11 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         return Err(Error::Usage(format!("--pack-size must be at least {} bytes", limits::MIN_PACK_SIZE)));
     }
     let index = ChunkIndex::load(&repo)?;
+    index.compact(&repo)?;
     let progress = reporter.start("backup");
     let shared = Arc::new(Shared {
         repo,
-        known: KnownBlobs::new(index),
+        known: Arc::new(KnownBlobs::new(index)),
         pack_size: opts.pack_size,
         level: opts.compression_level,
         progress: Arc::clone(&progress),
@@ -185,7 +188,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
     let (job_tx, job_rx) = bounded::<SegmentJob>(depth);
     let (done_tx, done_rx) = bounded::<SegmentDone>(depth);
-    let sealer = Sealer::start(shared.repo.clone());
+    let sealer = Sealer::start(shared.repo.clone(), Arc::clone(&shared.known));
     let cores = {
         let (shared, seal_tx) = (Arc::clone(&shared), sealer.sender());
         runtime::spawn(opts.cores, move |_core| run_core(&shared, &job_rx, &done_tx, seal_tx.clone()))?
@@ -253,6 +256,10 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         stats,
     };
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
+    // The snapshot stands on its own: a merge that fails only leaves more runs to read.
+    if let Err(e) = shared.known.index().compact_all(&shared.repo) {
+        reporter.warn(&shared.repo.root().join("index"), &format!("index runs not merged: {e}"));
+    }
     let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
     Ok(BackupOutcome { snapshot_id, snapshot, stage_latency })
 }
@@ -265,9 +272,12 @@ fn run_core(
     sealer: Sender<SealJob>,
 ) -> Result<WriteStats> {
     let mut writer = BlobWriter::new(&shared.repo, &shared.known, sealer, shared.pack_size, shared.level)?;
+    let mut reader = BlobReader::new(&shared.repo, shared.known.index())?;
     let mut window = Vec::new();
+    let mut previous = PreviousChunks::default();
     for job in jobs.iter() {
-        let result = backup_segment(&mut writer, &job, &mut window, &shared.progress);
+        previous.load(&mut reader, job.previous);
+        let result = backup_segment(&mut writer, &job, &previous, &mut window, &shared.progress);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
             break;
@@ -280,6 +290,7 @@ fn run_core(
 fn backup_segment(
     writer: &mut BlobWriter<'_>,
     job: &SegmentJob,
+    previous: &PreviousChunks,
     window: &mut Vec<u8>,
     progress: &Progress,
 ) -> Result<SegmentSummary> {
@@ -289,7 +300,15 @@ fn backup_segment(
     let mut cut_started = Instant::now();
     let mut store = |chunk: &[u8]| -> Result<()> {
         writer.stats.stages.record(Stage::Chunk, cut_started.elapsed());
-        let id = if chunker::is_zero(chunk) { ChunkId::default() } else { writer.store(BlobKind::Data, chunk)?.0 };
+        let id = if chunker::is_zero(chunk) {
+            ChunkId::default()
+        } else {
+            let id = writer.hash(chunk);
+            if !previous.ids.contains(&id) {
+                writer.store_with_id(id, BlobKind::Data, chunk)?;
+            }
+            id
+        };
         list.chunks.push(ChunkRef { id, len: chunk.len() as u32, zero: id == ChunkId::default() });
         cut_started = Instant::now();
         Ok(())
@@ -320,6 +339,33 @@ fn backup_segment(
     fault::point("segment");
     let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
     Ok(SegmentSummary { list: list_id, bytes: job.len as u64, chunks: list.chunks.len() as u64 })
+}
+
+/// The chunks of a segment in the parent snapshot. They are in the repository already (the
+/// parent is committed), so the bulk of a changed database file, whose unchanged pages chunk
+/// exactly as before, needs no index lookup.
+#[derive(Default)]
+struct PreviousChunks {
+    list: Option<ChunkId>,
+    ids: HashSet<ChunkId, IdBuild>,
+    buf: Vec<u8>,
+}
+
+impl PreviousChunks {
+    fn load(&mut self, reader: &mut BlobReader<'_>, list: Option<ChunkId>) {
+        if list == self.list {
+            return;
+        }
+        self.ids.clear();
+        self.list = list;
+        let Some(id) = list else { return };
+        // An unreadable parent list only means more lookups: the index still decides.
+        if reader.read(&id, &mut self.buf).is_ok() {
+            if let Ok(l) = ChunkList::decode(&self.buf) {
+                self.ids.extend(l.chunks.iter().filter(|c| !c.zero).map(|c| c.id));
+            }
+        }
+    }
 }
 
 /// Drops pages that were read and are not needed again from this process's page tables, so RSS
@@ -488,7 +534,9 @@ impl Walker<'_> {
             let slot = self.walk_dir(path, sub.as_ref())?;
             nodes.push(PendingNode::Dir { name, meta, slot });
         } else if ft.is_file() {
-            if let Err(why) = self.add_file(nodes, name, meta, parent, |walker, meta| walker.start_file(path, meta))? {
+            if let Err(why) = self
+                .add_file(nodes, name, meta, parent, |walker, meta, previous| walker.start_file(path, meta, previous))?
+            {
                 self.skip(path, &why);
             }
         } else if ft.is_symlink() {
@@ -514,13 +562,18 @@ impl Walker<'_> {
         name: Vec<u8>,
         mut meta: Metadata,
         parent: Option<&Tree>,
-        start: impl FnOnce(&mut Self, &mut Metadata) -> Result<Started>,
+        start: impl FnOnce(&mut Self, &mut Metadata, &[ChunkId]) -> Result<Started>,
     ) -> Result<std::result::Result<(), String>> {
-        let reusable = match parent.and_then(|t| t.find(&name)) {
+        let old = parent.and_then(|t| t.find(&name));
+        let previous = match old {
+            Some(Node { kind: NodeKind::File { segments }, .. }) => &segments[..],
+            _ => &[],
+        };
+        let reusable = match old {
             // Reused only while its chunk lists are still indexed: a damaged repository heals
             // by reading the file again.
             Some(Node { meta: old, kind: NodeKind::File { segments }, .. })
-                if unchanged(old, &meta) && segments.iter().all(|s| self.shared.known.index().contains(s)) =>
+                if unchanged(old, &meta) && all_indexed(self.shared.known.index(), segments)? =>
             {
                 Some(segments.clone())
             }
@@ -531,7 +584,7 @@ impl Walker<'_> {
                 self.shared.progress.add(meta.size, 1);
                 PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments } })
             }
-            None => match start(self, &mut meta)? {
+            None => match start(self, &mut meta, previous)? {
                 Ok(Some(slot)) => PendingNode::File { name, meta, slot },
                 Ok(None) => PendingNode::Done(Node { name, meta, kind: NodeKind::File { segments: vec![] } }),
                 Err(why) => return Ok(Err(why)),
@@ -544,7 +597,7 @@ impl Walker<'_> {
     }
 
     /// Maps a file and queues its segments.
-    fn start_file(&mut self, path: &Path, meta: &mut Metadata) -> Result<Started> {
+    fn start_file(&mut self, path: &Path, meta: &mut Metadata, previous: &[ChunkId]) -> Result<Started> {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) => return Ok(Err(format!("cannot open: {e}"))),
@@ -566,11 +619,18 @@ impl Walker<'_> {
         let _ = map.advise(Advice::Sequential);
         meta.size = map.len() as u64;
         let policy = self.chunking.policy(path, meta.size, self.cdc);
-        Ok(Ok(Some(self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size, policy)?)))
+        Ok(Ok(Some(self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size, policy, previous)?)))
     }
 
-    /// Queues every segment of a file of `len` bytes and returns its slot.
-    fn queue_segments(&mut self, source: SegmentSource, len: u64, policy: ChunkPolicy) -> Result<usize> {
+    /// Queues every segment of a file of `len` bytes and returns its slot. `previous` are the
+    /// file's chunk lists in the parent snapshot.
+    fn queue_segments(
+        &mut self,
+        source: SegmentSource,
+        len: u64,
+        policy: ChunkPolicy,
+        previous: &[ChunkId],
+    ) -> Result<usize> {
         let segment_size = self.shared.repo.config.segment_size;
         let count = len.div_ceil(segment_size) as usize;
         let slot = self.next_slot;
@@ -580,7 +640,15 @@ impl Walker<'_> {
         for segment in 0..count {
             let offset = segment as u64 * segment_size;
             let len = segment_size.min(len - offset) as usize;
-            let job = SegmentJob { source: source.clone(), policy, file: slot, segment, offset: offset as usize, len };
+            let job = SegmentJob {
+                source: source.clone(),
+                policy,
+                previous: previous.get(segment).copied(),
+                file: slot,
+                segment,
+                offset: offset as usize,
+                len,
+            };
             self.queue(job)?;
         }
         Ok(slot)
@@ -624,9 +692,10 @@ impl Walker<'_> {
             let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
             let policy = self.chunking.policy(Path::new(&f.path), f.len(), self.cdc);
             // A generated file is always readable: the inner result is always Ok.
-            let added = self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta| {
-                Ok(Ok(Some(walker.queue_segments(source, meta.size, policy)?)))
-            })?;
+            let added =
+                self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta, previous| {
+                    Ok(Ok(Some(walker.queue_segments(source, meta.size, policy, previous)?)))
+                })?;
             debug_assert!(added.is_ok());
         }
         self.push_dir(nodes)
@@ -790,4 +859,14 @@ fn hostname() -> String {
     } else {
         "unknown".into()
     }
+}
+
+/// Whether every blob of `ids` is in the index.
+fn all_indexed(index: &ChunkIndex, ids: &[ChunkId]) -> Result<bool> {
+    for id in ids {
+        if !index.contains(id)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// The points a backup passes, in the order of the commit protocol.
-pub const POINTS: &[&str] = &["segment", "pack-write", "pack-seal", "index-write", "snapshot-write", "snapshot-rename"];
+pub const POINTS: &[&str] =
+    &["segment", "pack-write", "pack-seal", "index-write", "index-merge", "snapshot-write", "snapshot-rename"];
 
 struct Armed {
     name: String,

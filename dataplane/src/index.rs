@@ -1,20 +1,29 @@
-//! The chunk index of a repository, held in memory while a command runs, and the set of blobs a
-//! running backup has claimed but not yet made durable.
+//! The chunk index: sorted runs on disk (`REPO/index/*.idx`) searched in place, and in memory only
+//! what finds an entry fast: a membership filter (~1.25 bytes per blob) and one 8-byte fence per
+//! [`limits::INDEX_FENCE_STRIDE`] entries of each run. An entry itself (88 bytes) stays on disk,
+//! so memory grows by ~1.5 bytes per blob, not ~90.
 //!
-//! Loading every run into one hash map costs the id, a 24-byte location and the map's overhead
-//! per blob (~80 bytes; 1.3 MB per GB of unique data at 64 KiB chunks). The design's partitioned
-//! on-disk runs with a membership filter replace it when repositories outgrow that; the
-//! interface (`get`, `contains`, `iter`) stays.
+//! A lookup asks the filter, then reads one block of each run until it finds the blob, largest
+//! run first (it holds most blobs). Runs of one size tier are merged, streamed, once
+//! [`limits::INDEX_MERGE_FANIN`] of them exist, so there are few runs to ask. Only a backup merges
+//! (it holds the repository lock); the merged run is durable before the runs it replaces are
+//! removed, so a crash leaves duplicate entries, which are harmless: each names a valid place.
 
-use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Mutex;
 
-use wire::index::{decode_run, IndexEntry};
-use wire::pack::PackEntry;
-use wire::{BlobKind, ChunkId, Compression};
+use wire::index::{entry_offset, IndexEntry, RunDecoder, RunEncoder, CHECKSUM_LEN, ENTRY_LEN, HEADER_LEN};
+use wire::ChunkId;
 
 use crate::error::{Error, IoContext, Result};
+use crate::fault;
+use crate::limits;
 use crate::repo::Repository;
 
 /// Blob ids are uniformly random, so their first 8 bytes are already a good hash.
@@ -34,89 +43,465 @@ impl Hasher for IdHasher {
     fn write_usize(&mut self, _: usize) {}
 }
 
-type IdBuild = BuildHasherDefault<IdHasher>;
+/// Hash maps and sets keyed by blob id use its own bytes.
+pub type IdBuild = BuildHasherDefault<IdHasher>;
 
-/// Where a blob is, without its id (the map's key); its pack as a number into `packs`.
-#[derive(Clone, Copy)]
-struct Location {
-    offset: u64,
-    pack: u32,
-    stored_len: u32,
-    raw_len: u32,
-    kind: BlobKind,
-    compression: Compression,
+fn prefix(id: &ChunkId) -> u64 {
+    u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
-const _: () = assert!(size_of::<Location>() == 24);
+/// A blocked Bloom filter: each id sets 7 bits in one 512-bit block, so a query touches one
+/// cache line. At 10 bits per blob about 1% of absent blobs pass it.
+#[derive(Default)]
+struct Filter {
+    blocks: Vec<[u64; 8]>,
+    capacity: u64,
+}
+
+impl Filter {
+    fn with_capacity(blobs: u64) -> Self {
+        let capacity = blobs.max(limits::FILTER_MIN_CAPACITY);
+        let blocks = (capacity * limits::FILTER_BITS_PER_BLOB).div_ceil(512) as usize;
+        Self { blocks: vec![[0; 8]; blocks], capacity }
+    }
+
+    /// The block and the 7 bit positions in it; from id bytes other than the fence prefix.
+    fn bits(&self, id: &ChunkId) -> (usize, impl Iterator<Item = usize>) {
+        let block = u64::from_le_bytes(id.0[8..16].try_into().expect("8 bytes")) % self.blocks.len() as u64;
+        let bits = u64::from_le_bytes(id.0[16..24].try_into().expect("8 bytes"));
+        (block as usize, (0..7).map(move |i| ((bits >> (9 * i)) & 511) as usize))
+    }
+
+    fn insert(&mut self, id: &ChunkId) {
+        let (b, bits) = self.bits(id);
+        let block = &mut self.blocks[b];
+        for bit in bits {
+            block[bit / 64] |= 1 << (bit % 64);
+        }
+    }
+
+    fn may_contain(&self, id: &ChunkId) -> bool {
+        let (b, mut bits) = self.bits(id);
+        let block = &self.blocks[b];
+        bits.all(|bit| block[bit / 64] & (1 << (bit % 64)) != 0)
+    }
+}
+
+/// One run file, open for lookups.
+struct Run {
+    path: PathBuf,
+    file: File,
+    count: u32,
+    /// Id prefix of every `INDEX_FENCE_STRIDE`-th entry.
+    fences: Vec<u64>,
+}
+
+const STRIDE: usize = limits::INDEX_FENCE_STRIDE;
+/// Entries validated and hashed at a time while a run is streamed (hashing one 88-byte entry
+/// at a time runs BLAKE3 at a fraction of its speed).
+const STREAM_BLOCK: usize = 2048;
+
+impl Run {
+    /// Opens and validates a run in one streamed pass (header, order, fields, checksum, and its
+    /// name, which is the hash of its bytes), feeding every id to `each`.
+    fn open(path: &Path, mut each: impl FnMut(&IndexEntry)) -> Result<Self> {
+        let file = File::open(path).at(path)?;
+        let mut fences = vec![];
+        let count = stream(path, &file, |i, e| {
+            if (i as usize).is_multiple_of(STRIDE) {
+                fences.push(prefix(&e.id()));
+            }
+            each(e);
+        })?;
+        Ok(Self { path: path.to_owned(), file, count, fences })
+    }
+
+    /// The size tier: runs within a factor of the fan-in of each other share one.
+    fn tier(&self) -> u32 {
+        self.count.max(1).ilog(limits::INDEX_MERGE_FANIN as u32)
+    }
+
+    /// Finds `id` by reading the one block its fences allow (more only on an 8-byte prefix tie).
+    fn find(&self, id: &ChunkId, mut accept: impl FnMut(&IndexEntry) -> bool) -> Result<Option<IndexEntry>> {
+        let key = prefix(id);
+        let first = self.fences.partition_point(|&f| f < key).saturating_sub(1);
+        let last = self.fences.partition_point(|&f| f <= key);
+        let mut buf = [0u8; STRIDE * ENTRY_LEN];
+        for block in (first..last).rev() {
+            let start = block * STRIDE;
+            let n = STRIDE.min(self.count as usize - start);
+            let bytes = &mut buf[..n * ENTRY_LEN];
+            self.file.read_exact_at(bytes, entry_offset(start as u32)).at(&self.path)?;
+            let at = |i: usize| -> IndexEntry { bytemuck::pod_read_unaligned(&bytes[i * ENTRY_LEN..][..ENTRY_LEN]) };
+            let (mut lo, mut hi) = (0, n);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                match at(mid).id().cmp(id) {
+                    std::cmp::Ordering::Less => lo = mid + 1,
+                    std::cmp::Ordering::Greater => hi = mid,
+                    std::cmp::Ordering::Equal => {
+                        let e = at(mid);
+                        return Ok(accept(&e).then_some(e));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Reads run `file` from the start, validating it, and calls `each` with every entry in order.
+/// Returns the entry count.
+fn stream(path: &Path, file: &File, mut each: impl FnMut(u32, &IndexEntry)) -> Result<u32> {
+    let len = file.metadata().at(path)?.len();
+    let mut reader = BufReader::with_capacity(limits::INDEX_READ_BUFFER, file);
+    let mut name = blake3::Hasher::new();
+    let mut header = [0u8; HEADER_LEN];
+    let read = reader.read_exact(&mut header);
+    let mut decoder = RunDecoder::new(&header[..if read.is_ok() { HEADER_LEN } else { 0 }], len)
+        .map_err(|e| Error::format(path, e))?;
+    name.update(&header);
+    let mut block = vec![0u8; STREAM_BLOCK * ENTRY_LEN];
+    let mut i = 0;
+    while i < decoder.count() {
+        let n = STREAM_BLOCK.min((decoder.count() - i) as usize);
+        let bytes = &mut block[..n * ENTRY_LEN];
+        reader.read_exact(bytes).at(path)?;
+        name.update(bytes);
+        decoder
+            .entries(bytes, |e| {
+                each(i, e);
+                i += 1;
+            })
+            .map_err(|e| Error::format(path, e))?;
+    }
+    let mut sum = [0u8; CHECKSUM_LEN];
+    reader.read_exact(&mut sum).at(path)?;
+    name.update(&sum);
+    let count = decoder.count();
+    decoder.finish(&sum).map_err(|e| Error::format(path, e))?;
+    let stem = path.file_stem().and_then(|n| n.to_str()).unwrap_or_default();
+    if name.finalize().to_hex().as_str() != stem {
+        return Err(Error::Integrity(format!("index run {}: content does not match its name", path.display())));
+    }
+    Ok(count)
+}
+
+#[derive(Default)]
+struct State {
+    /// Largest first.
+    runs: Vec<Arc<Run>>,
+    filter: Filter,
+    /// Entries of all runs, duplicates included: what the filter was sized against.
+    entries: u64,
+}
 
 /// Blob id -> where it is stored.
 #[derive(Default)]
 pub struct ChunkIndex {
-    entries: HashMap<ChunkId, Location, IdBuild>,
-    /// Pack ids, numbered in the order first met.
-    packs: Vec<ChunkId>,
-    pack_numbers: HashMap<ChunkId, u32, IdBuild>,
+    state: RwLock<State>,
 }
 
 impl ChunkIndex {
-    /// Loads every index run of the repository. A run that fails to decode is an error naming it.
+    /// Opens every index run of the repository; a run that fails to validate is an error naming it.
     pub fn load(repo: &Repository) -> Result<Self> {
-        let mut index = Self::default();
-        let runs = repo.list("index")?;
-        for path in &runs {
-            let bytes = std::fs::read(path).at(path)?;
-            let run = decode_run(&bytes).map_err(|e| Error::format(path, e))?;
-            index.insert_run(run);
-        }
-        tracing::info!(blobs = index.entries.len(), runs = runs.len(), "index loaded");
-        Ok(index)
+        Self::load_checked(repo, |_, e| Err(e))
     }
 
-    /// Adds the entries of one run; the first place recorded for a blob wins.
-    pub fn insert_run(&mut self, run: Vec<IndexEntry>) {
-        self.entries.reserve(run.len());
-        for e in run {
-            let next = self.packs.len() as u32;
-            let pack = *self.pack_numbers.entry(e.pack).or_insert(next);
-            if pack == next {
-                self.packs.push(e.pack);
+    /// Opens every index run; `damaged` decides whether a run that fails to validate stops the
+    /// load (return the error) or is left out (return `Ok`).
+    pub fn load_checked(repo: &Repository, mut damaged: impl FnMut(&Path, Error) -> Result<()>) -> Result<Self> {
+        // A backup merging runs removes them after listing: list again when one vanished.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Self::try_load(repo, &mut damaged) {
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {}
+                other => return other,
             }
-            let p = &e.entry;
-            self.entries.entry(p.id).or_insert(Location {
-                offset: p.offset(),
-                pack,
-                stored_len: p.stored_len(),
-                raw_len: p.raw_len(),
-                kind: p.kind(),
-                compression: p.compression(),
-            });
         }
     }
 
-    pub fn get(&self, id: &ChunkId) -> Option<IndexEntry> {
-        self.entries.get(id).map(|l| self.entry(id, l))
+    fn try_load(repo: &Repository, damaged: &mut impl FnMut(&Path, Error) -> Result<()>) -> Result<Self> {
+        let paths = repo.list("index")?;
+        let mut total = 0;
+        for path in &paths {
+            total += std::fs::metadata(path).at(path)?.len() / ENTRY_LEN as u64;
+        }
+        let mut state = State { filter: Filter::with_capacity(total + total / 4), ..State::default() };
+        for path in &paths {
+            let filter = &mut state.filter;
+            match Run::open(path, |e| filter.insert(&e.id())) {
+                Ok(run) => {
+                    state.entries += u64::from(run.count);
+                    state.runs.push(Arc::new(run));
+                }
+                Err(Error::Io { source, path }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::Io { source, path })
+                }
+                Err(e) => damaged(path, e)?,
+            }
+        }
+        state.runs.sort_by_key(|r| std::cmp::Reverse(r.count));
+        tracing::info!(blobs = state.entries, runs = state.runs.len(), "index opened");
+        Ok(Self { state: RwLock::new(state) })
     }
 
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.entries.contains_key(id)
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().expect("no thread panics while holding the index")
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = IndexEntry> + '_ {
-        self.entries.iter().map(|(id, l)| self.entry(id, l))
+    /// Where blob `id` is stored.
+    pub fn get(&self, id: &ChunkId) -> Result<Option<IndexEntry>> {
+        self.find(id, |_| true)
     }
 
-    fn entry(&self, id: &ChunkId, l: &Location) -> IndexEntry {
-        IndexEntry {
-            pack: self.packs[l.pack as usize],
-            entry: PackEntry::new(*id, l.offset, l.stored_len, l.raw_len, l.kind, l.compression),
+    /// The entry for blob `id` in pack `pack`, if the index has one (it may name other packs too).
+    pub fn get_in_pack(&self, id: &ChunkId, pack: &ChunkId) -> Result<Option<IndexEntry>> {
+        self.find(id, |e| e.pack == *pack)
+    }
+
+    fn find(&self, id: &ChunkId, mut accept: impl FnMut(&IndexEntry) -> bool) -> Result<Option<IndexEntry>> {
+        let state = self.state();
+        if !state.filter.may_contain(id) {
+            return Ok(None);
+        }
+        for run in &state.runs {
+            if let Some(e) = run.find(id, &mut accept)? {
+                return Ok(Some(e));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.get(id)?.is_some())
+    }
+
+    /// Every entry of every run, in one id-ordered stream with duplicate entries (the same blob in
+    /// the same pack, left by an interrupted merge) given once. Reads the runs again from disk.
+    pub fn for_each(&self, each: impl FnMut(&IndexEntry)) -> Result<()> {
+        let runs = self.state().runs.clone();
+        merge(&runs, each).map(|_| ())
+    }
+
+    /// Adds a run the caller just made durable at `path`, with its entries (sorted).
+    fn add_run(&self, path: &Path, entries: &[IndexEntry]) -> Result<()> {
+        let fences = entries.iter().step_by(STRIDE).map(|e| prefix(&e.id())).collect();
+        let run = Run { path: path.to_owned(), file: File::open(path).at(path)?, count: entries.len() as u32, fences };
+        let grown = {
+            let state = self.state();
+            let need = state.entries + entries.len() as u64;
+            if need > state.filter.capacity {
+                // Only the sealer adds runs, so none appear while the bigger filter is built.
+                let mut filter = Filter::with_capacity(need * 2);
+                merge(&state.runs, |e| filter.insert(&e.id()))?;
+                Some(filter)
+            } else {
+                None
+            }
+        };
+        let mut state = self.state.write().expect("no thread panics while holding the index");
+        if let Some(filter) = grown {
+            state.filter = filter;
+        }
+        for e in entries {
+            state.filter.insert(&e.id());
+        }
+        state.entries += entries.len() as u64;
+        let at = state.runs.partition_point(|r| r.count >= run.count);
+        state.runs.insert(at, Arc::new(run));
+        Ok(())
+    }
+
+    /// Merges runs of one size tier while [`limits::INDEX_MERGE_FANIN`] of them exist. Only
+    /// under the repository lock.
+    pub fn compact(&self, repo: &Repository) -> Result<()> {
+        loop {
+            let group: Vec<Arc<Run>> = {
+                let state = self.state();
+                let mut tiers: Vec<u32> = state.runs.iter().map(|r| r.tier()).collect();
+                tiers.sort_unstable();
+                tiers.dedup();
+                let full = tiers.into_iter().find_map(|t| {
+                    let group: Vec<_> =
+                        state.runs.iter().filter(|r| r.tier() == t).take(limits::INDEX_MERGE_FANIN).cloned().collect();
+                    let count: u64 = group.iter().map(|r| u64::from(r.count)).sum();
+                    (group.len() == limits::INDEX_MERGE_FANIN && count <= u64::from(wire::limits::MAX_INDEX_ENTRIES))
+                        .then_some(group)
+                });
+                match full {
+                    Some(g) => g,
+                    None => return Ok(()),
+                }
+            };
+            self.replace(repo, &group)?;
         }
     }
+
+    /// Merges every run into one (when the result fits in a run): a lookup then reads one block.
+    /// A backup does it after its commit, rewriting the index once per backup. Only under the
+    /// repository lock.
+    pub fn compact_all(&self, repo: &Repository) -> Result<()> {
+        let runs = self.state().runs.clone();
+        let count: u64 = runs.iter().map(|r| u64::from(r.count)).sum();
+        if runs.len() < 2 || count > u64::from(wire::limits::MAX_INDEX_ENTRIES) {
+            return Ok(());
+        }
+        self.replace(repo, &runs)
+    }
+
+    /// Writes the merge of `group` as one durable run, then swaps it in and removes the runs
+    /// it replaces.
+    fn replace(&self, repo: &Repository, group: &[Arc<Run>]) -> Result<()> {
+        let merged = Arc::new(write_merged(repo, group)?);
+        {
+            let mut state = self.state.write().expect("no thread panics while holding the index");
+            // The same entries make the same name: a merge redone after a crash may meet its
+            // earlier output, in the group or beside it. One open run per file.
+            state.runs.retain(|r| !group.iter().any(|g| Arc::ptr_eq(g, r)) && r.path != merged.path);
+            let at = state.runs.partition_point(|r| r.count >= merged.count);
+            state.runs.insert(at, Arc::clone(&merged));
+        }
+        fault::point("index-merge");
+        for run in group.iter().filter(|r| r.path != merged.path) {
+            match std::fs::remove_file(&run.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&run.path),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a file from an offset with `pread`, leaving the descriptor's own offset alone, so
+/// lookups and merges can share one open run.
+struct At<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Merges `runs` by id (k-way, each streamed through its own buffer) and calls `each` with every
+/// entry once; the same blob in two different packs is given twice. Returns the count given.
+fn merge(runs: &[Arc<Run>], mut each: impl FnMut(&IndexEntry)) -> Result<u64> {
+    struct Cursor<'a> {
+        run: &'a Run,
+        reader: BufReader<At<'a>>,
+        left: u32,
+        head: Option<IndexEntry>,
+    }
+    impl Cursor<'_> {
+        fn next(&mut self) -> Result<Option<IndexEntry>> {
+            if self.left == 0 {
+                return Ok(None);
+            }
+            self.left -= 1;
+            let mut bytes = [0u8; ENTRY_LEN];
+            self.reader.read_exact(&mut bytes).at(&self.run.path)?;
+            Ok(Some(bytemuck::pod_read_unaligned(&bytes)))
+        }
+    }
+    let mut cursors = vec![];
+    let mut heap = std::collections::BinaryHeap::new();
+    for run in runs {
+        let at = At { file: &run.file, offset: HEADER_LEN as u64 };
+        let mut c = Cursor {
+            run,
+            reader: BufReader::with_capacity(limits::INDEX_READ_BUFFER, at),
+            left: run.count,
+            head: None,
+        };
+        c.head = c.next()?;
+        if let Some(e) = &c.head {
+            heap.push(std::cmp::Reverse((e.id(), e.pack, cursors.len())));
+        }
+        cursors.push(c);
+    }
+    let mut last: Option<(ChunkId, ChunkId)> = None;
+    let mut given = 0;
+    while let Some(std::cmp::Reverse((id, pack, i))) = heap.pop() {
+        let c = &mut cursors[i];
+        if last != Some((id, pack)) {
+            each(c.head.as_ref().expect("a cursor in the heap has a head"));
+            given += 1;
+            last = Some((id, pack));
+        }
+        c.head = c.next()?;
+        if let Some(next) = &c.head {
+            heap.push(std::cmp::Reverse((next.id(), next.pack, i)));
+        }
+    }
+    Ok(given)
+}
+
+/// Writes the merge of `runs` as one new durable run, keeping the first place of a blob stored
+/// twice. Two passes, because the header (hashed first) holds the count.
+fn write_merged(repo: &Repository, runs: &[Arc<Run>]) -> Result<Run> {
+    let mut last = None;
+    let mut count = 0u32;
+    merge(runs, |e| {
+        if last != Some(e.id()) {
+            count += 1;
+            last = Some(e.id());
+        }
+    })?;
+    let tmp = repo.tmp_path("index");
+    let file = OpenOptions::new().create_new(true).read(true).write(true).open(&tmp).at(&tmp)?;
+    let mut out = BufWriter::with_capacity(limits::INDEX_READ_BUFFER, &file);
+    let mut name = blake3::Hasher::new();
+    let mut encoder = RunEncoder::new(count);
+    let mut fences = vec![];
+    let mut failed = None;
+    let mut put = |bytes: &[u8], out: &mut BufWriter<&File>| {
+        name.update(bytes);
+        if let Err(e) = out.write_all(bytes) {
+            failed.get_or_insert(e);
+        }
+    };
+    put(&encoder.header(), &mut out);
+    let (mut last, mut written) = (None, 0usize);
+    let mut batch = Vec::with_capacity(STREAM_BLOCK);
+    merge(runs, |e| {
+        if last != Some(e.id()) {
+            if written.is_multiple_of(STRIDE) {
+                fences.push(prefix(&e.id()));
+            }
+            batch.push(*e);
+            if batch.len() == STREAM_BLOCK {
+                put(encoder.entries(&batch), &mut out);
+                batch.clear();
+            }
+            written += 1;
+            last = Some(e.id());
+        }
+    })?;
+    put(encoder.entries(&batch), &mut out);
+    put(&encoder.finish(), &mut out);
+    if let Some(e) = failed {
+        return Err(e).at(&tmp);
+    }
+    out.flush().at(&tmp)?;
+    drop(out);
+    file.sync_all().at(&tmp)?;
+    let path = repo.index_run_path(&ChunkId(*name.finalize().as_bytes()));
+    repo.publish(&tmp, &path)?;
+    Ok(Run { path, file, count, fences })
 }
 
 const SHARDS: usize = 64;
 
 /// Blobs already in the repository plus those claimed by a core during this backup, so each new
-/// blob is stored once even when two cores meet it at the same time.
+/// blob is stored once even when two cores meet it at the same time. A claim lasts until the
+/// blob's pack is sealed and its run is in the index, so the set holds at most the blobs of the
+/// packs being written or sealed, however large the backup.
 pub struct KnownBlobs {
     index: ChunkIndex,
     claimed: [Mutex<HashSet<ChunkId, IdBuild>>; SHARDS],
@@ -127,16 +512,169 @@ impl KnownBlobs {
         Self { index, claimed: std::array::from_fn(|_| Mutex::default()) }
     }
 
+    fn shard(&self, id: &ChunkId) -> std::sync::MutexGuard<'_, HashSet<ChunkId, IdBuild>> {
+        self.claimed[id.0[0] as usize % SHARDS].lock().expect("a core panicked while holding a claim shard")
+    }
+
     /// True when the caller is the first to meet `id` and must store it.
-    pub fn claim(&self, id: &ChunkId) -> bool {
-        if self.index.contains(id) {
-            return false;
+    pub fn claim(&self, id: &ChunkId) -> Result<bool> {
+        // The index is asked under the shard lock: [`Self::sealed`] adds a run to the index
+        // before it drops the run's claims, so a blob is always in one of the two.
+        let mut shard = self.shard(id);
+        if shard.contains(id) || self.index.contains(id)? {
+            return Ok(false);
         }
-        let shard = &self.claimed[id.0[0] as usize % SHARDS];
-        shard.lock().expect("a core panicked while holding a claim shard").insert(*id)
+        Ok(shard.insert(*id))
+    }
+
+    /// A sealed pack's run is durable at `path`: index it and drop its claims.
+    pub fn sealed(&self, path: &Path, entries: &[IndexEntry]) -> Result<()> {
+        self.index.add_run(path, entries)?;
+        for e in entries {
+            self.shard(&e.id()).remove(&e.id());
+        }
+        Ok(())
     }
 
     pub fn index(&self) -> &ChunkIndex {
         &self.index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::index::encode_run;
+    use wire::pack::PackEntry;
+    use wire::repo::ChunkerParams;
+    use wire::{BlobKind, Compression};
+
+    fn id(n: u64) -> ChunkId {
+        ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes())
+    }
+
+    /// Entries `from..to` of pack `pack`, sorted.
+    fn run(pack: u64, from: u64, to: u64) -> Vec<IndexEntry> {
+        let mut run: Vec<IndexEntry> = (from..to)
+            .map(|n| IndexEntry {
+                pack: ChunkId([pack as u8; 32]),
+                entry: PackEntry::new(id(n), 16 + n, 100, 200, BlobKind::Data, Compression::Zstd),
+            })
+            .collect();
+        run.sort_unstable_by_key(|e| e.id());
+        run
+    }
+
+    fn repo(dir: &Path) -> Repository {
+        Repository::init(&dir.join("repo"), 1 << 20, ChunkerParams::default()).unwrap()
+    }
+
+    fn seal(known: &KnownBlobs, repo: &Repository, run: &[IndexEntry]) {
+        let path = repo.write_index_run(&encode_run(run.to_vec())).unwrap();
+        known.sealed(&path, run).unwrap();
+        known.index().compact(repo).unwrap();
+    }
+
+    #[test]
+    fn every_blob_is_found_across_merges_and_reloads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(tmp.path());
+        let known = KnownBlobs::new(ChunkIndex::load(&repo).unwrap());
+        for pack in 0..100 {
+            let entries = run(pack, pack * 200, pack * 200 + 200);
+            for e in &entries {
+                assert!(known.claim(&e.id()).unwrap(), "a new blob is claimed once");
+                assert!(!known.claim(&e.id()).unwrap(), "and only once");
+            }
+            seal(&known, &repo, &entries);
+            for e in &entries {
+                assert!(!known.claim(&e.id()).unwrap(), "a sealed blob stays known");
+            }
+        }
+        assert!(known.claimed.iter().all(|s| s.lock().unwrap().is_empty()), "sealing drops the claims");
+        // 100 runs of 200 entries merge into tiers of fewer than FANIN runs each.
+        let runs = repo.list("index").unwrap().len();
+        assert!(runs < 2 * limits::INDEX_MERGE_FANIN, "{runs} runs left after merging");
+
+        let reloaded = ChunkIndex::load(&repo).unwrap();
+        for index in [known.index(), &reloaded] {
+            for pack in 0..100 {
+                for e in run(pack, pack * 200, pack * 200 + 200) {
+                    assert_eq!(index.get(&e.id()).unwrap(), Some(e));
+                    assert_eq!(index.get_in_pack(&e.id(), &e.pack).unwrap(), Some(e));
+                    assert_eq!(index.get_in_pack(&e.id(), &ChunkId([255; 32])).unwrap(), None);
+                }
+            }
+            for n in 20_000..21_000 {
+                assert_eq!(index.get(&id(n)).unwrap(), None);
+            }
+            let mut all = vec![];
+            index.for_each(|e| all.push(e.id())).unwrap();
+            assert_eq!(all.len(), 20_000);
+            assert!(all.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+
+    #[test]
+    fn duplicate_entries_left_by_an_interrupted_merge_are_harmless() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(tmp.path());
+        // A merged run next to one of its inputs, as a crash between the two steps leaves them.
+        repo.write_index_run(&encode_run(run(1, 0, 500))).unwrap();
+        repo.write_index_run(&encode_run(run(1, 100, 200))).unwrap();
+        let index = ChunkIndex::load(&repo).unwrap();
+        let mut all = vec![];
+        index.for_each(|e| all.push(*e)).unwrap();
+        assert_eq!(all.len(), 500);
+        for e in run(1, 0, 500) {
+            assert_eq!(index.get(&e.id()).unwrap(), Some(e));
+        }
+    }
+
+    #[test]
+    fn the_filter_grows_past_its_first_capacity() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(tmp.path());
+        let known = KnownBlobs::new(ChunkIndex::load(&repo).unwrap());
+        let per = limits::FILTER_MIN_CAPACITY / 2;
+        for pack in 0..5 {
+            seal(&known, &repo, &run(pack, pack * per, (pack + 1) * per));
+        }
+        assert!(known.index().state().filter.capacity >= 5 * per);
+        for n in (0..5 * per).step_by(97) {
+            assert!(known.index().contains(&id(n)).unwrap(), "blob {n}");
+        }
+    }
+
+    #[test]
+    fn the_filter_lets_few_absent_blobs_through() {
+        let mut filter = Filter::with_capacity(100_000);
+        (0..100_000).for_each(|n| filter.insert(&id(n)));
+        assert!((0..100_000).all(|n| filter.may_contain(&id(n))));
+        let passed = (100_000..200_000).filter(|&n| filter.may_contain(&id(n))).count();
+        assert!(passed < 2_000, "{passed} of 100000 absent blobs passed");
+    }
+
+    #[test]
+    fn a_damaged_run_is_named_or_left_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(tmp.path());
+        let good = repo.write_index_run(&encode_run(run(1, 0, 100))).unwrap();
+        let bad = repo.write_index_run(&encode_run(run(2, 100, 200))).unwrap();
+        let mut bytes = std::fs::read(&bad).unwrap();
+        bytes[HEADER_LEN + 50 * ENTRY_LEN + 40] ^= 1;
+        std::fs::write(&bad, bytes).unwrap();
+        let err = ChunkIndex::load(&repo).err().expect("a damaged run fails the load").to_string();
+        assert!(err.contains(&*bad.to_string_lossy()), "{err}");
+        let mut named = vec![];
+        let index = ChunkIndex::load_checked(&repo, |p, _| {
+            named.push(p.to_owned());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(named, vec![bad]);
+        assert!(index.contains(&id(5)).unwrap());
+        assert!(!index.contains(&id(150)).unwrap());
+        assert!(good.exists());
     }
 }

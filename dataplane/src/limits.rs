@@ -32,6 +32,18 @@ pub const PENDING_DIRS: usize = 4096;
 pub const VERIFY_READ_BUFFER: usize = 1 << 20;
 /// Open pack files a reader keeps per core (restore, verify).
 pub const OPEN_PACKS_PER_READER: usize = 64;
+/// Index entries per fence: a lookup reads one block of this many entries (2.75 KiB) from a
+/// run, and a run costs 8 bytes of memory per block.
+pub const INDEX_FENCE_STRIDE: usize = 32;
+/// Membership filter bits per indexed blob (~1% of absent blobs pass).
+pub const FILTER_BITS_PER_BLOB: u64 = 10;
+/// Smallest filter, in blobs (80 KiB).
+pub const FILTER_MIN_CAPACITY: u64 = 1 << 16;
+/// Index runs of one size tier merged into one; also bounds the runs per tier, so a lookup
+/// asks at most this many runs per tier.
+pub const INDEX_MERGE_FANIN: usize = 8;
+/// Read (and write) buffer per index run streamed while loading or merging.
+pub const INDEX_READ_BUFFER: usize = 256 << 10;
 /// Most cores one process drives.
 pub const MAX_CORES: usize = 1024;
 /// Locked memory glommio registers for io_uring per core (its default is 10 MiB; less keeps

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -97,7 +98,7 @@ pub struct Sealer {
 }
 
 impl Sealer {
-    pub fn start(repo: Repository) -> Self {
+    pub fn start(repo: Repository, known: Arc<KnownBlobs>) -> Self {
         let (tx, rx) = bounded::<SealJob>(limits::SEAL_QUEUE);
         let thread = std::thread::Builder::new()
             .name("cbcr-sealer".into())
@@ -106,7 +107,7 @@ impl Sealer {
                 for job in rx {
                     if first_error.is_some() {
                         let _ = std::fs::remove_file(&job.tmp);
-                    } else if let Err(e) = seal(&repo, job) {
+                    } else if let Err(e) = seal(&repo, &known, job) {
                         first_error = Some(e);
                     }
                 }
@@ -128,13 +129,17 @@ impl Sealer {
     }
 }
 
-fn seal(repo: &Repository, job: SealJob) -> Result<()> {
+fn seal(repo: &Repository, known: &KnownBlobs, job: SealJob) -> Result<()> {
     job.file.sync_all().at(&job.tmp)?;
     fault::point("pack-seal");
     repo.publish(&job.tmp, &repo.pack_path(&job.id))?;
     fault::point("index-write");
-    let run = job.entries.iter().map(|&entry| IndexEntry { pack: job.id, entry }).collect();
-    repo.write_index_run(&encode_run(run))
+    let mut run: Vec<IndexEntry> = job.entries.iter().map(|&entry| IndexEntry { pack: job.id, entry }).collect();
+    run.sort_unstable_by_key(|e| e.id());
+    let path = repo.write_index_run(&encode_run(run.clone()))?;
+    known.sealed(&path, &run)?;
+    // Merging here keeps lookups to a few runs and runs on no core.
+    known.index().compact(repo)
 }
 
 /// What one [`BlobWriter`] added to the repository, and how long its stages took.
@@ -196,16 +201,22 @@ impl<'a> BlobWriter<'a> {
     /// Hashes and stores a blob unless the repository already has it. Returns its id and
     /// whether it was new.
     pub fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<(ChunkId, bool)> {
+        let id = self.hash(data);
+        Ok((id, self.store_with_id(id, kind, data)?))
+    }
+
+    /// The id of `data` (timed as the hash stage).
+    pub fn hash(&mut self, data: &[u8]) -> ChunkId {
         let started = Instant::now();
         let id = self.repo.key.blob_id(data);
         self.stats.stages.record(Stage::Hash, started.elapsed());
-        Ok((id, self.store_with_id(id, kind, data)?))
+        id
     }
 
     /// Stores a blob whose id the caller computed; returns whether it was new.
     pub fn store_with_id(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<bool> {
         debug_assert_eq!(id, self.repo.key.blob_id(data));
-        if !self.known.claim(&id) {
+        if !self.known.claim(&id)? {
             return Ok(false);
         }
         assert!(data.len() <= wire::limits::MAX_BLOB_SIZE as usize);
@@ -270,7 +281,7 @@ impl<'a> BlobReader<'a> {
 
     /// Reads blob `id`, verified, and appends it to `out`; on error `out` is left as it was.
     pub fn read_append(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let entry = self.index.get(id).ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
+        let entry = self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
         let start = out.len();
         let read = self.read_entry(&entry, out, start);
         if read.is_err() {

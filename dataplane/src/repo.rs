@@ -151,10 +151,16 @@ impl Repository {
         self.publish(&tmp, dest)
     }
 
-    /// Writes one index run; its name is the hash of its bytes.
-    pub fn write_index_run(&self, bytes: &[u8]) -> Result<()> {
-        let id = ChunkId::of_file(bytes);
-        self.write_durable(&self.root.join("index").join(format!("{}.idx", id.to_hex())), bytes, 0o644)
+    /// Where the index run whose bytes hash to `id` lives.
+    pub fn index_run_path(&self, id: &ChunkId) -> PathBuf {
+        self.root.join("index").join(format!("{}.idx", id.to_hex()))
+    }
+
+    /// Writes one index run; its name is the hash of its bytes. Returns where.
+    pub fn write_index_run(&self, bytes: &[u8]) -> Result<PathBuf> {
+        let path = self.index_run_path(&ChunkId::of_file(bytes));
+        self.write_durable(&path, bytes, 0o644)?;
+        Ok(path)
     }
 
     /// The last step of a backup: the snapshot becomes visible only now, after everything it

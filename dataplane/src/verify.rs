@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver};
-use wire::index::decode_run;
+use wire::index::IndexEntry;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::tree::{ChunkList, NodeKind, Tree};
 use wire::ChunkId;
@@ -51,19 +51,17 @@ pub struct VerifyReport {
 struct PackJob {
     path: PathBuf,
     id: ChunkId,
-    expected: Vec<PackEntry>,
+    /// Blobs the index places in this pack.
+    indexed: u64,
 }
 
 /// Verifies `repo`.
 pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Reporter) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    let mut index = ChunkIndex::default();
-    for path in repo.list("index")? {
-        match read_named(&path, ".idx").and_then(|bytes| decode_run(&bytes).map_err(|e| e.to_string())) {
-            Ok(run) => index.insert_run(run),
-            Err(detail) => report.damage.push(Damage { kind: "index", name: path.display().to_string(), detail }),
-        }
-    }
+    let index = Arc::new(ChunkIndex::load_checked(&repo, |path, e| {
+        report.damage.push(Damage { kind: "index", name: path.display().to_string(), detail: e.to_string() });
+        Ok(())
+    })?);
     let mut snapshots = vec![];
     for path in repo.list("snapshots")? {
         match repo.load_snapshot_file(&path) {
@@ -75,19 +73,18 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
     }
     report.snapshots = snapshots.len() as u64;
 
-    // Packs, on the cores.
-    let mut by_pack: HashMap<ChunkId, Vec<PackEntry>> = HashMap::new();
-    for e in index.iter() {
-        by_pack.entry(e.pack).or_default().push(e.entry);
-    }
+    // Packs, on the cores. Only a count per pack is held here; the cores look each trailer
+    // entry up in the index on disk.
+    let mut by_pack: HashMap<ChunkId, u64> = HashMap::new();
+    index.for_each(|e| *by_pack.entry(e.pack).or_default() += 1)?;
     let mut jobs = vec![];
     for path in repo.list("packs")? {
         let name = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".pack"));
         match name.map(ChunkId::from_hex) {
             Some(Ok(id)) => {
-                let expected = by_pack.remove(&id).unwrap_or_default();
-                report.unindexed_packs += u64::from(expected.is_empty());
-                jobs.push(PackJob { path, id, expected });
+                let indexed = by_pack.remove(&id).unwrap_or_default();
+                report.unindexed_packs += u64::from(indexed == 0);
+                jobs.push(PackJob { path, id, indexed });
             }
             _ => report.damage.push(Damage {
                 kind: "pack",
@@ -97,13 +94,13 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
         }
     }
     let mut damaged_blobs: HashSet<ChunkId> = HashSet::new();
-    for (pack, entries) in by_pack {
+    for (pack, count) in by_pack {
         report.damage.push(Damage {
             kind: "pack",
             name: pack.to_hex(),
-            detail: format!("missing, {} blobs lost", entries.len()),
+            detail: format!("missing, {count} blobs lost"),
         });
-        damaged_blobs.extend(entries.iter().map(|e| e.id));
+        damaged_blobs.extend(indexed_in(&index, &pack, |_| true));
     }
     report.packs = jobs.len() as u64;
     let progress = reporter.start(if read_data { "verify (read data)" } else { "verify" });
@@ -111,8 +108,8 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
     let repo = Arc::new(repo);
     let (tx, rx) = bounded::<PackJob>(cores * 2);
     let workers = {
-        let repo = Arc::clone(&repo);
-        runtime::spawn(cores, move |_| check_packs(&repo, &rx, read_data))?
+        let (repo, index) = (Arc::clone(&repo), Arc::clone(&index));
+        runtime::spawn(cores, move |_| check_packs(&repo, &index, &rx, read_data))?
     };
     for job in jobs {
         progress.add(fs::metadata(&job.path).map_or(0, |m| m.len()), 0);
@@ -146,27 +143,37 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
     Ok(report)
 }
 
-/// Reads a repository file named `<hash><suffix>` and checks the hash.
-fn read_named(path: &Path, suffix: &str) -> std::result::Result<Vec<u8>, String> {
-    let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    let name = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(suffix)).unwrap_or_default();
-    if ChunkId::of_file(&bytes).to_hex() != name {
-        return Err("content does not match its name (corrupt)".into());
-    }
-    Ok(bytes)
+/// The blobs the index places in `pack` that `keep` selects; a scan of the whole index, for
+/// damage only.
+fn indexed_in(index: &ChunkIndex, pack: &ChunkId, keep: impl Fn(&IndexEntry) -> bool) -> Vec<ChunkId> {
+    let mut ids = vec![];
+    // A run that cannot be read now was read whole at load; the pack's damage is reported anyway.
+    let _ = index.for_each(|e| {
+        if e.pack == *pack && keep(e) {
+            ids.push(e.id());
+        }
+    });
+    ids
 }
 
 type PackDamage = (Damage, Vec<ChunkId>);
 
 /// One core's share of the packs: returns damage (with the blobs it loses), blobs checked and
 /// bytes read.
-fn check_packs(repo: &Repository, jobs: &Receiver<PackJob>, read_data: bool) -> (Vec<PackDamage>, u64, u64) {
+fn check_packs(
+    repo: &Repository,
+    index: &ChunkIndex,
+    jobs: &Receiver<PackJob>,
+    read_data: bool,
+) -> (Vec<PackDamage>, u64, u64) {
     let mut out = (vec![], 0, 0);
     let mut decompressor = zstd::bulk::Decompressor::new().expect("zstd contexts can always be created");
     let (mut raw, mut stored) = (Vec::new(), Vec::new());
     for job in jobs.iter() {
-        let lost: Vec<ChunkId> = job.expected.iter().map(|e| e.id).collect();
-        let pack_damage = |detail: String| (Damage { kind: "pack", name: job.id.to_hex(), detail }, lost.clone());
+        // The blobs a damaged pack loses are looked up only when it is damaged.
+        let pack_damage = |detail: String| {
+            (Damage { kind: "pack", name: job.id.to_hex(), detail }, indexed_in(index, &job.id, |_| true))
+        };
         let (file, entries) = match read_trailer(&job.path) {
             Ok(found) => found,
             Err(detail) => {
@@ -209,14 +216,20 @@ fn check_packs(repo: &Repository, jobs: &Receiver<PackJob>, read_data: bool) -> 
                 }
             }
         }
-        let in_pack: HashSet<_> = entries.iter().map(|e| (e.id, e.offset(), e.stored_len())).collect();
-        let disagree: Vec<ChunkId> = job
-            .expected
-            .iter()
-            .filter(|e| !in_pack.contains(&(e.id, e.offset(), e.stored_len())))
-            .map(|e| e.id)
-            .collect();
-        if !disagree.is_empty() {
+        // Every index entry naming this pack must match a trailer entry: count the matches.
+        let mut matched = 0;
+        for e in &entries {
+            match index.get_in_pack(&e.id, &job.id) {
+                Ok(Some(i)) if i.entry.offset() == e.offset() && i.entry.stored_len() == e.stored_len() => matched += 1,
+                Ok(_) => {}
+                Err(err) => out.0.push(pack_damage(format!("its index entries cannot be read: {err}"))),
+            }
+        }
+        if matched != job.indexed {
+            let in_pack: HashSet<_> = entries.iter().map(|e| (e.id, e.offset(), e.stored_len())).collect();
+            let disagree = indexed_in(index, &job.id, |i| {
+                !in_pack.contains(&(i.entry.id, i.entry.offset(), i.entry.stored_len()))
+            });
             let detail = format!("{} indexed blobs are not where the index says", disagree.len());
             out.0.push((Damage { kind: "pack", name: job.id.to_hex(), detail }, disagree));
         }
@@ -307,7 +320,7 @@ impl SnapshotWalk<'_> {
             if self.damaged.contains(&c.id) {
                 return Err(format!("chunk {} is damaged", c.id));
             }
-            if !self.index.contains(&c.id) {
+            if !self.index.contains(&c.id).map_err(|e| e.to_string())? {
                 return Err(format!("chunk {} is missing", c.id));
             }
         }

@@ -57,6 +57,10 @@ enum Cmd {
         /// than the free disk).
         #[arg(long)]
         restore_compare: bool,
+        /// Page chunk size for cbcr's backups (its `--page-chunk`): larger chunks, fewer index
+        /// entries, as the design suggests for multi-TB databases.
+        #[arg(long)]
+        page_chunk: Option<String>,
     },
     /// cbcr, restic and borg on the same input in one run: full backup, incremental, restore.
     Peers {
@@ -83,13 +87,13 @@ fn main() -> Result<()> {
     ensure!(cbcr.exists(), "{} not found: `cargo build --release -p dataplane` or pass --cbcr", cbcr.display());
     std::fs::create_dir_all(&cli.out)?;
     match cli.command {
-        Cmd::Run { size, sizes, cores, ratio, quick, restore_compare } => {
+        Cmd::Run { size, sizes, cores, ratio, quick, restore_compare, page_chunk } => {
             let sizes = match (quick, sizes.is_empty()) {
                 (true, _) => vec![1 << 30, 4 << 30],
                 (false, true) => vec![size],
                 (false, false) => sizes,
             };
-            run(&cbcr, &cli.out, &sizes, &cores, ratio, restore_compare)
+            run(&cbcr, &cli.out, &sizes, &cores, ratio, restore_compare, page_chunk.as_deref())
         }
         Cmd::Peers { input, synth } => peers(&cbcr, &cli.out, input, synth),
         Cmd::Soak { duration, size } => soak(&cbcr, &cli.out, parse_duration(&duration)?, size),
@@ -163,7 +167,15 @@ fn phase(name: &str, size: u64, cores: usize, bytes: u64, r: &Run, limit_gbps: O
     })
 }
 
-fn run(cbcr: &Path, out: &Path, sizes: &[u64], cores: &[usize], ratio: u32, restore_compare: bool) -> Result<()> {
+fn run(
+    cbcr: &Path,
+    out: &Path,
+    sizes: &[u64],
+    cores: &[usize],
+    ratio: u32,
+    restore_compare: bool,
+    page_chunk: Option<&str>,
+) -> Result<()> {
     let started = Instant::now();
     eprintln!("measuring stage limits on one core...");
     let limits = stage_limits(ratio)?;
@@ -181,10 +193,15 @@ fn run(cbcr: &Path, out: &Path, sizes: &[u64], cores: &[usize], ratio: u32, rest
             let args = |a: &[&str]| -> Vec<String> {
                 a.iter().map(|x| x.to_string()).chain(["--cores".into(), cores_arg.clone()]).collect()
             };
-            let full = sample::run(cbcr, &args(&["backup", "--repo", &s(&repo), &synth(size, ratio, 1)]), every)?;
+            let backup = |gen: u32| {
+                let mut a = args(&["backup", "--repo", &s(&repo), &synth(size, ratio, gen)]);
+                a.extend(page_chunk.iter().flat_map(|p| ["--page-chunk".to_owned(), p.to_string()]));
+                a
+            };
+            let full = sample::run(cbcr, &backup(1), every)?;
             let bytes = full.summary["bytes_read"].as_u64().unwrap_or(size);
             phases.push(phase("full", size, c, bytes, &full, Some(core_limit * c as f64)));
-            let incr = sample::run(cbcr, &args(&["backup", "--repo", &s(&repo), &synth(size, ratio, 2)]), every)?;
+            let incr = sample::run(cbcr, &backup(2), every)?;
             let total = incr.summary["bytes_total"].as_u64().unwrap_or(size);
             phases.push(phase("incremental", size, c, total, &incr, None));
             let restore = if restore_compare {
@@ -209,7 +226,7 @@ fn run(cbcr: &Path, out: &Path, sizes: &[u64], cores: &[usize], ratio: u32, rest
     }
     let report = json!({
         "type": "perf_report", "created": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(), "cores_available": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "sizes": sizes, "cores": cores, "ratio": ratio, "stage_limits": limits, "phases": phases,
+        "sizes": sizes, "cores": cores, "ratio": ratio, "page_chunk": page_chunk, "stage_limits": limits, "phases": phases,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;

@@ -32,10 +32,12 @@ pub struct IndexEntry {
     pub entry: PackEntry,
 }
 
-const HEADER_LEN: usize = 16;
+/// Size of a run's header.
+pub const HEADER_LEN: usize = 16;
 /// Size of one [`IndexEntry`].
 pub const ENTRY_LEN: usize = 88;
-const CHECKSUM_LEN: usize = 32;
+/// Size of a run's trailing checksum.
+pub const CHECKSUM_LEN: usize = 32;
 const _: () = assert!(size_of::<IndexHeader>() == HEADER_LEN);
 const _: () = assert!(size_of::<IndexEntry>() == ENTRY_LEN);
 
@@ -48,57 +50,148 @@ impl IndexEntry {
 
 /// Encodes a run; sorts it first. Duplicate ids are a caller bug.
 pub fn encode_run(mut entries: Vec<IndexEntry>) -> Vec<u8> {
-    assert!(entries.len() <= limits::MAX_INDEX_ENTRIES as usize);
     entries.sort_unstable_by_key(|e| e.id());
-    assert!(entries.windows(2).all(|w| w[0].id() < w[1].id()), "duplicate blob id in an index run");
-    let header =
-        IndexHeader { magic: MAGIC, version: VERSION.to_le_bytes(), count: (entries.len() as u32).to_le_bytes() };
-    let mut out = Vec::with_capacity(HEADER_LEN + entries.len() * ENTRY_LEN + CHECKSUM_LEN);
-    out.extend_from_slice(bytemuck::bytes_of(&header));
-    out.extend_from_slice(bytemuck::cast_slice(&entries));
-    let sum = blake3::hash(&out);
-    out.extend_from_slice(sum.as_bytes());
+    let mut encoder = RunEncoder::new(entries.len() as u32);
+    let mut out = Vec::with_capacity(run_len(entries.len() as u32) as usize);
+    out.extend_from_slice(&encoder.header());
+    out.extend_from_slice(encoder.entries(&entries));
+    out.extend_from_slice(&encoder.finish());
     out
+}
+
+/// Length in bytes of a run of `count` entries.
+pub const fn run_len(count: u32) -> u64 {
+    (HEADER_LEN + CHECKSUM_LEN) as u64 + count as u64 * ENTRY_LEN as u64
+}
+
+/// Offset of entry `i` from the start of a run.
+pub const fn entry_offset(i: u32) -> u64 {
+    HEADER_LEN as u64 + i as u64 * ENTRY_LEN as u64
+}
+
+/// Writes a run piece by piece, so a merge of many runs never holds one in memory. The count
+/// comes first because the header is hashed first.
+pub struct RunEncoder {
+    hasher: blake3::Hasher,
+    count: u32,
+    written: u32,
+    last: Option<ChunkId>,
+}
+
+impl RunEncoder {
+    pub fn new(count: u32) -> Self {
+        assert!(count <= limits::MAX_INDEX_ENTRIES);
+        Self { hasher: blake3::Hasher::new(), count, written: 0, last: None }
+    }
+
+    pub fn header(&mut self) -> [u8; HEADER_LEN] {
+        let header = IndexHeader { magic: MAGIC, version: VERSION.to_le_bytes(), count: self.count.to_le_bytes() };
+        let bytes: [u8; HEADER_LEN] = bytemuck::cast(header);
+        self.hasher.update(&bytes);
+        bytes
+    }
+
+    /// The next entries' bytes; ids must be strictly ascending (a duplicate is a caller bug).
+    pub fn entries<'e>(&mut self, entries: &'e [IndexEntry]) -> &'e [u8] {
+        for e in entries {
+            assert!(self.last.is_none_or(|l| l < e.id()), "index run entries must be strictly ascending");
+            self.last = Some(e.id());
+        }
+        self.written += entries.len() as u32;
+        assert!(self.written <= self.count, "more entries than the header announced");
+        let bytes = bytemuck::cast_slice(entries);
+        self.hasher.update(bytes);
+        bytes
+    }
+
+    /// The trailing checksum.
+    pub fn finish(self) -> [u8; CHECKSUM_LEN] {
+        assert_eq!(self.written, self.count, "fewer entries than the header announced");
+        *self.hasher.finalize().as_bytes()
+    }
+}
+
+/// Validates a run read piece by piece: the header, then each entry in order, then the checksum.
+pub struct RunDecoder {
+    hasher: blake3::Hasher,
+    count: u32,
+    read: u32,
+    last: Option<ChunkId>,
+}
+
+const WHAT: &str = "index run";
+
+impl RunDecoder {
+    /// Checks the header of a run whose file is `len` bytes long.
+    pub fn new(header: &[u8], len: u64) -> Result<Self> {
+        if header.len() < HEADER_LEN || len < (HEADER_LEN + CHECKSUM_LEN) as u64 {
+            return Err(Error::Truncated {
+                what: WHAT,
+                need: (HEADER_LEN + CHECKSUM_LEN) as u64,
+                have: len.min(header.len() as u64),
+            });
+        }
+        let h: IndexHeader = bytemuck::pod_read_unaligned(&header[..HEADER_LEN]);
+        if h.magic != MAGIC {
+            return Err(Error::BadMagic { what: WHAT });
+        }
+        let version = u32::from_le_bytes(h.version);
+        if version != VERSION {
+            return Err(Error::UnsupportedVersion { what: WHAT, found: version, supported: VERSION });
+        }
+        let count = u32::from_le_bytes(h.count);
+        if count > limits::MAX_INDEX_ENTRIES {
+            return Err(Error::Corrupt { what: WHAT, detail: format!("{count} entries, more than the limit") });
+        }
+        if len != run_len(count) {
+            return Err(Error::Truncated { what: WHAT, need: run_len(count), have: len });
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&header[..HEADER_LEN]);
+        Ok(Self { hasher, count, read: 0, last: None })
+    }
+
+    /// Entries the header announces.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The next entries (whole entries' bytes), checked for order and field ranges, each given
+    /// to `each`.
+    pub fn entries(&mut self, bytes: &[u8], mut each: impl FnMut(&IndexEntry)) -> Result<()> {
+        assert!(bytes.len().is_multiple_of(ENTRY_LEN), "whole entries only");
+        let n = (bytes.len() / ENTRY_LEN) as u32;
+        assert!(self.count - self.read >= n, "more entries than the header announced");
+        for raw in bytes.chunks_exact(ENTRY_LEN) {
+            let e: IndexEntry = bytemuck::pod_read_unaligned(raw);
+            if self.last.is_some_and(|l| l >= e.id()) {
+                return Err(Error::Corrupt { what: WHAT, detail: "entries are not strictly sorted".into() });
+            }
+            e.entry.validate_fields()?;
+            self.last = Some(e.id());
+            each(&e);
+        }
+        self.hasher.update(bytes);
+        self.read += n;
+        Ok(())
+    }
+
+    /// Checks the trailing checksum once every entry was read.
+    pub fn finish(self, checksum: &[u8]) -> Result<()> {
+        assert_eq!(self.read, self.count, "fewer entries than the header announced");
+        if self.hasher.finalize().as_bytes() != checksum {
+            return Err(Error::ChecksumMismatch { what: WHAT });
+        }
+        Ok(())
+    }
 }
 
 /// Decodes and validates a run: magic, version, length, checksum, order and every entry.
 pub fn decode_run(bytes: &[u8]) -> Result<Vec<IndexEntry>> {
-    const WHAT: &str = "index run";
-    if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
-        return Err(Error::Truncated {
-            what: WHAT,
-            need: (HEADER_LEN + CHECKSUM_LEN) as u64,
-            have: bytes.len() as u64,
-        });
-    }
-    let h: IndexHeader = bytemuck::pod_read_unaligned(&bytes[..HEADER_LEN]);
-    if h.magic != MAGIC {
-        return Err(Error::BadMagic { what: WHAT });
-    }
-    let version = u32::from_le_bytes(h.version);
-    if version != VERSION {
-        return Err(Error::UnsupportedVersion { what: WHAT, found: version, supported: VERSION });
-    }
-    let count = u32::from_le_bytes(h.count);
-    if count > limits::MAX_INDEX_ENTRIES {
-        return Err(Error::Corrupt { what: WHAT, detail: format!("{count} entries, more than the limit") });
-    }
-    let need = HEADER_LEN + count as usize * ENTRY_LEN + CHECKSUM_LEN;
-    if bytes.len() != need {
-        return Err(Error::Truncated { what: WHAT, need: need as u64, have: bytes.len() as u64 });
-    }
-    let (body, sum) = bytes.split_at(need - CHECKSUM_LEN);
-    if blake3::hash(body).as_bytes() != sum {
-        return Err(Error::ChecksumMismatch { what: WHAT });
-    }
-    let entries: Vec<IndexEntry> =
-        body[HEADER_LEN..].chunks_exact(ENTRY_LEN).map(bytemuck::pod_read_unaligned).collect();
-    for (i, e) in entries.iter().enumerate() {
-        if i > 0 && entries[i - 1].id() >= e.id() {
-            return Err(Error::Corrupt { what: WHAT, detail: "entries are not strictly sorted".into() });
-        }
-        e.entry.validate_fields()?;
-    }
+    let mut decoder = RunDecoder::new(bytes, bytes.len() as u64)?;
+    let mut entries = Vec::with_capacity(decoder.count() as usize);
+    decoder.entries(&bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN], |e| entries.push(*e))?;
+    decoder.finish(&bytes[bytes.len() - CHECKSUM_LEN..])?;
     Ok(entries)
 }
 
