@@ -8,6 +8,9 @@
 //! - `size`: bytes at generation 1 (75% tables, 23% indexes, 2% WAL).
 //! - `ratio`: zstd -1 compressibility of table pages: 3 (default, like typical production data)
 //!   or up to 23 (like pgbench's blank-padded `filler` column).
+//! - `dedup=N` (default 1): each table and index repeats its first 1/N of pages, so only 1/N of
+//!   the data is distinct: a repository of a many-TB source then fits on a small disk while the
+//!   backup still meets every chunk (and looks most of them up in the index).
 //! - `gen=N`: each generation after the first changes `change`% of the pages of every table and
 //!   index (scattered uniformly, as TPC-B updates are), appends `append`% pages to every table
 //!   and index, and writes new WAL files.
@@ -38,6 +41,8 @@ pub struct SynthSpec {
     pub change_bp: u32,
     /// Pages appended per generation, in basis points.
     pub append_bp: u32,
+    /// Tables and indexes repeat their first 1/dedup of pages.
+    pub dedup: u32,
 }
 
 /// What a generated file holds.
@@ -58,6 +63,8 @@ pub struct SynthFile {
     pub rel: u64,
     /// Page number (within the relation) of the file's first page.
     pub first_page: u64,
+    /// Page content repeats after this many pages of the relation (`dedup`).
+    period: u64,
     pub pages: u64,
     pub mtime_ns: i64,
 }
@@ -92,7 +99,7 @@ impl SynthSpec {
             "" => "",
             r => r.strip_prefix('?').ok_or_else(|| bad("parameters follow a '?'".into()))?,
         };
-        let mut spec = Self { size: 1 << 30, seed: 1, gen: 1, ratio: 3, change_bp: 200, append_bp: 100 };
+        let mut spec = Self { size: 1 << 30, seed: 1, gen: 1, ratio: 3, change_bp: 200, append_bp: 100, dedup: 1 };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').ok_or_else(|| bad(format!("{pair:?} is not key=value")))?;
             let number = |v: &str| v.parse::<u64>().map_err(|_| bad(format!("{key}={v} is not a whole number")));
@@ -101,6 +108,7 @@ impl SynthSpec {
                 "seed" => spec.seed = number(value)?,
                 "gen" => spec.gen = number(value)?.try_into().map_err(|_| bad("gen is too large".into()))?,
                 "ratio" => spec.ratio = number(value)?.try_into().map_err(|_| bad("ratio is too large".into()))?,
+                "dedup" => spec.dedup = number(value)?.try_into().map_err(|_| bad("dedup is too large".into()))?,
                 "change" => {
                     spec.change_bp =
                         percent_bp(value).ok_or_else(|| bad(format!("change={value} is not a percentage")))?
@@ -110,7 +118,7 @@ impl SynthSpec {
                         percent_bp(value).ok_or_else(|| bad(format!("append={value} is not a percentage")))?
                 }
                 other => {
-                    return Err(bad(format!("unknown parameter {other:?} (size, seed, gen, ratio, change, append)")))
+                    return Err(bad(format!("unknown parameter {other:?} (size, seed, gen, ratio, change, append, dedup)")))
                 }
             }
         }
@@ -123,14 +131,18 @@ impl SynthSpec {
         if !(1..=50).contains(&spec.ratio) {
             return Err(bad("ratio must be 1 to 50".into()));
         }
+        if !(1..=1000).contains(&spec.dedup) {
+            return Err(bad("dedup must be 1 to 1000".into()));
+        }
         Ok(spec)
     }
 
     /// The source's name in snapshots: every parameter but the generation, so generation N+1
     /// finds generation N as its parent.
     pub fn source_name(&self) -> String {
+        let dedup = if self.dedup == 1 { String::new() } else { format!("&dedup={}", self.dedup) };
         format!(
-            "synth://pg?size={}&seed={}&ratio={}&change={}&append={}",
+            "synth://pg?size={}&seed={}&ratio={}&change={}&append={}{dedup}",
             self.size,
             self.seed,
             self.ratio,
@@ -174,6 +186,11 @@ impl SynthSpec {
         let mut files = vec![];
         for rel in self.relations() {
             let total = self.pages_at(&rel, self.gen);
+            // Whole 1 MiB runs of pages repeat, so page-aligned chunks repeat too.
+            let period = match self.dedup {
+                1 => u64::MAX,
+                n => (rel.pages_gen1 / u64::from(n)).next_multiple_of(128),
+            };
             for segno in 0..total.div_ceil(PAGES_PER_SEGMENT_FILE) {
                 let first_page = segno * PAGES_PER_SEGMENT_FILE;
                 let pages = PAGES_PER_SEGMENT_FILE.min(total - first_page);
@@ -183,6 +200,7 @@ impl SynthSpec {
                     kind: rel.kind,
                     rel: rel.relfilenode,
                     first_page,
+                    period,
                     pages,
                     mtime_ns: 0,
                 };
@@ -198,6 +216,7 @@ impl SynthSpec {
                 kind: RelKind::Wal,
                 rel: segment,
                 first_page: 0,
+                period: u64::MAX,
                 pages: PAGES_PER_WAL_FILE,
                 mtime_ns: gen_time(self.gen),
             });
@@ -235,7 +254,7 @@ impl SynthSpec {
         for (i, page) in buf.chunks_exact_mut(PAGE).enumerate() {
             let n = file.first_page + offset / PAGE as u64 + i as u64;
             let version = if file.kind == RelKind::Wal { 0 } else { self.version(file.rel, n) };
-            self.fill_page(file.kind, file.rel, n, version, page);
+            self.fill_page(file.kind, file.rel, n % file.period, version, page);
         }
     }
 
@@ -386,6 +405,21 @@ mod tests {
         s.fill(f, 2 * PAGE as u64, &mut part);
         assert_eq!(&whole[2 * PAGE..6 * PAGE], &part[..]);
         assert_ne!(whole, bytes(&spec("synth://pg?size=8MiB&seed=4"), f));
+    }
+
+    #[test]
+    fn dedup_repeats_whole_runs_of_pages() {
+        let s = spec("synth://pg?size=64MiB&seed=3&dedup=4");
+        let f = &s.files()[0];
+        assert_eq!(f.kind, RelKind::Table);
+        let whole = bytes(&s, f);
+        let period = f.period as usize * PAGE;
+        assert!(period > 0 && period < whole.len() / 2, "period {period} of {}", whole.len());
+        assert_eq!(&whole[..period], &whole[period..2 * period]);
+        assert_ne!(&whole[..PAGE], &whole[PAGE..2 * PAGE]);
+        assert!(s.source_name().ends_with("&dedup=4"));
+        let plain = spec("synth://pg?size=64MiB&seed=3");
+        assert_ne!(&bytes(&plain, &plain.files()[0])[period..2 * period], &whole[..period]);
     }
 
     #[test]

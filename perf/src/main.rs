@@ -61,6 +61,10 @@ enum Cmd {
         /// entries, as the design suggests for multi-TB databases.
         #[arg(long)]
         page_chunk: Option<String>,
+        /// Only 1/N of the synthetic data is distinct (its `dedup`): a many-TB run whose
+        /// repository fits on the disk.
+        #[arg(long, default_value_t = 1)]
+        dedup: u32,
     },
     /// cbcr, restic and borg on the same input in one run: full backup, incremental, restore.
     Peers {
@@ -87,13 +91,14 @@ fn main() -> Result<()> {
     ensure!(cbcr.exists(), "{} not found: `cargo build --release -p dataplane` or pass --cbcr", cbcr.display());
     std::fs::create_dir_all(&cli.out)?;
     match cli.command {
-        Cmd::Run { size, sizes, cores, ratio, quick, restore_compare, page_chunk } => {
+        Cmd::Run { size, sizes, cores, ratio, quick, restore_compare, page_chunk, dedup } => {
             let sizes = match (quick, sizes.is_empty()) {
                 (true, _) => vec![1 << 30, 4 << 30],
                 (false, true) => vec![size],
                 (false, false) => sizes,
             };
-            run(&cbcr, &cli.out, &sizes, &cores, ratio, restore_compare, page_chunk.as_deref())
+            let source = Source { ratio, dedup };
+            run(&cbcr, &cli.out, &sizes, &cores, source, restore_compare, page_chunk.as_deref())
         }
         Cmd::Peers { input, synth } => peers(&cbcr, &cli.out, input, synth),
         Cmd::Soak { duration, size } => soak(&cbcr, &cli.out, parse_duration(&duration)?, size),
@@ -113,6 +118,24 @@ fn parse_duration(s: &str) -> Result<Duration> {
 
 fn synth(size: u64, ratio: u32, gen: u32) -> String {
     format!("synth://pg?size={size}&seed=7&ratio={ratio}&gen={gen}")
+}
+
+/// The synthetic source's parameters besides size and generation.
+#[derive(Clone, Copy)]
+struct Source {
+    ratio: u32,
+    dedup: u32,
+}
+
+impl Source {
+    fn url(self, size: u64, gen: u32) -> String {
+        let url = synth(size, self.ratio, gen);
+        if self.dedup == 1 {
+            url
+        } else {
+            format!("{url}&dedup={}", self.dedup)
+        }
+    }
 }
 
 fn s(p: &Path) -> String {
@@ -172,10 +195,11 @@ fn run(
     out: &Path,
     sizes: &[u64],
     cores: &[usize],
-    ratio: u32,
+    source: Source,
     restore_compare: bool,
     page_chunk: Option<&str>,
 ) -> Result<()> {
+    let ratio = source.ratio;
     let started = Instant::now();
     eprintln!("measuring stage limits on one core...");
     let limits = stage_limits(ratio)?;
@@ -194,7 +218,7 @@ fn run(
                 a.iter().map(|x| x.to_string()).chain(["--cores".into(), cores_arg.clone()]).collect()
             };
             let backup = |gen: u32| {
-                let mut a = args(&["backup", "--repo", &s(&repo), &synth(size, ratio, gen)]);
+                let mut a = args(&["backup", "--repo", &s(&repo), &source.url(size, gen)]);
                 a.extend(page_chunk.iter().flat_map(|p| ["--page-chunk".to_owned(), p.to_string()]));
                 a
             };
@@ -205,7 +229,7 @@ fn run(
             let total = incr.summary["bytes_total"].as_u64().unwrap_or(size);
             phases.push(phase("incremental", size, c, total, &incr, None));
             let restore = if restore_compare {
-                sample::run(cbcr, &args(&["verify", "--repo", &s(&repo), "--against", &synth(size, ratio, 2)]), every)?
+                sample::run(cbcr, &args(&["verify", "--repo", &s(&repo), "--against", &source.url(size, 2)]), every)?
             } else {
                 sample::run(cbcr, &args(&["restore", "latest", "--repo", &s(&repo), "--target", &s(&target)]), every)?
             };
@@ -226,7 +250,7 @@ fn run(
     }
     let report = json!({
         "type": "perf_report", "created": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(), "cores_available": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "sizes": sizes, "cores": cores, "ratio": ratio, "page_chunk": page_chunk, "stage_limits": limits, "phases": phases,
+        "sizes": sizes, "cores": cores, "ratio": ratio, "dedup": source.dedup, "page_chunk": page_chunk, "stage_limits": limits, "phases": phases,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
