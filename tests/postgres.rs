@@ -4,72 +4,10 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
+use bench::pg::Postgres;
 use cbcr_tests::*;
-
-struct Postgres {
-    bin: PathBuf,
-    port: u16,
-    socket: PathBuf,
-}
-
-impl Postgres {
-    fn find(socket: &Path) -> Option<Self> {
-        let bin = fs::read_dir("/usr/lib/postgresql")
-            .ok()?
-            .flatten()
-            .map(|e| e.path().join("bin"))
-            .find(|b| b.join("initdb").exists())?;
-        let port = 5400 + (std::process::id() % 500) as u16;
-        Some(Self { bin, port, socket: socket.to_owned() })
-    }
-
-    /// Runs a PostgreSQL program as the `postgres` user and asserts it succeeded.
-    fn run(&self, program: &str, args: &[&str]) -> Output {
-        let out = Command::new("setpriv")
-            .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
-            .arg(self.bin.join(program))
-            .args(args)
-            .output()
-            .expect("setpriv runs");
-        assert!(out.status.success(), "{program} {args:?}: {}\n{}", text(&out.stdout), text(&out.stderr));
-        out
-    }
-
-    fn start(&self, data: &Path) {
-        let opts = format!("-k {} -c listen_addresses='' -p {}", self.socket.display(), self.port);
-        let log = self.socket.join(format!("{}.log", data.file_name().unwrap().to_string_lossy()));
-        self.run("pg_ctl", &["-D", s(data), "-o", &opts, "-w", "-l", s(&log), "start"]);
-    }
-
-    fn stop(&self, data: &Path) {
-        self.run("pg_ctl", &["-D", s(data), "-m", "fast", "-w", "stop"]);
-    }
-
-    fn query(&self, sql: &str) -> String {
-        let port = self.port.to_string();
-        text(&self.run("psql", &["-h", s(&self.socket), "-p", &port, "-At", "-c", sql, "postgres"]).stdout)
-            .trim()
-            .to_owned()
-    }
-}
-
-/// Stops any server left running by a failed assertion.
-struct StopOnDrop<'a>(&'a Postgres, Vec<PathBuf>);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        for data in &self.1 {
-            let _ = Command::new("setpriv")
-                .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
-                .arg(self.0.bin.join("pg_ctl"))
-                .args(["-D", s(data), "-m", "immediate", "stop"])
-                .output();
-        }
-    }
-}
 
 /// Changed 8 KiB pages of relation files (under `base/` and `global/`, new pages included) and
 /// bytes of other changed files, between two copies of a data directory.
@@ -100,45 +38,32 @@ fn changed(before: &Path, after: &Path, root: &Path) -> (u64, u64) {
     (pages, other)
 }
 
-fn chown_postgres(p: &Path) {
-    let ok = Command::new("chown").args(["postgres:postgres", s(p)]).status().unwrap();
-    assert!(ok.success());
-}
-
 #[test]
 fn pgbench_database_round_trips_through_full_and_incremental_backups() {
     let tmp = tempfile::tempdir().unwrap();
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let socket = tmp.path().join("sock");
-    let pg = match Postgres::find(&socket) {
-        Some(pg) if is_root() && Command::new("setpriv").arg("--version").output().is_ok() => pg,
-        _ => {
-            eprintln!("SKIPPED PostgreSQL test: needs root, setpriv and Debian's postgresql (.ci/run installs it)");
-            return;
-        }
+    let Some(pg) = Postgres::find(&socket, 5400 + (std::process::id() % 500) as u16) else {
+        eprintln!("SKIPPED PostgreSQL test: needs root, setpriv and Debian's postgresql (.ci/run installs it)");
+        return;
     };
     let (data, repo, out) = (tmp.path().join("pgdata"), tmp.path().join("repo"), tmp.path().join("out"));
-    for dir in [&data, &socket] {
-        fs::create_dir(dir).unwrap();
-        chown_postgres(dir);
-    }
     let restored = out.join(data.strip_prefix("/").unwrap());
-    let _guard = StopOnDrop(&pg, vec![data.clone(), restored.clone()]);
-    pg.run("initdb", &["-D", s(&data), "-A", "trust", "-N"]);
-    pg.start(&data);
-    let port = pg.port.to_string();
-    pg.run("pgbench", &["-i", "-q", "-s", "4", "-h", s(&socket), "-p", &port, "postgres"]);
-    pg.stop(&data);
+    let _guard = pg.stop_on_drop(vec![data.clone(), restored.clone()]);
+    pg.init(&data).unwrap();
+    pg.start(&data).unwrap();
+    pg.pgbench(&["-i", "-q", "-s", "4"]).unwrap();
+    pg.stop(&data).unwrap();
 
     // Cold backups: the server is stopped, so the files are consistent.
     let full = last_json(&ok(&["backup", "--repo", s(&repo), s(&data), "--json"]));
-    pg.start(&data);
-    pg.run("pgbench", &["-t", "1500", "-c", "2", "-h", s(&socket), "-p", &port, "postgres"]);
+    pg.start(&data).unwrap();
+    pg.pgbench(&["-t", "1500", "-c", "2"]).unwrap();
     let counts = "select count(*), sum(abalance) from pgbench_accounts; select count(*) from pgbench_history";
     let checksum = "select md5(string_agg(aid || ':' || abalance, ',' order by aid)) from pgbench_accounts";
-    let (want_counts, want_checksum) = (pg.query(counts), pg.query(checksum));
+    let (want_counts, want_checksum) = (pg.query(counts).unwrap(), pg.query(checksum).unwrap());
     assert!(want_counts.contains("400000"), "{want_counts}");
-    pg.stop(&data);
+    pg.stop(&data).unwrap();
     let incr = last_json(&ok(&["backup", "--repo", s(&repo), s(&data), "--json"]));
     let (full_new, incr_new) = (full["bytes_new"].as_u64().unwrap(), incr["bytes_new"].as_u64().unwrap());
     // What really changed: relation files page by page (hint bits and visibility maps included),
@@ -157,9 +82,9 @@ fn pgbench_database_round_trips_through_full_and_incremental_backups() {
 
     ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
     ok(&["verify", "--repo", s(&repo), "--read-data"]);
-    pg.start(&restored);
-    assert_eq!(pg.query(counts), want_counts, "row counts of the restored database");
-    assert_eq!(pg.query(checksum), want_checksum, "checksum of the restored database");
-    pg.stop(&restored);
+    pg.start(&restored).unwrap();
+    assert_eq!(pg.query(counts).unwrap(), want_counts, "row counts of the restored database");
+    assert_eq!(pg.query(checksum).unwrap(), want_checksum, "checksum of the restored database");
+    pg.stop(&restored).unwrap();
     eprintln!("pgbench: full {full_new} new bytes; incremental {incr_new} ({pages} changed pages, {other} other changed bytes)");
 }

@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+pub mod pg;
+
 use wire::repo::ChunkerParams;
 
 /// Page size of the generated data (PostgreSQL's).

@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
-use wire::repo::{Snapshot, SnapshotStats};
+use wire::repo::{ChunkerParams, Snapshot, SnapshotStats};
 use wire::tree::{ChunkList, ChunkRef, Metadata, Node, NodeKind, Tree};
 use wire::{BlobKind, ChunkId};
 
@@ -33,6 +33,7 @@ use crate::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats};
 use crate::repo::Repository;
 use crate::runtime;
 use crate::synth::{self, SynthFile, SynthSpec};
+use crate::tar::{self, PageRegion};
 
 /// What the user asked for.
 pub struct BackupOptions {
@@ -66,22 +67,41 @@ impl Chunking {
             Chunking::Cdc => cdc,
             Chunking::Pages { page, chunk } if len.is_multiple_of(u64::from(page)) => ChunkPolicy::Fixed(chunk),
             Chunking::Pages { .. } => cdc,
-            Chunking::Auto { chunk } => {
-                let relation_dir = path.components().any(|c| c.as_os_str() == "base" || c.as_os_str() == "global");
-                if relation_dir && len.is_multiple_of(synth::PAGE as u64) {
-                    ChunkPolicy::Fixed(chunk)
-                } else {
-                    cdc
-                }
+            Chunking::Auto { chunk } if is_relation_path(path) && len.is_multiple_of(synth::PAGE as u64) => {
+                ChunkPolicy::Fixed(chunk)
             }
+            Chunking::Auto { .. } => cdc,
         }
     }
+
+    /// The page files inside a tar file's bytes, found as [`Self::policy`] finds them in a
+    /// directory; `None` with `cdc`.
+    fn tar_pages(&self, bytes: &[u8]) -> Option<(tar::TarLayout, u32)> {
+        let (page, chunk, any) = match *self {
+            Chunking::Cdc => return None,
+            Chunking::Pages { page, chunk } => (page, chunk, true),
+            Chunking::Auto { chunk } => (synth::PAGE as u32, chunk, false),
+        };
+        tar::is_tar(bytes).then(|| {
+            let layout = tar::scan(bytes, u64::from(page), limits::TAR_PAGE_MEMBERS, |name| {
+                any || is_relation_path(Path::new(name))
+            });
+            (layout, chunk)
+        })
+    }
+}
+
+/// Below a `base` or `global` directory, where PostgreSQL keeps its relation files.
+fn is_relation_path(path: &Path) -> bool {
+    path.components().any(|c| c.as_os_str() == "base" || c.as_os_str() == "global")
 }
 
 /// A committed backup.
 pub struct BackupOutcome {
     pub snapshot_id: ChunkId,
     pub snapshot: Snapshot,
+    /// Files that changed while they were read (warned about; stored as read).
+    pub files_changed: u64,
     /// Per-stage latency percentiles, merged and per core (`metrics::StageHistograms`).
     pub stage_latency: serde_json::Value,
 }
@@ -110,6 +130,8 @@ struct SegmentJob {
     policy: ChunkPolicy,
     /// The parent snapshot's chunk list for this segment of the file, if it had one.
     previous: Option<ChunkId>,
+    /// Page files inside a tar: cut by [`chunker::region_cuts`] with `policy`'s chunk size.
+    regions: Option<Arc<[PageRegion]>>,
     file: usize,
     segment: usize,
     offset: usize,
@@ -213,6 +235,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         pending: VecDeque::new(),
         pending_files: 0,
         stats: SnapshotStats::default(),
+        files_changed: 0,
         reporter,
         chunking: opts.chunking,
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
@@ -222,7 +245,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         Some(spec) => walker.walk_synth(spec, parent),
         None => walker.walk_sources(&paths, parent),
     });
-    let Walker { tree_writer, jobs, done, mut stats, reporter, .. } = walker;
+    let Walker { tree_writer, jobs, done, mut stats, reporter, files_changed, .. } = walker;
     // Closing the queue lets the cores close their packs and stop; draining the answers keeps
     // a core from blocking on a send when the walk stopped early. Every pack closed is made
     // durable before this returns, on success and on error alike.
@@ -261,7 +284,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         reporter.warn(&shared.repo.root().join("index"), &format!("index runs not merged: {e}"));
     }
     let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
-    Ok(BackupOutcome { snapshot_id, snapshot, stage_latency })
+    Ok(BackupOutcome { snapshot_id, snapshot, files_changed, stage_latency })
 }
 
 /// One core: take segments until the queue closes, then seal the open pack.
@@ -277,7 +300,8 @@ fn run_core(
     let mut previous = PreviousChunks::default();
     for job in jobs.iter() {
         previous.load(&mut reader, job.previous);
-        let result = backup_segment(&mut writer, &job, &previous, &mut window, &shared.progress);
+        let cdc = shared.repo.config.chunker;
+        let result = backup_segment(&mut writer, &job, &previous, cdc, &mut window, &shared.progress);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
             break;
@@ -291,6 +315,7 @@ fn backup_segment(
     writer: &mut BlobWriter<'_>,
     job: &SegmentJob,
     previous: &PreviousChunks,
+    cdc: ChunkerParams,
     window: &mut Vec<u8>,
     progress: &Progress,
 ) -> Result<SegmentSummary> {
@@ -317,7 +342,13 @@ fn backup_segment(
         SegmentSource::Mapped(map) => {
             let data = &map[job.offset..job.offset + job.len];
             let mut released = 0;
-            for (off, len) in chunker::cuts(data, job.policy) {
+            let cuts: Box<dyn Iterator<Item = (usize, usize)>> = match (&job.regions, job.policy) {
+                (Some(regions), ChunkPolicy::Fixed(chunk)) => {
+                    Box::new(chunker::region_cuts(data, job.offset as u64, regions, chunk, cdc).into_iter())
+                }
+                _ => Box::new(chunker::cuts(data, job.policy)),
+            };
+            for (off, len) in cuts {
                 store(&data[off..off + len])?;
                 if off + len - released >= limits::MAPPED_WINDOW {
                     release_pages(map, job.offset + released, off + len - released);
@@ -386,6 +417,8 @@ fn release_pages(map: &Mmap, offset: usize, len: usize) {
 struct FileInFlight {
     segments: Vec<Option<ChunkId>>,
     left: usize,
+    /// A file on disk, checked again once read: a file that changed meanwhile may be torn.
+    path: Option<PathBuf>,
 }
 
 enum PendingNode {
@@ -429,6 +462,8 @@ struct Walker<'a> {
     pending: VecDeque<PendingDir>,
     pending_files: usize,
     stats: SnapshotStats,
+    /// Files that changed while they were read.
+    files_changed: u64,
     reporter: &'a mut Reporter,
     chunking: Chunking,
     /// The repository's content-defined policy.
@@ -618,8 +653,21 @@ impl Walker<'_> {
         };
         let _ = map.advise(Advice::Sequential);
         meta.size = map.len() as u64;
-        let policy = self.chunking.policy(path, meta.size, self.cdc);
-        Ok(Ok(Some(self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size, policy, previous)?)))
+        let mut policy = self.chunking.policy(path, meta.size, self.cdc);
+        let mut regions = None;
+        if policy == self.cdc {
+            if let Some((layout, chunk)) = self.chunking.tar_pages(&map) {
+                for warning in &layout.warnings {
+                    self.reporter.warn(path, &format!("tar: {warning}"));
+                }
+                if !layout.pages.is_empty() {
+                    (policy, regions) = (ChunkPolicy::Fixed(chunk), Some(layout.pages.into()));
+                }
+            }
+        }
+        let slot = self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size, policy, regions, previous)?;
+        self.files.get_mut(&slot).expect("just queued").path = Some(path.to_owned());
+        Ok(Ok(Some(slot)))
     }
 
     /// Queues every segment of a file of `len` bytes and returns its slot. `previous` are the
@@ -629,13 +677,14 @@ impl Walker<'_> {
         source: SegmentSource,
         len: u64,
         policy: ChunkPolicy,
+        regions: Option<Arc<[PageRegion]>>,
         previous: &[ChunkId],
     ) -> Result<usize> {
         let segment_size = self.shared.repo.config.segment_size;
         let count = len.div_ceil(segment_size) as usize;
         let slot = self.next_slot;
         self.next_slot += 1;
-        self.files.insert(slot, FileInFlight { segments: vec![None; count], left: count });
+        self.files.insert(slot, FileInFlight { segments: vec![None; count], left: count, path: None });
         self.pending_files += 1;
         for segment in 0..count {
             let offset = segment as u64 * segment_size;
@@ -644,6 +693,7 @@ impl Walker<'_> {
                 source: source.clone(),
                 policy,
                 previous: previous.get(segment).copied(),
+                regions: regions.clone(),
                 file: slot,
                 segment,
                 offset: offset as usize,
@@ -694,7 +744,7 @@ impl Walker<'_> {
             // A generated file is always readable: the inner result is always Ok.
             let added =
                 self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta, previous| {
-                    Ok(Ok(Some(walker.queue_segments(source, meta.size, policy, previous)?)))
+                    Ok(Ok(Some(walker.queue_segments(source, meta.size, policy, None, previous)?)))
                 })?;
             debug_assert!(added.is_ok());
         }
@@ -755,6 +805,9 @@ impl Walker<'_> {
                     }
                     let f = self.files.remove(&slot).expect("checked above");
                     self.pending_files -= 1;
+                    if let Some(path) = &f.path {
+                        self.check_unchanged(path, &meta);
+                    }
                     let segments = f.segments.into_iter().map(|s| s.expect("all segments answered")).collect();
                     Node { name, meta, kind: NodeKind::File { segments } }
                 }
@@ -781,6 +834,20 @@ impl Walker<'_> {
         let mut buf = Vec::new();
         self.reader.read(id, &mut buf)?;
         Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {id}: {e}")))
+    }
+
+    /// Warns when a file read for this backup was changed while it was read: its copy may mix
+    /// old and new pages (a torn page), so the backup ends as partial.
+    fn check_unchanged(&mut self, path: &Path, read: &Metadata) {
+        let now = fs::symlink_metadata(path).map(|md| metadata(&md));
+        if !now.as_ref().is_ok_and(|now| unchanged(read, now)) {
+            self.files_changed += 1;
+            self.reporter.warn(
+                path,
+                "changed while it was read: stored as read, possibly inconsistent (back up a stopped \
+                 database, a filesystem snapshot, or use the database's backup mode)",
+            );
+        }
     }
 
     fn skip(&mut self, path: &Path, why: &str) {

@@ -3,6 +3,8 @@
 
 use wire::repo::ChunkerParams;
 
+use crate::tar::PageRegion;
+
 /// How a file is cut into chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunkPolicy {
@@ -37,6 +39,45 @@ pub fn cuts(segment: &[u8], policy: ChunkPolicy) -> Cuts<'_> {
 /// Content-defined cut points of one segment with the repository's sizes.
 pub fn chunks(segment: &[u8], p: ChunkerParams) -> Cuts<'_> {
     cuts(segment, ChunkPolicy::Cdc(p))
+}
+
+/// Cut points of a segment that starts `base` bytes into a file with page regions (the page
+/// files of a tar): inside a region, fixed chunks of `chunk` bytes at multiples of it from the
+/// region's start, so they fall on the member's own page boundaries; content-defined
+/// elsewhere. Covers the segment exactly, like [`cuts`].
+pub fn region_cuts(
+    segment: &[u8],
+    base: u64,
+    regions: &[PageRegion],
+    chunk: u32,
+    cdc: ChunkerParams,
+) -> Vec<(usize, usize)> {
+    let chunk = u64::from(chunk);
+    let end = base + segment.len() as u64;
+    let mut out = vec![];
+    let content = |from: u64, to: u64, out: &mut Vec<(usize, usize)>| {
+        let (s, e) = ((from - base) as usize, (to - base) as usize);
+        out.extend(chunks(&segment[s..e], cdc).map(|(o, l)| (s + o, l)));
+    };
+    let mut pos = base;
+    let first = regions.partition_point(|r| r.start + r.len <= base);
+    for r in regions[first..].iter().take_while(|r| r.start < end) {
+        let (from, to) = (r.start.max(base), (r.start + r.len).min(end));
+        if pos < from {
+            content(pos, from, &mut out);
+        }
+        let mut at = from;
+        while at < to {
+            let next = (r.start + ((at - r.start) / chunk + 1) * chunk).min(to);
+            out.push(((at - base) as usize, (next - at) as usize));
+            at = next;
+        }
+        pos = to;
+    }
+    if pos < end {
+        content(pos, end, &mut out);
+    }
+    out
 }
 
 /// The iterator of [`cuts`].
@@ -178,6 +219,32 @@ mod tests {
         let c: Vec<_> = cuts(&data, ChunkPolicy::Fixed(32768)).collect();
         assert_eq!(c, vec![(0, 32768), (32768, 32768), (65536, 32768), (98304, 1696)]);
         assert_eq!(cuts(&[], ChunkPolicy::Fixed(8192)).count(), 0);
+    }
+
+    #[test]
+    fn region_cuts_follow_each_member_and_cover_the_segment() {
+        let p = ChunkerParams { min: 256, avg: 1024, max: 4096 };
+        let data = seeded(100_000, 5);
+        // Two page regions at 512-byte (not page) offsets; the segment starts inside the first.
+        let regions = [PageRegion { start: 1536, len: 40_960 }, PageRegion { start: 60_416, len: 16_384 }];
+        let base = 10_000;
+        let c = region_cuts(&data[base as usize..], base, &regions, 16_384, p);
+        let mut at = 0;
+        for &(off, len) in &c {
+            assert_eq!(off, at, "cuts are contiguous");
+            assert!(len > 0);
+            at += len;
+        }
+        assert_eq!(at, data.len() - base as usize, "cuts cover the segment");
+        let abs: Vec<(u64, u64)> = c.iter().map(|&(o, l)| (base + o as u64, l as u64)).collect();
+        // The first region from the segment start, then at 1536 + 16 KiB multiples.
+        assert_eq!(&abs[..3], &[(10_000, 7_920), (17_920, 16_384), (34_304, 8_192)]);
+        let second: Vec<_> = abs.iter().filter(|(o, _)| (60_416..76_800).contains(o)).copied().collect();
+        assert_eq!(second, vec![(60_416, 16_384)]);
+        // Between the regions and after them, content-defined chunks within the CDC bounds.
+        assert!(abs.iter().filter(|(o, _)| (42_496..60_416).contains(o)).all(|&(o, l)| l <= 4096 && o + l <= 60_416));
+        // Without regions, the same as plain content-defined cuts.
+        assert_eq!(region_cuts(&data, 0, &[], 16_384, p), chunks(&data, p).collect::<Vec<_>>());
     }
 
     #[test]

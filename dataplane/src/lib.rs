@@ -16,6 +16,7 @@ pub mod repo;
 pub mod restore;
 pub mod runtime;
 pub mod synth;
+pub mod tar;
 pub mod verify;
 
 /// Parses `123`, `64KiB`, `1MiB`, `1GiB`, `2TiB` (also `K`, `M`, `G`, `T`, `KB`.. as powers of 1024).

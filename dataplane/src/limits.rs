@@ -44,6 +44,9 @@ pub const FILTER_MIN_CAPACITY: u64 = 1 << 16;
 pub const INDEX_MERGE_FANIN: usize = 8;
 /// Read (and write) buffer per index run streamed while loading or merging.
 pub const INDEX_READ_BUFFER: usize = 256 << 10;
+/// Page-file members of one tar file that get page-aligned chunks (16 bytes each in memory
+/// while the file is backed up); members past this are chunked by content, with a warning.
+pub const TAR_PAGE_MEMBERS: usize = 1 << 18;
 /// Most cores one process drives.
 pub const MAX_CORES: usize = 1024;
 /// Locked memory glommio registers for io_uring per core (its default is 10 MiB; less keeps

@@ -188,6 +188,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                 "files": s.files,
                 "dirs": s.dirs,
                 "files_skipped": s.files_skipped,
+                "files_changed": out.files_changed,
                 "duration_s": s.duration_s,
                 "stage_latency_us": out.stage_latency,
             }));
@@ -203,7 +204,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                     s.bytes_read as f64 / s.duration_s.max(1e-9) / 1e6
                 );
             }
-            Ok(if s.files_skipped > 0 { ExitCode::Partial } else { ExitCode::Ok })
+            Ok(if s.files_skipped > 0 || out.files_changed > 0 { ExitCode::Partial } else { ExitCode::Ok })
         }
         Command::Snapshots => {
             let repo = Repository::open(&repo_path()?)?;

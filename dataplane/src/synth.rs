@@ -118,7 +118,9 @@ impl SynthSpec {
                         percent_bp(value).ok_or_else(|| bad(format!("append={value} is not a percentage")))?
                 }
                 other => {
-                    return Err(bad(format!("unknown parameter {other:?} (size, seed, gen, ratio, change, append, dedup)")))
+                    return Err(bad(format!(
+                        "unknown parameter {other:?} (size, seed, gen, ratio, change, append, dedup)"
+                    )))
                 }
             }
         }

@@ -8,6 +8,7 @@
 //! Sources are `synth://pg` (generated, never on disk). Figures are measured in the same run as
 //! the stage limits they are compared with.
 
+mod pgbench;
 mod report;
 mod sample;
 
@@ -76,6 +77,15 @@ enum Cmd {
         #[arg(long)]
         synth: Option<String>,
     },
+    /// A real pgbench database, plain and as `pg_basebackup -Ft` tars: cbcr and restic, full
+    /// and incremental after a pgbench run (needs root and Debian's postgresql).
+    Pgbench {
+        #[arg(long, default_value_t = 100)]
+        scale: u32,
+        /// pgbench transactions per client (2 clients) between the full and the incremental.
+        #[arg(long, default_value_t = 10_000)]
+        transactions: u32,
+    },
     /// Loop backup, incremental, restore and verify; fail if resources grow without bound.
     Soak {
         #[arg(long, default_value = "30m")]
@@ -101,6 +111,7 @@ fn main() -> Result<()> {
             run(&cbcr, &cli.out, &sizes, &cores, source, restore_compare, page_chunk.as_deref())
         }
         Cmd::Peers { input, synth } => peers(&cbcr, &cli.out, input, synth),
+        Cmd::Pgbench { scale, transactions } => pgbench::pgbench(&cbcr, &cli.out, scale, transactions),
         Cmd::Soak { duration, size } => soak(&cbcr, &cli.out, parse_duration(&duration)?, size),
     }
 }
@@ -360,7 +371,8 @@ struct PeerRow {
     restore_s: f64,
 }
 
-fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>) -> Result<()> {
+/// Installs restic and borg (Debian packages) when one is missing.
+fn ensure_peers() -> Result<()> {
     if Command::new("restic").arg("version").output().is_err()
         || Command::new("borg").arg("--version").output().is_err()
     {
@@ -370,6 +382,11 @@ fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>)
             .status()?;
         ensure!(ok.success(), "could not install restic and borg");
     }
+    Ok(())
+}
+
+fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>) -> Result<()> {
+    ensure_peers()?;
     let work = std::fs::canonicalize(out)?.join("peers");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
