@@ -56,7 +56,7 @@ pub(crate) fn pgbench(cbcr: &Path, out: &Path, scale: u32, transactions: u32) ->
     let mut rows = vec![];
     for form in &forms {
         for tool in tools {
-            let repo_dir = work.join(form.name);
+            let repo_dir = work.join("repos").join(form.name);
             std::fs::create_dir_all(&repo_dir)?;
             tool.init(cbcr, &repo_dir)?;
             let full_s = tool.backup(cbcr, &repo_dir, &form.input, "a")?;
@@ -83,7 +83,7 @@ pub(crate) fn pgbench(cbcr: &Path, out: &Path, scale: u32, transactions: u32) ->
     for row in &mut rows {
         let form = forms.iter().find(|f| f.name == row.form).expect("rows come from forms");
         let tool = tools.into_iter().find(|t| t.name() == row.tool).expect("rows come from tools");
-        let repo_dir = work.join(form.name);
+        let repo_dir = work.join("repos").join(form.name);
         row.incr_s = tool.backup(cbcr, &repo_dir, &form.input, "b")?;
         row.growth = dir_bytes(&tool.repo(&repo_dir)) - row.full_size;
         eprintln!("{} {} incremental: {:.2} s", row.form, row.tool, row.incr_s);
