@@ -297,10 +297,10 @@ fn run_core(
     let mut writer = BlobWriter::new(&shared.repo, &shared.known, sealer, shared.pack_size, shared.level)?;
     let mut reader = BlobReader::new(&shared.repo, shared.known.index())?;
     let mut window = Vec::new();
-    let mut previous = PreviousChunks::default();
+    let mut previous = PreviousChunks::new(shared.known.index());
+    let cdc = shared.repo.config.chunker;
     for job in jobs.iter() {
         previous.load(&mut reader, job.previous);
-        let cdc = shared.repo.config.chunker;
         let result = backup_segment(&mut writer, &job, &previous, cdc, &mut window, &shared.progress);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
@@ -314,7 +314,7 @@ fn run_core(
 fn backup_segment(
     writer: &mut BlobWriter<'_>,
     job: &SegmentJob,
-    previous: &PreviousChunks,
+    previous: &PreviousChunks<'_>,
     cdc: ChunkerParams,
     window: &mut Vec<u8>,
     progress: &Progress,
@@ -329,7 +329,7 @@ fn backup_segment(
             ChunkId::default()
         } else {
             let id = writer.hash(chunk);
-            if !previous.ids.contains(&id) {
+            if !previous.has(&id) {
                 writer.store_with_id(id, BlobKind::Data, chunk)?;
             }
             id
@@ -374,15 +374,26 @@ fn backup_segment(
 
 /// The chunks of a segment in the parent snapshot. They are in the repository already (the
 /// parent is committed), so the bulk of a changed database file, whose unchanged pages chunk
-/// exactly as before, needs no index lookup.
-#[derive(Default)]
-struct PreviousChunks {
+/// exactly as before, needs no index lookup on disk.
+struct PreviousChunks<'a> {
+    index: &'a ChunkIndex,
     list: Option<ChunkId>,
     ids: HashSet<ChunkId, IdBuild>,
     buf: Vec<u8>,
 }
 
-impl PreviousChunks {
+impl<'a> PreviousChunks<'a> {
+    fn new(index: &'a ChunkIndex) -> Self {
+        Self { index, list: None, ids: HashSet::default(), buf: Vec::new() }
+    }
+
+    /// Whether the parent had chunk `id` in this segment and the index's filter still knows it
+    /// (memory only; a chunk whose index entry was lost is stored again, as the reuse of
+    /// unchanged files requires their chunk lists to be indexed).
+    fn has(&self, id: &ChunkId) -> bool {
+        self.ids.contains(id) && self.index.may_contain(id)
+    }
+
     fn load(&mut self, reader: &mut BlobReader<'_>, list: Option<ChunkId>) {
         if list == self.list {
             return;

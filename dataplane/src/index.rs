@@ -274,6 +274,12 @@ impl ChunkIndex {
         Ok(None)
     }
 
+    /// Whether the membership filter lets `id` through: `false` means absent for sure, `true`
+    /// means present or (~1% of absent ids) a false positive. Memory only.
+    pub fn may_contain(&self, id: &ChunkId) -> bool {
+        self.state().filter.may_contain(id)
+    }
+
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
         Ok(self.get(id)?.is_some())
     }

@@ -30,6 +30,8 @@ pub const RESTORE_WRITE_BUFFER: usize = 4 << 20;
 pub const PENDING_DIRS: usize = 4096;
 /// Bytes `verify --read-data` reads at a time while hashing a pack.
 pub const VERIFY_READ_BUFFER: usize = 1 << 20;
+/// Chunk lists `verify` hands its checking threads at a time (the depth of both queues).
+pub const VERIFY_LIST_BATCH: usize = 64;
 /// Open pack files a reader keeps per core (restore, verify).
 pub const OPEN_PACKS_PER_READER: usize = 64;
 /// Index entries per fence: a lookup reads one block of this many entries (2.75 KiB) from a

@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crossbeam_channel::{bounded, Receiver};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use wire::index::IndexEntry;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::tree::{ChunkList, NodeKind, Tree};
@@ -128,18 +128,38 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
     }
     reporter.finish();
 
-    // Snapshots: every tree, chunk list and chunk they reference.
-    let mut walk = SnapshotWalk {
-        index: &index,
-        reader: BlobReader::new(&repo, &index)?,
-        damaged: &damaged_blobs,
-        clean_trees: HashSet::new(),
-        found: vec![],
-    };
-    for (id, snap) in &snapshots {
-        walk.tree(&snap.tree_id(), &id.short(), Path::new("/"));
-    }
-    report.damage.extend(walk.found);
+    // Snapshots: every tree, chunk list and chunk they reference. Trees are walked here; the
+    // chunk lists, one index lookup per chunk, are checked on `cores` threads.
+    let found = std::thread::scope(|scope| -> Result<Vec<Damage>> {
+        let (jobs, job_rx) = bounded::<(usize, ChunkId)>(limits::VERIFY_LIST_BATCH);
+        let (result_tx, results) = bounded(limits::VERIFY_LIST_BATCH);
+        for _ in 0..cores {
+            let (job_rx, result_tx) = (job_rx.clone(), result_tx.clone());
+            let mut reader = BlobReader::new(&repo, &index)?;
+            let (index, damaged) = (&*index, &damaged_blobs);
+            scope.spawn(move || {
+                for (i, id) in job_rx {
+                    let checked = check_list(&mut reader, index, damaged, &id);
+                    if result_tx.send((i, checked)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut walk = SnapshotWalk {
+            reader: BlobReader::new(&repo, &index)?,
+            damaged: &damaged_blobs,
+            lists: ListChecker { jobs, results },
+            clean_trees: HashSet::new(),
+            found: vec![],
+        };
+        for (id, snap) in &snapshots {
+            walk.tree(&snap.tree_id(), &id.short(), Path::new("/"));
+        }
+        // Dropping the walk closes the job queue, which ends the threads.
+        Ok(walk.found)
+    })?;
+    report.damage.extend(found);
     Ok(report)
 }
 
@@ -271,11 +291,72 @@ fn hash_file(file: &File, buf: &mut Vec<u8>) -> std::io::Result<(ChunkId, u64)> 
 }
 
 struct SnapshotWalk<'a> {
-    index: &'a ChunkIndex,
     reader: BlobReader<'a>,
     damaged: &'a HashSet<ChunkId>,
+    lists: ListChecker,
     clean_trees: HashSet<ChunkId>,
     found: Vec<Damage>,
+}
+
+/// The way to the threads that check chunk lists.
+struct ListChecker {
+    jobs: Sender<(usize, ChunkId)>,
+    results: Receiver<(usize, std::result::Result<(), String>)>,
+}
+
+impl ListChecker {
+    /// Checks `ids` on the threads, a batch at a time (the queues hold one batch, so neither
+    /// side waits on a full queue); results in the order of `ids`.
+    fn check(&self, ids: &[ChunkId]) -> Vec<std::result::Result<(), String>> {
+        let mut out = vec![Ok(()); ids.len()];
+        for (b, batch) in ids.chunks(limits::VERIFY_LIST_BATCH).enumerate() {
+            let base = b * limits::VERIFY_LIST_BATCH;
+            for (i, id) in batch.iter().enumerate() {
+                self.jobs.send((base + i, *id)).expect("list checkers run until the walk ends");
+            }
+            for _ in batch {
+                let (i, checked) = self.results.recv().expect("list checkers answer every job");
+                out[i] = checked;
+            }
+        }
+        out
+    }
+}
+
+/// Every chunk of chunk list `id` is indexed and not damaged.
+fn check_list(
+    reader: &mut BlobReader<'_>,
+    index: &ChunkIndex,
+    damaged: &HashSet<ChunkId>,
+    id: &ChunkId,
+) -> std::result::Result<(), String> {
+    let list = ChunkList::decode(&read_blob(reader, damaged, id)?).map_err(|e| format!("chunk list {id}: {e}"))?;
+    for c in list.chunks.iter().filter(|c| !c.zero) {
+        if damaged.contains(&c.id) {
+            return Err(format!("chunk {} is damaged", c.id));
+        }
+        if !index.contains(&c.id).map_err(|e| e.to_string())? {
+            return Err(format!("chunk {} is missing", c.id));
+        }
+    }
+    Ok(())
+}
+
+/// A blob, verified, unless verify already found it damaged.
+fn read_blob(
+    reader: &mut BlobReader<'_>,
+    damaged: &HashSet<ChunkId>,
+    id: &ChunkId,
+) -> std::result::Result<Vec<u8>, String> {
+    if damaged.contains(id) {
+        return Err(format!("blob {id} is damaged"));
+    }
+    let mut buf = Vec::new();
+    reader.read(id, &mut buf).map_err(|e| match e {
+        Error::Integrity(d) => d,
+        other => other.to_string(),
+    })?;
+    Ok(buf)
 }
 
 impl SnapshotWalk<'_> {
@@ -284,7 +365,9 @@ impl SnapshotWalk<'_> {
         if self.clean_trees.contains(id) {
             return true;
         }
-        let tree = match self.blob(id).and_then(|b| Tree::decode(&b).map_err(|e| e.to_string())) {
+        let tree = match read_blob(&mut self.reader, self.damaged, id)
+            .and_then(|b| Tree::decode(&b).map_err(|e| e.to_string()))
+        {
             Ok(t) => t,
             Err(detail) => {
                 self.damage_file(snap, path, format!("directory tree {id}: {detail}"));
@@ -292,17 +375,27 @@ impl SnapshotWalk<'_> {
             }
         };
         let mut clean = true;
+        let lists: Vec<ChunkId> = tree
+            .nodes
+            .iter()
+            .flat_map(|n| match &n.kind {
+                NodeKind::File { segments } => &segments[..],
+                _ => &[],
+            })
+            .copied()
+            .collect();
+        let mut checked = self.lists.check(&lists).into_iter();
         for node in &tree.nodes {
             let child = path.join(std::ffi::OsStr::new(&*String::from_utf8_lossy(&node.name)));
             match &node.kind {
                 NodeKind::Dir { tree } => clean &= self.tree(tree, snap, &child),
                 NodeKind::File { segments } => {
-                    for list_id in segments {
-                        if let Err(detail) = self.chunk_list(list_id) {
-                            self.damage_file(snap, &child, detail);
-                            clean = false;
-                            break;
-                        }
+                    // Take all of this file's results, so the next file starts at its own.
+                    let mine: Vec<_> = checked.by_ref().take(segments.len()).collect();
+                    let first_damage = mine.into_iter().find_map(|c| c.err());
+                    if let Some(detail) = first_damage {
+                        self.damage_file(snap, &child, detail);
+                        clean = false;
                     }
                 }
                 NodeKind::Symlink { .. } => {}
@@ -312,31 +405,6 @@ impl SnapshotWalk<'_> {
             self.clean_trees.insert(*id);
         }
         clean
-    }
-
-    fn chunk_list(&mut self, id: &ChunkId) -> std::result::Result<(), String> {
-        let list = ChunkList::decode(&self.blob(id)?).map_err(|e| format!("chunk list {id}: {e}"))?;
-        for c in list.chunks.iter().filter(|c| !c.zero) {
-            if self.damaged.contains(&c.id) {
-                return Err(format!("chunk {} is damaged", c.id));
-            }
-            if !self.index.contains(&c.id).map_err(|e| e.to_string())? {
-                return Err(format!("chunk {} is missing", c.id));
-            }
-        }
-        Ok(())
-    }
-
-    fn blob(&mut self, id: &ChunkId) -> std::result::Result<Vec<u8>, String> {
-        if self.damaged.contains(id) {
-            return Err(format!("blob {id} is damaged"));
-        }
-        let mut buf = Vec::new();
-        self.reader.read(id, &mut buf).map_err(|e| match e {
-            Error::Integrity(d) => d,
-            other => other.to_string(),
-        })?;
-        Ok(buf)
     }
 
     fn damage_file(&mut self, snap: &str, path: &Path, detail: String) {
