@@ -237,21 +237,22 @@ fn check_packs(
             }
         }
         // Every index entry naming this pack must match a trailer entry: count the matches.
-        let mut matched = 0;
-        for e in &entries {
-            match index.get_in_pack(&e.id, &job.id) {
-                Ok(Some(i)) if i.entry.offset() == e.offset() && i.entry.stored_len() == e.stored_len() => matched += 1,
-                Ok(_) => {}
-                Err(err) => out.0.push(pack_damage(format!("its index entries cannot be read: {err}"))),
+        let same =
+            |i: &IndexEntry, e: &PackEntry| i.entry.offset() == e.offset() && i.entry.stored_len() == e.stored_len();
+        let matched = entries.iter().try_fold(0u64, |n, e| {
+            Ok::<_, Error>(n + u64::from(index.get_in_pack(&e.id, &job.id)?.is_some_and(|i| same(&i, e))))
+        });
+        match matched {
+            Err(err) => out.0.push(pack_damage(format!("its index entries cannot be read: {err}"))),
+            Ok(n) if n != job.indexed => {
+                let in_pack: HashSet<_> = entries.iter().map(|e| (e.id, e.offset(), e.stored_len())).collect();
+                let disagree = indexed_in(index, &job.id, |i| {
+                    !in_pack.contains(&(i.entry.id, i.entry.offset(), i.entry.stored_len()))
+                });
+                let detail = format!("{} indexed blobs are not where the index says", disagree.len());
+                out.0.push((Damage { kind: "pack", name: job.id.to_hex(), detail }, disagree));
             }
-        }
-        if matched != job.indexed {
-            let in_pack: HashSet<_> = entries.iter().map(|e| (e.id, e.offset(), e.stored_len())).collect();
-            let disagree = indexed_in(index, &job.id, |i| {
-                !in_pack.contains(&(i.entry.id, i.entry.offset(), i.entry.stored_len()))
-            });
-            let detail = format!("{} indexed blobs are not where the index says", disagree.len());
-            out.0.push((Damage { kind: "pack", name: job.id.to_hex(), detail }, disagree));
+            Ok(_) => {}
         }
     }
     out
