@@ -26,7 +26,7 @@ const POINTS: &[(&str, u64)] = &[
     ("pack-write", 200),
     ("pack-seal", 4),
     ("index-write", 4),
-    ("index-merge", 2),
+    ("index-merge", 1),
     ("snapshot-write", 1),
     ("snapshot-rename", 1),
 ];

@@ -4,10 +4,12 @@
 //! so memory grows by ~1.5 bytes per blob, not ~90.
 //!
 //! A lookup asks the filter, then reads one block of each run until it finds the blob, largest
-//! run first (it holds most blobs). Runs of one size tier are merged, streamed, once
-//! [`limits::INDEX_MERGE_FANIN`] of them exist, so there are few runs to ask. Only a backup merges
-//! (it holds the repository lock); the merged run is durable before the runs it replaces are
-//! removed, so a crash leaves duplicate entries, which are harmless: each names a valid place.
+//! run first (it holds most blobs). During a backup, runs of one size tier are merged, streamed,
+//! into a scratch run in `tmp/` once [`limits::INDEX_MERGE_FANIN`] of them exist, so there are
+//! few runs to ask; after the commit every run is merged into one durable run and the files it
+//! covers are removed. Only a backup merges (it holds the repository lock). A crash leaves the
+//! durable runs (scratch runs go with `tmp/`), or the merged run beside some of the runs it
+//! covers: duplicate entries, which are harmless, since each names a valid place.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -91,6 +93,8 @@ impl Filter {
 struct Run {
     path: PathBuf,
     file: File,
+    /// A merge written to `tmp/` during a backup: not durable, not in `index/`.
+    scratch: bool,
     count: u32,
     /// Id prefix of every `INDEX_FENCE_STRIDE`-th entry.
     fences: Vec<u64>,
@@ -113,7 +117,7 @@ impl Run {
             }
             each(e);
         })?;
-        Ok(Self { path: path.to_owned(), file, count, fences })
+        Ok(Self { path: path.to_owned(), file, scratch: false, count, fences })
     }
 
     /// The size tier: runs within a factor of the fan-in of each other share one.
@@ -294,7 +298,8 @@ impl ChunkIndex {
     /// Adds a run the caller just made durable at `path`, with its entries (sorted).
     fn add_run(&self, path: &Path, entries: &[IndexEntry]) -> Result<()> {
         let fences = entries.iter().step_by(STRIDE).map(|e| prefix(&e.id())).collect();
-        let run = Run { path: path.to_owned(), file: File::open(path).at(path)?, count: entries.len() as u32, fences };
+        let file = File::open(path).at(path)?;
+        let run = Run { path: path.to_owned(), file, scratch: false, count: entries.len() as u32, fences };
         let grown = {
             let state = self.state();
             let need = state.entries + entries.len() as u64;
@@ -341,42 +346,50 @@ impl ChunkIndex {
                     None => return Ok(()),
                 }
             };
-            self.replace(repo, &group)?;
+            // In `tmp/`, without fsync: the durable runs it covers stay in `index/` until
+            // `compact_all` replaces them all, so a crash loses nothing.
+            let merged = write_merged(repo, &group, false)?;
+            self.swap(&group, merged);
+            for run in group.iter().filter(|r| r.scratch) {
+                let _ = std::fs::remove_file(&run.path);
+            }
         }
     }
 
-    /// Merges every run into one (when the result fits in a run): a lookup then reads one block.
-    /// A backup does it after its commit, rewriting the index once per backup. Only under the
-    /// repository lock.
+    /// Merges every run into one durable run (when the result fits in a run) and removes every
+    /// other run file: a lookup then reads one block. A backup does it after its commit, the
+    /// one fsync of the index per backup. Only under the repository lock.
     pub fn compact_all(&self, repo: &Repository) -> Result<()> {
         let runs = self.state().runs.clone();
         let count: u64 = runs.iter().map(|r| u64::from(r.count)).sum();
-        if runs.len() < 2 || count > u64::from(wire::limits::MAX_INDEX_ENTRIES) {
+        let durable = runs.len() == 1 && !runs[0].scratch;
+        if runs.is_empty() || durable || count > u64::from(wire::limits::MAX_INDEX_ENTRIES) {
             return Ok(());
         }
-        self.replace(repo, &runs)
-    }
-
-    /// Writes the merge of `group` as one durable run, then swaps it in and removes the runs
-    /// it replaces.
-    fn replace(&self, repo: &Repository, group: &[Arc<Run>]) -> Result<()> {
-        let merged = Arc::new(write_merged(repo, group)?);
-        {
-            let mut state = self.state.write().expect("no thread panics while holding the index");
-            // The same entries make the same name: a merge redone after a crash may meet its
-            // earlier output, in the group or beside it. One open run per file.
-            state.runs.retain(|r| !group.iter().any(|g| Arc::ptr_eq(g, r)) && r.path != merged.path);
-            let at = state.runs.partition_point(|r| r.count >= merged.count);
-            state.runs.insert(at, Arc::clone(&merged));
-        }
+        let merged = write_merged(repo, &runs, true)?;
+        let keep = merged.path.clone();
+        self.swap(&runs, merged);
         fault::point("index-merge");
-        for run in group.iter().filter(|r| r.path != merged.path) {
-            match std::fs::remove_file(&run.path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&run.path),
+        // Every run file was loaded or added, directly or through a scratch merge: all are in
+        // the merged run. (The same entries make the same name, so it may replace one of them.)
+        for path in repo.list("index")?.into_iter().filter(|p| *p != keep) {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&path),
                 _ => {}
             }
         }
+        for run in runs.iter().filter(|r| r.scratch) {
+            let _ = std::fs::remove_file(&run.path);
+        }
         Ok(())
+    }
+
+    /// Puts `merged` in the place of the runs of `group`.
+    fn swap(&self, group: &[Arc<Run>], merged: Run) {
+        let mut state = self.state.write().expect("no thread panics while holding the index");
+        state.runs.retain(|r| !group.iter().any(|g| Arc::ptr_eq(g, r)));
+        let at = state.runs.partition_point(|r| r.count >= merged.count);
+        state.runs.insert(at, Arc::new(merged));
     }
 }
 
@@ -448,9 +461,10 @@ fn merge(runs: &[Arc<Run>], mut each: impl FnMut(&IndexEntry)) -> Result<u64> {
     Ok(given)
 }
 
-/// Writes the merge of `runs` as one new durable run, keeping the first place of a blob stored
-/// twice. Two passes, because the header (hashed first) holds the count.
-fn write_merged(repo: &Repository, runs: &[Arc<Run>]) -> Result<Run> {
+/// Writes the merge of `runs` as one new run, keeping the first place of a blob stored twice:
+/// durable in `index/`, or a scratch file in `tmp/`. Two passes, because the header (hashed
+/// first) holds the count.
+fn write_merged(repo: &Repository, runs: &[Arc<Run>], durable: bool) -> Result<Run> {
     let mut last = None;
     let mut count = 0u32;
     merge(runs, |e| {
@@ -496,10 +510,13 @@ fn write_merged(repo: &Repository, runs: &[Arc<Run>]) -> Result<Run> {
     }
     out.flush().at(&tmp)?;
     drop(out);
+    if !durable {
+        return Ok(Run { path: tmp, file, scratch: true, count, fences });
+    }
     file.sync_all().at(&tmp)?;
     let path = repo.index_run_path(&ChunkId(*name.finalize().as_bytes()));
     repo.publish(&tmp, &path)?;
-    Ok(Run { path, file, count, fences })
+    Ok(Run { path, file, scratch: false, count, fences })
 }
 
 const SHARDS: usize = 64;
@@ -598,9 +615,14 @@ mod tests {
             }
         }
         assert!(known.claimed.iter().all(|s| s.lock().unwrap().is_empty()), "sealing drops the claims");
-        // 100 runs of 200 entries merge into tiers of fewer than FANIN runs each.
-        let runs = repo.list("index").unwrap().len();
+        // 100 runs of 200 entries merge into tiers of fewer than FANIN runs each (scratch runs
+        // in tmp/; the durable ones stay until compact_all).
+        let runs = known.index().state().runs.len();
         assert!(runs < 2 * limits::INDEX_MERGE_FANIN, "{runs} runs left after merging");
+        assert_eq!(repo.list("index").unwrap().len(), 100);
+        known.index().compact_all(&repo).unwrap();
+        assert_eq!(repo.list("index").unwrap().len(), 1, "one durable run covers them all");
+        assert_eq!(known.index().state().runs.len(), 1);
 
         let reloaded = ChunkIndex::load(&repo).unwrap();
         for index in [known.index(), &reloaded] {
