@@ -201,7 +201,6 @@ struct State {
 }
 
 /// Blob id -> where it is stored.
-#[derive(Default)]
 pub struct ChunkIndex {
     state: RwLock<State>,
 }

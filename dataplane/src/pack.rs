@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Sender};
 
-use wire::index::{encode_run, IndexEntry};
+use wire::index::{encode_sorted, IndexEntry};
 use wire::pack::{encode_trailer, PackEntry, PackHeader};
 use wire::{BlobKind, ChunkId, Compression};
 
@@ -136,7 +136,7 @@ fn seal(repo: &Repository, known: &KnownBlobs, job: SealJob) -> Result<()> {
     fault::point("index-write");
     let mut run: Vec<IndexEntry> = job.entries.iter().map(|&entry| IndexEntry { pack: job.id, entry }).collect();
     run.sort_unstable_by_key(|e| e.id());
-    let path = repo.write_index_run(&encode_run(run.clone()))?;
+    let path = repo.write_index_run(&encode_sorted(&run))?;
     known.sealed(&path, &run)?;
     // Merging here keeps lookups to a few runs and runs on no core.
     known.index().compact(repo)

@@ -51,10 +51,15 @@ impl IndexEntry {
 /// Encodes a run; sorts it first. Duplicate ids are a caller bug.
 pub fn encode_run(mut entries: Vec<IndexEntry>) -> Vec<u8> {
     entries.sort_unstable_by_key(|e| e.id());
+    encode_sorted(&entries)
+}
+
+/// Encodes a run whose entries are already strictly ascending by id.
+pub fn encode_sorted(entries: &[IndexEntry]) -> Vec<u8> {
     let mut encoder = RunEncoder::new(entries.len() as u32);
     let mut out = Vec::with_capacity(run_len(entries.len() as u32) as usize);
     out.extend_from_slice(&encoder.header());
-    out.extend_from_slice(encoder.entries(&entries));
+    out.extend_from_slice(encoder.entries(entries));
     out.extend_from_slice(&encoder.finish());
     out
 }
