@@ -297,7 +297,7 @@ fn run_core(
     let mut writer = BlobWriter::new(&shared.repo, &shared.known, sealer, shared.pack_size, shared.level)?;
     let mut reader = BlobReader::new(&shared.repo, shared.known.index())?;
     let mut window = Vec::new();
-    let mut previous = PreviousChunks::new(shared.known.index());
+    let mut previous = PreviousChunks::new(shared.known.index(), shared.repo.remote.is_some());
     let cdc = shared.repo.config.chunker;
     for job in jobs.iter() {
         previous.load(&mut reader, job.previous);
@@ -377,21 +377,24 @@ fn backup_segment(
 /// exactly as before, needs no index lookup on disk.
 struct PreviousChunks<'a> {
     index: &'a ChunkIndex,
+    remote: bool,
     list: Option<ChunkId>,
     ids: HashSet<ChunkId, IdBuild>,
     buf: Vec<u8>,
 }
 
 impl<'a> PreviousChunks<'a> {
-    fn new(index: &'a ChunkIndex) -> Self {
-        Self { index, list: None, ids: HashSet::default(), buf: Vec::new() }
+    fn new(index: &'a ChunkIndex, remote: bool) -> Self {
+        Self { index, remote, list: None, ids: HashSet::default(), buf: Vec::new() }
     }
 
     /// Whether the parent had chunk `id` in this segment and the index's filter still knows it
     /// (memory only; a chunk whose index entry was lost is stored again, as the reuse of
     /// unchanged files requires their chunk lists to be indexed).
     fn has(&self, id: &ChunkId) -> bool {
-        self.ids.contains(id) && self.index.may_contain(id)
+        // A remote repository's index is the receiver's, not in memory here: the parent,
+        // committed there, vouches for its chunks.
+        self.ids.contains(id) && (self.remote || self.index.may_contain(id))
     }
 
     fn load(&mut self, reader: &mut BlobReader<'_>, list: Option<ChunkId>) {
@@ -619,7 +622,7 @@ impl Walker<'_> {
             // Reused only while its chunk lists are still indexed: a damaged repository heals
             // by reading the file again.
             Some(Node { meta: old, kind: NodeKind::File { segments }, .. })
-                if unchanged(old, &meta) && all_indexed(self.shared.known.index(), segments)? =>
+                if unchanged(old, &meta) && all_indexed(&self.shared.repo, self.shared.known.index(), segments)? =>
             {
                 Some(segments.clone())
             }
@@ -927,7 +930,7 @@ fn scan_size(path: &Path) -> u64 {
     }
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer outlives the call and its length is passed.
     let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
@@ -939,8 +942,11 @@ fn hostname() -> String {
     }
 }
 
-/// Whether every blob of `ids` is in the index.
-fn all_indexed(index: &ChunkIndex, ids: &[ChunkId]) -> Result<bool> {
+/// Whether every blob of `ids` is in the index (a remote repository's, asked in one request).
+fn all_indexed(repo: &Repository, index: &ChunkIndex, ids: &[ChunkId]) -> Result<bool> {
+    if let Some(remote) = &repo.remote {
+        return Ok(remote.have(ids)?.into_iter().all(|have| have));
+    }
     for id in ids {
         if !index.contains(id)? {
             return Ok(false);

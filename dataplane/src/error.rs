@@ -19,6 +19,8 @@ pub enum ExitCode {
     /// Verify found damage, or restore met data that does not match its id.
     Integrity = 13,
     NoSpace = 14,
+    /// A remote repository could not be reached, refused us, or the connection broke.
+    Network = 15,
     Interrupted = 130,
 }
 
@@ -43,6 +45,8 @@ pub enum Error {
     Integrity(String),
     #[error("{0}")]
     Usage(String),
+    #[error("network: {0}")]
+    Network(String),
     #[error("cannot start the thread-per-core runtime on core {core}: {detail}. cbcr needs io_uring and locked memory: check `ulimit -l` (LimitMEMLOCK= under systemd) and that the container's seccomp profile allows io_uring")]
     Runtime { core: usize, detail: String },
 }
@@ -56,6 +60,7 @@ impl Error {
             Error::Format { source: wire::Error::UnsupportedVersion { .. }, .. } => ExitCode::UnsupportedFormat,
             Error::Format { .. } | Error::Integrity(_) => ExitCode::Integrity,
             Error::NoSpace(_) => ExitCode::NoSpace,
+            Error::Network(_) => ExitCode::Network,
             _ => ExitCode::Fatal,
         }
     }

@@ -558,6 +558,13 @@ impl KnownBlobs {
         Ok(())
     }
 
+    /// Drops claims without indexing: the blobs are durable elsewhere (a receiver has them).
+    pub fn release(&self, ids: impl IntoIterator<Item = ChunkId>) {
+        for id in ids {
+            self.shard(&id).remove(&id);
+        }
+    }
+
     pub fn index(&self) -> &ChunkIndex {
         &self.index
     }

@@ -49,6 +49,22 @@ pub const INDEX_READ_BUFFER: usize = 256 << 10;
 /// Page-file members of one tar file that get page-aligned chunks (16 bytes each in memory
 /// while the file is backed up); members past this are chunked by content, with a warning.
 pub const TAR_PAGE_MEMBERS: usize = 1 << 18;
+/// Bytes of blobs a core collects before it asks a receiver which of them it lacks (one `Have`
+/// round trip per this much new-looking data), plus one largest blob.
+pub const HAVE_BATCH_BYTES: usize = 4 << 20;
+/// Bytes of a pack read from disk and written to a QUIC stream at a time.
+pub const PACK_SEND_PIECE: usize = 1 << 20;
+/// Bytes one QUIC stream may have in flight unacknowledged (per direction): a slow receiver
+/// stops a sender after this much, whatever the pack size.
+pub const QUIC_STREAM_WINDOW: u32 = 8 << 20;
+/// Bytes one QUIC connection may have in flight over all its streams.
+pub const QUIC_CONNECTION_WINDOW: u32 = 32 << 20;
+/// Requests one connection may have open at once (a few per core).
+pub const QUIC_STREAMS_PER_CONNECTION: u32 = 256;
+/// A connection with no traffic (keep-alives included) for this long is dead.
+pub const QUIC_IDLE_TIMEOUT_S: u64 = 15;
+/// Sessions a receiver serves at once; more wait at the handshake.
+pub const RECEIVER_SESSIONS: usize = 256;
 /// Most cores one process drives.
 pub const MAX_CORES: usize = 1024;
 /// Locked memory glommio registers for io_uring per core (its default is 10 MiB; less keeps

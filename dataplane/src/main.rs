@@ -8,10 +8,12 @@ use clap::{Args, Parser, Subcommand};
 use dataplane::backup::{backup, BackupOptions, Chunking};
 use dataplane::error::{Error, ExitCode};
 use dataplane::output::Reporter;
+use dataplane::quic::TlsFiles;
+use dataplane::receiver::ReceiverOptions;
 use dataplane::repo::Repository;
 use dataplane::restore::{restore, Destination, RestoreOptions};
 use dataplane::synth::SynthSpec;
-use dataplane::verify::{describe, verify};
+use dataplane::verify::{describe, verify, VerifyReport};
 use dataplane::{limits, runtime};
 use serde_json::json;
 use wire::repo::ChunkerParams;
@@ -28,9 +30,18 @@ struct Cli {
 
 #[derive(Args)]
 struct Global {
-    /// Repository directory.
+    /// Repository: a directory, or `quic://HOST:PORT` for a receiver (then --cert/--key/--ca).
     #[arg(long, global = true, env = "CBCR_REPO")]
     repo: Option<PathBuf>,
+    /// This side's certificate (PEM) for QUIC: the client's, or the receiver's.
+    #[arg(long, global = true, env = "CBCR_CERT")]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, global = true, env = "CBCR_KEY")]
+    key: Option<PathBuf>,
+    /// The CA that must have signed the other side's certificate (PEM).
+    #[arg(long, global = true, env = "CBCR_CA")]
+    ca: Option<PathBuf>,
     /// JSON Lines on stdout instead of human output.
     #[arg(long, global = true)]
     json: bool,
@@ -102,6 +113,31 @@ enum Command {
         #[arg(long, default_value = "latest", requires = "against")]
         snapshot: String,
     },
+    /// Serve a repository to clients over QUIC (the storage-host daemon; --repo is a directory).
+    Receiver {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: std::net::SocketAddr,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// After SIGTERM, how long open sessions may take to finish.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+    },
+    /// Certificates for QUIC.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Write a development CA, a receiver certificate for localhost and a client certificate.
+    Dev {
+        /// Directory to write ca.crt, receiver.crt/.key and client.crt/.key into.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -121,11 +157,14 @@ struct InitArgs {
 }
 
 fn main() -> ProcessExit {
+    let cli = Cli::parse();
+    // A daemon says who connected and what was committed; a command only what went wrong.
+    let level = if matches!(cli.command, Command::Receiver { .. }) { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let mut reporter = Reporter::new(cli.global.json, cli.global.quiet, !cli.global.no_progress);
     let code = match run(cli, &mut reporter) {
         Ok(code) => code,
@@ -145,6 +184,12 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
     let repo_path =
         || g.repo.clone().ok_or_else(|| Error::Usage("no repository: give --repo DIR or set CBCR_REPO".into()));
     let cores = g.cores.unwrap_or_else(runtime::default_cores);
+    let tls = match (&g.cert, &g.key, &g.ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() }),
+        (None, None, None) => None,
+        _ => return Err(Error::Usage("give all three of --cert, --key and --ca".into())),
+    };
+    let open = |create: bool| Repository::open_spec(&repo_path()?, tls.as_ref(), create);
     match cli.command {
         Command::Init(a) => {
             let chunker =
@@ -164,7 +209,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                 ChunkingArg::Cdc => Chunking::Cdc,
                 ChunkingArg::Pages(page) => Chunking::Pages { page, chunk },
             };
-            let repo = Repository::open_or_init(&repo_path()?)?;
+            let repo = open(true)?;
             let synth = match paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://")) {
                 Some(_) if paths.len() > 1 => {
                     return Err(Error::Usage("a synth:// source is backed up on its own, not with other paths".into()))
@@ -207,7 +252,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             Ok(if s.files_skipped > 0 || out.files_changed > 0 { ExitCode::Partial } else { ExitCode::Ok })
         }
         Command::Snapshots => {
-            let repo = Repository::open(&repo_path()?)?;
+            let repo = open(false)?;
             for (id, s) in repo.snapshots()? {
                 if g.json {
                     reporter.event(json!({"type": "snapshot", "id": id.to_hex(), "time": s.time, "host": s.host, "paths": s.paths, "parent": s.parent, "tree": s.tree, "stats": s.stats}));
@@ -225,7 +270,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             Ok(ExitCode::Ok)
         }
         Command::Ls { snapshot } => {
-            let repo = Repository::open(&repo_path()?)?;
+            let repo = open(false)?;
             let (_, snap) = repo.find_snapshot(&snapshot)?;
             let index = dataplane::index::ChunkIndex::load(&repo)?;
             let mut reader = dataplane::pack::BlobReader::new(&repo, &index)?;
@@ -233,7 +278,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             Ok(ExitCode::Ok)
         }
         Command::Restore { snapshot, target, include } => {
-            let repo = Repository::open(&repo_path()?)?;
+            let repo = open(false)?;
             let opts = RestoreOptions { dest: Destination::Dir(target.clone()), include, cores };
             let stats = restore(repo, &snapshot, &opts, reporter)?;
             reporter.event(json!({"type": "restore_summary", "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "target": target}));
@@ -249,7 +294,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             Ok(ExitCode::Ok)
         }
         Command::Verify { against: Some(url), snapshot, .. } => {
-            let repo = Repository::open(&repo_path()?)?;
+            let repo = open(false)?;
             let opts = RestoreOptions { dest: Destination::Compare(SynthSpec::parse(&url)?), include: vec![], cores };
             let stats = restore(repo, &snapshot, &opts, reporter)?;
             reporter
@@ -263,9 +308,28 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::Ok)
         }
+        Command::Receiver { listen, metrics, grace } => receiver(g.repo, tls, listen, metrics, grace, cores),
+        Command::Cert(CertCommand::Dev { out }) => {
+            dataplane::quic::write_dev_pki(&out, false)?;
+            reporter.event(json!({"type": "cert", "dir": out}));
+            if !g.quiet && !g.json {
+                println!(
+                    "wrote {0}/ca.crt, {0}/receiver.crt, {0}/receiver.key, {0}/client.crt, {0}/client.key",
+                    out.display()
+                );
+            }
+            Ok(ExitCode::Ok)
+        }
         Command::Verify { read_data, .. } => {
-            let repo = Repository::open(&repo_path()?)?;
-            let report = verify(repo, read_data, cores, reporter)?;
+            let repo = open(false)?;
+            let report = match &repo.remote {
+                Some(remote) => {
+                    let (_, report) = remote.verify(read_data)?;
+                    serde_json::from_slice::<VerifyReport>(&report)
+                        .map_err(|e| Error::Network(format!("receiver {}: verify report: {e}", remote.addr)))?
+                }
+                None => verify(repo, read_data, cores, reporter)?,
+            };
             for d in &report.damage {
                 reporter.event(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
                 if !g.json {
@@ -298,6 +362,24 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             Ok(if report.damage.is_empty() { ExitCode::Ok } else { ExitCode::Integrity })
         }
     }
+}
+
+fn receiver(
+    repo: Option<PathBuf>,
+    tls: Option<TlsFiles>,
+    listen: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+    grace: std::time::Duration,
+    cores: usize,
+) -> Result<ExitCode, Error> {
+    let repo = repo.ok_or_else(|| Error::Usage("give the receiver its repository directory with --repo".into()))?;
+    if repo.to_str().is_some_and(|r| r.starts_with("quic://")) {
+        return Err(Error::Usage("a receiver serves a local repository directory, not quic://".into()));
+    }
+    let tls =
+        tls.ok_or_else(|| Error::Usage("a receiver needs --cert, --key and --ca (mutual TLS is mandatory)".into()))?;
+    dataplane::receiver::run(ReceiverOptions { listen, repo, tls, metrics, cores, grace })?;
+    Ok(ExitCode::Ok)
 }
 
 fn list_tree(

@@ -17,15 +17,22 @@ pub enum Stage {
     Compress,
     /// Appending one new chunk to the open pack.
     Write,
+    /// Asking a receiver which of a batch of chunks it lacks (remote repositories only).
+    Dedup,
 }
 
-const STAGES: [(Stage, &str); 4] =
-    [(Stage::Chunk, "chunk"), (Stage::Hash, "hash"), (Stage::Compress, "compress"), (Stage::Write, "write")];
+const STAGES: [(Stage, &str); 5] = [
+    (Stage::Chunk, "chunk"),
+    (Stage::Hash, "hash"),
+    (Stage::Compress, "compress"),
+    (Stage::Write, "write"),
+    (Stage::Dedup, "have"),
+];
 
 /// Latency of each stage, in nanoseconds.
 #[derive(Clone, Debug)]
 pub struct StageHistograms {
-    stages: [Histogram<u64>; 4],
+    stages: [Histogram<u64>; STAGES.len()],
 }
 
 impl Default for StageHistograms {

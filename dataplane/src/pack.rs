@@ -20,6 +20,7 @@ use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::metrics::{Stage, StageHistograms};
+use crate::remote::{BlobStream, Remote};
 use crate::repo::Repository;
 
 /// One pack being written under `tmp/`.
@@ -34,7 +35,7 @@ struct PackWriter {
 impl PackWriter {
     fn create(repo: &Repository) -> Result<Self> {
         let tmp = repo.tmp_path("pack");
-        let file = OpenOptions::new().create_new(true).write(true).open(&tmp).at(&tmp)?;
+        let file = OpenOptions::new().create_new(true).read(true).write(true).open(&tmp).at(&tmp)?;
         let mut w = Self {
             tmp,
             out: BufWriter::with_capacity(limits::PACK_WRITE_BUFFER, file),
@@ -130,6 +131,14 @@ impl Sealer {
 }
 
 fn seal(repo: &Repository, known: &KnownBlobs, job: SealJob) -> Result<()> {
+    if let Some(remote) = &repo.remote {
+        // The receiver makes it durable; the local file was only a staging copy.
+        let len = job.file.metadata().at(&job.tmp)?.len();
+        remote.put_pack(&job.id, &job.file, &job.tmp, len)?;
+        let _ = std::fs::remove_file(&job.tmp);
+        known.release(job.entries.iter().map(|e| e.id));
+        return Ok(());
+    }
     job.file.sync_all().at(&job.tmp)?;
     fault::point("pack-seal");
     repo.publish(&job.tmp, &repo.pack_path(&job.id))?;
@@ -173,6 +182,10 @@ pub struct BlobWriter<'a> {
     pack_size: u64,
     compressor: zstd::bulk::Compressor<'static>,
     buf: Vec<u8>,
+    /// Remote repository only: blobs claimed but not yet asked about (id, kind, bytes in
+    /// `pending_data`), so one `Have` round trip covers [`limits::HAVE_BATCH_BYTES`].
+    pending: Vec<(ChunkId, BlobKind, std::ops::Range<usize>)>,
+    pending_data: Vec<u8>,
     pub stats: WriteStats,
 }
 
@@ -194,6 +207,8 @@ impl<'a> BlobWriter<'a> {
             pack_size,
             compressor,
             buf: Vec::new(),
+            pending: Vec::new(),
+            pending_data: Vec::new(),
             stats: WriteStats::default(),
         })
     }
@@ -213,13 +228,54 @@ impl<'a> BlobWriter<'a> {
         id
     }
 
-    /// Stores a blob whose id the caller computed; returns whether it was new.
+    /// Stores a blob whose id the caller computed; returns whether it was new (for a remote
+    /// repository: whether it was new to this backup; the receiver may still have it).
     pub fn store_with_id(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<bool> {
         debug_assert_eq!(id, self.repo.key.blob_id(data));
         if !self.known.claim(&id)? {
             return Ok(false);
         }
         assert!(data.len() <= wire::limits::MAX_BLOB_SIZE as usize);
+        if self.repo.remote.is_some() {
+            let start = self.pending_data.len();
+            self.pending_data.extend_from_slice(data);
+            self.pending.push((id, kind, start..self.pending_data.len()));
+            if self.pending_data.len() >= limits::HAVE_BATCH_BYTES
+                || self.pending.len() >= wire::limits::MAX_BATCH_IDS as usize
+            {
+                self.ask_receiver()?;
+            }
+            return Ok(true);
+        }
+        self.pack_blob(id, kind, data)?;
+        Ok(true)
+    }
+
+    /// Asks the receiver which pending blobs it lacks and packs only those.
+    fn ask_receiver(&mut self) -> Result<()> {
+        let Some(remote) = self.repo.remote.as_deref() else { return Ok(()) };
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let ids: Vec<ChunkId> = self.pending.iter().map(|p| p.0).collect();
+        let present = remote.have(&ids)?;
+        self.stats.stages.record(Stage::Dedup, started.elapsed());
+        let (mut pending, data) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.pending_data));
+        for ((id, kind, range), have) in pending.drain(..).zip(present) {
+            if have {
+                self.known.release([id]);
+            } else {
+                self.pack_blob(id, kind, &data[range])?;
+            }
+        }
+        (self.pending, self.pending_data) = (pending, data);
+        self.pending_data.clear();
+        Ok(())
+    }
+
+    /// Compresses a claimed blob into the open pack; seals the pack when it is full.
+    fn pack_blob(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<()> {
         let started = Instant::now();
         self.buf.clear();
         self.buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
@@ -241,7 +297,7 @@ impl<'a> BlobWriter<'a> {
         if pack.len >= self.pack_size {
             self.seal()?;
         }
-        Ok(true)
+        Ok(())
     }
 
     fn seal(&mut self) -> Result<()> {
@@ -253,6 +309,7 @@ impl<'a> BlobWriter<'a> {
 
     /// Closes the open pack; everything stored is durable once the [`Sealer`] has finished.
     pub fn finish(mut self) -> Result<WriteStats> {
+        self.ask_receiver()?;
         self.seal()?;
         Ok(self.stats)
     }
@@ -265,12 +322,22 @@ pub struct BlobReader<'a> {
     packs: HashMap<ChunkId, File>,
     decompressor: zstd::bulk::Decompressor<'static>,
     stored: Vec<u8>,
+    /// Remote repository: blobs announced by [`Self::prefetch`], coming back in order.
+    fetched: Option<BlobStream<'a>>,
 }
 
 impl<'a> BlobReader<'a> {
     pub fn new(repo: &'a Repository, index: &'a ChunkIndex) -> Result<Self> {
         let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Usage(format!("zstd: {e}")))?;
-        Ok(Self { repo, index, packs: HashMap::new(), decompressor, stored: Vec::new() })
+        Ok(Self { repo, index, packs: HashMap::new(), decompressor, stored: Vec::new(), fetched: None })
+    }
+
+    /// Announces the blobs about to be read, in order: a remote repository streams them in one
+    /// request instead of one round trip each. A local one needs no notice.
+    pub fn prefetch(&mut self, ids: Vec<ChunkId>) {
+        if let Some(remote) = self.repo.remote.as_deref() {
+            self.fetched = Some(remote.fetch(ids));
+        }
     }
 
     /// Reads blob `id` into `out` (replacing its content).
@@ -281,13 +348,29 @@ impl<'a> BlobReader<'a> {
 
     /// Reads blob `id`, verified, and appends it to `out`; on error `out` is left as it was.
     pub fn read_append(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let entry = self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
         let start = out.len();
-        let read = self.read_entry(&entry, out, start);
+        let read = match self.repo.remote.as_deref() {
+            Some(remote) => self.read_remote(remote, id, out, start),
+            None => {
+                let entry =
+                    self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
+                self.read_entry(&entry, out, start)
+            }
+        };
         if read.is_err() {
             out.truncate(start);
         }
         read
+    }
+
+    fn read_remote(&mut self, remote: &'a Remote, id: &ChunkId, out: &mut Vec<u8>, start: usize) -> Result<()> {
+        let fetched = match self.fetched.as_mut() {
+            Some(f) if f.next_is(id) => f.next(id),
+            _ => remote.fetch(vec![*id]).next(id),
+        };
+        let (entry, stored) = fetched.inspect_err(|_| self.fetched = None)?;
+        let from = format!("receiver {}", remote.addr);
+        check_blob(&mut self.decompressor, self.repo, &from, &stored, &entry, out, start)
     }
 
     fn read_entry(&mut self, entry: &IndexEntry, out: &mut Vec<u8>, start: usize) -> Result<()> {
@@ -306,16 +389,27 @@ impl<'a> BlobReader<'a> {
         file.read_exact_at(&mut self.stored, e.offset()).map_err(|source| {
             Error::Integrity(format!("pack {}: blob {} cannot be read: {source}", entry.pack, e.id))
         })?;
-        decode_blob(&mut self.decompressor, &self.stored, e, out)
-            .map_err(|detail| Error::Integrity(format!("pack {}: blob {} {detail}", entry.pack, e.id)))?;
-        if self.repo.key.blob_id(&out[start..]) != e.id {
-            return Err(Error::Integrity(format!(
-                "pack {}: blob {} does not match its id (data is corrupt)",
-                entry.pack, e.id
-            )));
-        }
-        Ok(())
+        let from = format!("pack {}", entry.pack);
+        check_blob(&mut self.decompressor, self.repo, &from, &self.stored, e, out, start)
     }
+}
+
+/// Decodes a stored blob onto `out` and checks it against its id; errors name `from`.
+fn check_blob(
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    repo: &Repository,
+    from: &str,
+    stored: &[u8],
+    e: &PackEntry,
+    out: &mut Vec<u8>,
+    start: usize,
+) -> Result<()> {
+    decode_blob(decompressor, stored, e, out)
+        .map_err(|detail| Error::Integrity(format!("{from}: blob {} {detail}", e.id)))?;
+    if repo.key.blob_id(&out[start..]) != e.id {
+        return Err(Error::Integrity(format!("{from}: blob {} does not match its id (data is corrupt)", e.id)));
+    }
+    Ok(())
 }
 
 /// Turns stored bytes into the raw blob, appended to `out`; the error says what failed.

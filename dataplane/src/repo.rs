@@ -12,19 +12,24 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use wire::repo::{KeyFile, RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fault;
+use crate::quic::TlsFiles;
+use crate::remote::Remote;
 
-/// An open repository.
+/// An open repository: a local directory, or a receiver reached over QUIC (then `root` is a
+/// private scratch directory where packs are written before they are sent).
 #[derive(Clone)]
 pub struct Repository {
     root: PathBuf,
     pub config: RepoConfig,
     pub key: RepoKey,
+    pub remote: Option<Arc<Remote>>,
 }
 
 /// Held while a backup writes; released when dropped or when the process dies.
@@ -62,7 +67,7 @@ impl Repository {
         for dir in ["", "keys", "packs", "index", "snapshots", "tmp"] {
             fs::create_dir_all(root.join(dir)).at(&root.join(dir))?;
         }
-        let repo = Self { root: root.to_owned(), config, key };
+        let repo = Self { root: root.to_owned(), config, key, remote: None };
         repo.write_durable(
             &repo.root.join("keys").join(repo.config.key_id.as_str()),
             &KeyFile::encode(&repo.key),
@@ -88,7 +93,23 @@ impl Repository {
         if key.key_id() != config.key_id {
             return Err(Error::Integrity(format!("{}: key does not match the repository config", key_path.display())));
         }
-        Ok(Self { root: root.to_owned(), config, key })
+        Ok(Self { root: root.to_owned(), config, key, remote: None })
+    }
+
+    /// Opens `quic://HOST:PORT` (a session with that receiver), or the directory `spec`.
+    pub fn open_spec(spec: &Path, tls: Option<&TlsFiles>, create: bool) -> Result<Self> {
+        let Some(url) = spec.to_str().filter(|s| s.starts_with("quic://")) else {
+            return if create { Self::open_or_init(spec) } else { Self::open(spec) };
+        };
+        let tls = tls.ok_or_else(|| {
+            Error::Usage(format!("{url}: give --cert, --key and --ca (or CBCR_CERT, CBCR_KEY, CBCR_CA)"))
+        })?;
+        let welcome = Remote::connect(url, tls)?;
+        let root = welcome.remote.scratch.clone();
+        for dir in ["tmp", "index"] {
+            fs::create_dir_all(root.join(dir)).at(&root.join(dir))?;
+        }
+        Ok(Self { root, config: welcome.config, key: welcome.key, remote: Some(Arc::new(welcome.remote)) })
     }
 
     /// Opens the repository at `root`, creating it with default parameters when missing.
@@ -166,6 +187,9 @@ impl Repository {
     /// The last step of a backup: the snapshot becomes visible only now, after everything it
     /// references is durable.
     pub fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<ChunkId> {
+        if let Some(remote) = &self.remote {
+            return remote.commit(snapshot);
+        }
         let bytes = snapshot.encode();
         let id = ChunkId::of_file(&bytes);
         let tmp = self.tmp_path("snapshot");
@@ -199,6 +223,9 @@ impl Repository {
 
     /// Every snapshot, oldest first. A snapshot file that does not decode is an error.
     pub fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
+        if let Some(remote) = &self.remote {
+            return remote.snapshots();
+        }
         let mut out = vec![];
         for path in self.list("snapshots")? {
             out.push(self.load_snapshot_file(&path)?);

@@ -185,6 +185,7 @@ fn restore_segment(
     reader.read(&job.list, list_buf)?;
     let list = ChunkList::decode(list_buf)
         .map_err(|e| Error::Integrity(format!("chunk list {} of {}: {e}", job.list, path.display())))?;
+    reader.prefetch(list.chunks.iter().filter(|c| !c.zero).map(|c| c.id).collect());
     let file = match &job.file.expected {
         None => Some(OpenOptions::new().write(true).open(path).at(path)?),
         Some(_) => None,

@@ -27,17 +27,17 @@ use crate::repo::Repository;
 use crate::runtime;
 
 /// One damaged object.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Damage {
     /// `index`, `snapshot`, `pack`, `blob` or `file`.
-    pub kind: &'static str,
+    pub kind: String,
     /// What is damaged: a path in the repository, a blob id, or `snapshot:path` for a file.
     pub name: String,
     pub detail: String,
 }
 
-/// What verify found.
-#[derive(Debug, Default)]
+/// What verify found (sent as JSON when a receiver verifies for a remote client).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     pub snapshots: u64,
     pub packs: u64,
@@ -59,16 +59,18 @@ struct PackJob {
 pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Reporter) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let index = Arc::new(ChunkIndex::load_checked(&repo, |path, e| {
-        report.damage.push(Damage { kind: "index", name: path.display().to_string(), detail: e.to_string() });
+        report.damage.push(Damage { kind: "index".into(), name: path.display().to_string(), detail: e.to_string() });
         Ok(())
     })?);
     let mut snapshots = vec![];
     for path in repo.list("snapshots")? {
         match repo.load_snapshot_file(&path) {
             Ok(s) => snapshots.push(s),
-            Err(e) => {
-                report.damage.push(Damage { kind: "snapshot", name: path.display().to_string(), detail: e.to_string() })
-            }
+            Err(e) => report.damage.push(Damage {
+                kind: "snapshot".into(),
+                name: path.display().to_string(),
+                detail: e.to_string(),
+            }),
         }
     }
     report.snapshots = snapshots.len() as u64;
@@ -87,7 +89,7 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
                 jobs.push(PackJob { path, id, indexed });
             }
             _ => report.damage.push(Damage {
-                kind: "pack",
+                kind: "pack".into(),
                 name: path.display().to_string(),
                 detail: "not a pack file name".into(),
             }),
@@ -96,7 +98,7 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
     let mut damaged_blobs: HashSet<ChunkId> = HashSet::new();
     for (pack, count) in by_pack {
         report.damage.push(Damage {
-            kind: "pack",
+            kind: "pack".into(),
             name: pack.to_hex(),
             detail: format!("missing, {count} blobs lost"),
         });
@@ -192,7 +194,7 @@ fn check_packs(
     for job in jobs.iter() {
         // The blobs a damaged pack loses are looked up only when it is damaged.
         let pack_damage = |detail: String| {
-            (Damage { kind: "pack", name: job.id.to_hex(), detail }, indexed_in(index, &job.id, |_| true))
+            (Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, indexed_in(index, &job.id, |_| true))
         };
         let (file, entries) = match read_trailer(&job.path) {
             Ok(found) => found,
@@ -230,7 +232,7 @@ fn check_packs(
                 if let Err(detail) = ok {
                     let name = e.id.to_hex();
                     out.0.push((
-                        Damage { kind: "blob", name, detail: format!("in pack {}: {detail}", job.id) },
+                        Damage { kind: "blob".into(), name, detail: format!("in pack {}: {detail}", job.id) },
                         vec![e.id],
                     ));
                 }
@@ -250,7 +252,7 @@ fn check_packs(
                     !in_pack.contains(&(i.entry.id, i.entry.offset(), i.entry.stored_len()))
                 });
                 let detail = format!("{} indexed blobs are not where the index says", disagree.len());
-                out.0.push((Damage { kind: "pack", name: job.id.to_hex(), detail }, disagree));
+                out.0.push((Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, disagree));
             }
             Ok(_) => {}
         }
@@ -409,7 +411,7 @@ impl SnapshotWalk<'_> {
     }
 
     fn damage_file(&mut self, snap: &str, path: &Path, detail: String) {
-        self.found.push(Damage { kind: "file", name: format!("snapshot {snap}: {}", path.display()), detail });
+        self.found.push(Damage { kind: "file".into(), name: format!("snapshot {snap}: {}", path.display()), detail });
     }
 }
 

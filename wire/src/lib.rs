@@ -9,6 +9,7 @@
 
 mod codec;
 mod error;
+pub mod frame;
 pub mod id;
 pub mod index;
 pub mod limits;

@@ -40,3 +40,10 @@ const _: () = assert!(MIN_CHUNK_SIZE < MAX_CHUNK_SIZE);
 const _: () = assert!(MIN_SEGMENT_SIZE >= 4 * MIN_CHUNK_SIZE as u64);
 // A chunk list of a largest segment made of smallest chunks must be encodable.
 const _: () = assert!((MAX_CHUNK_LIST_ENTRIES as u64) * 40 + 12 <= MAX_BLOB_SIZE as u64);
+
+/// Most chunk ids one `Have` or `GetBlobs` frame may carry (2 MiB of ids).
+pub const MAX_BATCH_IDS: u32 = 1 << 16;
+/// Largest pack a client may send (a sealed pack is ~64 MiB plus one largest blob).
+pub const MAX_PACK_LEN: u64 = 1 << 30;
+/// Largest snapshot record or verify report carried in one frame.
+pub const MAX_RECORD_LEN: u32 = 16 << 20;

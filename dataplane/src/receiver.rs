@@ -1,0 +1,611 @@
+//! `cbcr receiver`: the storage-host daemon. It serves many sessions at once over QUIC with
+//! mutual TLS and stores what they send in an ordinary local repository.
+//!
+//! No global lock on the data path: each session's packs arrive on their own streams and are
+//! written and fsynced concurrently; only the last step (rename into `packs/`, write the index
+//! run, add it to the in-memory index) is serialised, as is the snapshot commit. A session that
+//! misbehaves (garbage frames, a pack that does not match its id, a disconnect mid-pack) loses
+//! its stream or its connection; the others go on, and nothing it half-sent becomes visible.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use quinn::{Connection, RecvStream, SendStream};
+use tracing::{info, warn};
+use wire::frame::{ErrorCode, Frame, VERSION};
+use wire::index::{encode_sorted, IndexEntry};
+use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
+use wire::repo::Snapshot;
+use wire::ChunkId;
+
+use crate::error::{Error, IoContext, Result};
+use crate::index::{ChunkIndex, KnownBlobs};
+use crate::limits;
+use crate::output::Reporter;
+use crate::quic::{self, StreamError, TlsFiles};
+use crate::repo::{RepoLock, Repository};
+
+/// How the receiver was asked to run.
+pub struct ReceiverOptions {
+    pub listen: SocketAddr,
+    pub repo: PathBuf,
+    pub tls: TlsFiles,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Cores a `verify` request may use.
+    pub cores: usize,
+    /// How long in-flight sessions may take to finish after SIGTERM.
+    pub grace: Duration,
+}
+
+/// Counters for `/metrics`; the receiver is not on a per-core hot path, so atomics are fine.
+#[derive(Default)]
+struct Metrics {
+    bytes_received: AtomicU64,
+    packs_stored: AtomicU64,
+    sessions_total: AtomicU64,
+    sessions_active: AtomicU64,
+    sessions_refused: AtomicU64,
+    commits: AtomicU64,
+    errors: AtomicU64,
+    have_ids: AtomicU64,
+    blobs_sent: AtomicU64,
+    /// Latency per request kind, microseconds.
+    latency: Mutex<Vec<(&'static str, Histogram<u64>)>>,
+}
+
+impl Metrics {
+    fn observe(&self, stage: &'static str, took: Duration) {
+        let mut all = self.latency.lock().expect("no panics while holding it");
+        let i = match all.iter().position(|(s, _)| *s == stage) {
+            Some(i) => i,
+            None => {
+                all.push((stage, Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds")));
+                all.len() - 1
+            }
+        };
+        all[i].1.saturating_record(took.as_micros().max(1) as u64);
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("cbcr_receiver_bytes_received_total", "Pack bytes received.", &self.bytes_received),
+            ("cbcr_receiver_packs_stored_total", "Packs made durable and indexed.", &self.packs_stored),
+            ("cbcr_receiver_sessions_total", "Sessions opened.", &self.sessions_total),
+            (
+                "cbcr_receiver_sessions_refused_total",
+                "Connections refused (handshake or limit).",
+                &self.sessions_refused,
+            ),
+            ("cbcr_receiver_commits_total", "Snapshots committed.", &self.commits),
+            ("cbcr_receiver_errors_total", "Requests that failed.", &self.errors),
+            ("cbcr_receiver_have_ids_total", "Chunk ids asked about.", &self.have_ids),
+            ("cbcr_receiver_blobs_sent_total", "Blobs sent to restoring clients.", &self.blobs_sent),
+        ];
+        for (name, help, v) in counters {
+            out += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed));
+        }
+        let active = self.sessions_active.load(Ordering::Relaxed);
+        out += &format!("# HELP cbcr_receiver_sessions_active Sessions open now.\n# TYPE cbcr_receiver_sessions_active gauge\ncbcr_receiver_sessions_active {active}\n");
+        out += "# HELP cbcr_receiver_request_seconds Request latency by stage.\n# TYPE cbcr_receiver_request_seconds summary\n";
+        for (stage, h) in self.latency.lock().expect("no panics while holding it").iter() {
+            for q in [0.5, 0.9, 0.99] {
+                let v = h.value_at_quantile(q) as f64 / 1e6;
+                out += &format!("cbcr_receiver_request_seconds{{stage=\"{stage}\",quantile=\"{q}\"}} {v}\n");
+            }
+            out += &format!("cbcr_receiver_request_seconds_count{{stage=\"{stage}\"}} {}\n", h.len());
+        }
+        out
+    }
+}
+
+/// The repository the receiver serves and what every session shares.
+struct Store {
+    repo: Repository,
+    known: KnownBlobs,
+    /// Serialises the steps that change what is indexed or committed.
+    publish: Mutex<()>,
+    next_session: AtomicU64,
+    metrics: Metrics,
+    cores: usize,
+    _lock: RepoLock,
+}
+
+impl Store {
+    fn index(&self) -> &ChunkIndex {
+        self.known.index()
+    }
+}
+
+/// A request that failed: what the client is told.
+struct Refusal(ErrorCode, String);
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::NoSpace(_) => ErrorCode::NoSpace,
+            Error::Usage(_) => ErrorCode::BadFrame,
+            _ => ErrorCode::Storage,
+        };
+        Refusal(code, e.to_string())
+    }
+}
+
+impl From<StreamError> for Refusal {
+    fn from(e: StreamError) -> Self {
+        Refusal(ErrorCode::BadFrame, e.to_string())
+    }
+}
+
+/// Runs the receiver until SIGTERM or SIGINT; returns once in-flight sessions are done.
+pub fn run(opts: ReceiverOptions) -> Result<()> {
+    let repo = Repository::open_or_init(&opts.repo)?;
+    // One receiver per repository; local backups wait for it like for any other writer.
+    let lock = repo.lock()?;
+    lock.clean_tmp()?;
+    let index = ChunkIndex::load(&repo)?;
+    let store = Arc::new(Store {
+        repo,
+        known: KnownBlobs::new(index),
+        publish: Mutex::new(()),
+        next_session: AtomicU64::new(1),
+        metrics: Metrics::default(),
+        cores: opts.cores,
+        _lock: lock,
+    });
+    let server = quic::server_config(&opts.tls)?;
+    let runtime = quic::runtime(2)?;
+    runtime.block_on(serve(store, server, &opts))
+}
+
+async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOptions) -> Result<()> {
+    let endpoint = quinn::Endpoint::server(server, opts.listen)
+        .map_err(|e| Error::Network(format!("cannot listen on {}: {e}", opts.listen)))?;
+    let local = endpoint.local_addr().map_err(|e| Error::Network(e.to_string()))?;
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Network(format!("cannot serve metrics on {addr}: {e}")))?;
+        info!("metrics on http://{}/metrics", listener.local_addr().map_err(|e| Error::Network(e.to_string()))?);
+        tokio::spawn(serve_metrics(listener, Arc::clone(&store)));
+    }
+    info!("receiver listening on {local}, repository {}", store.repo.root().display());
+    // Printed for scripts that start the receiver on port 0.
+    println!("listening on {local}");
+    let _ = std::io::stdout().flush();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::Network(e.to_string()))?;
+    let sessions = tokio_util_tracker();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        if store.metrics.sessions_active.load(Ordering::Relaxed) >= limits::RECEIVER_SESSIONS as u64 {
+            store.metrics.sessions_refused.fetch_add(1, Ordering::Relaxed);
+            warn!("refusing {}: {} sessions open", incoming.remote_address(), limits::RECEIVER_SESSIONS);
+            incoming.refuse();
+            continue;
+        }
+        let store = Arc::clone(&store);
+        sessions.0.fetch_add(1, Ordering::AcqRel);
+        let done = Arc::clone(&sessions);
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => connection(store, conn).await,
+                Err(e) => {
+                    store.metrics.sessions_refused.fetch_add(1, Ordering::Relaxed);
+                    warn!("{peer}: handshake failed: {e}");
+                }
+            }
+            done.0.fetch_sub(1, Ordering::AcqRel);
+            done.1.notify_waiters();
+        });
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let open = sessions.0.load(Ordering::Acquire);
+    info!("shutting down: no new sessions; waiting up to {:?} for {open} open", opts.grace);
+    endpoint.set_server_config(None);
+    let deadline = tokio::time::Instant::now() + opts.grace;
+    while sessions.0.load(Ordering::Acquire) > 0 {
+        let notified = sessions.1.notified();
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            warn!("{} sessions still open after {:?}: closing them", sessions.0.load(Ordering::Acquire), opts.grace);
+            break;
+        }
+    }
+    endpoint.close((ErrorCode::ShuttingDown as u32).into(), b"receiver shutting down");
+    endpoint.wait_idle().await;
+    // Commits merged nothing on the way: one merge now leaves one run for the next start.
+    let s = Arc::clone(&store);
+    let merged = tokio::task::spawn_blocking(move || {
+        let _g = s.publish.lock().expect("no panics while holding it");
+        s.index().compact_all(&s.repo)
+    })
+    .await
+    .expect("the merge does not panic");
+    if let Err(e) = merged {
+        warn!("index runs not merged at shutdown: {e}");
+    }
+    info!("receiver stopped");
+    Ok(())
+}
+
+/// Open sessions, and a wake-up when one ends.
+fn tokio_util_tracker() -> Arc<(AtomicU64, tokio::sync::Notify)> {
+    Arc::new((AtomicU64::new(0), tokio::sync::Notify::new()))
+}
+
+/// Who the client is: its certificate's fingerprint (the CA vouched for it).
+fn identity(conn: &Connection) -> String {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| blake3::hash(c.as_ref()).to_hex()[..16].to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+async fn connection(store: Arc<Store>, conn: Connection) {
+    let peer = conn.remote_address();
+    let cert = identity(&conn);
+    let session = Arc::new(std::sync::OnceLock::<u64>::new());
+    store.metrics.sessions_active.fetch_add(1, Ordering::Relaxed);
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(id) = session.get() {
+                    info!("session {id} from {peer} ended: {e}");
+                }
+                break;
+            }
+        };
+        let (store, session, cert) = (Arc::clone(&store), Arc::clone(&session), cert.clone());
+        tokio::spawn(async move { stream(store, session, peer, cert, send, recv).await });
+    }
+    store.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// One request on one stream.
+async fn stream(
+    store: Arc<Store>,
+    session: Arc<std::sync::OnceLock<u64>>,
+    peer: SocketAddr,
+    cert: String,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let started = Instant::now();
+    let (stage, result) = match quic::read_frame(&mut recv).await {
+        Ok(Some(frame)) => {
+            let stage = stage_name(&frame);
+            (stage, request(&store, &session, peer, &cert, frame, &mut send, &mut recv).await)
+        }
+        Ok(None) => return,
+        Err(e) => ("frame", Err(e.into())),
+    };
+    store.metrics.observe(stage, started.elapsed());
+    match result {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(Refusal(code, message)) => {
+            store.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            warn!("{peer} (session {:?}, cert {cert}): {stage}: {message}", session.get());
+            let _ = quic::write_frame(&mut send, &Frame::Error { code, message }).await;
+            let _ = send.finish();
+            let _ = recv.stop(0u32.into());
+        }
+    }
+}
+
+fn stage_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello { .. } => "hello",
+        Frame::Have { .. } => "have",
+        Frame::PutPack { .. } => "pack",
+        Frame::GetBlobs { .. } => "blobs",
+        Frame::ListSnapshots { .. } => "snapshots",
+        Frame::Commit { .. } => "commit",
+        Frame::Verify { .. } => "verify",
+        _ => "unexpected",
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T, Refusal> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Refusal::from),
+        Err(e) => Err(Refusal(ErrorCode::Other, format!("request failed: {e}"))),
+    }
+}
+
+async fn request(
+    store: &Arc<Store>,
+    session: &std::sync::OnceLock<u64>,
+    peer: SocketAddr,
+    cert: &str,
+    frame: Frame,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), Refusal> {
+    if let Frame::Hello { version, client } = &frame {
+        if *version != VERSION {
+            return Err(Refusal(
+                ErrorCode::Version,
+                format!("protocol version {version}; this receiver speaks {VERSION}"),
+            ));
+        }
+        let id = store.next_session.fetch_add(1, Ordering::Relaxed);
+        if session.set(id).is_err() {
+            return Err(Refusal(ErrorCode::BadFrame, "this connection already has a session".into()));
+        }
+        store.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
+        info!("session {id} from {peer}: client {client:?}, certificate {cert}");
+        let welcome =
+            Frame::Welcome { session: id, config: store.repo.config.encode(), key: *store.repo.key.as_bytes() };
+        return reply(send, &welcome).await;
+    }
+    match (frame.session(), session.get()) {
+        (Some(asked), Some(ours)) if asked == *ours => {}
+        (Some(asked), _) => {
+            return Err(Refusal(ErrorCode::UnknownSession, format!("no session {asked} on this connection")))
+        }
+        (None, _) => return Err(Refusal(ErrorCode::BadFrame, format!("a {:?} frame is not a request", frame.kind()))),
+    }
+    match frame {
+        Frame::Have { ids, .. } => {
+            store.metrics.have_ids.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            let s = Arc::clone(store);
+            let present =
+                blocking(move || ids.iter().map(|id| s.index().contains(id)).collect::<Result<Vec<_>>>()).await?;
+            reply(send, &Frame::HaveReply { present }).await
+        }
+        Frame::PutPack { id, len, .. } => {
+            receive_pack(store, id, len, recv).await?;
+            reply(send, &Frame::PackStored { id }).await
+        }
+        Frame::GetBlobs { ids, .. } => send_blobs(store, ids, send).await,
+        Frame::ListSnapshots { .. } => {
+            let s = Arc::clone(store);
+            for (id, snap) in blocking(move || s.repo.snapshots()).await? {
+                reply(send, &Frame::SnapshotRecord { id, record: snap.encode() }).await?;
+            }
+            Ok(())
+        }
+        Frame::Commit { record, .. } => {
+            let snapshot =
+                Snapshot::decode(&record).map_err(|e| Refusal(ErrorCode::BadFrame, format!("snapshot record: {e}")))?;
+            let s = Arc::clone(store);
+            let id = match tokio::task::spawn_blocking(move || commit(&s, &snapshot)).await {
+                Ok(r) => r?,
+                Err(e) => return Err(Refusal(ErrorCode::Other, format!("commit failed: {e}"))),
+            };
+            store.metrics.commits.fetch_add(1, Ordering::Relaxed);
+            info!("session {:?}: committed snapshot {id}", session.get());
+            reply(send, &Frame::Committed { id }).await
+        }
+        Frame::Verify { read_data, .. } => {
+            let s = Arc::clone(store);
+            let (damaged, report) = blocking(move || {
+                let mut quiet = Reporter::new(false, true, false);
+                let r = crate::verify::verify(s.repo.clone(), read_data, s.cores, &mut quiet)?;
+                Ok((!r.damage.is_empty(), serde_json::to_vec(&r).expect("a report serialises")))
+            })
+            .await?;
+            reply(send, &Frame::VerifyReport { damaged, report }).await
+        }
+        other => Err(Refusal(ErrorCode::BadFrame, format!("a {:?} frame is not a request", other.kind()))),
+    }
+}
+
+async fn reply(send: &mut SendStream, frame: &Frame) -> Result<(), Refusal> {
+    quic::write_frame(send, frame).await.map_err(|e| Refusal(ErrorCode::Other, format!("client went away: {e}")))
+}
+
+/// A snapshot is committed only when its root tree is indexed here: every pack the client sent
+/// was durable before it was acknowledged, and the client commits after its last
+/// acknowledgement, so everything below the root is durable too.
+fn commit(store: &Store, snapshot: &Snapshot) -> Result<ChunkId, Refusal> {
+    let root = snapshot.tree_id();
+    if !store.index().contains(&root)? {
+        return Err(Refusal(ErrorCode::Incomplete, format!("snapshot's root tree {root} is not stored here")));
+    }
+    let _g = store.publish.lock().expect("no panics while holding it");
+    Ok(store.repo.commit_snapshot(snapshot)?)
+}
+
+/// Receives a pack into `tmp/`, checks it, and makes it durable and indexed. On any failure
+/// the partial file is removed: nothing half-sent becomes visible.
+async fn receive_pack(store: &Arc<Store>, id: ChunkId, len: u64, recv: &mut RecvStream) -> Result<(), Refusal> {
+    let tmp = store.repo.tmp_path("pack");
+    let file = std::fs::OpenOptions::new().create_new(true).write(true).read(true).open(&tmp).at(&tmp)?;
+    let received = async {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; limits::PACK_SEND_PIECE];
+        let mut at = 0u64;
+        while at < len {
+            let want = (len - at).min(buf.len() as u64) as usize;
+            let n = match recv.read(&mut buf[..want]).await {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    return Err(Refusal(
+                        ErrorCode::BadPack,
+                        format!("pack {id}: stream ended after {at} of {len} bytes"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(Refusal(ErrorCode::BadPack, format!("pack {id}: client went away mid-pack: {e}")))
+                }
+            };
+            file.write_all_at(&buf[..n], at).at(&tmp)?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+            store.metrics.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if ChunkId(*hasher.finalize().as_bytes()) != id {
+            return Err(Refusal(ErrorCode::BadPack, format!("pack {id}: bytes do not match its id")));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = received {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let s = Arc::clone(store);
+    let stored = blocking(move || store_pack(&s, id, file, len, &tmp).map_err(PackRejected::into_error)).await;
+    stored.inspect(|_| {
+        store.metrics.packs_stored.fetch_add(1, Ordering::Relaxed);
+    })
+}
+
+/// Why a received pack was not stored.
+enum PackRejected {
+    Bad(String),
+    Io(Error),
+}
+
+impl PackRejected {
+    fn into_error(self) -> Error {
+        match self {
+            PackRejected::Bad(m) => Error::Integrity(m),
+            PackRejected::Io(e) => e,
+        }
+    }
+}
+
+impl From<Error> for PackRejected {
+    fn from(e: Error) -> Self {
+        PackRejected::Io(e)
+    }
+}
+
+fn store_pack(
+    store: &Store,
+    id: ChunkId,
+    file: std::fs::File,
+    len: u64,
+    tmp: &std::path::Path,
+) -> Result<(), PackRejected> {
+    let result = check_and_publish(store, id, &file, len, tmp);
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
+fn check_and_publish(
+    store: &Store,
+    id: ChunkId,
+    file: &std::fs::File,
+    len: u64,
+    tmp: &std::path::Path,
+) -> Result<(), PackRejected> {
+    let bad = |e: wire::Error| PackRejected::Bad(format!("pack {id}: {e}"));
+    if len < (HEADER_LEN + FOOTER_LEN) as u64 {
+        return Err(PackRejected::Bad(format!("pack {id}: {len} bytes is shorter than a pack")));
+    }
+    let mut head = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut head, 0).at(tmp)?;
+    PackHeader::check(&head).map_err(bad)?;
+    let mut foot = [0u8; FOOTER_LEN];
+    file.read_exact_at(&mut foot, len - FOOTER_LEN as u64).at(tmp)?;
+    let loc = parse_footer(&foot, len).map_err(bad)?;
+    let mut entries = vec![0u8; loc.entries_len()];
+    file.read_exact_at(&mut entries, loc.entries_offset).at(tmp)?;
+    let entries: Vec<PackEntry> = parse_entries(&loc, &entries).map_err(bad)?;
+    file.sync_all().at(tmp)?;
+    let mut run: Vec<IndexEntry> = entries.into_iter().map(|entry| IndexEntry { pack: id, entry }).collect();
+    run.sort_unstable_by_key(|e| e.id());
+    let _g = store.publish.lock().expect("no panics while holding it");
+    store.repo.publish(tmp, &store.repo.pack_path(&id))?;
+    let path = store.repo.write_index_run(&encode_sorted(&run))?;
+    store.known.sealed(&path, &run)?;
+    store.index().compact(&store.repo)?;
+    Ok(())
+}
+
+/// Streams blobs back in the order asked; a reader thread stays at most a few blobs ahead, so
+/// the stream's flow control bounds memory on both sides.
+async fn send_blobs(store: &Arc<Store>, ids: Vec<ChunkId>, send: &mut SendStream) -> Result<(), Refusal> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame, Refusal>>(4);
+    let s = Arc::clone(store);
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut packs: std::collections::HashMap<ChunkId, std::fs::File> = Default::default();
+        for id in ids {
+            let frame = read_stored(&s, &id, &mut packs);
+            let failed = frame.is_err();
+            if tx.blocking_send(frame).is_err() || failed {
+                return;
+            }
+        }
+    });
+    while let Some(frame) = rx.recv().await {
+        reply(send, &frame?).await?;
+        store.metrics.blobs_sent.fetch_add(1, Ordering::Relaxed);
+    }
+    drop(rx);
+    let _ = reader.await;
+    Ok(())
+}
+
+fn read_stored(
+    store: &Store,
+    id: &ChunkId,
+    packs: &mut std::collections::HashMap<ChunkId, std::fs::File>,
+) -> Result<Frame, Refusal> {
+    let found = store.index().get(id)?;
+    let entry = found.ok_or_else(|| Refusal(ErrorCode::NotFound, format!("blob {id} is not in this repository")))?;
+    if packs.len() >= limits::OPEN_PACKS_PER_READER && !packs.contains_key(&entry.pack) {
+        packs.clear();
+    }
+    let path = store.repo.pack_path(&entry.pack);
+    let file = match packs.entry(entry.pack) {
+        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(std::fs::File::open(&path).at(&path)?),
+    };
+    let mut stored = vec![0u8; entry.entry.stored_len() as usize];
+    file.read_exact_at(&mut stored, entry.entry.offset()).at(&path)?;
+    Ok(Frame::Blob { entry: entry.entry, stored })
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<Store>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            // One small GET; the request line is all we look at.
+            let mut buf = [0u8; 1024];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let ok = buf[..n].starts_with(b"GET /metrics");
+            let (status, body) =
+                if ok { ("200 OK", store.metrics.render()) } else { ("404 Not Found", "see /metrics\n".into()) };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}

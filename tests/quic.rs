@@ -1,0 +1,412 @@
+//! The QUIC data path with real processes on 127.0.0.1: a `cbcr receiver` and `cbcr` clients.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cbcr_tests::*;
+use rand::{RngCore, SeedableRng};
+use wire::frame::{ErrorCode, Frame, FrameHeader, HEADER_LEN};
+
+/// A receiver process, killed when dropped.
+struct Receiver {
+    child: Child,
+    addr: String,
+}
+
+impl Receiver {
+    fn start(repo: &Path, pki: &Path) -> Self {
+        let mut child = Command::new(cbcr_bin())
+            .args(["receiver", "--listen", "127.0.0.1:0", "--repo", s(repo), "--grace", "5s"])
+            .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
+            .args(["--ca", s(&pki.join("ca.crt"))])
+            .env_remove("CBCR_REPO")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("receiver said {line:?}"));
+        Self { addr: addr.to_owned(), child }
+    }
+
+    fn url(&self) -> String {
+        format!("quic://{}", self.addr)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn pki(dir: &Path) -> PathBuf {
+    let out = dir.join("pki");
+    ok(&["cert", "dev", "--out", s(&out)]);
+    out
+}
+
+/// cbcr with the client certificate of `pki`.
+fn client(args: &[&str], pki: &Path) -> Output {
+    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
+    cbcr_env(args, &[("CBCR_CERT", s(&cert)), ("CBCR_KEY", s(&key)), ("CBCR_CA", s(&ca))])
+}
+
+fn client_ok(args: &[&str], pki: &Path) -> Output {
+    let out = client(args, pki);
+    assert!(out.status.success(), "cbcr {args:?} failed: {}\n{}", out.status, text(&out.stderr));
+    out
+}
+
+fn tmp_files(repo: &Path) -> usize {
+    fs::read_dir(repo.join("tmp")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn round_trip_over_quic_is_bit_exact_and_incrementals_send_nothing_known() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    let pki = pki(tmp.path());
+    init_small(&repo);
+    // big.db is 3.5 segments of the 1 MiB segment size.
+    make_tree(&src, 1, 3_500_000);
+    let receiver = Receiver::start(&repo, &pki);
+    let url = receiver.url();
+    let first = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json", "--pack-size", "1MiB"], &pki));
+    assert!(first["bytes_new"].as_u64().unwrap() > 3_000_000, "{first}");
+    client_ok(&["restore", "latest", "--repo", &url, "--target", s(&out)], &pki);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+
+    // Only the changed page goes over the wire the second time.
+    let mut big = fs::read(src.join("big.db")).unwrap();
+    big[2_000_000] ^= 0xff;
+    fs::write(src.join("big.db"), &big).unwrap();
+    let second = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json"], &pki));
+    assert!(second["bytes_new"].as_u64().unwrap() <= 64 << 10, "{second}");
+    let listed = text(&client_ok(&["ls", "latest", "--repo", &url], &pki).stdout);
+    assert!(listed.contains("big.db"), "{listed}");
+    let snapshots = text(&client_ok(&["snapshots", "--repo", &url], &pki).stdout);
+    assert_eq!(snapshots.lines().count(), 2, "{snapshots}");
+    fs::remove_dir_all(&out).unwrap();
+    client_ok(&["restore", "latest", "--repo", &url, "--target", s(&out)], &pki);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+    client_ok(&["verify", "--read-data", "--repo", &url], &pki);
+    // The receiver's repository is an ordinary one.
+    drop(receiver);
+    ok(&["verify", "--read-data", "--repo", s(&repo)]);
+}
+
+#[test]
+fn thirty_two_clients_back_up_at_once_then_all_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let pki = pki(tmp.path());
+    init_small(&repo);
+    let receiver = Receiver::start(&repo, &pki);
+    let url = receiver.url();
+    let sources: Vec<PathBuf> = (0..32)
+        .map(|i| {
+            let src = tmp.path().join(format!("src{i}"));
+            // Seeds repeat, so clients also meet each other's chunks.
+            make_tree(&src, i % 8, 300_000);
+            src
+        })
+        .collect();
+    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
+    let children: Vec<Child> = sources
+        .iter()
+        .map(|src| {
+            Command::new(cbcr_bin())
+                .args(["backup", "--repo", &url, s(src), "--cores", "1", "--no-progress"])
+                .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "a client failed: {}", text(&out.stderr));
+    }
+    let snapshots = text(&client_ok(&["snapshots", "--repo", &url, "--json"], &pki).stdout);
+    assert_eq!(snapshots.lines().count(), 32);
+    for src in &sources {
+        let snap: serde_json::Value = snapshots
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["paths"][0] == s(src))
+            .unwrap_or_else(|| panic!("no snapshot of {}", src.display()));
+        let out = tmp.path().join("out").join(src.file_name().unwrap());
+        client_ok(&["restore", snap["id"].as_str().unwrap(), "--repo", &url, "--target", s(&out)], &pki);
+        assert_same_tree(src, &out.join(src.strip_prefix("/").unwrap()));
+    }
+    client_ok(&["verify", "--read-data", "--repo", &url], &pki);
+}
+
+fn random_file(path: &Path, len: usize, seed: u64) {
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    fs::write(path, &data).unwrap();
+}
+
+fn pack_bytes(repo: &Path) -> u64 {
+    packs(repo).iter().map(|p| fs::metadata(p).unwrap().len()).sum()
+}
+
+/// Waits until the receiver holds at least `bytes` of packs.
+fn wait_for_packs(repo: &Path, bytes: u64, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pack_bytes(repo) < bytes {
+        assert!(child.try_wait().unwrap().is_none(), "the backup ended before it could be interrupted");
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn kill_9_of_the_client_mid_backup_then_the_rerun_resends_little() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    let pki = pki(tmp.path());
+    init_small(&repo);
+    fs::create_dir_all(&src).unwrap();
+    let len = 96 << 20;
+    random_file(&src.join("data.bin"), len, 5);
+    let receiver = Receiver::start(&repo, &pki);
+    let url = receiver.url();
+    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
+    let mut child = Command::new(cbcr_bin())
+        .args(["backup", "--repo", &url, s(&src), "--cores", "2", "--pack-size", "2MiB"])
+        .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_packs(&repo, 24 << 20, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let durable = pack_bytes(&repo);
+    assert_eq!(snapshot_count(&repo), 0, "a killed backup commits nothing");
+    let rerun = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json", "--pack-size", "2MiB"], &pki));
+    // Random data does not compress: what was durable is not sent again, beyond the chunk
+    // lists (never sent by the killed run) and the packs in flight at the kill.
+    let sent = rerun["bytes_stored"].as_u64().unwrap();
+    let resent = (durable + sent).saturating_sub(len as u64);
+    eprintln!("kill -9 client: {durable} bytes durable at the kill, rerun sent {sent}, re-sent {resent}");
+    let window = 2 * (1 << 20) + 6 * (2 << 20); // a segment per core + the packs in flight
+    assert!(resent <= window, "re-sent {resent} bytes, more than the {window}-byte in-flight window");
+    drop(receiver);
+    ok(&["verify", "--read-data", "--repo", s(&repo)]);
+}
+
+#[test]
+fn kill_9_of_the_receiver_mid_backup_then_a_restarted_one_completes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    let pki = pki(tmp.path());
+    init_small(&repo);
+    fs::create_dir_all(&src).unwrap();
+    let len = 96 << 20;
+    random_file(&src.join("data.bin"), len, 6);
+    let mut receiver = Receiver::start(&repo, &pki);
+    let url = receiver.url();
+    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
+    let mut child = Command::new(cbcr_bin())
+        .args(["backup", "--repo", &url, s(&src), "--cores", "2", "--pack-size", "2MiB", "--json"])
+        .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_packs(&repo, 24 << 20, &mut child);
+    receiver.kill();
+    let failed = child.wait_with_output().unwrap();
+    assert_eq!(failed.status.code(), Some(15), "the client names the lost receiver: {}", text(&failed.stderr));
+    assert!(text(&failed.stderr).contains("network"), "{}", text(&failed.stderr));
+    let durable = pack_bytes(&repo);
+    assert_eq!(snapshot_count(&repo), 0);
+
+    let receiver = Receiver::start(&repo, &pki);
+    assert_eq!(tmp_files(&repo), 0, "a restarted receiver clears what was half-received");
+    let url = receiver.url();
+    let rerun = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json", "--pack-size", "2MiB"], &pki));
+    let sent = rerun["bytes_stored"].as_u64().unwrap();
+    eprintln!("kill -9 receiver: {durable} bytes durable at the kill, rerun sent {sent}");
+    assert!(durable + sent <= len as u64 + 2 * (1 << 20) + 6 * (2 << 20), "durable {durable} + sent {sent}");
+    client_ok(&["restore", "latest", "--repo", &url, "--target", s(&out)], &pki);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+}
+
+#[test]
+fn clients_without_a_valid_certificate_are_refused_at_the_handshake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    let pki = pki(tmp.path());
+    make_tree(&src, 3, 100_000);
+    let receiver = Receiver::start(&repo, &pki);
+    let url = receiver.url();
+
+    // A client certificate from another CA (the client trusts the receiver's CA).
+    let other = tmp.path().join("other");
+    ok(&["cert", "dev", "--out", s(&other)]);
+    let (cert, key, ca) = (other.join("client.crt"), other.join("client.key"), pki.join("ca.crt"));
+    let env = [("CBCR_CERT", s(&cert)), ("CBCR_KEY", s(&key)), ("CBCR_CA", s(&ca))];
+    let refused = cbcr_env(&["backup", "--repo", &url, s(&src)], &env);
+    assert_eq!(refused.status.code(), Some(15), "{}", text(&refused.stderr));
+
+    // An expired client certificate signed by the right CA.
+    let expired = tmp.path().join("expired");
+    dataplane::quic::write_dev_pki(&expired, true).unwrap();
+    let expired_receiver = Receiver::start(&tmp.path().join("repo2"), &expired);
+    let refused = client(&["snapshots", "--repo", &expired_receiver.url()], &expired);
+    assert_eq!(refused.status.code(), Some(15), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("handshake"), "{}", text(&refused.stderr));
+
+    // No client certificate at all.
+    let (stream_err, _) = raw_session(&receiver.addr, &pki, false, |_| async {});
+    assert!(stream_err.is_some(), "a client without a certificate got a session");
+
+    // The receiver still serves a proper client, and nothing was written by the others.
+    assert_eq!(snapshot_count(&repo), 0);
+    client_ok(&["backup", "--repo", &url, s(&src)], &pki);
+    assert_eq!(snapshot_count(&repo), 1);
+}
+
+type Conn = quinn::Connection;
+
+/// Connects with (or without) the client certificate of `pki` and runs `talk` on the
+/// connection; returns the handshake error, if any, and what `talk` returned.
+fn raw_session<F, Fut>(addr: &str, pki: &Path, with_cert: bool, talk: F) -> (Option<String>, ())
+where
+    F: FnOnce(Conn) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let files = dataplane::quic::TlsFiles {
+            cert: pki.join("client.crt"),
+            key: pki.join("client.key"),
+            ca: pki.join("ca.crt"),
+        };
+        let config = if with_cert {
+            dataplane::quic::client_config(&files).unwrap()
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            use rustls::pki_types::pem::PemObject;
+            let pem = fs::read(&files.ca).unwrap();
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![wire::frame::ALPN.to_vec()];
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+            quinn::ClientConfig::new(Arc::new(crypto))
+        };
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        let conn = match endpoint.connect(addr.parse().unwrap(), "localhost").unwrap().await {
+            Ok(c) => c,
+            Err(e) => return (Some(e.to_string()), ()),
+        };
+        // TLS 1.3 clients learn of a refused certificate only on their first use of the connection.
+        let probe = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let hello = Frame::Hello { version: wire::frame::VERSION, client: "probe".into() };
+            send.write_all(&hello.encode()).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
+        };
+        if let Err(e) = probe.await {
+            return (Some(e), ());
+        }
+        talk(conn.clone()).await;
+        conn.close(0u32.into(), b"");
+        (None, ())
+    })
+}
+
+/// Sends `bytes` on a new stream and returns the reply frame, if one came.
+async fn send_raw(conn: &Conn, bytes: &[u8], finish: bool) -> Option<Frame> {
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
+    let _ = send.write_all(bytes).await;
+    if finish {
+        let _ = send.finish();
+    } else {
+        let _ = send.reset(1u32.into());
+    }
+    let reply = recv.read_to_end(1 << 20).await.ok()?;
+    let header: [u8; HEADER_LEN] = reply.get(..HEADER_LEN)?.try_into().ok()?;
+    let (kind, _) = FrameHeader::decode(&header).ok()?;
+    Frame::decode(kind, &reply[HEADER_LEN..]).ok()
+}
+
+#[test]
+fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    let pki = pki(tmp.path());
+    make_tree(&src, 4, 100_000);
+    let receiver = Receiver::start(&repo, &pki);
+    let (err, _) = raw_session(&receiver.addr, &pki, true, |conn| async move {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for _ in 0..50 {
+            let mut junk = vec![0u8; 1 + (rng.next_u32() % 300) as usize];
+            rng.fill_bytes(&mut junk);
+            if let Some(reply) = send_raw(&conn, &junk, true).await {
+                assert!(matches!(reply, Frame::Error { .. }), "garbage got {reply:?}");
+            }
+        }
+        // A length field of 2^32-1 ("negative") is refused before anything is allocated.
+        let mut huge = Frame::ListSnapshots { session: 1 }.encode();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let reply = send_raw(&conn, &huge, true).await;
+        assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::BadFrame, .. })), "{reply:?}");
+        // A request for a session this connection never opened.
+        let reply = send_raw(&conn, &Frame::Have { session: 4242, ids: vec![] }.encode(), true).await;
+        assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::UnknownSession, .. })), "{reply:?}");
+        // A pack whose sender goes away halfway, and a pack whose bytes are not its id.
+        let put = Frame::PutPack { session: 1, id: wire::ChunkId([3; 32]), len: 1 << 20 }.encode();
+        let mut half = put.clone();
+        half.extend(vec![7u8; 300_000]);
+        let _ = send_raw(&conn, &half, false).await;
+        let mut wrong = put;
+        wrong.extend(vec![7u8; 1 << 20]);
+        let reply = send_raw(&conn, &wrong, true).await;
+        assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::BadPack, .. })), "{reply:?}");
+        // A commit of a snapshot whose tree the receiver does not have.
+        let snap = wire::repo::Snapshot {
+            version: wire::repo::VERSION,
+            time: "2026-01-01T00:00:00Z".into(),
+            host: "h".into(),
+            paths: vec!["/x".into()],
+            tree: wire::ChunkId([9; 32]).to_hex(),
+            parent: None,
+            stats: Default::default(),
+        };
+        let reply = send_raw(&conn, &Frame::Commit { session: 1, record: snap.encode() }.encode(), true).await;
+        assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::Incomplete, .. })), "{reply:?}");
+    });
+    assert!(err.is_none(), "{err:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(tmp_files(&repo), 0, "half-sent and bad packs are removed");
+    assert_eq!(packs(&repo).len(), 0, "nothing half-sent became visible");
+    assert_eq!(snapshot_count(&repo), 0);
+    client_ok(&["backup", "--repo", &receiver.url(), s(&src)], &pki);
+    client_ok(&["verify", "--read-data", "--repo", &receiver.url()], &pki);
+}

@@ -1,0 +1,491 @@
+//! Protocol frames between a client and a receiver (QUIC streams, one request per stream).
+//!
+//! ```text
+//! FrameHeader (8 B: payload length u32, kind u8, version u8, reserved 2) | payload
+//! ```
+//! A reader takes the 8-byte header first and checks the kind and the length against that kind's
+//! own bound before it allocates anything, so a garbage or hostile length costs nothing. Pack
+//! bytes follow a [`Frame::PutPack`] unframed (its `len` says how many); everything else is in
+//! frames.
+//!
+//! A connection is one session: the client says [`Frame::Hello`], the receiver answers
+//! [`Frame::Welcome`] with the session id, and every later request names that id (a request
+//! naming any other is refused with [`ErrorCode::UnknownSession`]).
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::codec::Reader;
+use crate::pack::{PackEntry, ENTRY_LEN};
+use crate::{limits, ChunkId, Error, Result};
+
+/// Protocol version this cbcr speaks.
+pub const VERSION: u8 = 1;
+/// ALPN token of the cbcr protocol.
+pub const ALPN: &[u8] = b"cbcr/1";
+
+/// Size of [`FrameHeader`].
+pub const HEADER_LEN: usize = 8;
+
+/// First bytes of every frame.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct FrameHeader {
+    len: [u8; 4],
+    kind: u8,
+    version: u8,
+    reserved: [u8; 2],
+}
+const _: () = assert!(size_of::<FrameHeader>() == HEADER_LEN);
+
+/// What a frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    Hello = 1,
+    Welcome = 2,
+    Have = 3,
+    HaveReply = 4,
+    PutPack = 5,
+    PackStored = 6,
+    GetBlobs = 7,
+    Blob = 8,
+    ListSnapshots = 9,
+    SnapshotRecord = 10,
+    Commit = 11,
+    Committed = 12,
+    Verify = 13,
+    VerifyReport = 14,
+    Error = 15,
+}
+
+impl FrameKind {
+    fn from_u8(v: u8) -> Result<Self> {
+        use FrameKind::*;
+        Ok(match v {
+            1 => Hello,
+            2 => Welcome,
+            3 => Have,
+            4 => HaveReply,
+            5 => PutPack,
+            6 => PackStored,
+            7 => GetBlobs,
+            8 => Blob,
+            9 => ListSnapshots,
+            10 => SnapshotRecord,
+            11 => Commit,
+            12 => Committed,
+            13 => Verify,
+            14 => VerifyReport,
+            15 => Error,
+            _ => return Err(corrupt(format!("unknown frame kind {v}"))),
+        })
+    }
+
+    /// Largest payload a frame of this kind may have.
+    pub fn max_len(self) -> u32 {
+        use FrameKind::*;
+        let ids = 12 + limits::MAX_BATCH_IDS * 32;
+        match self {
+            Hello | Welcome | PutPack | PackStored | ListSnapshots | Committed | Verify | Error => 64 << 10,
+            Have | GetBlobs => ids,
+            HaveReply => 12 + limits::MAX_BATCH_IDS.div_ceil(8),
+            Blob => ENTRY_LEN as u32 + limits::MAX_BLOB_SIZE,
+            SnapshotRecord | Commit | VerifyReport => limits::MAX_RECORD_LEN,
+        }
+    }
+}
+
+/// Why a receiver refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame could not be decoded, or was not expected here.
+    BadFrame = 1,
+    /// The request names a session this connection did not open.
+    UnknownSession = 2,
+    /// The client speaks another protocol version.
+    Version = 3,
+    /// A pack's bytes do not match its id or do not parse.
+    BadPack = 4,
+    /// A blob or snapshot asked for is not in the repository.
+    NotFound = 5,
+    /// The receiver could not store what was sent (disk full, I/O error).
+    Storage = 6,
+    /// A snapshot references what the repository does not have.
+    Incomplete = 7,
+    /// The receiver is shutting down.
+    ShuttingDown = 8,
+    /// Anything else.
+    Other = 9,
+    /// The receiver's disk is full.
+    NoSpace = 10,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Self {
+        use ErrorCode::*;
+        match v {
+            1 => BadFrame,
+            2 => UnknownSession,
+            3 => Version,
+            4 => BadPack,
+            5 => NotFound,
+            6 => Storage,
+            7 => Incomplete,
+            8 => ShuttingDown,
+            10 => NoSpace,
+            _ => Other,
+        }
+    }
+}
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Client -> receiver, first on a connection: protocol version and who the client says it is
+    /// (its certificate is what authenticates it; the name is for logs).
+    Hello { version: u8, client: String },
+    /// Receiver -> client: the session, and the repository's config and key (the client hashes
+    /// chunks with it).
+    Welcome { session: u64, config: Vec<u8>, key: [u8; 32] },
+    /// Which of these blobs does the repository have, durably?
+    Have { session: u64, ids: Vec<ChunkId> },
+    /// One flag per id asked, in order.
+    HaveReply { present: Vec<bool> },
+    /// A sealed pack of `len` bytes follows on this stream.
+    PutPack { session: u64, id: ChunkId, len: u64 },
+    /// The pack is durable and indexed.
+    PackStored { id: ChunkId },
+    /// Send these blobs back (stored form, each checked by the client).
+    GetBlobs { session: u64, ids: Vec<ChunkId> },
+    /// One blob: its pack entry and its stored bytes.
+    Blob { entry: PackEntry, stored: Vec<u8> },
+    /// Send every snapshot record.
+    ListSnapshots { session: u64 },
+    /// One snapshot record (its id and its JSON).
+    SnapshotRecord { id: ChunkId, record: Vec<u8> },
+    /// Commit this snapshot record: acknowledged only once everything it references is durable.
+    Commit { session: u64, record: Vec<u8> },
+    /// The snapshot's id.
+    Committed { id: ChunkId },
+    /// Check the repository where it lives.
+    Verify { session: u64, read_data: bool },
+    /// What the check found (JSON) and whether the repository is damaged.
+    VerifyReport { damaged: bool, report: Vec<u8> },
+    /// The request failed.
+    Error { code: ErrorCode, message: String },
+}
+
+impl Frame {
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Frame::Hello { .. } => FrameKind::Hello,
+            Frame::Welcome { .. } => FrameKind::Welcome,
+            Frame::Have { .. } => FrameKind::Have,
+            Frame::HaveReply { .. } => FrameKind::HaveReply,
+            Frame::PutPack { .. } => FrameKind::PutPack,
+            Frame::PackStored { .. } => FrameKind::PackStored,
+            Frame::GetBlobs { .. } => FrameKind::GetBlobs,
+            Frame::Blob { .. } => FrameKind::Blob,
+            Frame::ListSnapshots { .. } => FrameKind::ListSnapshots,
+            Frame::SnapshotRecord { .. } => FrameKind::SnapshotRecord,
+            Frame::Commit { .. } => FrameKind::Commit,
+            Frame::Committed { .. } => FrameKind::Committed,
+            Frame::Verify { .. } => FrameKind::Verify,
+            Frame::VerifyReport { .. } => FrameKind::VerifyReport,
+            Frame::Error { .. } => FrameKind::Error,
+        }
+    }
+
+    /// The session a request names (none for replies and `Hello`).
+    pub fn session(&self) -> Option<u64> {
+        match self {
+            Frame::Have { session, .. }
+            | Frame::PutPack { session, .. }
+            | Frame::GetBlobs { session, .. }
+            | Frame::ListSnapshots { session }
+            | Frame::Commit { session, .. }
+            | Frame::Verify { session, .. } => Some(*session),
+            _ => None,
+        }
+    }
+
+    /// Header and payload. Panics if the payload exceeds its kind's bound: the sender's bug.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; HEADER_LEN];
+        match self {
+            Frame::Hello { version, client } => {
+                out.push(*version);
+                put_bytes(&mut out, client.as_bytes());
+            }
+            Frame::Welcome { session, config, key } => {
+                out.extend_from_slice(&session.to_le_bytes());
+                out.extend_from_slice(key);
+                put_bytes(&mut out, config);
+            }
+            Frame::Have { session, ids } | Frame::GetBlobs { session, ids } => {
+                out.extend_from_slice(&session.to_le_bytes());
+                out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+                for id in ids {
+                    out.extend_from_slice(&id.0);
+                }
+            }
+            Frame::HaveReply { present } => {
+                out.extend_from_slice(&(present.len() as u32).to_le_bytes());
+                let mut bits = vec![0u8; present.len().div_ceil(8)];
+                for (i, _) in present.iter().enumerate().filter(|(_, p)| **p) {
+                    bits[i / 8] |= 1 << (i % 8);
+                }
+                out.extend_from_slice(&bits);
+            }
+            Frame::PutPack { session, id, len } => {
+                out.extend_from_slice(&session.to_le_bytes());
+                out.extend_from_slice(&id.0);
+                out.extend_from_slice(&len.to_le_bytes());
+            }
+            Frame::PackStored { id } | Frame::Committed { id } => out.extend_from_slice(&id.0),
+            Frame::Blob { entry, stored } => {
+                out.extend_from_slice(bytemuck::bytes_of(entry));
+                out.extend_from_slice(stored);
+            }
+            Frame::ListSnapshots { session } => out.extend_from_slice(&session.to_le_bytes()),
+            Frame::SnapshotRecord { id, record } => {
+                out.extend_from_slice(&id.0);
+                out.extend_from_slice(record);
+            }
+            Frame::Commit { session, record } => {
+                out.extend_from_slice(&session.to_le_bytes());
+                out.extend_from_slice(record);
+            }
+            Frame::Verify { session, read_data } => {
+                out.extend_from_slice(&session.to_le_bytes());
+                out.push(u8::from(*read_data));
+            }
+            Frame::VerifyReport { damaged, report } => {
+                out.push(u8::from(*damaged));
+                out.extend_from_slice(report);
+            }
+            Frame::Error { code, message } => {
+                out.extend_from_slice(&(*code as u16).to_le_bytes());
+                // Messages are for people: cut rather than refuse to report an error.
+                let mut end = message.len().min(4096);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                put_bytes(&mut out, &message.as_bytes()[..end]);
+            }
+        }
+        let len = out.len() - HEADER_LEN;
+        assert!(len <= self.kind().max_len() as usize, "{:?} frame of {len} bytes is over its bound", self.kind());
+        let header = FrameHeader {
+            len: (len as u32).to_le_bytes(),
+            kind: self.kind() as u8,
+            version: VERSION,
+            reserved: [0; 2],
+        };
+        out[..HEADER_LEN].copy_from_slice(bytemuck::bytes_of(&header));
+        out
+    }
+
+    /// Decodes a payload of `kind` (from [`FrameHeader::decode`]).
+    pub fn decode(kind: FrameKind, payload: &[u8]) -> Result<Frame> {
+        if payload.len() > kind.max_len() as usize {
+            return Err(corrupt(format!("{kind:?} frame of {} bytes is over its bound", payload.len())));
+        }
+        let mut r = Reader::new(payload, "frame");
+        let frame = match kind {
+            FrameKind::Hello => {
+                let version = r.u8()?;
+                let client = String::from_utf8(get_bytes(&mut r)?.to_vec())
+                    .map_err(|_| corrupt("client name is not UTF-8".into()))?;
+                Frame::Hello { version, client }
+            }
+            FrameKind::Welcome => {
+                let session = r.u64()?;
+                let key = r.array()?;
+                Frame::Welcome { session, key, config: get_bytes(&mut r)?.to_vec() }
+            }
+            FrameKind::Have | FrameKind::GetBlobs => {
+                let session = r.u64()?;
+                let n = r.count(limits::MAX_BATCH_IDS, 32)?;
+                let ids = (0..n).map(|_| r.array().map(ChunkId)).collect::<Result<Vec<_>>>()?;
+                if kind == FrameKind::Have {
+                    Frame::Have { session, ids }
+                } else {
+                    Frame::GetBlobs { session, ids }
+                }
+            }
+            FrameKind::HaveReply => {
+                let n = r.u32()?;
+                if n > limits::MAX_BATCH_IDS {
+                    return Err(corrupt(format!("{n} answers, more than the limit {}", limits::MAX_BATCH_IDS)));
+                }
+                let bits = r.bytes((n as usize).div_ceil(8))?;
+                Frame::HaveReply { present: (0..n as usize).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect() }
+            }
+            FrameKind::PutPack => {
+                let session = r.u64()?;
+                let id = ChunkId(r.array()?);
+                let len = r.u64()?;
+                if !(crate::pack::HEADER_LEN as u64..=limits::MAX_PACK_LEN).contains(&len) {
+                    return Err(corrupt(format!("pack length {len} is out of range")));
+                }
+                Frame::PutPack { session, id, len }
+            }
+            FrameKind::PackStored => Frame::PackStored { id: ChunkId(r.array()?) },
+            FrameKind::Committed => Frame::Committed { id: ChunkId(r.array()?) },
+            FrameKind::Blob => {
+                let entry: PackEntry = bytemuck::pod_read_unaligned(r.bytes(ENTRY_LEN)?);
+                entry.validate_fields()?;
+                let stored = r.bytes(entry.stored_len() as usize)?.to_vec();
+                Frame::Blob { entry, stored }
+            }
+            FrameKind::ListSnapshots => Frame::ListSnapshots { session: r.u64()? },
+            FrameKind::SnapshotRecord => {
+                let id = ChunkId(r.array()?);
+                Frame::SnapshotRecord { id, record: r.bytes(r.remaining())?.to_vec() }
+            }
+            FrameKind::Commit => {
+                let session = r.u64()?;
+                Frame::Commit { session, record: r.bytes(r.remaining())?.to_vec() }
+            }
+            FrameKind::Verify => {
+                let session = r.u64()?;
+                Frame::Verify { session, read_data: flag(&mut r)? }
+            }
+            FrameKind::VerifyReport => {
+                let damaged = flag(&mut r)?;
+                Frame::VerifyReport { damaged, report: r.bytes(r.remaining())?.to_vec() }
+            }
+            FrameKind::Error => {
+                let code = ErrorCode::from_u16(r.u16()?);
+                let message = String::from_utf8_lossy(get_bytes(&mut r)?).into_owned();
+                Frame::Error { code, message }
+            }
+        };
+        r.finish()?;
+        Ok(frame)
+    }
+}
+
+impl FrameHeader {
+    /// The kind and payload length of the frame these 8 bytes start; the length is within the
+    /// kind's bound.
+    pub fn decode(bytes: &[u8; HEADER_LEN]) -> Result<(FrameKind, u32)> {
+        let h: FrameHeader = bytemuck::pod_read_unaligned(bytes);
+        if h.version != VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "frame",
+                found: h.version.into(),
+                supported: VERSION.into(),
+            });
+        }
+        if h.reserved != [0; 2] {
+            return Err(corrupt("reserved bytes are not zero".into()));
+        }
+        let kind = FrameKind::from_u8(h.kind)?;
+        let len = u32::from_le_bytes(h.len);
+        if len > kind.max_len() {
+            return Err(corrupt(format!("{kind:?} frame of {len} bytes is over its bound {}", kind.max_len())));
+        }
+        Ok((kind, len))
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn get_bytes<'a>(r: &mut Reader<'a>) -> Result<&'a [u8]> {
+    let n = r.u32()? as usize;
+    r.bytes(n)
+}
+
+fn flag(r: &mut Reader<'_>) -> Result<bool> {
+    match r.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(corrupt(format!("flag byte {v} is neither 0 nor 1"))),
+    }
+}
+
+fn corrupt(detail: String) -> Error {
+    Error::Corrupt { what: "frame", detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlobKind, Compression};
+    use proptest::prelude::*;
+
+    fn round_trip(frame: Frame) {
+        let bytes = frame.encode();
+        let (kind, len) = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(len as usize, bytes.len() - HEADER_LEN);
+        assert_eq!(Frame::decode(kind, &bytes[HEADER_LEN..]).unwrap(), frame);
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        let id = ChunkId([7; 32]);
+        let entry = PackEntry::new(id, 16, 3, 3, BlobKind::Data, Compression::None);
+        for frame in [
+            Frame::Hello { version: VERSION, client: "db-17".into() },
+            Frame::Welcome { session: 9, config: b"{}".to_vec(), key: [1; 32] },
+            Frame::Have { session: 9, ids: vec![id, ChunkId([2; 32])] },
+            Frame::HaveReply { present: vec![true, false, true, true, false, false, false, false, true] },
+            Frame::PutPack { session: 9, id, len: 1 << 20 },
+            Frame::PackStored { id },
+            Frame::GetBlobs { session: 9, ids: vec![id] },
+            Frame::Blob { entry, stored: b"abc".to_vec() },
+            Frame::ListSnapshots { session: 9 },
+            Frame::SnapshotRecord { id, record: b"{\"a\":1}".to_vec() },
+            Frame::Commit { session: 9, record: b"{}".to_vec() },
+            Frame::Committed { id },
+            Frame::Verify { session: 9, read_data: true },
+            Frame::VerifyReport { damaged: false, report: b"{}".to_vec() },
+            Frame::Error { code: ErrorCode::UnknownSession, message: "no session 3".into() },
+        ] {
+            round_trip(frame);
+        }
+    }
+
+    #[test]
+    fn oversize_and_negative_lengths_are_refused_from_the_header() {
+        let mut h = Frame::Have { session: 1, ids: vec![] }.encode();
+        h[..4].copy_from_slice(&u32::MAX.to_le_bytes()); // -1 as an i32
+        let err = FrameHeader::decode(h[..HEADER_LEN].try_into().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("over its bound"), "{err}");
+        h[4] = 200;
+        assert!(FrameHeader::decode(h[..HEADER_LEN].try_into().unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_count_larger_than_the_payload_is_refused() {
+        let mut f = Frame::Have { session: 1, ids: vec![ChunkId([1; 32])] }.encode();
+        f[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(matches!(Frame::decode(FrameKind::Have, &f[HEADER_LEN..]), Err(Error::Truncated { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(header in proptest::array::uniform8(any::<u8>()),
+                                payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok((kind, _)) = FrameHeader::decode(&header) {
+                let _ = Frame::decode(kind, &payload);
+            }
+            for kind in 1..=15u8 {
+                let _ = Frame::decode(FrameKind::from_u8(kind).unwrap(), &payload);
+            }
+        }
+
+        #[test]
+        fn truncated_frames_are_errors(cut in 0usize..100) {
+            let f = Frame::Welcome { session: 3, config: vec![b'x'; 40], key: [5; 32] }.encode();
+            let cut = cut.min(f.len() - HEADER_LEN - 1);
+            prop_assert!(Frame::decode(FrameKind::Welcome, &f[HEADER_LEN..HEADER_LEN + cut]).is_err());
+        }
+    }
+}
