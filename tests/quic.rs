@@ -380,15 +380,15 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
         // A request for a session this connection never opened.
         let reply = send_raw(&conn, &Frame::Have { session: 4242, ids: vec![] }.encode(), true).await;
         assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::UnknownSession, .. })), "{reply:?}");
-        // A pack whose sender goes away halfway, and a pack whose bytes are not its id.
-        let put = Frame::PutPack { session: 1, id: wire::ChunkId([3; 32]), len: 1 << 20 }.encode();
+        // A pack whose sender goes away halfway, and bytes that are not a pack.
+        let put = Frame::PutPack { session: 1 }.encode();
         let mut half = put.clone();
         half.extend(vec![7u8; 300_000]);
         let _ = send_raw(&conn, &half, false).await;
         let mut wrong = put;
         wrong.extend(vec![7u8; 1 << 20]);
         let reply = send_raw(&conn, &wrong, true).await;
-        assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::BadPack, .. })), "{reply:?}");
+        assert!(matches!(reply, Some(Frame::Error { .. })), "{reply:?}");
         // A commit of a snapshot whose tree the receiver does not have.
         let snap = wire::repo::Snapshot {
             version: wire::repo::VERSION,

@@ -50,7 +50,8 @@ pub const INDEX_READ_BUFFER: usize = 256 << 10;
 /// while the file is backed up); members past this are chunked by content, with a warning.
 pub const TAR_PAGE_MEMBERS: usize = 1 << 18;
 /// Bytes of blobs a core collects before it asks a receiver which of them it lacks (one `Have`
-/// round trip per this much new-looking data), plus one largest blob.
+/// round trip per this much new-looking data), plus one largest blob. A core holds two such
+/// batches: one filling, one whose answer is on its way.
 pub const HAVE_BATCH_BYTES: usize = 4 << 20;
 /// Bytes of a pack read from disk and written to a QUIC stream at a time.
 pub const PACK_SEND_PIECE: usize = 1 << 20;

@@ -20,13 +20,20 @@ use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::metrics::{Stage, StageHistograms};
-use crate::remote::{BlobStream, Remote};
+use crate::remote::{BlobStream, HaveQuery, PackAck, PackUpload, Remote};
 use crate::repo::Repository;
 
-/// One pack being written under `tmp/`.
+/// Where a pack's bytes go as they are written.
+enum PackOut {
+    /// A file under `tmp/`, made durable by the [`Sealer`].
+    File { tmp: PathBuf, out: BufWriter<File> },
+    /// Straight to a receiver: no local copy to write and read back.
+    Remote(PackUpload),
+}
+
+/// One pack being written.
 struct PackWriter {
-    tmp: PathBuf,
-    out: BufWriter<File>,
+    out: PackOut,
     hasher: blake3::Hasher,
     len: u64,
     entries: Vec<PackEntry>,
@@ -34,21 +41,24 @@ struct PackWriter {
 
 impl PackWriter {
     fn create(repo: &Repository) -> Result<Self> {
-        let tmp = repo.tmp_path("pack");
-        let file = OpenOptions::new().create_new(true).read(true).write(true).open(&tmp).at(&tmp)?;
-        let mut w = Self {
-            tmp,
-            out: BufWriter::with_capacity(limits::PACK_WRITE_BUFFER, file),
-            hasher: blake3::Hasher::new(),
-            len: 0,
-            entries: vec![],
+        let out = match &repo.remote {
+            Some(remote) => PackOut::Remote(PackUpload::start(Arc::clone(remote))?),
+            None => {
+                let tmp = repo.tmp_path("pack");
+                let file = OpenOptions::new().create_new(true).write(true).open(&tmp).at(&tmp)?;
+                PackOut::File { tmp, out: BufWriter::with_capacity(limits::PACK_WRITE_BUFFER, file) }
+            }
         };
+        let mut w = Self { out, hasher: blake3::Hasher::new(), len: 0, entries: vec![] };
         w.write(&PackHeader::encode())?;
         Ok(w)
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.out.write_all(bytes).at(&self.tmp)?;
+        match &mut self.out {
+            PackOut::File { tmp, out } => out.write_all(bytes).at(tmp)?,
+            PackOut::Remote(upload) => upload.write(bytes)?,
+        }
         self.hasher.update(bytes);
         self.len += bytes.len() as u64;
         Ok(())
@@ -73,20 +83,33 @@ impl PackWriter {
     fn close(mut self, sealer: &Sender<SealJob>) -> Result<u64> {
         let trailer = encode_trailer(&self.entries, self.len);
         self.write(&trailer)?;
-        let file = self.out.into_inner().map_err(|e| e.into_error()).at(&self.tmp)?;
-        let job =
-            SealJob { tmp: self.tmp, file, id: ChunkId(*self.hasher.finalize().as_bytes()), entries: self.entries };
-        sealer.send(job).map_err(|_| Error::Usage("the pack sealer stopped".into()))?;
+        let (id, entries) = (ChunkId(*self.hasher.finalize().as_bytes()), self.entries);
+        let target = match self.out {
+            PackOut::File { tmp, out } => {
+                let file = out.into_inner().map_err(|e| e.into_error()).at(&tmp)?;
+                SealTarget::File { tmp, file }
+            }
+            PackOut::Remote(upload) => SealTarget::Remote(upload.finish()?),
+        };
+        sealer.send(SealJob { target, id, entries }).map_err(|_| Error::Usage("the pack sealer stopped".into()))?;
         Ok(self.len)
     }
 }
 
 /// A written pack on its way to durability.
 pub struct SealJob {
-    tmp: PathBuf,
-    file: File,
+    target: SealTarget,
     id: ChunkId,
     entries: Vec<PackEntry>,
+}
+
+enum SealTarget {
+    File {
+        tmp: PathBuf,
+        file: File,
+    },
+    /// Sent; the receiver acknowledges once it is durable.
+    Remote(PackAck),
 }
 
 /// Makes closed packs durable off the cores, in the design's commit order: fsync the pack,
@@ -107,7 +130,9 @@ impl Sealer {
                 let mut first_error = None;
                 for job in rx {
                     if first_error.is_some() {
-                        let _ = std::fs::remove_file(&job.tmp);
+                        if let SealTarget::File { tmp, .. } = &job.target {
+                            let _ = std::fs::remove_file(tmp);
+                        }
                     } else if let Err(e) = seal(&repo, &known, job) {
                         first_error = Some(e);
                     }
@@ -131,17 +156,18 @@ impl Sealer {
 }
 
 fn seal(repo: &Repository, known: &KnownBlobs, job: SealJob) -> Result<()> {
-    if let Some(remote) = &repo.remote {
-        // The receiver makes it durable; the local file was only a staging copy.
-        let len = job.file.metadata().at(&job.tmp)?.len();
-        remote.put_pack(&job.id, &job.file, &job.tmp, len)?;
-        let _ = std::fs::remove_file(&job.tmp);
-        known.release(job.entries.iter().map(|e| e.id));
-        return Ok(());
-    }
-    job.file.sync_all().at(&job.tmp)?;
+    let (tmp, file) = match job.target {
+        SealTarget::File { tmp, file } => (tmp, file),
+        SealTarget::Remote(ack) => {
+            // The receiver made it durable and indexed it: nothing is left to do here.
+            ack.wait(&job.id)?;
+            known.release(job.entries.iter().map(|e| e.id));
+            return Ok(());
+        }
+    };
+    file.sync_all().at(&tmp)?;
     fault::point("pack-seal");
-    repo.publish(&job.tmp, &repo.pack_path(&job.id))?;
+    repo.publish(&tmp, &repo.pack_path(&job.id))?;
     fault::point("index-write");
     let mut run: Vec<IndexEntry> = job.entries.iter().map(|&entry| IndexEntry { pack: job.id, entry }).collect();
     run.sort_unstable_by_key(|e| e.id());
@@ -182,11 +208,18 @@ pub struct BlobWriter<'a> {
     pack_size: u64,
     compressor: zstd::bulk::Compressor<'static>,
     buf: Vec<u8>,
-    /// Remote repository only: blobs claimed but not yet asked about (id, kind, bytes in
-    /// `pending_data`), so one `Have` round trip covers [`limits::HAVE_BATCH_BYTES`].
-    pending: Vec<(ChunkId, BlobKind, std::ops::Range<usize>)>,
-    pending_data: Vec<u8>,
+    /// Remote repository only: blobs claimed but not yet asked about, so one `Have` round trip
+    /// covers [`limits::HAVE_BATCH_BYTES`]; and the batch whose answer is on its way.
+    pending: HaveBatch,
+    asked: Option<(HaveBatch, HaveQuery<'a>)>,
     pub stats: WriteStats,
+}
+
+/// Blobs waiting for a receiver's answer: (id, kind, their bytes in `data`).
+#[derive(Default)]
+struct HaveBatch {
+    blobs: Vec<(ChunkId, BlobKind, std::ops::Range<usize>)>,
+    data: Vec<u8>,
 }
 
 impl<'a> BlobWriter<'a> {
@@ -207,8 +240,8 @@ impl<'a> BlobWriter<'a> {
             pack_size,
             compressor,
             buf: Vec::new(),
-            pending: Vec::new(),
-            pending_data: Vec::new(),
+            pending: HaveBatch::default(),
+            asked: None,
             stats: WriteStats::default(),
         })
     }
@@ -237,12 +270,11 @@ impl<'a> BlobWriter<'a> {
         }
         assert!(data.len() <= wire::limits::MAX_BLOB_SIZE as usize);
         if self.repo.remote.is_some() {
-            let start = self.pending_data.len();
-            self.pending_data.extend_from_slice(data);
-            self.pending.push((id, kind, start..self.pending_data.len()));
-            if self.pending_data.len() >= limits::HAVE_BATCH_BYTES
-                || self.pending.len() >= wire::limits::MAX_BATCH_IDS as usize
-            {
+            let p = &mut self.pending;
+            let start = p.data.len();
+            p.data.extend_from_slice(data);
+            p.blobs.push((id, kind, start..p.data.len()));
+            if p.data.len() >= limits::HAVE_BATCH_BYTES || p.blobs.len() >= wire::limits::MAX_BATCH_IDS as usize {
                 self.ask_receiver()?;
             }
             return Ok(true);
@@ -251,27 +283,34 @@ impl<'a> BlobWriter<'a> {
         Ok(true)
     }
 
-    /// Asks the receiver which pending blobs it lacks and packs only those.
+    /// Sends the pending batch's `Have` and packs what the receiver lacks of the batch asked
+    /// before: the answer to one batch arrives while the next is chunked.
     fn ask_receiver(&mut self) -> Result<()> {
         let Some(remote) = self.repo.remote.as_deref() else { return Ok(()) };
-        if self.pending.is_empty() {
-            return Ok(());
+        let spare = self.pack_answered()?;
+        if !self.pending.blobs.is_empty() {
+            let ids = self.pending.blobs.iter().map(|b| b.0).collect();
+            let query = remote.have_start(ids)?;
+            self.asked = Some((std::mem::replace(&mut self.pending, spare), query));
         }
+        Ok(())
+    }
+
+    /// Waits for the batch asked about, packs what the receiver lacks; returns the emptied batch.
+    fn pack_answered(&mut self) -> Result<HaveBatch> {
+        let Some((mut batch, query)) = self.asked.take() else { return Ok(HaveBatch::default()) };
         let started = Instant::now();
-        let ids: Vec<ChunkId> = self.pending.iter().map(|p| p.0).collect();
-        let present = remote.have(&ids)?;
+        let present = query.answer()?;
         self.stats.stages.record(Stage::Dedup, started.elapsed());
-        let (mut pending, data) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.pending_data));
-        for ((id, kind, range), have) in pending.drain(..).zip(present) {
+        for ((id, kind, range), have) in batch.blobs.drain(..).zip(present) {
             if have {
                 self.known.release([id]);
             } else {
-                self.pack_blob(id, kind, &data[range])?;
+                self.pack_blob(id, kind, &batch.data[range])?;
             }
         }
-        (self.pending, self.pending_data) = (pending, data);
-        self.pending_data.clear();
-        Ok(())
+        batch.data.clear();
+        Ok(batch)
     }
 
     /// Compresses a claimed blob into the open pack; seals the pack when it is full.
@@ -310,6 +349,7 @@ impl<'a> BlobWriter<'a> {
     /// Closes the open pack; everything stored is durable once the [`Sealer`] has finished.
     pub fn finish(mut self) -> Result<WriteStats> {
         self.ask_receiver()?;
+        self.pack_answered()?;
         self.seal()?;
         Ok(self.stats)
     }

@@ -132,6 +132,7 @@ impl From<Error> for Refusal {
         let code = match &e {
             Error::NoSpace(_) => ErrorCode::NoSpace,
             Error::Usage(_) => ErrorCode::BadFrame,
+            Error::Integrity(_) => ErrorCode::BadPack,
             _ => ErrorCode::Storage,
         };
         Refusal(code, e.to_string())
@@ -379,8 +380,8 @@ async fn request(
                 blocking(move || ids.iter().map(|id| s.index().contains(id)).collect::<Result<Vec<_>>>()).await?;
             reply(send, &Frame::HaveReply { present }).await
         }
-        Frame::PutPack { id, len, .. } => {
-            receive_pack(store, id, len, recv).await?;
+        Frame::PutPack { .. } => {
+            let id = receive_pack(store, recv).await?;
             reply(send, &Frame::PackStored { id }).await
         }
         Frame::GetBlobs { ids, .. } => send_blobs(store, ids, send).await,
@@ -433,49 +434,51 @@ fn commit(store: &Store, snapshot: &Snapshot) -> Result<ChunkId, Refusal> {
     Ok(store.repo.commit_snapshot(snapshot)?)
 }
 
-/// Receives a pack into `tmp/`, checks it, and makes it durable and indexed. On any failure
-/// the partial file is removed: nothing half-sent becomes visible.
-async fn receive_pack(store: &Arc<Store>, id: ChunkId, len: u64, recv: &mut RecvStream) -> Result<(), Refusal> {
+/// Receives a pack into `tmp/`, checks it, and makes it durable and indexed; returns its id.
+/// On any failure the partial file is removed: nothing half-sent becomes visible.
+async fn receive_pack(store: &Arc<Store>, recv: &mut RecvStream) -> Result<ChunkId, Refusal> {
     let tmp = store.repo.tmp_path("pack");
     let file = std::fs::OpenOptions::new().create_new(true).write(true).read(true).open(&tmp).at(&tmp)?;
     let received = async {
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; limits::PACK_SEND_PIECE];
-        let mut at = 0u64;
-        while at < len {
-            let want = (len - at).min(buf.len() as u64) as usize;
-            let n = match recv.read(&mut buf[..want]).await {
+        // QUIC hands over a datagram's worth at a time: gather a piece, then one write.
+        let mut piece = vec![0u8; limits::PACK_SEND_PIECE];
+        let (mut len, mut filled) = (0u64, 0usize);
+        loop {
+            let n = match recv.read(&mut piece[filled..]).await {
                 Ok(Some(n)) => n,
-                Ok(None) => {
-                    return Err(Refusal(
-                        ErrorCode::BadPack,
-                        format!("pack {id}: stream ended after {at} of {len} bytes"),
-                    ))
-                }
-                Err(e) => {
-                    return Err(Refusal(ErrorCode::BadPack, format!("pack {id}: client went away mid-pack: {e}")))
-                }
+                Ok(None) => 0,
+                Err(e) => return Err(Refusal(ErrorCode::BadPack, format!("client went away mid-pack: {e}"))),
             };
-            file.write_all_at(&buf[..n], at).at(&tmp)?;
-            hasher.update(&buf[..n]);
-            at += n as u64;
-            store.metrics.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+            filled += n;
+            if filled == piece.len() || (n == 0 && filled > 0) {
+                if len + filled as u64 > wire::limits::MAX_PACK_LEN {
+                    return Err(Refusal(ErrorCode::BadPack, format!("pack over {} bytes", wire::limits::MAX_PACK_LEN)));
+                }
+                file.write_all_at(&piece[..filled], len).at(&tmp)?;
+                hasher.update(&piece[..filled]);
+                len += filled as u64;
+                store.metrics.bytes_received.fetch_add(filled as u64, Ordering::Relaxed);
+                filled = 0;
+            }
+            if n == 0 {
+                break;
+            }
         }
-        if ChunkId(*hasher.finalize().as_bytes()) != id {
-            return Err(Refusal(ErrorCode::BadPack, format!("pack {id}: bytes do not match its id")));
-        }
-        Ok(())
+        Ok((ChunkId(*hasher.finalize().as_bytes()), len))
     }
     .await;
-    if let Err(e) = received {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    let (id, len) = match received {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     let s = Arc::clone(store);
-    let stored = blocking(move || store_pack(&s, id, file, len, &tmp).map_err(PackRejected::into_error)).await;
-    stored.inspect(|_| {
-        store.metrics.packs_stored.fetch_add(1, Ordering::Relaxed);
-    })
+    blocking(move || store_pack(&s, id, file, len, &tmp).map_err(PackRejected::into_error)).await?;
+    store.metrics.packs_stored.fetch_add(1, Ordering::Relaxed);
+    Ok(id)
 }
 
 /// Why a received pack was not stored.

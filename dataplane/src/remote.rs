@@ -1,24 +1,23 @@
 //! The client side of a `quic://HOST:PORT` repository: one QUIC connection (one session) to a
 //! receiver, used by every thread of a command through blocking calls.
 //!
-//! Each request is one bidirectional stream: a frame out, the reply frames back. Pack bytes
-//! stream from the file the core wrote, [`limits::PACK_SEND_PIECE`] at a time; QUIC's flow
+//! Each request is one bidirectional stream: a frame out, the reply frames back. A pack streams
+//! from the core that writes it ([`PackUpload`]), and its acknowledgement is awaited by the
+//! sealer thread ([`PackAck`]) so cores never wait for the receiver's fsync. QUIC's flow
 //! control (the stream and connection windows in `limits`) makes a slow receiver stop the
 //! sender, so in-flight bytes are bounded on both sides.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::sync::Arc;
 
-use quinn::{Connection, RecvStream};
+use quinn::{Connection, RecvStream, SendStream};
 use wire::frame::{ErrorCode, Frame, VERSION};
 use wire::pack::PackEntry;
 use wire::repo::{RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::limits;
 use crate::quic::{self, StreamError, TlsFiles};
 
@@ -103,6 +102,13 @@ impl Remote {
         }
     }
 
+    fn lost(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        match self.conn.close_reason() {
+            Some(reason) => net(&self.addr, "connection lost", reason),
+            None => net(&self.addr, what, e),
+        }
+    }
+
     fn stream_error(&self, e: StreamError) -> Error {
         match self.conn.close_reason() {
             Some(reason) => net(&self.addr, "connection lost", reason),
@@ -111,7 +117,7 @@ impl Remote {
     }
 
     /// Opens a stream and sends `frame`; returns the stream to read replies from.
-    async fn open(&self, frame: &Frame, finish: bool) -> Result<(quinn::SendStream, RecvStream)> {
+    async fn open(&self, frame: &Frame, finish: bool) -> Result<(SendStream, RecvStream)> {
         let (mut send, recv) = self.conn.open_bi().await.map_err(|e| net(&self.addr, "connection lost", e))?;
         quic::write_frame(&mut send, frame).await.map_err(|e| net(&self.addr, "send", e))?;
         if finish {
@@ -140,32 +146,13 @@ impl Remote {
         Ok(out)
     }
 
-    /// Sends the sealed pack in `file` (`len` bytes); returns once the receiver has it durably
-    /// and indexed.
-    pub fn put_pack(&self, id: &ChunkId, file: &File, path: &Path, len: u64) -> Result<()> {
-        self.runtime.block_on(async {
-            let frame = Frame::PutPack { session: self.session, id: *id, len };
-            let (mut send, mut recv) = self.open(&frame, false).await?;
-            let mut buf = vec![0u8; limits::PACK_SEND_PIECE];
-            let mut at = 0;
-            while at < len {
-                let n = (len - at).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], at).at(path)?;
-                if let Err(e) = send.write_all(&buf[..n]).await {
-                    // The receiver may have refused the pack and said why before stopping.
-                    return match quic::read_frame(&mut recv).await {
-                        Ok(Some(reply)) => Err(self.unexpected(&reply)),
-                        _ => Err(net(&self.addr, "sending a pack", e)),
-                    };
-                }
-                at += n as u64;
-            }
-            let _ = send.finish();
-            match quic::expect_frame(&mut recv).await.map_err(|e| self.stream_error(e))? {
-                Frame::PackStored { id: stored } if stored == *id => Ok(()),
-                other => Err(self.unexpected(&other)),
-            }
-        })
+    /// Sends a `Have` for `ids` (at most [`wire::limits::MAX_BATCH_IDS`]) without waiting for
+    /// the answer, so a core can go on chunking meanwhile.
+    pub fn have_start(&self, ids: Vec<ChunkId>) -> Result<HaveQuery<'_>> {
+        assert!(ids.len() <= wire::limits::MAX_BATCH_IDS as usize);
+        let n = ids.len();
+        let (send, recv) = self.runtime.block_on(self.open(&Frame::Have { session: self.session, ids }, true))?;
+        Ok(HaveQuery { remote: self, recv, n, _send: send })
     }
 
     /// Every snapshot record, oldest first.
@@ -209,6 +196,99 @@ impl Remote {
     /// Starts fetching `ids` in order, [`wire::limits::MAX_BATCH_IDS`] per request.
     pub fn fetch(&self, ids: Vec<ChunkId>) -> BlobStream<'_> {
         BlobStream { remote: self, queued: ids.into(), asked: VecDeque::new(), recv: None }
+    }
+}
+
+/// A `Have` on its way; [`HaveQuery::answer`] waits for it.
+pub struct HaveQuery<'a> {
+    remote: &'a Remote,
+    recv: RecvStream,
+    n: usize,
+    _send: SendStream,
+}
+
+impl HaveQuery<'_> {
+    /// One flag per id asked, in order.
+    pub fn answer(mut self) -> Result<Vec<bool>> {
+        let remote = self.remote;
+        match remote.runtime.block_on(quic::expect_frame(&mut self.recv)).map_err(|e| remote.stream_error(e))? {
+            Frame::HaveReply { present } if present.len() == self.n => Ok(present),
+            other => Err(remote.unexpected(&other)),
+        }
+    }
+}
+
+/// A pack streaming to the receiver while a core writes it, [`limits::PACK_SEND_PIECE`] at a
+/// time: a slow receiver blocks the core once the stream's window is full.
+pub struct PackUpload {
+    remote: Arc<Remote>,
+    send: SendStream,
+    recv: RecvStream,
+    buf: Vec<u8>,
+}
+
+impl PackUpload {
+    pub fn start(remote: Arc<Remote>) -> Result<Self> {
+        let (send, recv) = remote.runtime.block_on(remote.open(&Frame::PutPack { session: remote.session }, false))?;
+        Ok(Self { remote, send, recv, buf: Vec::with_capacity(limits::PACK_SEND_PIECE) })
+    }
+
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(limits::PACK_SEND_PIECE - self.buf.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() == limits::PACK_SEND_PIECE {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let remote = &self.remote;
+        remote.runtime.block_on(async {
+            if let Err(e) = self.send.write_all(&self.buf).await {
+                // The receiver may have refused the pack and said why before it stopped reading.
+                return match quic::read_frame(&mut self.recv).await {
+                    Ok(Some(reply)) => Err(remote.unexpected(&reply)),
+                    _ => Err(remote.lost("sending a pack", e)),
+                };
+            }
+            Ok(())
+        })?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Sends the rest and ends the stream; the acknowledgement comes later.
+    pub fn finish(mut self) -> Result<PackAck> {
+        self.flush()?;
+        let _ = self.send.finish();
+        Ok(PackAck { remote: self.remote, recv: self.recv, _send: self.send })
+    }
+}
+
+/// The receiver's answer to a sent pack, awaited off the cores (by the sealer).
+pub struct PackAck {
+    remote: Arc<Remote>,
+    recv: RecvStream,
+    _send: SendStream,
+}
+
+impl PackAck {
+    /// Returns once the receiver has the pack durably and indexed, under the id we computed.
+    pub fn wait(mut self, id: &ChunkId) -> Result<()> {
+        let remote = &self.remote;
+        remote.runtime.block_on(async {
+            match quic::expect_frame(&mut self.recv).await.map_err(|e| remote.stream_error(e))? {
+                Frame::PackStored { id: stored } if stored == *id => Ok(()),
+                Frame::PackStored { id: stored } => {
+                    Err(Error::Integrity(format!("receiver {} stored pack {id} as {stored}", remote.addr)))
+                }
+                other => Err(remote.unexpected(&other)),
+            }
+        })
     }
 }
 

@@ -5,8 +5,8 @@
 //! ```
 //! A reader takes the 8-byte header first and checks the kind and the length against that kind's
 //! own bound before it allocates anything, so a garbage or hostile length costs nothing. Pack
-//! bytes follow a [`Frame::PutPack`] unframed (its `len` says how many); everything else is in
-//! frames.
+//! bytes follow a [`Frame::PutPack`] unframed, up to the end of the stream; everything else is
+//! in frames.
 //!
 //! A connection is one session: the client says [`Frame::Hello`], the receiver answers
 //! [`Frame::Welcome`] with the session id, and every later request names that id (a request
@@ -152,9 +152,9 @@ pub enum Frame {
     Have { session: u64, ids: Vec<ChunkId> },
     /// One flag per id asked, in order.
     HaveReply { present: Vec<bool> },
-    /// A sealed pack of `len` bytes follows on this stream.
-    PutPack { session: u64, id: ChunkId, len: u64 },
-    /// The pack is durable and indexed.
+    /// A pack follows on this stream, up to its end (at most [`limits::MAX_PACK_LEN`] bytes).
+    PutPack { session: u64 },
+    /// The pack is durable and indexed under this id (the BLAKE3 of its bytes).
     PackStored { id: ChunkId },
     /// Send these blobs back (stored form, each checked by the client).
     GetBlobs { session: u64, ids: Vec<ChunkId> },
@@ -238,11 +238,7 @@ impl Frame {
                 }
                 out.extend_from_slice(&bits);
             }
-            Frame::PutPack { session, id, len } => {
-                out.extend_from_slice(&session.to_le_bytes());
-                out.extend_from_slice(&id.0);
-                out.extend_from_slice(&len.to_le_bytes());
-            }
+            Frame::PutPack { session } => out.extend_from_slice(&session.to_le_bytes()),
             Frame::PackStored { id } | Frame::Committed { id } => out.extend_from_slice(&id.0),
             Frame::Blob { entry, stored } => {
                 out.extend_from_slice(bytemuck::bytes_of(entry));
@@ -323,15 +319,7 @@ impl Frame {
                 let bits = r.bytes((n as usize).div_ceil(8))?;
                 Frame::HaveReply { present: (0..n as usize).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect() }
             }
-            FrameKind::PutPack => {
-                let session = r.u64()?;
-                let id = ChunkId(r.array()?);
-                let len = r.u64()?;
-                if !(crate::pack::HEADER_LEN as u64..=limits::MAX_PACK_LEN).contains(&len) {
-                    return Err(corrupt(format!("pack length {len} is out of range")));
-                }
-                Frame::PutPack { session, id, len }
-            }
+            FrameKind::PutPack => Frame::PutPack { session: r.u64()? },
             FrameKind::PackStored => Frame::PackStored { id: ChunkId(r.array()?) },
             FrameKind::Committed => Frame::Committed { id: ChunkId(r.array()?) },
             FrameKind::Blob => {
@@ -436,7 +424,7 @@ mod tests {
             Frame::Welcome { session: 9, config: b"{}".to_vec(), key: [1; 32] },
             Frame::Have { session: 9, ids: vec![id, ChunkId([2; 32])] },
             Frame::HaveReply { present: vec![true, false, true, true, false, false, false, false, true] },
-            Frame::PutPack { session: 9, id, len: 1 << 20 },
+            Frame::PutPack { session: 9 },
             Frame::PackStored { id },
             Frame::GetBlobs { session: 9, ids: vec![id] },
             Frame::Blob { entry, stored: b"abc".to_vec() },
