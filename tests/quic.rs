@@ -410,3 +410,103 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
     client_ok(&["backup", "--repo", &receiver.url(), s(&src)], &pki);
     client_ok(&["verify", "--read-data", "--repo", &receiver.url()], &pki);
 }
+
+#[test]
+fn sigterm_lets_the_open_session_finish_and_the_receiver_speaks_sd_notify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    let pki = pki(tmp.path());
+    init_small(&repo);
+    fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("data.bin"), 64 << 20, 8);
+    let notify_path = tmp.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // As systemd does: WATCHDOG_PID names the service's own process (`exec` keeps the pid).
+    let mut receiver = Command::new("sh")
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", s(cbcr_bin())])
+        .args(["receiver", "--listen", "127.0.0.1:0", "--repo", s(&repo), "--grace", "20s"])
+        .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
+        .args(["--ca", s(&pki.join("ca.crt"))])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(receiver.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = format!("quic://{}", line.trim().strip_prefix("listening on ").unwrap());
+    let mut messages = String::new();
+    let mut buf = [0u8; 256];
+    // READY once listening, then watchdog pings every 100 ms.
+    while !(messages.contains("READY=1") && messages.matches("WATCHDOG=1").count() >= 2) {
+        let n = notify.recv(&mut buf).expect("the receiver notifies");
+        messages += &String::from_utf8_lossy(&buf[..n]);
+        messages.push('\n');
+    }
+    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
+    let backup = Command::new(cbcr_bin())
+        .args(["backup", "--repo", &url, s(&src), "--cores", "1", "--pack-size", "1MiB", "--json"])
+        .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while packs(&repo).is_empty() {
+        assert!(Instant::now() < deadline, "no pack arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: signalling a child we started.
+    unsafe { libc::kill(receiver.id() as i32, libc::SIGTERM) };
+    let backup = backup.wait_with_output().unwrap();
+    assert!(backup.status.success(), "the open session finished: {}", text(&backup.stderr));
+    let status = receiver.wait().unwrap();
+    assert!(status.success(), "the receiver stops cleanly on SIGTERM: {status}");
+    while let Ok(n) = notify.recv(&mut buf) {
+        messages += &String::from_utf8_lossy(&buf[..n]);
+        if messages.contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(messages.contains("STOPPING=1"), "{messages}");
+    assert_eq!(snapshot_count(&repo), 1);
+    ok(&["verify", "--read-data", "--repo", s(&repo)]);
+}
+
+#[test]
+fn a_full_disk_on_the_receiver_is_a_clear_error_and_other_backups_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    fs::create_dir_all(&repo).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=6m", "tmpfs", s(&repo)]).status();
+    if !matches!(mounted, Ok(st) if st.success()) {
+        eprintln!("SKIPPED receiver disk-full test: cannot mount a tmpfs here (needs root and mount permission)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&repo);
+    let pki = pki(tmp.path());
+    init_small(&repo);
+    let receiver = Receiver::start(&repo, &pki);
+    let url = receiver.url();
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("small.txt"), b"fits").unwrap();
+    client_ok(&["backup", "--repo", &url, s(&src)], &pki);
+    random_file(&src.join("big.bin"), 12 << 20, 10);
+    let full = client(&["backup", "--repo", &url, s(&src), "--pack-size", "1MiB"], &pki);
+    assert_eq!(full.status.code(), Some(14), "{}", text(&full.stderr));
+    assert!(text(&full.stderr).contains("no space left"), "{}", text(&full.stderr));
+    assert_eq!(snapshot_count(&repo), 1, "no partial snapshot");
+    assert_eq!(tmp_files(&repo), 0, "the refused pack's partial file is gone");
+    fs::remove_file(src.join("big.bin")).unwrap();
+    client_ok(&["backup", "--repo", &url, s(&src)], &pki);
+    assert_eq!(snapshot_count(&repo), 2);
+    client_ok(&["verify", "--read-data", "--repo", &url], &pki);
+}

@@ -3,12 +3,14 @@
 //! ```text
 //! cargo run --release -p perf -- run [--size 10GiB] [--sizes 1GiB,10GiB] [--cores 1,2] [--quick] [--out DIR]
 //! cargo run --release -p perf -- peers --input FILE_OR_DIR [--out DIR]
+//! cargo run --release -p perf -- quic [--size 4GiB] [--raw 2GiB] [--out DIR]
 //! cargo run --release -p perf -- soak [--duration 30m] [--size 1GiB] [--out DIR]
 //! ```
 //! Sources are `synth://pg` (generated, never on disk). Figures are measured in the same run as
 //! the stage limits they are compared with.
 
 mod pgbench;
+mod quic;
 mod report;
 mod sample;
 
@@ -86,6 +88,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         transactions: u32,
     },
+    /// The same source backed up and restored locally and through a receiver on loopback, and
+    /// the raw throughput of one quinn stream (the network limit).
+    Quic {
+        #[arg(long, default_value = "4GiB", value_parser = dataplane::parse_size)]
+        size: u64,
+        /// Bytes sent for the raw stream measurement.
+        #[arg(long, default_value = "2GiB", value_parser = dataplane::parse_size)]
+        raw: u64,
+        #[arg(long, default_value_t = 2)]
+        cores: usize,
+    },
     /// Loop backup, incremental, restore and verify; fail if resources grow without bound.
     Soak {
         #[arg(long, default_value = "30m")]
@@ -112,6 +125,7 @@ fn main() -> Result<()> {
         }
         Cmd::Peers { input, synth } => peers(&cbcr, &cli.out, input, synth),
         Cmd::Pgbench { scale, transactions } => pgbench::pgbench(&cbcr, &cli.out, scale, transactions),
+        Cmd::Quic { size, raw, cores } => quic::quic(&cbcr, &cli.out, size, raw, cores),
         Cmd::Soak { duration, size } => soak(&cbcr, &cli.out, parse_duration(&duration)?, size),
     }
 }
