@@ -19,8 +19,13 @@ struct Receiver {
 
 impl Receiver {
     fn start(repo: &Path, pki: &Path) -> Self {
+        Self::start_with(repo, pki, &[])
+    }
+
+    fn start_with(repo: &Path, pki: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(cbcr_bin())
             .args(["receiver", "--listen", "127.0.0.1:0", "--repo", s(repo), "--grace", "5s"])
+            .args(extra)
             .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
             .args(["--ca", s(&pki.join("ca.crt"))])
             .env_remove("CBCR_REPO")
@@ -68,8 +73,32 @@ fn client_ok(args: &[&str], pki: &Path) -> Output {
     out
 }
 
-fn tmp_files(repo: &Path) -> usize {
-    fs::read_dir(repo.join("tmp")).map(|d| d.count()).unwrap_or(0)
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).unwrap();
+    let mut page = String::new();
+    conn.read_to_string(&mut page).unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    page
+}
+
+/// Half-received packs in the receiver's `tmp/`, once it has had a moment to see the client go.
+fn partial_packs(repo: &Path) -> usize {
+    let count = || {
+        fs::read_dir(repo.join("tmp"))
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("pack")).count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if count() > 0 {
+        let names: Vec<_> = fs::read_dir(repo.join("tmp")).unwrap().flatten().map(|e| e.file_name()).collect();
+        eprintln!("left in tmp/: {names:?}");
+    }
+    count()
 }
 
 #[test]
@@ -80,7 +109,8 @@ fn round_trip_over_quic_is_bit_exact_and_incrementals_send_nothing_known() {
     init_small(&repo);
     // big.db is 3.5 segments of the 1 MiB segment size.
     make_tree(&src, 1, 3_500_000);
-    let receiver = Receiver::start(&repo, &pki);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let receiver = Receiver::start_with(&repo, &pki, &["--metrics", &metrics]);
     let url = receiver.url();
     let first = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json", "--pack-size", "1MiB"], &pki));
     assert!(first["bytes_new"].as_u64().unwrap() > 3_000_000, "{first}");
@@ -101,6 +131,16 @@ fn round_trip_over_quic_is_bit_exact_and_incrementals_send_nothing_known() {
     client_ok(&["restore", "latest", "--repo", &url, "--target", s(&out)], &pki);
     assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
     client_ok(&["verify", "--read-data", "--repo", &url], &pki);
+    let page = http_get(&metrics, "/metrics");
+    let counter = |name: &str| -> u64 {
+        let line = page.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{page}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(counter("cbcr_receiver_commits_total"), 2);
+    assert!(counter("cbcr_receiver_bytes_received_total") >= first["bytes_stored"].as_u64().unwrap());
+    assert!(counter("cbcr_receiver_sessions_total") >= 7);
+    assert!(counter("cbcr_receiver_blobs_sent_total") > 0);
+    assert!(page.contains("cbcr_receiver_request_seconds{stage=\"pack\",quantile=\"0.99\"}"), "{page}");
     // The receiver's repository is an ordinary one.
     drop(receiver);
     ok(&["verify", "--read-data", "--repo", s(&repo)]);
@@ -238,7 +278,7 @@ fn kill_9_of_the_receiver_mid_backup_then_a_restarted_one_completes_it() {
     assert_eq!(snapshot_count(&repo), 0);
 
     let receiver = Receiver::start(&repo, &pki);
-    assert_eq!(tmp_files(&repo), 0, "a restarted receiver clears what was half-received");
+    assert_eq!(partial_packs(&repo), 0, "a restarted receiver clears what was half-received");
     let url = receiver.url();
     let rerun = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json", "--pack-size", "2MiB"], &pki));
     let sent = rerun["bytes_stored"].as_u64().unwrap();
@@ -404,7 +444,7 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
     });
     assert!(err.is_none(), "{err:?}");
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(tmp_files(&repo), 0, "half-sent and bad packs are removed");
+    assert_eq!(partial_packs(&repo), 0, "half-sent and bad packs are removed");
     assert_eq!(packs(&repo).len(), 0, "nothing half-sent became visible");
     assert_eq!(snapshot_count(&repo), 0);
     client_ok(&["backup", "--repo", &receiver.url(), s(&src)], &pki);
@@ -504,7 +544,7 @@ fn a_full_disk_on_the_receiver_is_a_clear_error_and_other_backups_go_on() {
     assert_eq!(full.status.code(), Some(14), "{}", text(&full.stderr));
     assert!(text(&full.stderr).contains("no space left"), "{}", text(&full.stderr));
     assert_eq!(snapshot_count(&repo), 1, "no partial snapshot");
-    assert_eq!(tmp_files(&repo), 0, "the refused pack's partial file is gone");
+    assert_eq!(partial_packs(&repo), 0, "the refused pack's partial file is gone");
     fs::remove_file(src.join("big.bin")).unwrap();
     client_ok(&["backup", "--repo", &url, s(&src)], &pki);
     assert_eq!(snapshot_count(&repo), 2);

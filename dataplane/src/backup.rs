@@ -239,6 +239,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         reporter,
         chunking: opts.chunking,
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
+        confirmed: HashSet::default(),
     };
     let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
     let walked = walker.walk(parent_tree, |walker, parent| match &opts.synth {
@@ -482,10 +483,12 @@ struct Walker<'a> {
     chunking: Chunking,
     /// The repository's content-defined policy.
     cdc: ChunkPolicy,
+    /// Remote repository: chunk lists of the parent's files in the directories being walked
+    /// that the receiver says it has (one `Have` per directory rather than one per file).
+    confirmed: HashSet<ChunkId, IdBuild>,
 }
 
 impl Walker<'_> {
-    /// Walks every source and returns the root tree's id.
     /// Walks a source with `walk_root` (given the parent snapshot's root tree), completes every
     /// directory, and returns the root tree's id.
     fn walk(
@@ -554,11 +557,53 @@ impl Walker<'_> {
             Err(e) => self.skip(path, &format!("cannot list directory: {e}")),
         }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let confirmed = self.confirm_parent_lists(parent)?;
         let mut nodes = Vec::with_capacity(names.len());
         for name in names {
             self.add_entry(&mut nodes, &path.join(&name), name.as_bytes(), parent)?;
         }
+        for id in confirmed {
+            self.confirmed.remove(&id);
+        }
         self.push_dir(nodes)
+    }
+
+    /// Remote repository: asks once which chunk lists of the parent directory's files the
+    /// receiver has, and remembers them until the directory is done; returns them.
+    fn confirm_parent_lists(&mut self, parent: Option<&Tree>) -> Result<Vec<ChunkId>> {
+        let (Some(remote), Some(parent)) = (&self.shared.repo.remote, parent) else { return Ok(vec![]) };
+        let ids: Vec<ChunkId> = parent
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::File { segments } => Some(segments),
+                _ => None,
+            })
+            .flatten()
+            .copied()
+            .collect();
+        let present = remote.have(&ids)?;
+        let confirmed: Vec<ChunkId> =
+            ids.into_iter().zip(present).filter(|(_, have)| *have).map(|(id, _)| id).collect();
+        self.confirmed.extend(confirmed.iter().copied());
+        Ok(confirmed)
+    }
+
+    /// Whether every chunk list of `ids` is stored (the parent's lists of an unchanged file).
+    fn lists_stored(&self, ids: &[ChunkId]) -> Result<bool> {
+        match &self.shared.repo.remote {
+            Some(_) if ids.iter().all(|id| self.confirmed.contains(id)) => Ok(true),
+            Some(remote) => Ok(remote.have(ids)?.into_iter().all(|have| have)),
+            None => {
+                let index = self.shared.known.index();
+                for id in ids {
+                    if !index.contains(id)? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        }
     }
 
     fn add_entry(
@@ -622,7 +667,7 @@ impl Walker<'_> {
             // Reused only while its chunk lists are still indexed: a damaged repository heals
             // by reading the file again.
             Some(Node { meta: old, kind: NodeKind::File { segments }, .. })
-                if unchanged(old, &meta) && all_indexed(&self.shared.repo, self.shared.known.index(), segments)? =>
+                if unchanged(old, &meta) && self.lists_stored(segments)? =>
             {
                 Some(segments.clone())
             }
@@ -940,17 +985,4 @@ pub(crate) fn hostname() -> String {
     } else {
         "unknown".into()
     }
-}
-
-/// Whether every blob of `ids` is in the index (a remote repository's, asked in one request).
-fn all_indexed(repo: &Repository, index: &ChunkIndex, ids: &[ChunkId]) -> Result<bool> {
-    if let Some(remote) = &repo.remote {
-        return Ok(remote.have(ids)?.into_iter().all(|have| have));
-    }
-    for id in ids {
-        if !index.contains(id)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }

@@ -355,11 +355,29 @@ impl<'a> BlobWriter<'a> {
     }
 }
 
+/// Open pack files of one reader, at most [`limits::OPEN_PACKS_PER_READER`].
+#[derive(Default)]
+pub struct PackFiles(HashMap<ChunkId, File>);
+
+impl PackFiles {
+    /// Reads `buf.len()` bytes of pack `pack` at `offset`.
+    pub fn read_at(&mut self, repo: &Repository, pack: &ChunkId, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if self.0.len() >= limits::OPEN_PACKS_PER_READER && !self.0.contains_key(pack) {
+            self.0.clear();
+        }
+        let file = match self.0.entry(*pack) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(File::open(repo.pack_path(pack))?),
+        };
+        file.read_exact_at(buf, offset)
+    }
+}
+
 /// Reads blobs back, decompresses them and checks every one against its id. One per core.
 pub struct BlobReader<'a> {
     repo: &'a Repository,
     index: &'a ChunkIndex,
-    packs: HashMap<ChunkId, File>,
+    packs: PackFiles,
     decompressor: zstd::bulk::Decompressor<'static>,
     stored: Vec<u8>,
     /// Remote repository: blobs announced by [`Self::prefetch`], coming back in order.
@@ -369,7 +387,7 @@ pub struct BlobReader<'a> {
 impl<'a> BlobReader<'a> {
     pub fn new(repo: &'a Repository, index: &'a ChunkIndex) -> Result<Self> {
         let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Usage(format!("zstd: {e}")))?;
-        Ok(Self { repo, index, packs: HashMap::new(), decompressor, stored: Vec::new(), fetched: None })
+        Ok(Self { repo, index, packs: PackFiles::default(), decompressor, stored: Vec::new(), fetched: None })
     }
 
     /// Announces the blobs about to be read, in order: a remote repository streams them in one
@@ -415,18 +433,8 @@ impl<'a> BlobReader<'a> {
 
     fn read_entry(&mut self, entry: &IndexEntry, out: &mut Vec<u8>, start: usize) -> Result<()> {
         let e = &entry.entry;
-        if self.packs.len() >= limits::OPEN_PACKS_PER_READER && !self.packs.contains_key(&entry.pack) {
-            self.packs.clear();
-        }
-        let path = self.repo.pack_path(&entry.pack);
-        let file = match self.packs.entry(entry.pack) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(File::open(&path).map_err(|source| {
-                Error::Integrity(format!("pack {} holding blob {} cannot be opened: {source}", entry.pack, e.id))
-            })?),
-        };
         self.stored.resize(e.stored_len() as usize, 0);
-        file.read_exact_at(&mut self.stored, e.offset()).map_err(|source| {
+        self.packs.read_at(self.repo, &entry.pack, e.offset(), &mut self.stored).map_err(|source| {
             Error::Integrity(format!("pack {}: blob {} cannot be read: {source}", entry.pack, e.id))
         })?;
         let from = format!("pack {}", entry.pack);

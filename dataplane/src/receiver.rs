@@ -28,6 +28,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::output::Reporter;
+use crate::pack::PackFiles;
 use crate::quic::{self, StreamError, TlsFiles};
 use crate::repo::{RepoLock, Repository};
 
@@ -550,12 +551,12 @@ fn check_and_publish(
 /// Streams blobs back in the order asked; a reader thread stays at most a few blobs ahead, so
 /// the stream's flow control bounds memory on both sides.
 async fn send_blobs(store: &Arc<Store>, ids: Vec<ChunkId>, send: &mut SendStream) -> Result<(), Refusal> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame, Refusal>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, Refusal>>(4);
     let s = Arc::clone(store);
     let reader = tokio::task::spawn_blocking(move || {
-        let mut packs: std::collections::HashMap<ChunkId, std::fs::File> = Default::default();
+        let mut packs = PackFiles::default();
         for id in ids {
-            let frame = read_stored(&s, &id, &mut packs);
+            let frame = blob_frame(&s, &id, &mut packs);
             let failed = frame.is_err();
             if tx.blocking_send(frame).is_err() || failed {
                 return;
@@ -563,7 +564,10 @@ async fn send_blobs(store: &Arc<Store>, ids: Vec<ChunkId>, send: &mut SendStream
         }
     });
     while let Some(frame) = rx.recv().await {
-        reply(send, &frame?).await?;
+        // Handed to quinn as is: the pack bytes are copied once, from the page cache.
+        send.write_chunk(frame?.into())
+            .await
+            .map_err(|e| Refusal(ErrorCode::Other, format!("client went away: {e}")))?;
         store.metrics.blobs_sent.fetch_add(1, Ordering::Relaxed);
     }
     drop(rx);
@@ -571,24 +575,16 @@ async fn send_blobs(store: &Arc<Store>, ids: Vec<ChunkId>, send: &mut SendStream
     Ok(())
 }
 
-fn read_stored(
-    store: &Store,
-    id: &ChunkId,
-    packs: &mut std::collections::HashMap<ChunkId, std::fs::File>,
-) -> Result<Frame, Refusal> {
+/// A whole `Blob` frame, the stored bytes read from the pack straight into it.
+fn blob_frame(store: &Store, id: &ChunkId, packs: &mut PackFiles) -> Result<Vec<u8>, Refusal> {
     let found = store.index().get(id)?;
-    let entry = found.ok_or_else(|| Refusal(ErrorCode::NotFound, format!("blob {id} is not in this repository")))?;
-    if packs.len() >= limits::OPEN_PACKS_PER_READER && !packs.contains_key(&entry.pack) {
-        packs.clear();
-    }
-    let path = store.repo.pack_path(&entry.pack);
-    let file = match packs.entry(entry.pack) {
-        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-        std::collections::hash_map::Entry::Vacant(v) => v.insert(std::fs::File::open(&path).at(&path)?),
-    };
-    let mut stored = vec![0u8; entry.entry.stored_len() as usize];
-    file.read_exact_at(&mut stored, entry.entry.offset()).at(&path)?;
-    Ok(Frame::Blob { entry: entry.entry, stored })
+    let IndexEntry { pack, entry } =
+        found.ok_or_else(|| Refusal(ErrorCode::NotFound, format!("blob {id} is not in this repository")))?;
+    let mut frame = Frame::blob_prefix(&entry).to_vec();
+    let start = frame.len();
+    frame.resize(start + entry.stored_len() as usize, 0);
+    packs.read_at(&store.repo, &pack, entry.offset(), &mut frame[start..]).at(&store.repo.pack_path(&pack))?;
+    Ok(frame)
 }
 
 async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<Store>) {
@@ -597,10 +593,16 @@ async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<Store>) {
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let store = Arc::clone(&store);
         tokio::spawn(async move {
-            // One small GET; the request line is all we look at.
+            // One small GET; the request line is all we look at, once the headers are in.
             let mut buf = [0u8; 1024];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
-            let ok = buf[..n].starts_with(b"GET /metrics");
+            let mut n = 0;
+            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+            }
+            let ok = buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?");
             let (status, body) =
                 if ok { ("200 OK", store.metrics.render()) } else { ("404 Not Found", "see /metrics\n".into()) };
             let head = format!(

@@ -24,7 +24,7 @@ use crate::quic::{self, StreamError, TlsFiles};
 /// A connected session with a receiver.
 pub struct Remote {
     runtime: tokio::runtime::Runtime,
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
     conn: Connection,
     session: u64,
     /// `HOST:PORT` as given, for messages.
@@ -49,7 +49,8 @@ fn refused(addr: &str, code: ErrorCode, message: String) -> Error {
     match code {
         ErrorCode::NotFound | ErrorCode::Version => Error::Usage(format!("receiver {addr}: {message}")),
         ErrorCode::Incomplete => Error::Integrity(format!("receiver {addr}: {message}")),
-        ErrorCode::NoSpace => Error::NoSpace(format!("receiver {addr}: {message}").into()),
+        // The receiver's message repeats the advice NoSpace gives; its path is of no use here.
+        ErrorCode::NoSpace => Error::NoSpace(format!("receiver {addr}").into()),
         _ => Error::Network(format!("receiver {addr} refused: {message}")),
     }
 }
@@ -79,7 +80,7 @@ impl Remote {
             Ok::<_, Error>((endpoint, conn))
         })?;
         let scratch = std::env::temp_dir().join(format!("cbcr-session-{}-{}", std::process::id(), conn.stable_id()));
-        let mut remote = Remote { runtime, _endpoint: endpoint, conn, session: 0, addr, scratch };
+        let mut remote = Remote { runtime, endpoint, conn, session: 0, addr, scratch };
         let client = crate::backup::hostname();
         match remote.request(&Frame::Hello { version: VERSION, client })? {
             Frame::Welcome { session, config, key } => {
@@ -295,6 +296,12 @@ impl PackAck {
 impl Drop for Remote {
     fn drop(&mut self) {
         self.conn.close(0u32.into(), b"done");
+        // The close is sent by the endpoint's driver: let it go out, or the receiver only
+        // notices at its idle timeout (and keeps this session's half-sent packs until then).
+        let endpoint = self.endpoint.clone();
+        self.runtime.block_on(async {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+        });
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }

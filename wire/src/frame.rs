@@ -210,8 +210,42 @@ impl Frame {
         }
     }
 
+    /// The first bytes of a [`Frame::Blob`] frame: header and pack entry. The entry's
+    /// `stored_len` bytes complete it, so a sender can read them straight into the frame.
+    pub fn blob_prefix(entry: &PackEntry) -> [u8; HEADER_LEN + ENTRY_LEN] {
+        let len = ENTRY_LEN as u32 + entry.stored_len();
+        assert!(len <= FrameKind::Blob.max_len(), "blob of {len} bytes is over the frame bound");
+        let header =
+            FrameHeader { len: len.to_le_bytes(), kind: FrameKind::Blob as u8, version: VERSION, reserved: [0; 2] };
+        let mut out = [0u8; HEADER_LEN + ENTRY_LEN];
+        out[..HEADER_LEN].copy_from_slice(bytemuck::bytes_of(&header));
+        out[HEADER_LEN..].copy_from_slice(bytemuck::bytes_of(entry));
+        out
+    }
+
+    /// The pack entry that opens a `Blob` payload of `payload_len` bytes, checked against it; a
+    /// reader can then take the stored bytes straight into their own buffer.
+    pub fn blob_entry(bytes: &[u8], payload_len: u32) -> Result<PackEntry> {
+        let bytes: &[u8; ENTRY_LEN] =
+            bytes.try_into().map_err(|_| corrupt(format!("a blob entry is {ENTRY_LEN} bytes")))?;
+        let entry: PackEntry = bytemuck::pod_read_unaligned(bytes);
+        entry.validate_fields()?;
+        if u64::from(payload_len) != ENTRY_LEN as u64 + u64::from(entry.stored_len()) {
+            return Err(corrupt(format!(
+                "blob frame of {payload_len} bytes holds {} stored bytes",
+                entry.stored_len()
+            )));
+        }
+        Ok(entry)
+    }
+
     /// Header and payload. Panics if the payload exceeds its kind's bound: the sender's bug.
     pub fn encode(&self) -> Vec<u8> {
+        if let Frame::Blob { entry, stored } = self {
+            let mut out = Self::blob_prefix(entry).to_vec();
+            out.extend_from_slice(stored);
+            return out;
+        }
         let mut out = vec![0u8; HEADER_LEN];
         match self {
             Frame::Hello { version, client } => {
@@ -240,10 +274,7 @@ impl Frame {
             }
             Frame::PutPack { session } => out.extend_from_slice(&session.to_le_bytes()),
             Frame::PackStored { id } | Frame::Committed { id } => out.extend_from_slice(&id.0),
-            Frame::Blob { entry, stored } => {
-                out.extend_from_slice(bytemuck::bytes_of(entry));
-                out.extend_from_slice(stored);
-            }
+            Frame::Blob { .. } => unreachable!("encoded above"),
             Frame::ListSnapshots { session } => out.extend_from_slice(&session.to_le_bytes()),
             Frame::SnapshotRecord { id, record } => {
                 out.extend_from_slice(&id.0);
@@ -323,10 +354,8 @@ impl Frame {
             FrameKind::PackStored => Frame::PackStored { id: ChunkId(r.array()?) },
             FrameKind::Committed => Frame::Committed { id: ChunkId(r.array()?) },
             FrameKind::Blob => {
-                let entry: PackEntry = bytemuck::pod_read_unaligned(r.bytes(ENTRY_LEN)?);
-                entry.validate_fields()?;
-                let stored = r.bytes(entry.stored_len() as usize)?.to_vec();
-                Frame::Blob { entry, stored }
+                let entry = Self::blob_entry(r.bytes(ENTRY_LEN)?, payload.len() as u32)?;
+                Frame::Blob { entry, stored: r.bytes(entry.stored_len() as usize)?.to_vec() }
             }
             FrameKind::ListSnapshots => Frame::ListSnapshots { session: r.u64()? },
             FrameKind::SnapshotRecord => {
