@@ -83,14 +83,15 @@ fn http_get(addr: &str, path: &str) -> String {
     page
 }
 
-/// Half-received packs in the receiver's `tmp/`, once it has had a moment to see the client go.
+/// Half-received packs in the receiver's `tmp/`, once it has seen the client go: at once when
+/// the client's close arrives, else at the QUIC idle timeout (15 s, `limits.rs`).
 fn partial_packs(repo: &Path) -> usize {
     let count = || {
         fs::read_dir(repo.join("tmp"))
             .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("pack")).count())
             .unwrap_or(0)
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while count() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }

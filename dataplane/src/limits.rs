@@ -25,6 +25,11 @@ pub const PENDING_FILES: usize = 1024;
 pub const SEAL_QUEUE: usize = 4;
 /// Bytes a restoring core collects before one `pwrite` (plus one largest chunk).
 pub const RESTORE_WRITE_BUFFER: usize = 4 << 20;
+/// Segments a restoring core takes at once when more are queued, and the file bytes they may
+/// cover: their chunk lists (and then their chunks) come from a receiver in one request each.
+/// Chunk lists of a batch are held decoded: at most ~40 bytes per smallest chunk of these bytes.
+pub const RESTORE_BATCH_SEGMENTS: usize = 64;
+pub const RESTORE_BATCH_BYTES: u64 = 64 << 20;
 /// Directories waiting for their files before the walker completes the oldest: bounds the
 /// walker's memory on trees of many small or empty directories.
 pub const PENDING_DIRS: usize = 4096;

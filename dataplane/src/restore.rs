@@ -74,6 +74,13 @@ struct SegmentJob {
     offset: u64,
 }
 
+impl SegmentJob {
+    /// Bytes of the file this segment covers.
+    fn len(&self, segment_size: u64) -> u64 {
+        self.file.meta.size.saturating_sub(self.offset).min(segment_size)
+    }
+}
+
 struct Shared {
     repo: Repository,
     index: ChunkIndex,
@@ -110,7 +117,8 @@ pub fn restore(
     let progress = reporter.start(if expected.is_some() { "compare" } else { "restore" });
     progress.set_total(snap.stats.bytes_total);
     let shared = Arc::new(Shared { repo, index, first_error: Mutex::new(None), progress });
-    let (job_tx, job_rx) = bounded::<SegmentJob>(opts.cores * limits::SEGMENT_QUEUE_PER_CORE);
+    // Deep enough that a core finds a whole batch queued.
+    let (job_tx, job_rx) = bounded::<SegmentJob>(opts.cores * limits::RESTORE_BATCH_SEGMENTS);
     let cores = {
         let shared = Arc::clone(&shared);
         runtime::spawn(opts.cores, move |_| run_core(&shared, &job_rx))?
@@ -154,16 +162,54 @@ fn run_core(shared: &Shared, jobs: &Receiver<SegmentJob>) -> u64 {
     };
     let (mut list_buf, mut buf) = (Vec::new(), Vec::with_capacity(limits::RESTORE_WRITE_BUFFER));
     let mut generated = Vec::new();
-    for job in jobs.iter() {
-        match restore_segment(&mut reader, &job, &mut list_buf, &mut buf, &mut generated) {
-            Ok(n) => {
-                bytes += n;
-                shared.progress.add(n, 0);
+    let segment_size = shared.repo.config.segment_size;
+    while let Ok(first) = jobs.recv() {
+        // Segments already queued go along, up to a byte budget: a remote repository then
+        // sends their chunk lists in one stream and their chunks in another, instead of two
+        // round trips per (small) file.
+        let mut batch = vec![first];
+        let mut batch_bytes = batch[0].len(segment_size);
+        while batch.len() < limits::RESTORE_BATCH_SEGMENTS && batch_bytes < limits::RESTORE_BATCH_BYTES {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    batch_bytes += job.len(segment_size);
+                    batch.push(job);
+                }
+                Err(_) => break,
             }
-            Err(e) => record(shared, e),
+        }
+        let lists = match read_lists(&mut reader, &batch, &mut list_buf) {
+            Ok(lists) => lists,
+            Err(e) => {
+                record(shared, e);
+                continue;
+            }
+        };
+        reader.prefetch(lists.iter().flat_map(|l| l.chunks.iter().filter(|c| !c.zero).map(|c| c.id)).collect());
+        for (job, list) in batch.iter().zip(&lists) {
+            match restore_segment(&mut reader, job, list, &mut buf, &mut generated) {
+                Ok(n) => {
+                    bytes += n;
+                    shared.progress.add(n, 0);
+                }
+                Err(e) => record(shared, e),
+            }
         }
     }
     bytes
+}
+
+/// The chunk lists of a batch of segments, in order.
+fn read_lists(reader: &mut BlobReader<'_>, batch: &[SegmentJob], buf: &mut Vec<u8>) -> Result<Vec<ChunkList>> {
+    reader.prefetch(batch.iter().map(|j| j.list).collect());
+    batch
+        .iter()
+        .map(|job| {
+            reader.read(&job.list, buf)?;
+            ChunkList::decode(buf)
+                .map_err(|e| Error::Integrity(format!("chunk list {} of {}: {e}", job.list, job.file.path.display())))
+        })
+        .collect()
 }
 
 fn record(shared: &Shared, e: Error) {
@@ -177,15 +223,11 @@ fn record(shared: &Shared, e: Error) {
 fn restore_segment(
     reader: &mut BlobReader<'_>,
     job: &SegmentJob,
-    list_buf: &mut Vec<u8>,
+    list: &ChunkList,
     buf: &mut Vec<u8>,
     generated: &mut Vec<u8>,
 ) -> Result<u64> {
     let path = &job.file.path;
-    reader.read(&job.list, list_buf)?;
-    let list = ChunkList::decode(list_buf)
-        .map_err(|e| Error::Integrity(format!("chunk list {} of {}: {e}", job.list, path.display())))?;
-    reader.prefetch(list.chunks.iter().filter(|c| !c.zero).map(|c| c.id).collect());
     let file = match &job.file.expected {
         None => Some(OpenOptions::new().write(true).open(path).at(path)?),
         Some(_) => None,
