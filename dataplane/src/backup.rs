@@ -240,6 +240,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         chunking: opts.chunking,
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
         confirmed: HashSet::default(),
+        subtrees: HashMap::new(),
     };
     let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
     let walked = walker.walk(parent_tree, |walker, parent| match &opts.synth {
@@ -486,6 +487,9 @@ struct Walker<'a> {
     /// Remote repository: chunk lists of the parent's files in the directories being walked
     /// that the receiver says it has (one `Have` per directory rather than one per file).
     confirmed: HashSet<ChunkId, IdBuild>,
+    /// Remote repository: the parent trees of the subdirectories of the directories being
+    /// walked, fetched in one stream per directory (taken as the walk enters each).
+    subtrees: HashMap<PathBuf, Tree>,
 }
 
 impl Walker<'_> {
@@ -557,7 +561,9 @@ impl Walker<'_> {
             Err(e) => self.skip(path, &format!("cannot list directory: {e}")),
         }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        let confirmed = self.confirm_parent_lists(parent)?;
+        let subdirs = self.fetch_subtrees(path, &names, parent)?;
+        let lists = file_lists(parent.into_iter().chain(subdirs.iter().map(|d| &self.subtrees[d])));
+        let confirmed = self.confirm(lists)?;
         let mut nodes = Vec::with_capacity(names.len());
         for name in names {
             self.add_entry(&mut nodes, &path.join(&name), name.as_bytes(), parent)?;
@@ -565,23 +571,40 @@ impl Walker<'_> {
         for id in confirmed {
             self.confirmed.remove(&id);
         }
+        for dir in subdirs {
+            self.subtrees.remove(&dir);
+        }
         self.push_dir(nodes)
     }
 
-    /// Remote repository: asks once which chunk lists of the parent directory's files the
-    /// receiver has, and remembers them until the directory is done; returns them.
-    fn confirm_parent_lists(&mut self, parent: Option<&Tree>) -> Result<Vec<ChunkId>> {
-        let (Some(remote), Some(parent)) = (&self.shared.repo.remote, parent) else { return Ok(vec![]) };
-        let ids: Vec<ChunkId> = parent
-            .nodes
+    /// Remote repository: fetches the parent trees of this directory's subdirectories (those
+    /// still here, at most [`limits::PREFETCH_SUBTREES`]) in one stream instead of one round
+    /// trip each; returns the paths they are kept under.
+    fn fetch_subtrees(&mut self, path: &Path, names: &[OsString], parent: Option<&Tree>) -> Result<Vec<PathBuf>> {
+        let (Some(_), Some(parent)) = (&self.shared.repo.remote, parent) else { return Ok(vec![]) };
+        let wanted: Vec<(PathBuf, ChunkId)> = names
             .iter()
-            .filter_map(|n| match &n.kind {
-                NodeKind::File { segments } => Some(segments),
+            .filter_map(|name| match parent.find(name.as_bytes()) {
+                Some(Node { kind: NodeKind::Dir { tree }, .. }) => Some((path.join(name), *tree)),
                 _ => None,
             })
-            .flatten()
-            .copied()
+            .take(limits::PREFETCH_SUBTREES)
             .collect();
+        self.reader.prefetch(wanted.iter().map(|(_, id)| *id).collect());
+        let mut fetched = Vec::with_capacity(wanted.len());
+        for (dir, id) in wanted {
+            let tree = self.load_tree(&id)?;
+            self.subtrees.insert(dir.clone(), tree);
+            fetched.push(dir);
+        }
+        Ok(fetched)
+    }
+
+    /// Remote repository: asks once which of these chunk lists (of the parent's files) the
+    /// receiver has, and remembers them until the directory being walked is done; returns them.
+    fn confirm(&mut self, mut ids: Vec<ChunkId>) -> Result<Vec<ChunkId>> {
+        let Some(remote) = &self.shared.repo.remote else { return Ok(vec![]) };
+        ids.retain(|id| !self.confirmed.contains(id));
         let present = remote.have(&ids)?;
         let confirmed: Vec<ChunkId> =
             ids.into_iter().zip(present).filter(|(_, have)| *have).map(|(id, _)| id).collect();
@@ -624,7 +647,10 @@ impl Walker<'_> {
         let name = name.to_vec();
         let ft = md.file_type();
         if ft.is_dir() {
-            let sub = self.parent_subtree(parent, &name)?;
+            let sub = match self.subtrees.remove(path) {
+                Some(fetched) => Some(fetched),
+                None => self.parent_subtree(parent, &name)?,
+            };
             let slot = self.walk_dir(path, sub.as_ref())?;
             nodes.push(PendingNode::Dir { name, meta, slot });
         } else if ft.is_file() {
@@ -946,6 +972,19 @@ fn canonical_sources(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// A file is unchanged when size, mtime, ctime and inode all match: it is not read again.
+/// The chunk lists of the files of these trees.
+fn file_lists<'t>(trees: impl Iterator<Item = &'t Tree>) -> Vec<ChunkId> {
+    trees
+        .flat_map(|t| &t.nodes)
+        .filter_map(|n| match &n.kind {
+            NodeKind::File { segments } => Some(segments),
+            _ => None,
+        })
+        .flatten()
+        .copied()
+        .collect()
+}
+
 fn unchanged(old: &Metadata, new: &Metadata) -> bool {
     old.size == new.size && old.mtime_ns == new.mtime_ns && old.ctime_ns == new.ctime_ns && old.inode == new.inode
 }

@@ -25,6 +25,9 @@ pub const PENDING_FILES: usize = 1024;
 pub const SEAL_QUEUE: usize = 4;
 /// Bytes a restoring core collects before one `pwrite` (plus one largest chunk).
 pub const RESTORE_WRITE_BUFFER: usize = 4 << 20;
+/// Parent trees of one directory's subdirectories a remote backup fetches in one stream (and
+/// holds until the walk enters each): bounds the walker's memory on very wide directories.
+pub const PREFETCH_SUBTREES: usize = 1024;
 /// Segments a restoring core takes at once when more are queued, and the file bytes they may
 /// cover: their chunk lists (and then their chunks) come from a receiver in one request each.
 /// Chunk lists of a batch are held decoded: at most ~40 bytes per smallest chunk of these bytes.

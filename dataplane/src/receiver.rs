@@ -195,7 +195,8 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Network(e.to_string()))?;
-    let sessions = tokio_util_tracker();
+    // Connections being served; the shutdown waits for them.
+    let sessions = Arc::new(AtomicU64::new(0));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i { Some(i) => i, None => break },
@@ -209,7 +210,7 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
             continue;
         }
         let store = Arc::clone(&store);
-        sessions.0.fetch_add(1, Ordering::AcqRel);
+        sessions.fetch_add(1, Ordering::AcqRel);
         let done = Arc::clone(&sessions);
         tokio::spawn(async move {
             let peer = incoming.remote_address();
@@ -220,20 +221,22 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
                     warn!("{peer}: handshake failed: {e}");
                 }
             }
-            done.0.fetch_sub(1, Ordering::AcqRel);
-            done.1.notify_waiters();
+            done.fetch_sub(1, Ordering::AcqRel);
         });
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    let open = sessions.0.load(Ordering::Acquire);
+    let open = sessions.load(Ordering::Acquire);
     info!("shutting down: no new sessions; waiting up to {:?} for {open} open", opts.grace);
-    endpoint.set_server_config(None);
     let deadline = tokio::time::Instant::now() + opts.grace;
-    while sessions.0.load(Ordering::Acquire) > 0 {
-        let notified = sessions.1.notified();
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            warn!("{} sessions still open after {:?}: closing them", sessions.0.load(Ordering::Acquire), opts.grace);
-            break;
+    while sessions.load(Ordering::Acquire) > 0 {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!("{} sessions still open after {:?}: closing them", sessions.load(Ordering::Acquire), opts.grace);
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            // New clients are told at once rather than left to time out.
+            Some(incoming) = endpoint.accept() => incoming.refuse(),
         }
     }
     endpoint.close((ErrorCode::ShuttingDown as u32).into(), b"receiver shutting down");
@@ -251,11 +254,6 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
     }
     info!("receiver stopped");
     Ok(())
-}
-
-/// Open sessions, and a wake-up when one ends.
-fn tokio_util_tracker() -> Arc<(AtomicU64, tokio::sync::Notify)> {
-    Arc::new((AtomicU64::new(0), tokio::sync::Notify::new()))
 }
 
 /// Who the client is: its certificate's fingerprint (the CA vouched for it).

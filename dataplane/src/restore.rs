@@ -310,16 +310,44 @@ struct RestoreWalk<'a> {
 impl RestoreWalk<'_> {
     /// Restores the tree `id`, whose snapshot path is `at`, into the directory `dest`.
     fn tree(&mut self, id: &ChunkId, dest: &Path, at: &Path) -> Result<()> {
+        let tree = self.load(id, at)?;
+        self.walk_tree(tree, dest, at)
+    }
+
+    fn load(&mut self, id: &ChunkId, at: &Path) -> Result<Tree> {
         let mut buf = Vec::new();
         self.reader.read(id, &mut buf)?;
-        let tree = Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {id} ({}): {e}", at.display())))?;
+        Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {id} ({}): {e}", at.display())))
+    }
+
+    fn walk_tree(&mut self, tree: Tree, dest: &Path, at: &Path) -> Result<()> {
+        // A remote repository sends the subdirectories' trees in one stream, not one round
+        // trip each (at most PREFETCH_SUBTREES of them are held).
+        let mut subtrees = HashMap::new();
+        if self.shared.repo.remote.is_some() {
+            let ids: Vec<ChunkId> = tree
+                .nodes
+                .iter()
+                .filter(|n| self.included(&at.join(std::ffi::OsStr::from_bytes(&n.name))))
+                .filter_map(|n| match n.kind {
+                    NodeKind::Dir { tree } => Some(tree),
+                    _ => None,
+                })
+                .take(limits::PREFETCH_SUBTREES)
+                .collect();
+            self.reader.prefetch(ids.clone());
+            for id in ids {
+                let sub = self.load(&id, at)?;
+                subtrees.insert(id, sub);
+            }
+        }
         for node in tree.nodes {
             let name = std::ffi::OsStr::from_bytes(&node.name);
             let (dest, at) = (dest.join(name), at.join(name));
             if !self.included(&at) {
                 continue;
             }
-            self.node(node, &dest, &at)?;
+            self.node(node, &dest, &at, &mut subtrees)?;
             if self.shared.first_error.lock().expect("no core panics holding it").is_some() {
                 break;
             }
@@ -327,7 +355,7 @@ impl RestoreWalk<'_> {
         Ok(())
     }
 
-    fn node(&mut self, node: Node, dest: &Path, at: &Path) -> Result<()> {
+    fn node(&mut self, node: Node, dest: &Path, at: &Path, subtrees: &mut HashMap<ChunkId, Tree>) -> Result<()> {
         let writing = self.expected.is_none();
         match node.kind {
             NodeKind::Dir { tree } => {
@@ -339,7 +367,10 @@ impl RestoreWalk<'_> {
                     self.dirs.push((dest.to_owned(), node.meta));
                 }
                 self.stats.dirs += 1;
-                self.tree(&tree, dest, at)?;
+                match subtrees.remove(&tree) {
+                    Some(fetched) => self.walk_tree(fetched, dest, at)?,
+                    None => self.tree(&tree, dest, at)?,
+                }
             }
             NodeKind::Symlink { .. } if !writing => {
                 return Err(Error::Integrity(format!("{}: a symlink, not in the source", at.display())));
