@@ -5,7 +5,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::Command;
 
 use cbcr_tests::*;
@@ -192,19 +191,10 @@ fn a_corrupt_index_run_is_named_and_stops_commands_cleanly() {
 fn disk_full_during_backup_is_a_clear_error_and_the_repository_stays_consistent() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    fs::create_dir_all(&repo).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=6m", "tmpfs", s(&repo)]).status();
-    if !matches!(mounted, Ok(st) if st.success()) {
+    let Some(_unmount) = small_tmpfs(&repo, "6m") else {
         eprintln!("SKIPPED disk_full test: cannot mount a tmpfs here (needs root and mount permission)");
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&repo);
+    };
     init_small(&repo);
     fs::create_dir(&src).unwrap();
     fs::write(src.join("small.txt"), b"fits").unwrap();

@@ -67,6 +67,18 @@ fn client(args: &[&str], pki: &Path) -> Output {
     cbcr_env(args, &[("CBCR_CERT", s(&cert)), ("CBCR_KEY", s(&key)), ("CBCR_CA", s(&ca))])
 }
 
+/// cbcr with the client certificate of `pki`, started in the background (stderr piped).
+fn client_child(args: &[&str], pki: &Path, stdout: Stdio) -> Child {
+    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
+    Command::new(cbcr_bin())
+        .args(args)
+        .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn client_ok(args: &[&str], pki: &Path) -> Output {
     let out = client(args, pki);
     assert!(out.status.success(), "cbcr {args:?} failed: {}\n{}", out.status, text(&out.stderr));
@@ -163,17 +175,10 @@ fn thirty_two_clients_back_up_at_once_then_all_restore() {
             src
         })
         .collect();
-    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
     let children: Vec<Child> = sources
         .iter()
         .map(|src| {
-            Command::new(cbcr_bin())
-                .args(["backup", "--repo", &url, s(src), "--cores", "1", "--no-progress"])
-                .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            client_child(&["backup", "--repo", &url, s(src), "--cores", "1", "--no-progress"], &pki, Stdio::null())
         })
         .collect();
     for child in children {
@@ -193,6 +198,18 @@ fn thirty_two_clients_back_up_at_once_then_all_restore() {
         assert_same_tree(src, &out.join(src.strip_prefix("/").unwrap()));
     }
     client_ok(&["verify", "--read-data", "--repo", &url], &pki);
+}
+
+/// A scratch directory with a source of one random file of `len` bytes, an initialised
+/// repository and a development PKI.
+fn random_source(len: usize, seed: u64) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    let pki = pki(tmp.path());
+    init_small(&repo);
+    fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("data.bin"), len, seed);
+    (tmp, src, repo, pki)
 }
 
 fn random_file(path: &Path, len: usize, seed: u64) {
@@ -217,23 +234,11 @@ fn wait_for_packs(repo: &Path, bytes: u64, child: &mut Child) {
 
 #[test]
 fn kill_9_of_the_client_mid_backup_then_the_rerun_resends_little() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    let pki = pki(tmp.path());
-    init_small(&repo);
-    fs::create_dir_all(&src).unwrap();
     let len = 96 << 20;
-    random_file(&src.join("data.bin"), len, 5);
+    let (_tmp, src, repo, pki) = random_source(len, 5);
     let receiver = Receiver::start(&repo, &pki);
     let url = receiver.url();
-    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
-    let mut child = Command::new(cbcr_bin())
-        .args(["backup", "--repo", &url, s(&src), "--cores", "2", "--pack-size", "2MiB"])
-        .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = client_child(&["backup", "--repo", &url, s(&src), "--pack-size", "2MiB"], &pki, Stdio::null());
     wait_for_packs(&repo, 24 << 20, &mut child);
     child.kill().unwrap();
     child.wait().unwrap();
@@ -253,23 +258,12 @@ fn kill_9_of_the_client_mid_backup_then_the_rerun_resends_little() {
 
 #[test]
 fn kill_9_of_the_receiver_mid_backup_then_a_restarted_one_completes_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
-    let pki = pki(tmp.path());
-    init_small(&repo);
-    fs::create_dir_all(&src).unwrap();
     let len = 96 << 20;
-    random_file(&src.join("data.bin"), len, 6);
+    let (tmp, src, repo, pki) = random_source(len, 6);
+    let out = tmp.path().join("out");
     let mut receiver = Receiver::start(&repo, &pki);
     let url = receiver.url();
-    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
-    let mut child = Command::new(cbcr_bin())
-        .args(["backup", "--repo", &url, s(&src), "--cores", "2", "--pack-size", "2MiB", "--json"])
-        .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = client_child(&["backup", "--repo", &url, s(&src), "--pack-size", "2MiB"], &pki, Stdio::null());
     wait_for_packs(&repo, 24 << 20, &mut child);
     receiver.kill();
     let failed = child.wait_with_output().unwrap();
@@ -454,12 +448,7 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
 
 #[test]
 fn sigterm_lets_the_open_session_finish_and_the_receiver_speaks_sd_notify() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    let pki = pki(tmp.path());
-    init_small(&repo);
-    fs::create_dir_all(&src).unwrap();
-    random_file(&src.join("data.bin"), 64 << 20, 8);
+    let (tmp, src, repo, pki) = random_source(64 << 20, 8);
     let notify_path = tmp.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -486,14 +475,8 @@ fn sigterm_lets_the_open_session_finish_and_the_receiver_speaks_sd_notify() {
         messages += &String::from_utf8_lossy(&buf[..n]);
         messages.push('\n');
     }
-    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
-    let backup = Command::new(cbcr_bin())
-        .args(["backup", "--repo", &url, s(&src), "--cores", "1", "--pack-size", "1MiB", "--json"])
-        .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let backup =
+        client_child(&["backup", "--repo", &url, s(&src), "--cores", "1", "--pack-size", "1MiB"], &pki, Stdio::null());
     let deadline = Instant::now() + Duration::from_secs(30);
     while packs(&repo).is_empty() {
         assert!(Instant::now() < deadline, "no pack arrived");
@@ -520,19 +503,10 @@ fn sigterm_lets_the_open_session_finish_and_the_receiver_speaks_sd_notify() {
 fn a_full_disk_on_the_receiver_is_a_clear_error_and_other_backups_go_on() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    fs::create_dir_all(&repo).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=6m", "tmpfs", s(&repo)]).status();
-    if !matches!(mounted, Ok(st) if st.success()) {
+    let Some(_unmount) = small_tmpfs(&repo, "6m") else {
         eprintln!("SKIPPED receiver disk-full test: cannot mount a tmpfs here (needs root and mount permission)");
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&repo);
+    };
     let pki = pki(tmp.path());
     init_small(&repo);
     let receiver = Receiver::start(&repo, &pki);

@@ -121,6 +121,23 @@ pub fn make_tree(root: &Path, seed: u64, big: usize) {
     filetime::set_file_mtime(root.join("dir/sub"), old).unwrap();
 }
 
+/// Unmounts a [`small_tmpfs`] when dropped.
+pub struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mounts a tmpfs of `size` (`6m`) on `dir` (created), for disk-full tests; `None` when this
+/// process may not mount.
+pub fn small_tmpfs(dir: &Path, size: &str) -> Option<Unmount> {
+    fs::create_dir_all(dir).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", s(dir)]).status();
+    matches!(mounted, Ok(st) if st.success()).then(|| Unmount(dir.to_owned()))
+}
+
 pub fn is_root() -> bool {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() == 0 }
