@@ -131,15 +131,6 @@ pub async fn read_frame(recv: &mut RecvStream) -> std::result::Result<Option<Fra
     }
     read_exact(recv, &mut header[1..]).await?;
     let (kind, len) = FrameHeader::decode(&header)?;
-    if kind == FrameKind::Blob {
-        // The stored bytes go straight into their own buffer: no second copy of restored data.
-        let mut entry = [0u8; wire::pack::ENTRY_LEN];
-        read_exact(recv, &mut entry).await?;
-        let entry = Frame::blob_entry(&entry, len)?;
-        let mut stored = vec![0u8; entry.stored_len() as usize];
-        read_exact(recv, &mut stored).await?;
-        return Ok(Some(Frame::Blob { entry, stored }));
-    }
     let mut payload = vec![0u8; len as usize];
     read_exact(recv, &mut payload).await?;
     Ok(Some(Frame::decode(kind, &payload)?))

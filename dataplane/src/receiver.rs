@@ -549,40 +549,60 @@ fn check_and_publish(
 /// Streams blobs back in the order asked; a reader thread stays at most a few blobs ahead, so
 /// the stream's flow control bounds memory on both sides.
 async fn send_blobs(store: &Arc<Store>, ids: Vec<ChunkId>, send: &mut SendStream) -> Result<(), Refusal> {
+    // The reader thread hands over runs of frames (~PACK_SEND_PIECE each), not single blobs:
+    // one thread switch per run instead of per (often few-KiB) blob.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, Refusal>>(4);
     let s = Arc::clone(store);
     let reader = tokio::task::spawn_blocking(move || {
         let mut packs = PackFiles::default();
+        let mut run = Vec::new();
         for id in ids {
-            let frame = blob_frame(&s, &id, &mut packs);
-            let failed = frame.is_err();
-            if tx.blocking_send(frame).is_err() || failed {
-                return;
+            match blob_frame(&s, &id, &mut packs, &mut run) {
+                Ok(()) if run.len() < limits::PACK_SEND_PIECE => continue,
+                Ok(()) => {
+                    if tx.blocking_send(Ok(std::mem::take(&mut run))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // What was read goes first, so the client sees every blob before the error.
+                    let _ = tx.blocking_send(Ok(std::mem::take(&mut run)));
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
             }
         }
+        if !run.is_empty() {
+            let _ = tx.blocking_send(Ok(run));
+        }
     });
-    while let Some(frame) = rx.recv().await {
+    while let Some(frames) = rx.recv().await {
         // Handed to quinn as is: the pack bytes are copied once, from the page cache.
-        send.write_chunk(frame?.into())
+        send.write_chunk(frames?.into())
             .await
             .map_err(|e| Refusal(ErrorCode::Other, format!("client went away: {e}")))?;
-        store.metrics.blobs_sent.fetch_add(1, Ordering::Relaxed);
     }
     drop(rx);
     let _ = reader.await;
     Ok(())
 }
 
-/// A whole `Blob` frame, the stored bytes read from the pack straight into it.
-fn blob_frame(store: &Store, id: &ChunkId, packs: &mut PackFiles) -> Result<Vec<u8>, Refusal> {
+/// Appends a whole `Blob` frame to `out`, the stored bytes read from the pack straight into it.
+fn blob_frame(store: &Store, id: &ChunkId, packs: &mut PackFiles, out: &mut Vec<u8>) -> Result<(), Refusal> {
     let found = store.index().get(id)?;
     let IndexEntry { pack, entry } =
         found.ok_or_else(|| Refusal(ErrorCode::NotFound, format!("blob {id} is not in this repository")))?;
-    let mut frame = Frame::blob_prefix(&entry).to_vec();
-    let start = frame.len();
-    frame.resize(start + entry.stored_len() as usize, 0);
-    packs.read_at(&store.repo, &pack, entry.offset(), &mut frame[start..]).at(&store.repo.pack_path(&pack))?;
-    Ok(frame)
+    let frame_start = out.len();
+    out.extend_from_slice(&Frame::blob_prefix(&entry));
+    let start = out.len();
+    out.resize(start + entry.stored_len() as usize, 0);
+    let read = packs.read_at(&store.repo, &pack, entry.offset(), &mut out[start..]);
+    if let Err(e) = read.at(&store.repo.pack_path(&pack)) {
+        out.truncate(frame_start);
+        return Err(e.into());
+    }
+    store.metrics.blobs_sent.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<Store>) {

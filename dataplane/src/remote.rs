@@ -12,7 +12,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
-use wire::frame::{ErrorCode, Frame, VERSION};
+use wire::frame::{ErrorCode, Frame, FrameHeader, HEADER_LEN, VERSION};
 use wire::pack::PackEntry;
 use wire::repo::{RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
@@ -196,7 +196,7 @@ impl Remote {
 
     /// Starts fetching `ids` in order, [`wire::limits::MAX_BATCH_IDS`] per request.
     pub fn fetch(&self, ids: Vec<ChunkId>) -> BlobStream<'_> {
-        BlobStream { remote: self, queued: ids.into(), asked: VecDeque::new(), recv: None }
+        BlobStream { remote: self, queued: ids.into(), asked: VecDeque::new(), recv: None, buf: Vec::new(), pos: 0 }
     }
 }
 
@@ -313,6 +313,11 @@ pub struct BlobStream<'a> {
     queued: VecDeque<ChunkId>,
     asked: VecDeque<ChunkId>,
     recv: Option<RecvStream>,
+    /// Bytes received and not yet taken as frames, from `pos`: each wake-up of the reading
+    /// thread takes whatever the stream has, so many small blobs cost one (measured: one
+    /// `block_on` per blob held restore at ~150 MB/s of stored bytes).
+    buf: Vec<u8>,
+    pos: usize,
 }
 
 impl BlobStream<'_> {
@@ -325,28 +330,49 @@ impl BlobStream<'_> {
     /// entry and stored bytes.
     pub fn next(&mut self, id: &ChunkId) -> Result<(PackEntry, Vec<u8>)> {
         let remote = self.remote;
-        remote.runtime.block_on(async {
-            if self.asked.is_empty() {
-                let n = self.queued.len().min(wire::limits::MAX_BATCH_IDS as usize);
-                if n == 0 {
-                    return Err(Error::Usage(format!("blob {id} was read without being fetched")));
+        if self.asked.is_empty() {
+            let n = self.queued.len().min(wire::limits::MAX_BATCH_IDS as usize);
+            if n == 0 {
+                return Err(Error::Usage(format!("blob {id} was read without being fetched")));
+            }
+            self.asked.extend(self.queued.drain(..n));
+            let frame = Frame::GetBlobs { session: remote.session, ids: self.asked.iter().copied().collect() };
+            self.recv = Some(remote.runtime.block_on(remote.open(&frame, true))?.1);
+            (self.buf, self.pos) = (Vec::new(), 0);
+        }
+        let expected = self.asked.pop_front().expect("asked above");
+        if expected != *id {
+            return Err(Error::Usage(format!("blob {id} was read out of order (expected {expected})")));
+        }
+        match self.next_frame()? {
+            Frame::Blob { entry, stored } if entry.id == *id => Ok((entry, stored)),
+            Frame::Blob { entry, .. } => Err(net(&remote.addr, "protocol", format!("sent blob {} for {id}", entry.id))),
+            other => Err(remote.unexpected(&other)),
+        }
+    }
+
+    fn next_frame(&mut self) -> Result<Frame> {
+        let remote = self.remote;
+        loop {
+            let have = &self.buf[self.pos..];
+            if let Some(header) = have.get(..HEADER_LEN) {
+                let bad = |e: wire::Error| net(&remote.addr, "protocol", e);
+                let (kind, len) = FrameHeader::decode(header.try_into().expect("HEADER_LEN bytes")).map_err(bad)?;
+                let end = HEADER_LEN + len as usize;
+                if have.len() >= end {
+                    let frame = Frame::decode(kind, &have[HEADER_LEN..end]).map_err(bad)?;
+                    self.pos += end;
+                    return Ok(frame);
                 }
-                self.asked.extend(self.queued.drain(..n));
-                let frame = Frame::GetBlobs { session: remote.session, ids: self.asked.iter().copied().collect() };
-                self.recv = Some(remote.open(&frame, true).await?.1);
             }
-            let expected = self.asked.pop_front().expect("asked above");
-            if expected != *id {
-                return Err(Error::Usage(format!("blob {id} was read out of order (expected {expected})")));
-            }
+            self.buf.drain(..self.pos);
+            self.pos = 0;
             let recv = self.recv.as_mut().expect("opened with the batch");
-            match quic::expect_frame(recv).await.map_err(|e| remote.stream_error(e))? {
-                Frame::Blob { entry, stored } if entry.id == *id => Ok((entry, stored)),
-                Frame::Blob { entry, .. } => {
-                    Err(net(&remote.addr, "protocol", format!("sent blob {} for {id}", entry.id)))
-                }
-                other => Err(remote.unexpected(&other)),
+            match remote.runtime.block_on(recv.read_chunk(limits::PACK_SEND_PIECE, true)) {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Err(remote.stream_error(StreamError::End)),
+                Err(e) => return Err(remote.lost("reading blobs", e)),
             }
-        })
+        }
     }
 }

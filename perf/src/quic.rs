@@ -63,8 +63,8 @@ pub(crate) fn quic(cbcr: &Path, out: &Path, size: u64, raw_bytes: u64, cores: us
         raw.1
     );
 
-    let (local, remote_dir, target) = (out.join("quic-local"), out.join("quic-remote"), out.join("quic-restore"));
-    for d in [&local, &remote_dir, &target] {
+    let (local, remote_dir) = (out.join("quic-local"), out.join("quic-remote"));
+    for d in [&local, &remote_dir] {
         let _ = std::fs::remove_dir_all(d);
     }
     let mut receiver = Command::new(cbcr)
@@ -85,6 +85,10 @@ pub(crate) fn quic(cbcr: &Path, out: &Path, size: u64, raw_bytes: u64, cores: us
     for (phase, gen) in [("full", 1), ("incremental", 2), ("restore", 0)] {
         let mut pair = vec![];
         for (mode, repo) in [("local", s(&local)), ("quic", receiver.1.clone())] {
+            // Each restore writes a fresh directory: one written right where a large tree was
+            // just deleted runs measurably slower here, which would favour whichever goes first.
+            let target = out.join(format!("quic-restore-{mode}"));
+            let _ = std::fs::remove_dir_all(&target);
             let mut args: Vec<String> = match gen {
                 0 => vec!["restore".into(), "latest".into(), "--target".into(), s(&target)],
                 g => vec!["backup".into(), synth(size, 3, g)],
@@ -106,7 +110,9 @@ pub(crate) fn quic(cbcr: &Path, out: &Path, size: u64, raw_bytes: u64, cores: us
             );
             pair.push(json!({"mode": mode, "seconds": run.seconds, "gbps": gbps, "peak_rss": run.peak_rss,
                 "receiver_cpu_s": receiver_cpu, "summary": run.summary}));
-            let _ = std::fs::remove_dir_all(&target);
+        }
+        for mode in ["local", "quic"] {
+            let _ = std::fs::remove_dir_all(out.join(format!("quic-restore-{mode}")));
         }
         let ratio = pair[0]["seconds"].as_f64().unwrap_or(f64::NAN) / pair[1]["seconds"].as_f64().unwrap_or(f64::NAN);
         eprintln!("{phase:>12} quic/local throughput ratio {ratio:.2}");

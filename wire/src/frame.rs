@@ -223,9 +223,8 @@ impl Frame {
         out
     }
 
-    /// The pack entry that opens a `Blob` payload of `payload_len` bytes, checked against it; a
-    /// reader can then take the stored bytes straight into their own buffer.
-    pub fn blob_entry(bytes: &[u8], payload_len: u32) -> Result<PackEntry> {
+    /// The pack entry that opens a `Blob` payload of `payload_len` bytes, checked against it.
+    fn blob_entry(bytes: &[u8], payload_len: u32) -> Result<PackEntry> {
         let bytes: &[u8; ENTRY_LEN] =
             bytes.try_into().map_err(|_| corrupt(format!("a blob entry is {ENTRY_LEN} bytes")))?;
         let entry: PackEntry = bytemuck::pod_read_unaligned(bytes);
