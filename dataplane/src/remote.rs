@@ -29,7 +29,8 @@ pub struct Remote {
     session: u64,
     /// `HOST:PORT` as given, for messages.
     pub addr: String,
-    /// Where this session's packs are written before they are sent; removed at the end.
+    /// A private directory standing in for the repository's root on this side (the commands'
+    /// lock and an empty local index; packs go straight to the receiver); removed at the end.
     pub scratch: std::path::PathBuf,
 }
 
@@ -111,10 +112,7 @@ impl Remote {
     }
 
     fn stream_error(&self, e: StreamError) -> Error {
-        match self.conn.close_reason() {
-            Some(reason) => net(&self.addr, "connection lost", reason),
-            None => net(&self.addr, "reply", e),
-        }
+        self.lost("reply", e)
     }
 
     /// Opens a stream and sends `frame`; returns the stream to read replies from.

@@ -23,7 +23,7 @@ use crate::quic::TlsFiles;
 use crate::remote::Remote;
 
 /// An open repository: a local directory, or a receiver reached over QUIC (then `root` is a
-/// private scratch directory where packs are written before they are sent).
+/// private scratch directory: see [`Remote::scratch`]).
 #[derive(Clone)]
 pub struct Repository {
     root: PathBuf,
