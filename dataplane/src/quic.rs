@@ -12,7 +12,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, SendStream};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use wire::frame::{Frame, FrameHeader, FrameKind, HEADER_LEN};
+use wire::frame::{Frame, FrameHeader, HEADER_LEN};
 
 use crate::error::{Error, IoContext, Result};
 use crate::limits;
@@ -141,7 +141,7 @@ pub async fn expect_frame(recv: &mut RecvStream) -> std::result::Result<Frame, S
     read_frame(recv).await?.ok_or(StreamError::End)
 }
 
-pub async fn read_exact(recv: &mut RecvStream, buf: &mut [u8]) -> std::result::Result<(), StreamError> {
+async fn read_exact(recv: &mut RecvStream, buf: &mut [u8]) -> std::result::Result<(), StreamError> {
     recv.read_exact(buf).await.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(_) => StreamError::End,
         quinn::ReadExactError::ReadError(e) => StreamError::Read(e.to_string()),
@@ -150,21 +150,6 @@ pub async fn read_exact(recv: &mut RecvStream, buf: &mut [u8]) -> std::result::R
 
 pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> std::result::Result<(), quinn::WriteError> {
     send.write_all(&frame.encode()).await
-}
-
-/// A frame kind only a receiver may send; lets the client tell a reply from garbage.
-pub fn is_reply(kind: FrameKind) -> bool {
-    matches!(
-        kind,
-        FrameKind::Welcome
-            | FrameKind::HaveReply
-            | FrameKind::PackStored
-            | FrameKind::Blob
-            | FrameKind::SnapshotRecord
-            | FrameKind::Committed
-            | FrameKind::VerifyReport
-            | FrameKind::Error
-    )
 }
 
 /// Writes a development PKI into `out`: `ca.crt`/`ca.key`, `receiver.crt`/`.key` (for
