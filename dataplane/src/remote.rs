@@ -45,6 +45,11 @@ fn net(addr: &str, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Network(format!("{addr}: {what}: {e}"))
 }
 
+/// QUIC carries TLS alerts as the transport error codes 0x100-0x1ff (RFC 9001, 4.8).
+fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
 /// The receiver's refusal as our error: the same exit codes as the local failure would have.
 fn refused(addr: &str, code: ErrorCode, message: String) -> Error {
     match code {
@@ -104,8 +109,15 @@ impl Remote {
         }
     }
 
+    /// The error for a failed stream: the connection's close reason when it is closed.
+    /// With TLS 1.3 the client's side of the handshake completes before the receiver has
+    /// checked the client certificate, so a refused certificate shows up here, as a close
+    /// carrying a TLS alert, on the first request.
     fn lost(&self, what: &str, e: impl std::fmt::Display) -> Error {
         match self.conn.close_reason() {
+            Some(quinn::ConnectionError::ConnectionClosed(close)) if is_tls_alert(close.error_code) => {
+                net(&self.addr, "handshake refused by the receiver (check --cert, --key and --ca)", close)
+            }
             Some(reason) => net(&self.addr, "connection lost", reason),
             None => net(&self.addr, what, e),
         }
@@ -117,8 +129,8 @@ impl Remote {
 
     /// Opens a stream and sends `frame`; returns the stream to read replies from.
     async fn open(&self, frame: &Frame, finish: bool) -> Result<(SendStream, RecvStream)> {
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| net(&self.addr, "connection lost", e))?;
-        quic::write_frame(&mut send, frame).await.map_err(|e| net(&self.addr, "send", e))?;
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| self.lost("open stream", e))?;
+        quic::write_frame(&mut send, frame).await.map_err(|e| self.lost("send", e))?;
         if finish {
             let _ = send.finish();
         }
