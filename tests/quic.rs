@@ -240,11 +240,15 @@ fn kill_9_of_the_client_mid_backup_then_the_rerun_resends_little() {
     let url = receiver.url();
     let mut child = client_child(&["backup", "--repo", &url, s(&src), "--pack-size", "2MiB"], &pki, Stdio::null());
     wait_for_packs(&repo, 24 << 20, &mut child);
+    let killed_scratch = format!("cbcr-session-{}-", child.id());
     child.kill().unwrap();
     child.wait().unwrap();
     let durable = pack_bytes(&repo);
     assert_eq!(snapshot_count(&repo), 0, "a killed backup commits nothing");
     let rerun = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json", "--pack-size", "2MiB"], &pki));
+    let left = std::fs::read_dir(std::env::temp_dir()).unwrap().flatten();
+    let left: Vec<_> = left.filter(|e| e.file_name().to_string_lossy().starts_with(&killed_scratch)).collect();
+    assert!(left.is_empty(), "the next client removes the killed one's scratch directory: {left:?}");
     // Random data does not compress: what was durable is not sent again, beyond the chunk
     // lists (never sent by the killed run) and the packs in flight at the kill.
     let sent = rerun["bytes_stored"].as_u64().unwrap();
