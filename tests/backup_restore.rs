@@ -5,6 +5,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 
 use cbcr_tests::*;
+use rand::{Rng, SeedableRng};
 
 #[test]
 fn round_trip_is_bit_exact_for_every_file_kind() {
@@ -132,6 +133,19 @@ fn synthetic_database_generations_back_up_and_compare_equal_to_regeneration() {
     ok(&["verify", "--repo", s(&repo), "--read-data"]);
 }
 
+/// Compressed size of `pages` (zstd -1, each on its own): what storing only them costs.
+fn compressed_pages(file: &[u8], pages: &[usize]) -> u64 {
+    let page = |p: usize| &file[p * bench::PAGE..(p + 1) * bench::PAGE];
+    pages.iter().map(|&p| zstd::bulk::compress(page(p), 1).unwrap().len() as u64).sum()
+}
+
+/// An UPDATE: a few bytes of a tuple and the page header's LSN change.
+fn update_page(file: &mut [u8], page: usize, generation: u8) {
+    let at = page * bench::PAGE;
+    file[at..at + 8].copy_from_slice(&[generation; 8]);
+    file[at + 4000..at + 4016].fill(generation.wrapping_mul(31));
+}
+
 #[test]
 fn page_files_store_only_the_changed_pages_in_an_incremental() {
     let tmp = tempfile::tempdir().unwrap();
@@ -142,30 +156,96 @@ fn page_files_store_only_the_changed_pages_in_an_incremental() {
     let mut pages = bench::db_pages(21, 512); // 4 MiB: 4 segments of 1 MiB
     fs::write(&rel, &pages).unwrap();
     ok(&["backup", "--repo", s(&repo), s(&src)]);
-    // Rewrite 10 scattered pages, as UPDATEs do.
-    let changed = [3usize, 50, 101, 160, 222, 300, 333, 401, 470, 511];
-    for &p in &changed {
-        pages[p * bench::PAGE..(p + 1) * bench::PAGE].copy_from_slice(&bench::db_pages(1000 + p as u64, 1));
+    // Seeded scattered changes: 20 pages updated in place, 10 rewritten entirely.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut touched: Vec<usize> = (0..30).map(|_| rng.gen_range(0..512)).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    for (i, &p) in touched.iter().enumerate() {
+        if i % 3 == 0 {
+            pages[p * bench::PAGE..(p + 1) * bench::PAGE].copy_from_slice(&bench::db_pages(1000 + p as u64, 1));
+        } else {
+            update_page(&mut pages, p, 2);
+        }
     }
     fs::write(&rel, &pages).unwrap();
-    let incr = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
-    let new = incr["bytes_new"].as_u64().unwrap();
-    // Default page chunks are 16 KiB: each changed page costs one chunk.
-    assert!(new <= changed.len() as u64 * 16384, "10 changed pages stored {new} new bytes");
-    assert!(new >= changed.len() as u64 * bench::PAGE as u64);
+    let before = dir_size(&repo.join("packs"));
+    ok(&["backup", "--repo", s(&repo), s(&src)]);
+    let added = dir_size(&repo.join("packs")) - before;
+    let bound = compressed_pages(&pages, &touched) * 3 / 2;
+    assert!(added <= bound, "{} changed pages added {added} bytes of packs, more than {bound}", touched.len());
     ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
     assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
 
-    // The same change under content-defined chunking costs far more.
-    let cdc_repo = tmp.path().join("cdc");
-    init_small(&cdc_repo);
-    fs::write(&rel, bench::db_pages(21, 512)).unwrap();
-    ok(&["backup", "--repo", s(&cdc_repo), s(&src), "--chunking", "cdc"]);
-    fs::write(&rel, &pages).unwrap();
-    let cdc = last_json(&ok(&["backup", "--repo", s(&cdc_repo), s(&src), "--json", "--chunking", "cdc"]));
-    assert!(cdc["bytes_new"].as_u64().unwrap() > 2 * new, "cdc {cdc} vs pages {new}");
+    // Policy (a), page chunks stored whole, and content-defined chunking both cost more.
+    for (name, args) in [("whole", &["--delta-chain", "0"][..]), ("cdc", &["--chunking", "cdc"][..])] {
+        let other = tmp.path().join(name);
+        init_small(&other);
+        fs::write(&rel, bench::db_pages(21, 512)).unwrap();
+        ok(&[&["backup", "--repo", s(&other), s(&src)][..], args].concat());
+        fs::write(&rel, &pages).unwrap();
+        let before = dir_size(&other.join("packs"));
+        ok(&[&["backup", "--repo", s(&other), s(&src)][..], args].concat());
+        let theirs = dir_size(&other.join("packs")) - before;
+        assert!(theirs > 2 * added, "{name}: {theirs} bytes against {added} with block deltas");
+    }
     let bad = cbcr(&["backup", "--repo", s(&repo), s(&src), "--page-chunk", "12KiB"]);
     assert_eq!(bad.status.code(), Some(1), "{}", text(&bad.stderr));
+}
+
+#[test]
+fn block_delta_chains_are_bounded_restore_every_generation_and_a_broken_link_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("data"), tmp.path().join("repo"));
+    init_small(&repo);
+    let rel = src.join("base/16384/16400");
+    fs::create_dir_all(rel.parent().unwrap()).unwrap();
+    let mut pages = bench::db_pages(8, 256); // 2 MiB, 32 blocks of 64 KiB
+    let hot = [1usize, 17, 40, 99, 130, 201, 255]; // 7 blocks, changed in every generation
+    let mut generations = vec![];
+    let mut new_bytes = vec![];
+    let mut first_packs = vec![];
+    for generation in 0..6u8 {
+        if generation > 0 {
+            for &p in &hot {
+                update_page(&mut pages, p, generation);
+            }
+        }
+        fs::write(&rel, &pages).unwrap();
+        let summary = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--delta-chain", "2", "--json"]));
+        new_bytes.push(summary["bytes_new"].as_u64().unwrap());
+        generations.push((summary["snapshot_id"].as_str().unwrap().to_owned(), pages.clone()));
+        if generation == 0 {
+            first_packs = packs(&repo);
+        }
+    }
+    // Generations 1 and 2 are deltas of depth 1 and 2; generation 3 would be depth 3, so its
+    // changed blocks are stored whole (re-based); 4 and 5 are deltas on top of those again.
+    let whole = hot.len() as u64 * 65536;
+    assert!(new_bytes[1] < whole / 4 && new_bytes[2] < whole / 4, "deltas: {new_bytes:?}");
+    assert!(new_bytes[3] >= whole, "re-based: {new_bytes:?}");
+    assert!(new_bytes[4] < whole / 4 && new_bytes[5] < whole / 4, "deltas again: {new_bytes:?}");
+    for (id, content) in &generations {
+        let out = tmp.path().join(format!("out-{id}"));
+        ok(&["restore", id, "--repo", s(&repo), "--target", s(&out)]);
+        let restored = fs::read(out.join(rel.strip_prefix("/").unwrap())).unwrap();
+        assert!(restored == *content, "snapshot {id} restores bit-exact");
+    }
+    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+
+    // Lose the first backup's packs: every delta of generations 1 and 2 has lost its base.
+    for p in &first_packs {
+        fs::remove_file(p).unwrap();
+    }
+    let verify = cbcr(&["verify", "--repo", s(&repo), "--read-data", "--json"]);
+    assert_eq!(verify.status.code(), Some(13), "{}", text(&verify.stderr));
+    let report = text(&verify.stdout);
+    assert!(report.contains("broken link at depth 1 of its chain"), "{report}");
+    let restore = cbcr(&["restore", &generations[2].0, "--repo", s(&repo), "--target", s(&tmp.path().join("lost"))]);
+    assert_eq!(restore.status.code(), Some(13), "{}", text(&restore.stderr));
+    assert!(text(&restore.stderr).contains("broken link"), "{}", text(&restore.stderr));
+    // Generation 3 was stored whole where it changed, so 3, 4 and 5 only need their own packs
+    // and the unchanged blocks' first copies: those are gone too, and named.
 }
 
 #[test]

@@ -46,6 +46,8 @@ pub struct BackupOptions {
     pub compression_level: i32,
     pub pack_size: u64,
     pub chunking: Chunking,
+    /// Longest chain of block deltas for page files; 0 stores every changed block whole.
+    pub delta_chain: u32,
 }
 
 /// Which files are chunked at fixed page-aligned offsets instead of by content.
@@ -91,6 +93,17 @@ impl Chunking {
     }
 }
 
+impl Chunking {
+    /// The page size of page files, `None` with `cdc`.
+    fn page_size(&self) -> Option<u32> {
+        match *self {
+            Chunking::Cdc => None,
+            Chunking::Pages { page, .. } => Some(page),
+            Chunking::Auto { .. } => Some(synth::PAGE as u32),
+        }
+    }
+}
+
 /// Below a `base` or `global` directory, where PostgreSQL keeps its relation files.
 fn is_relation_path(path: &Path) -> bool {
     path.components().any(|c| c.as_os_str() == "base" || c.as_os_str() == "global")
@@ -114,6 +127,17 @@ struct Shared {
     level: i32,
     /// Cores count bytes as they go (once per window); the walker counts files.
     progress: Arc<Progress>,
+    /// Block deltas for the page chunks of changed files, when enabled.
+    deltas: Option<DeltaPolicy>,
+}
+
+/// Policy (b) of the page-aware chunking: a changed page-aligned block whose parent version
+/// sits at the same offset is stored as the XOR of its changed pages against that version.
+#[derive(Clone, Copy)]
+struct DeltaPolicy {
+    page: u32,
+    /// Longest chain: a block whose parent is this deep is stored whole again (re-based).
+    chain: u32,
 }
 
 /// Where a segment's bytes come from.
@@ -199,12 +223,21 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     let index = ChunkIndex::load(&repo)?;
     index.compact(&repo)?;
     let progress = reporter.start("backup");
+    // A delta needs the parent's block: one read from local packs, but a round trip to a
+    // receiver, so remote backups store changed blocks whole.
+    let deltas = match opts.chunking.page_size() {
+        Some(page) if opts.delta_chain > 0 && repo.remote.is_none() && wire::delta::valid_page_size(page) => {
+            Some(DeltaPolicy { page, chain: opts.delta_chain })
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         repo,
         known: Arc::new(KnownBlobs::new(index)),
         pack_size: opts.pack_size,
         level: opts.compression_level,
         progress: Arc::clone(&progress),
+        deltas,
     });
 
     let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
@@ -301,9 +334,13 @@ fn run_core(
     let mut window = Vec::new();
     let mut previous = PreviousChunks::new(shared.known.index(), shared.repo.remote.is_some());
     let cdc = shared.repo.config.chunker;
+    let mut deltas = shared.deltas.map(BlockDeltas::new);
     for job in jobs.iter() {
         previous.load(&mut reader, job.previous);
-        let result = backup_segment(&mut writer, &job, &previous, cdc, &mut window, &shared.progress);
+        // Only page chunks line up with their parent version.
+        let deltas = deltas.as_mut().filter(|_| matches!(job.policy, ChunkPolicy::Fixed(_)));
+        let base = deltas.map(|d| (d, &mut reader));
+        let result = backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
             break;
@@ -317,6 +354,7 @@ fn backup_segment(
     writer: &mut BlobWriter<'_>,
     job: &SegmentJob,
     previous: &PreviousChunks<'_>,
+    mut deltas: Option<(&mut BlockDeltas, &mut BlobReader<'_>)>,
     cdc: ChunkerParams,
     window: &mut Vec<u8>,
     progress: &Progress,
@@ -325,18 +363,32 @@ fn backup_segment(
     // The time between two chunks reaching `store` is the time to find the next cut point,
     // reading (or generating) the source bytes included.
     let mut cut_started = Instant::now();
+    let mut offset = 0u64;
     let mut store = |chunk: &[u8]| -> Result<()> {
         writer.stats.stages.record(Stage::Chunk, cut_started.elapsed());
         let id = if chunker::is_zero(chunk) {
             ChunkId::default()
         } else {
             let id = writer.hash(chunk);
-            if !previous.has(&id) {
-                writer.store_with_id(id, BlobKind::Data, chunk)?;
+            let base = previous.at(offset, chunk.len()).filter(|base| *base != id);
+            match (deltas.as_mut(), base) {
+                _ if previous.has(&id) => {}
+                (Some((deltas, reader)), Some(base)) => {
+                    if writer.claim(&id)? {
+                        match deltas.encode(reader, base, chunk) {
+                            Some(delta) => writer.store_claimed(id, BlobKind::Delta, delta)?,
+                            None => writer.store_claimed(id, BlobKind::Data, chunk)?,
+                        }
+                    }
+                }
+                _ => {
+                    writer.store_with_id(id, BlobKind::Data, chunk)?;
+                }
             }
             id
         };
         list.chunks.push(ChunkRef { id, len: chunk.len() as u32, zero: id == ChunkId::default() });
+        offset += chunk.len() as u64;
         cut_started = Instant::now();
         Ok(())
     };
@@ -382,12 +434,21 @@ struct PreviousChunks<'a> {
     remote: bool,
     list: Option<ChunkId>,
     ids: HashSet<ChunkId, IdBuild>,
+    /// Where each non-zero chunk started in the segment, in order, and its length.
+    starts: Vec<(u64, u32, ChunkId)>,
     buf: Vec<u8>,
 }
 
 impl<'a> PreviousChunks<'a> {
     fn new(index: &'a ChunkIndex, remote: bool) -> Self {
-        Self { index, remote, list: None, ids: HashSet::default(), buf: Vec::new() }
+        Self { index, remote, list: None, ids: HashSet::default(), starts: Vec::new(), buf: Vec::new() }
+    }
+
+    /// The parent's chunk of `len` bytes at `offset` of the segment, if it had one there.
+    fn at(&self, offset: u64, len: usize) -> Option<ChunkId> {
+        let i = self.starts.binary_search_by_key(&offset, |s| s.0).ok()?;
+        let (_, parent_len, id) = self.starts[i];
+        (parent_len as usize == len).then_some(id)
     }
 
     /// Whether the parent had chunk `id` in this segment and the index's filter still knows it
@@ -404,14 +465,52 @@ impl<'a> PreviousChunks<'a> {
             return;
         }
         self.ids.clear();
+        self.starts.clear();
         self.list = list;
         let Some(id) = list else { return };
         // An unreadable parent list only means more lookups: the index still decides.
         if reader.read(&id, &mut self.buf).is_ok() {
             if let Ok(l) = ChunkList::decode(&self.buf) {
                 self.ids.extend(l.chunks.iter().filter(|c| !c.zero).map(|c| c.id));
+                let mut offset = 0;
+                for c in &l.chunks {
+                    if !c.zero {
+                        self.starts.push((offset, c.len, c.id));
+                    }
+                    offset += u64::from(c.len);
+                }
             }
         }
+    }
+}
+
+/// One core's block-delta encoder: reads a block's parent version and encodes the difference.
+struct BlockDeltas {
+    policy: DeltaPolicy,
+    base: Vec<u8>,
+    delta: Vec<u8>,
+}
+
+impl BlockDeltas {
+    fn new(policy: DeltaPolicy) -> Self {
+        Self { policy, base: Vec::new(), delta: Vec::new() }
+    }
+
+    /// The delta of `block` against its parent version `base`, or `None` when it is to be
+    /// stored whole: the parent is unreadable or as deep as the chain may go (re-basing), the
+    /// block is not made of whole pages, or too much of it changed for a delta to pay.
+    fn encode(&mut self, reader: &mut BlobReader<'_>, base: ChunkId, block: &[u8]) -> Option<&[u8]> {
+        let page = self.policy.page;
+        if !block.len().is_multiple_of(page as usize) {
+            return None;
+        }
+        self.base.clear();
+        let depth = reader.read_block(&base, &mut self.base).ok()?;
+        if depth >= self.policy.chain || self.base.len() != block.len() {
+            return None;
+        }
+        let diff = wire::delta::encode(base, depth + 1, page, &self.base, block, &mut self.delta);
+        (diff.bytes * limits::DELTA_MAX_CHANGED_FRACTION <= block.len()).then_some(&self.delta[..])
     }
 }
 

@@ -81,6 +81,12 @@ pub const MAX_CORES: usize = 1024;
 pub const IO_MEMORY_PER_CORE: usize = 1 << 20;
 /// zstd level used when none is given (the design's default).
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+/// Longest chain of block deltas a backup builds before storing a block whole again.
+pub const DEFAULT_DELTA_CHAIN: u32 = 3;
+/// A changed page block is stored as a delta only when what the delta carries (differing bytes
+/// of similar pages, rewritten pages whole) is at most 1/this of the block; past that, storing
+/// the block whole costs about the same and starts a new chain.
+pub const DELTA_MAX_CHANGED_FRACTION: usize = 2;
 
 const _: () = assert!(MIN_PACK_SIZE <= PACK_TARGET_SIZE);
 // The window must hold a largest chunk, or a chunk could be dropped while it is still read.

@@ -80,8 +80,12 @@ enum Command {
         #[arg(long, default_value = "auto", value_parser = parse_chunking)]
         chunking: ChunkingArg,
         /// Length of a page chunk: a multiple of the page size.
-        #[arg(long, default_value = "16KiB", value_parser = dataplane::parse_size)]
+        #[arg(long, default_value = "64KiB", value_parser = dataplane::parse_size)]
         page_chunk: u64,
+        /// A changed page chunk is stored as a delta (its changed pages XOR the parent's) on
+        /// top of at most this many deltas, else whole again; 0: always whole.
+        #[arg(long, default_value_t = limits::DEFAULT_DELTA_CHAIN, value_parser = clap::value_parser!(u32).range(0..=wire::limits::MAX_DELTA_CHAIN as i64))]
+        delta_chain: u32,
     },
     /// List snapshots.
     Snapshots,
@@ -201,7 +205,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::Ok)
         }
-        Command::Backup { paths, parent, compression_level, pack_size, chunking, page_chunk } => {
+        Command::Backup { paths, parent, compression_level, pack_size, chunking, page_chunk, delta_chain } => {
             let chunk = u32::try_from(page_chunk)
                 .map_err(|_| Error::Usage(format!("--page-chunk {page_chunk} is too large")))?;
             let chunking = match chunking {
@@ -217,7 +221,8 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                 Some(url) => Some(SynthSpec::parse(url)?),
                 None => None,
             };
-            let opts = BackupOptions { paths, synth, parent, cores, compression_level, pack_size, chunking };
+            let opts =
+                BackupOptions { paths, synth, parent, cores, compression_level, pack_size, chunking, delta_chain };
             let out = backup(repo, &opts, reporter)?;
             let s = &out.snapshot.stats;
             reporter.event(json!({

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Sender};
 
+use wire::delta::BlockDelta;
 use wire::index::{encode_sorted, IndexEntry};
 use wire::pack::{encode_trailer, PackEntry, PackHeader};
 use wire::{BlobKind, ChunkId, Compression};
@@ -20,7 +21,7 @@ use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::metrics::{Stage, StageHistograms};
-use crate::remote::{BlobStream, HaveQuery, PackAck, PackUpload, Remote};
+use crate::remote::{BlobStream, HaveQuery, PackAck, PackUpload};
 use crate::repo::Repository;
 
 /// Where a pack's bytes go as they are written.
@@ -265,7 +266,7 @@ impl<'a> BlobWriter<'a> {
     /// repository: whether it was new to this backup; the receiver may still have it).
     pub fn store_with_id(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<bool> {
         debug_assert_eq!(id, self.repo.key.blob_id(data));
-        if !self.known.claim(&id)? {
+        if !self.claim(&id)? {
             return Ok(false);
         }
         assert!(data.len() <= wire::limits::MAX_BLOB_SIZE as usize);
@@ -281,6 +282,20 @@ impl<'a> BlobWriter<'a> {
         }
         self.pack_blob(id, kind, data)?;
         Ok(true)
+    }
+
+    /// Claims `id` for this writer: `false` when the repository (or another core) has it.
+    /// A claimed blob must then be stored with [`Self::store_claimed`].
+    pub fn claim(&mut self, id: &ChunkId) -> Result<bool> {
+        self.known.claim(id)
+    }
+
+    /// Packs a blob claimed with [`Self::claim`], as `kind`: a [`BlobKind::Delta`]'s `data` is
+    /// the delta's encoding, not the block its id names. Local repositories only (a remote
+    /// one's blobs wait for the receiver's answer in [`Self::store_with_id`]).
+    pub fn store_claimed(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<()> {
+        assert!(self.repo.remote.is_none(), "block deltas are written to local repositories only");
+        self.pack_blob(id, kind, data)
     }
 
     /// Sends the pending batch's `Have` and packs what the receiver lacks of the batch asked
@@ -329,7 +344,7 @@ impl<'a> BlobWriter<'a> {
         let pack = self.pack.as_mut().expect("created above");
         pack.add(id, kind, compression, data.len(), stored)?;
         self.stats.stages.record(Stage::Write, written.elapsed());
-        if kind == BlobKind::Data {
+        if matches!(kind, BlobKind::Data | BlobKind::Delta) {
             self.stats.chunks_new += 1;
             self.stats.bytes_new += data.len() as u64;
         }
@@ -406,39 +421,68 @@ impl<'a> BlobReader<'a> {
 
     /// Reads blob `id`, verified, and appends it to `out`; on error `out` is left as it was.
     pub fn read_append(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        self.read_block(id, out).map(|_depth| ())
+    }
+
+    /// [`Self::read_append`] that also says how the blob is stored: 0 when whole, else the
+    /// depth of its delta chain (a block delta is rebuilt from its base, recursively).
+    pub fn read_block(&mut self, id: &ChunkId, out: &mut Vec<u8>) -> Result<u32> {
         let start = out.len();
-        let read = match self.repo.remote.as_deref() {
-            Some(remote) => self.read_remote(remote, id, out, start),
-            None => {
-                let entry =
-                    self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
-                self.read_entry(&entry, out, start)
-            }
-        };
+        let read = self.read_chain(id, out, wire::limits::MAX_DELTA_CHAIN + 1);
         if read.is_err() {
             out.truncate(start);
         }
         read
     }
 
-    fn read_remote(&mut self, remote: &'a Remote, id: &ChunkId, out: &mut Vec<u8>, start: usize) -> Result<()> {
-        let fetched = match self.fetched.as_mut() {
-            Some(f) if f.next_is(id) => f.next(id),
-            _ => remote.fetch(vec![*id]).next(id),
-        };
-        let (entry, stored) = fetched.inspect_err(|_| self.fetched = None)?;
-        let from = format!("receiver {}", remote.addr);
-        check_blob(&mut self.decompressor, self.repo, &from, &stored, &entry, out, start)
+    /// Appends blob `id` to `out`; a delta must be shallower than `below`.
+    fn read_chain(&mut self, id: &ChunkId, out: &mut Vec<u8>, below: u32) -> Result<u32> {
+        let start = out.len();
+        let (entry, from) = self.read_stored(id)?;
+        if entry.kind() != BlobKind::Delta {
+            check_blob(&mut self.decompressor, self.repo, &from, &self.stored, &entry, out, start)?;
+            return Ok(0);
+        }
+        let integrity = |detail: String| Error::Integrity(format!("{from}: delta {id}: {detail}"));
+        let mut raw = Vec::new();
+        decode_blob(&mut self.decompressor, &self.stored, &entry, &mut raw).map_err(integrity)?;
+        let delta = BlockDelta::decode(&raw).map_err(|e| integrity(e.to_string()))?;
+        if delta.depth >= below {
+            return Err(integrity(format!(
+                "chain depth {} under a delta of depth {below} (corrupt chain)",
+                delta.depth
+            )));
+        }
+        let mut base = Vec::new();
+        self.read_chain(&delta.base, &mut base, delta.depth).map_err(|e| {
+            integrity(format!("broken link at depth {} of its chain: base {}: {e}", delta.depth, delta.base))
+        })?;
+        delta.apply(&base, out).map_err(|e| integrity(e.to_string()))?;
+        if self.repo.key.blob_id(&out[start..]) != *id {
+            return Err(integrity("the rebuilt block does not match its id (data is corrupt)".into()));
+        }
+        Ok(delta.depth)
     }
 
-    fn read_entry(&mut self, entry: &IndexEntry, out: &mut Vec<u8>, start: usize) -> Result<()> {
-        let e = &entry.entry;
+    /// Reads the stored bytes of blob `id` into `self.stored`; returns its entry and where it
+    /// came from, for messages.
+    fn read_stored(&mut self, id: &ChunkId) -> Result<(PackEntry, String)> {
+        if let Some(remote) = self.repo.remote.as_deref() {
+            let fetched = match self.fetched.as_mut() {
+                Some(f) if f.next_is(id) => f.next(id),
+                _ => remote.fetch(vec![*id]).next(id),
+            };
+            let (entry, stored) = fetched.inspect_err(|_| self.fetched = None)?;
+            self.stored = stored;
+            return Ok((entry, format!("receiver {}", remote.addr)));
+        }
+        let entry = self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
+        let e = entry.entry;
         self.stored.resize(e.stored_len() as usize, 0);
         self.packs.read_at(self.repo, &entry.pack, e.offset(), &mut self.stored).map_err(|source| {
             Error::Integrity(format!("pack {}: blob {} cannot be read: {source}", entry.pack, e.id))
         })?;
-        let from = format!("pack {}", entry.pack);
-        check_blob(&mut self.decompressor, self.repo, &from, &self.stored, e, out, start)
+        Ok((e, format!("pack {}", entry.pack)))
     }
 }
 

@@ -16,7 +16,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use wire::index::IndexEntry;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::tree::{ChunkList, NodeKind, Tree};
-use wire::ChunkId;
+use wire::{BlobKind, ChunkId};
 
 use crate::error::{Error, Result};
 use crate::index::ChunkIndex;
@@ -190,6 +190,7 @@ fn check_packs(
 ) -> (Vec<PackDamage>, u64, u64) {
     let mut out = (vec![], 0, 0);
     let mut decompressor = zstd::bulk::Decompressor::new().expect("zstd contexts can always be created");
+    let mut reader = BlobReader::new(repo, index).expect("zstd contexts can always be created");
     let (mut raw, mut stored) = (Vec::new(), Vec::new());
     for job in jobs.iter() {
         // The blobs a damaged pack loses are looked up only when it is damaged.
@@ -222,12 +223,12 @@ fn check_packs(
                     .read_exact_at(&mut stored, e.offset())
                     .map_err(|err| format!("cannot be read: {err}"))
                     .and_then(|()| decode_blob(&mut decompressor, &stored, e, &mut raw))
-                    .and_then(|()| {
-                        if repo.key.blob_id(&raw) == e.id {
-                            Ok(())
-                        } else {
-                            Err("does not match its id (data is corrupt)".into())
-                        }
+                    .and_then(|()| match e.kind() {
+                        // A delta is checked by rebuilding its block down its chain, which
+                        // names the first broken link.
+                        BlobKind::Delta => reader.read(&e.id, &mut raw).map_err(|err| err.to_string()),
+                        _ if repo.key.blob_id(&raw) == e.id => Ok(()),
+                        _ => Err("does not match its id (data is corrupt)".into()),
                     });
                 if let Err(detail) = ok {
                     let name = e.id.to_hex();

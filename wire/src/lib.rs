@@ -8,6 +8,7 @@
 //! only of byte arrays, so they have alignment 1, no padding, and can be cast from any byte slice.
 
 mod codec;
+pub mod delta;
 mod error;
 pub mod frame;
 pub mod id;
@@ -33,6 +34,9 @@ pub enum BlobKind {
     Tree = 1,
     /// An encoded [`tree::ChunkList`]: the chunks of one segment of one file.
     ChunkList = 2,
+    /// File content stored as a [`delta::BlockDelta`] against an earlier version of the block;
+    /// its id is the id of the whole block it rebuilds.
+    Delta = 3,
 }
 
 impl BlobKind {
@@ -42,6 +46,7 @@ impl BlobKind {
             0 => Ok(Self::Data),
             1 => Ok(Self::Tree),
             2 => Ok(Self::ChunkList),
+            3 => Ok(Self::Delta),
             _ => Err(Error::Corrupt { what: "blob kind", detail: format!("unknown kind {v}") }),
         }
     }

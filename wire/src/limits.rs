@@ -29,6 +29,9 @@ pub const MAX_FILE_SEGMENTS: u32 = 1 << 24;
 pub const MAX_NAME_LEN: usize = 1024;
 /// Longest symlink target in a tree.
 pub const MAX_LINK_TARGET_LEN: usize = 4096;
+/// Longest chain of block deltas a reader follows (the backup's chain bound is lower and
+/// configurable); a longer one is corrupt, which also ends a cycle.
+pub const MAX_DELTA_CHAIN: u32 = 16;
 /// Smallest segment size a repository may be initialised with.
 pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
 /// Largest segment size a repository may be initialised with.
