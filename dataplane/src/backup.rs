@@ -63,6 +63,15 @@ pub enum Chunking {
 }
 
 impl Chunking {
+    /// The page size of page files, `None` with `cdc`.
+    fn page_size(&self) -> Option<u32> {
+        match *self {
+            Chunking::Cdc => None,
+            Chunking::Pages { page, .. } => Some(page),
+            Chunking::Auto { .. } => Some(synth::PAGE as u32),
+        }
+    }
+
     /// The policy for a file at `path` of `len` bytes.
     fn policy(&self, path: &Path, len: u64, cdc: ChunkPolicy) -> ChunkPolicy {
         match *self {
@@ -90,17 +99,6 @@ impl Chunking {
             });
             (layout, chunk)
         })
-    }
-}
-
-impl Chunking {
-    /// The page size of page files, `None` with `cdc`.
-    fn page_size(&self) -> Option<u32> {
-        match *self {
-            Chunking::Cdc => None,
-            Chunking::Pages { page, .. } => Some(page),
-            Chunking::Auto { .. } => Some(synth::PAGE as u32),
-        }
     }
 }
 
@@ -200,11 +198,9 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         Some(spec) => Some(repo.find_snapshot(spec)?),
         None => repo.snapshots()?.into_iter().rev().find(|(_, s)| s.host == host && s.paths == path_strings),
     };
-    if let Chunking::Auto { chunk } | Chunking::Pages { chunk, .. } = opts.chunking {
-        let page = match opts.chunking {
-            Chunking::Pages { page, .. } => page,
-            _ => synth::PAGE as u32,
-        };
+    if let (Chunking::Auto { chunk } | Chunking::Pages { chunk, .. }, Some(page)) =
+        (opts.chunking, opts.chunking.page_size())
+    {
         if chunk == 0
             || !chunk.is_multiple_of(page)
             || !repo.config.segment_size.is_multiple_of(u64::from(chunk))
@@ -364,25 +360,30 @@ fn backup_segment(
     // reading (or generating) the source bytes included.
     let mut cut_started = Instant::now();
     let mut offset = 0u64;
+    // How far this part of the segment moved since the parent, learned from unchanged chunks.
+    let mut moved = 0i64;
     let mut store = |chunk: &[u8]| -> Result<()> {
         writer.stats.stages.record(Stage::Chunk, cut_started.elapsed());
         let id = if chunker::is_zero(chunk) {
             ChunkId::default()
         } else {
             let id = writer.hash(chunk);
-            let base = previous.at(offset, chunk.len()).filter(|base| *base != id);
-            match (deltas.as_mut(), base) {
-                _ if previous.has(&id) => {}
-                (Some((deltas, reader)), Some(base)) => {
-                    if writer.claim(&id)? {
-                        match deltas.encode(reader, base, chunk) {
-                            Some(delta) => writer.store_claimed(id, BlobKind::Delta, delta)?,
-                            None => writer.store_claimed(id, BlobKind::Data, chunk)?,
+            if previous.has(&id) {
+                moved = previous.moved(&id, offset, chunk.len()).unwrap_or(moved);
+            } else {
+                let was = u64::try_from(offset as i64 - moved).ok();
+                match (deltas.as_mut(), was.and_then(|was| previous.at(was, chunk.len()))) {
+                    (Some((deltas, reader)), Some(base)) => {
+                        if writer.claim(&id)? {
+                            match deltas.encode(reader, base, chunk) {
+                                Some(delta) => writer.store_claimed(id, BlobKind::Delta, delta)?,
+                                None => writer.store_claimed(id, BlobKind::Data, chunk)?,
+                            }
                         }
                     }
-                }
-                _ => {
-                    writer.store_with_id(id, BlobKind::Data, chunk)?;
+                    _ => {
+                        writer.store_with_id(id, BlobKind::Data, chunk)?;
+                    }
                 }
             }
             id
@@ -433,15 +434,16 @@ struct PreviousChunks<'a> {
     index: &'a ChunkIndex,
     remote: bool,
     list: Option<ChunkId>,
-    ids: HashSet<ChunkId, IdBuild>,
-    /// Where each non-zero chunk started in the segment, in order, and its length.
+    /// Each non-zero chunk and where it started in the segment.
+    ids: HashMap<ChunkId, u64, IdBuild>,
+    /// Where each non-zero chunk started, in order, and its length.
     starts: Vec<(u64, u32, ChunkId)>,
     buf: Vec<u8>,
 }
 
 impl<'a> PreviousChunks<'a> {
     fn new(index: &'a ChunkIndex, remote: bool) -> Self {
-        Self { index, remote, list: None, ids: HashSet::default(), starts: Vec::new(), buf: Vec::new() }
+        Self { index, remote, list: None, ids: HashMap::default(), starts: Vec::new(), buf: Vec::new() }
     }
 
     /// The parent's chunk of `len` bytes at `offset` of the segment, if it had one there.
@@ -451,13 +453,24 @@ impl<'a> PreviousChunks<'a> {
         (parent_len as usize == len).then_some(id)
     }
 
+    /// How far the data around unchanged chunk `id`, found at `offset`, moved since the
+    /// parent: 0 when the parent had it at the same place (checked first, so a duplicate
+    /// elsewhere does not mislead), else the distance to where the parent had it. Members of
+    /// a tar move when a member before them grew.
+    fn moved(&self, id: &ChunkId, offset: u64, len: usize) -> Option<i64> {
+        if self.at(offset, len) == Some(*id) {
+            return Some(0);
+        }
+        self.ids.get(id).map(|&was| offset as i64 - was as i64)
+    }
+
     /// Whether the parent had chunk `id` in this segment and the index's filter still knows it
     /// (memory only; a chunk whose index entry was lost is stored again, as the reuse of
     /// unchanged files requires their chunk lists to be indexed).
     fn has(&self, id: &ChunkId) -> bool {
         // A remote repository's index is the receiver's, not in memory here: the parent,
         // committed there, vouches for its chunks.
-        self.ids.contains(id) && (self.remote || self.index.may_contain(id))
+        self.ids.contains_key(id) && (self.remote || self.index.may_contain(id))
     }
 
     fn load(&mut self, reader: &mut BlobReader<'_>, list: Option<ChunkId>) {
@@ -471,11 +484,11 @@ impl<'a> PreviousChunks<'a> {
         // An unreadable parent list only means more lookups: the index still decides.
         if reader.read(&id, &mut self.buf).is_ok() {
             if let Ok(l) = ChunkList::decode(&self.buf) {
-                self.ids.extend(l.chunks.iter().filter(|c| !c.zero).map(|c| c.id));
                 let mut offset = 0;
                 for c in &l.chunks {
                     if !c.zero {
                         self.starts.push((offset, c.len, c.id));
+                        self.ids.entry(c.id).or_insert(offset);
                     }
                     offset += u64::from(c.len);
                 }
