@@ -82,13 +82,19 @@ pub fn encode(
         }
         out[changed_at + i / 8] |= 1 << (i % 8);
         diff.pages += 1;
-        let differ = old.iter().zip(new).filter(|(a, b)| a != b).count();
+        // Plain slice loops, so that both passes are vectorised.
+        let at = out.len();
+        out.resize(at + page, 0);
+        let xor = &mut out[at..];
+        for ((x, a), b) in xor.iter_mut().zip(old).zip(new) {
+            *x = a ^ b;
+        }
+        let differ = xor.iter().filter(|&&x| x != 0).count();
         if differ * 2 > page {
             out[whole_at + i / 8] |= 1 << (i % 8);
-            out.extend_from_slice(new);
+            out[at..].copy_from_slice(new);
             diff.bytes += page;
         } else {
-            out.extend(old.iter().zip(new).map(|(a, b)| a ^ b));
             diff.bytes += differ;
         }
     }
