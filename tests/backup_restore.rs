@@ -195,6 +195,46 @@ fn page_files_store_only_the_changed_pages_in_an_incremental() {
 }
 
 #[test]
+fn chunking_is_set_per_path_and_the_longest_path_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("data");
+    let (innodb, relation) = (src.join("mysql/ibdata1"), src.join("base/1/1259"));
+    // What the incremental adds to the packs for one UPDATE in each file, in a fresh repository.
+    let run = |name: &str, rules: &[String]| -> u64 {
+        let repo = tmp.path().join(name);
+        init_small(&repo);
+        let mut files = [(&innodb, bench::db_pages(31, 256), 40), (&relation, bench::db_pages(32, 128), 10)];
+        for (path, pages, _) in &files {
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, pages).unwrap();
+        }
+        let mut args = vec!["backup", "--repo", s(&repo), s(&src)];
+        args.extend(rules.iter().flat_map(|r| ["--chunking", r.as_str()]));
+        ok(&args);
+        for (path, pages, page) in &mut files {
+            update_page(pages, *page, 3);
+            fs::write(path, pages).unwrap();
+        }
+        let before = dir_size(&repo.join("packs"));
+        ok(&args);
+        dir_size(&repo.join("packs")) - before
+    };
+    let mysql = format!("{}=pages:16KiB", s(&src.join("mysql")));
+    let cdc_everywhere = run("cdc", &["cdc".into()]);
+    let mysql_pages = run("mysql", &["cdc".into(), mysql.clone()]);
+    let both_pages = run("both", std::slice::from_ref(&mysql));
+    let base_cdc = run("base", &[mysql, format!("{}=cdc", s(&src.join("base"))), format!("{}=auto", s(&src))]);
+    // A content-defined chunk of these pages compresses to a few KiB; the delta of one UPDATE
+    // to a few dozen bytes.
+    assert!(mysql_pages + 1024 <= cdc_everywhere, "ibdata1 in page blocks: {mysql_pages} vs {cdc_everywhere}");
+    assert!(both_pages + 1024 <= mysql_pages, "auto gives base/ page blocks: {both_pages} vs {mysql_pages}");
+    // base/ content-defined again, by its own rule over SRC=auto (trees differ by a few bytes).
+    assert!(base_cdc >= both_pages + 1024 && base_cdc.abs_diff(mysql_pages) < 512, "{base_cdc} vs {mysql_pages}");
+    let bad = cbcr(&["backup", "--repo", s(&tmp.path().join("cdc")), s(&src), "--chunking", "=cdc"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+}
+
+#[test]
 fn block_delta_chains_are_bounded_restore_every_generation_and_a_broken_link_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, repo) = (tmp.path().join("data"), tmp.path().join("repo"));

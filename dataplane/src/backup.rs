@@ -45,9 +45,28 @@ pub struct BackupOptions {
     pub cores: usize,
     pub compression_level: i32,
     pub pack_size: u64,
-    pub chunking: Chunking,
+    pub chunking: ChunkingRules,
     /// Longest chain of block deltas for page files; 0 stores every changed block whole.
     pub delta_chain: u32,
+}
+
+/// The chunking of each file: `default`, unless a rule's path is an ancestor of (or is) the
+/// file; the rule with the longest path wins.
+#[derive(Clone, Debug)]
+pub struct ChunkingRules {
+    pub default: Chunking,
+    pub paths: Vec<(PathBuf, Chunking)>,
+}
+
+impl ChunkingRules {
+    fn for_path(&self, path: &Path) -> Chunking {
+        let rules = self.paths.iter().filter(|(prefix, _)| path.starts_with(prefix));
+        rules.max_by_key(|(prefix, _)| prefix.components().count()).map_or(self.default, |(_, c)| *c)
+    }
+
+    fn all(&self) -> impl Iterator<Item = Chunking> + '_ {
+        std::iter::once(self.default).chain(self.paths.iter().map(|(_, c)| *c))
+    }
 }
 
 /// Which files are chunked at fixed page-aligned offsets instead of by content.
@@ -125,17 +144,9 @@ struct Shared {
     level: i32,
     /// Cores count bytes as they go (once per window); the walker counts files.
     progress: Arc<Progress>,
-    /// Block deltas for the page chunks of changed files, when enabled.
-    deltas: Option<DeltaPolicy>,
-}
-
-/// Policy (b) of the page-aware chunking: a changed page-aligned block whose parent version
-/// sits at the same offset is stored as the XOR of its changed pages against that version.
-#[derive(Clone, Copy)]
-struct DeltaPolicy {
-    page: u32,
-    /// Longest chain: a block whose parent is this deep is stored whole again (re-based).
-    chain: u32,
+    /// Block deltas for the page chunks of changed files, when enabled: the longest chain
+    /// (a block whose parent is this deep is stored whole again, re-based).
+    deltas: Option<u32>,
 }
 
 /// Where a segment's bytes come from.
@@ -150,6 +161,9 @@ enum SegmentSource {
 struct SegmentJob {
     source: SegmentSource,
     policy: ChunkPolicy,
+    /// The page size of a page file (or of the page files inside a tar): its page chunks may
+    /// be stored as deltas of these pages.
+    page: Option<u32>,
     /// The parent snapshot's chunk list for this segment of the file, if it had one.
     previous: Option<ChunkId>,
     /// Page files inside a tar: cut by [`chunker::region_cuts`] with `policy`'s chunk size.
@@ -198,9 +212,11 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         Some(spec) => Some(repo.find_snapshot(spec)?),
         None => repo.snapshots()?.into_iter().rev().find(|(_, s)| s.host == host && s.paths == path_strings),
     };
-    if let (Chunking::Auto { chunk } | Chunking::Pages { chunk, .. }, Some(page)) =
-        (opts.chunking, opts.chunking.page_size())
-    {
+    for chunking in opts.chunking.all() {
+        let (Chunking::Auto { chunk } | Chunking::Pages { chunk, .. }, Some(page)) = (chunking, chunking.page_size())
+        else {
+            continue;
+        };
         if chunk == 0
             || !chunk.is_multiple_of(page)
             || !repo.config.segment_size.is_multiple_of(u64::from(chunk))
@@ -221,12 +237,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     let progress = reporter.start("backup");
     // A delta needs the parent's block: one read from local packs, but a round trip to a
     // receiver, so remote backups store changed blocks whole.
-    let deltas = match opts.chunking.page_size() {
-        Some(page) if opts.delta_chain > 0 && repo.remote.is_none() && wire::delta::valid_page_size(page) => {
-            Some(DeltaPolicy { page, chain: opts.delta_chain })
-        }
-        _ => None,
-    };
+    let deltas = (opts.delta_chain > 0 && repo.remote.is_none()).then_some(opts.delta_chain);
     let shared = Arc::new(Shared {
         repo,
         known: Arc::new(KnownBlobs::new(index)),
@@ -266,7 +277,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         stats: SnapshotStats::default(),
         files_changed: 0,
         reporter,
-        chunking: opts.chunking,
+        chunking: opts.chunking.clone(),
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
         confirmed: HashSet::default(),
         subtrees: HashMap::new(),
@@ -333,9 +344,8 @@ fn run_core(
     let mut deltas = shared.deltas.map(BlockDeltas::new);
     for job in jobs.iter() {
         previous.load(&mut reader, job.previous);
-        // Only page chunks line up with their parent version.
-        let deltas = deltas.as_mut().filter(|_| matches!(job.policy, ChunkPolicy::Fixed(_)));
-        let base = deltas.map(|d| (d, &mut reader));
+        let page = job.page.filter(|&p| wire::delta::valid_page_size(p));
+        let base = deltas.as_mut().zip(page).map(|(d, page)| (d, page, &mut reader));
         let result = backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
@@ -350,7 +360,7 @@ fn backup_segment(
     writer: &mut BlobWriter<'_>,
     job: &SegmentJob,
     previous: &PreviousChunks<'_>,
-    mut deltas: Option<(&mut BlockDeltas, &mut BlobReader<'_>)>,
+    mut deltas: Option<(&mut BlockDeltas, u32, &mut BlobReader<'_>)>,
     cdc: ChunkerParams,
     window: &mut Vec<u8>,
     progress: &Progress,
@@ -373,9 +383,9 @@ fn backup_segment(
             } else {
                 let was = u64::try_from(offset as i64 - moved).ok();
                 match (deltas.as_mut(), was.and_then(|was| previous.at(was, chunk.len()))) {
-                    (Some((deltas, reader)), Some(base)) => {
+                    (Some((deltas, page, reader)), Some(base)) => {
                         if writer.claim(&id)? {
-                            match deltas.encode(reader, base, chunk) {
+                            match deltas.encode(reader, *page, base, chunk) {
                                 Some(delta) => writer.store_claimed(id, BlobKind::Delta, delta)?,
                                 None => writer.store_claimed(id, BlobKind::Data, chunk)?,
                             }
@@ -499,27 +509,27 @@ impl<'a> PreviousChunks<'a> {
 
 /// One core's block-delta encoder: reads a block's parent version and encodes the difference.
 struct BlockDeltas {
-    policy: DeltaPolicy,
+    /// Longest chain.
+    chain: u32,
     base: Vec<u8>,
     delta: Vec<u8>,
 }
 
 impl BlockDeltas {
-    fn new(policy: DeltaPolicy) -> Self {
-        Self { policy, base: Vec::new(), delta: Vec::new() }
+    fn new(chain: u32) -> Self {
+        Self { chain, base: Vec::new(), delta: Vec::new() }
     }
 
     /// The delta of `block` against its parent version `base`, or `None` when it is to be
     /// stored whole: the parent is unreadable or as deep as the chain may go (re-basing), the
     /// block is not made of whole pages, or too much of it changed for a delta to pay.
-    fn encode(&mut self, reader: &mut BlobReader<'_>, base: ChunkId, block: &[u8]) -> Option<&[u8]> {
-        let page = self.policy.page;
+    fn encode(&mut self, reader: &mut BlobReader<'_>, page: u32, base: ChunkId, block: &[u8]) -> Option<&[u8]> {
         if !block.len().is_multiple_of(page as usize) {
             return None;
         }
         self.base.clear();
         let depth = reader.read_block(&base, &mut self.base).ok()?;
-        if depth >= self.policy.chain || self.base.len() != block.len() {
+        if depth >= self.chain || self.base.len() != block.len() {
             return None;
         }
         let diff = wire::delta::encode(base, depth + 1, page, &self.base, block, &mut self.delta);
@@ -593,7 +603,7 @@ struct Walker<'a> {
     /// Files that changed while they were read.
     files_changed: u64,
     reporter: &'a mut Reporter,
-    chunking: Chunking,
+    chunking: ChunkingRules,
     /// The repository's content-defined policy.
     cdc: ChunkPolicy,
     /// Remote repository: chunk lists of the parent's files in the directories being walked
@@ -850,10 +860,11 @@ impl Walker<'_> {
         };
         let _ = map.advise(Advice::Sequential);
         meta.size = map.len() as u64;
-        let mut policy = self.chunking.policy(path, meta.size, self.cdc);
+        let chunking = self.chunking.for_path(path);
+        let mut policy = chunking.policy(path, meta.size, self.cdc);
         let mut regions = None;
         if policy == self.cdc {
-            if let Some((layout, chunk)) = self.chunking.tar_pages(&map) {
+            if let Some((layout, chunk)) = chunking.tar_pages(&map) {
                 for warning in &layout.warnings {
                     self.reporter.warn(path, &format!("tar: {warning}"));
                 }
@@ -862,18 +873,20 @@ impl Walker<'_> {
                 }
             }
         }
-        let slot = self.queue_segments(SegmentSource::Mapped(Arc::new(map)), meta.size, policy, regions, previous)?;
+        let page = chunking.page_size().filter(|_| policy != self.cdc);
+        let source = SegmentSource::Mapped(Arc::new(map));
+        let slot = self.queue_segments(source, meta.size, (policy, page), regions, previous)?;
         self.files.get_mut(&slot).expect("just queued").path = Some(path.to_owned());
         Ok(Ok(Some(slot)))
     }
 
-    /// Queues every segment of a file of `len` bytes and returns its slot. `previous` are the
-    /// file's chunk lists in the parent snapshot.
+    /// Queues every segment of a file of `len` bytes and returns its slot. `policy` comes with
+    /// the page size of page chunks; `previous` are the file's chunk lists in the parent snapshot.
     fn queue_segments(
         &mut self,
         source: SegmentSource,
         len: u64,
-        policy: ChunkPolicy,
+        (policy, page): (ChunkPolicy, Option<u32>),
         regions: Option<Arc<[PageRegion]>>,
         previous: &[ChunkId],
     ) -> Result<usize> {
@@ -889,6 +902,7 @@ impl Walker<'_> {
             let job = SegmentJob {
                 source: source.clone(),
                 policy,
+                page,
                 previous: previous.get(segment).copied(),
                 regions: regions.clone(),
                 file: slot,
@@ -937,11 +951,13 @@ impl Walker<'_> {
         for (name, f) in &dir.files {
             let meta = stamp(0o100600, f.len(), f.mtime_ns, f.inode());
             let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
-            let policy = self.chunking.policy(Path::new(&f.path), f.len(), self.cdc);
+            let chunking = self.chunking.for_path(Path::new(&f.path));
+            let policy = chunking.policy(Path::new(&f.path), f.len(), self.cdc);
+            let page = chunking.page_size().filter(|_| policy != self.cdc);
             // A generated file is always readable: the inner result is always Ok.
             let added =
                 self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta, previous| {
-                    Ok(Ok(Some(walker.queue_segments(source, meta.size, policy, None, previous)?)))
+                    Ok(Ok(Some(walker.queue_segments(source, meta.size, (policy, page), None, previous)?)))
                 })?;
             debug_assert!(added.is_ok());
         }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 
 use clap::{Args, Parser, Subcommand};
-use dataplane::backup::{backup, BackupOptions, Chunking};
+use dataplane::backup::{backup, BackupOptions, Chunking, ChunkingRules};
 use dataplane::error::{Error, ExitCode};
 use dataplane::output::Reporter;
 use dataplane::quic::TlsFiles;
@@ -76,9 +76,10 @@ enum Command {
         pack_size: u64,
         /// `auto` (page chunks for PostgreSQL relation files, content-defined for the rest),
         /// `cdc` (content-defined everywhere) or `pages:SIZE` (page chunks for every file whose
-        /// length is a multiple of the page SIZE, e.g. pages:16KiB for InnoDB).
-        #[arg(long, default_value = "auto", value_parser = parse_chunking)]
-        chunking: ChunkingArg,
+        /// length is a multiple of the page SIZE, e.g. pages:16KiB for InnoDB). Repeat as
+        /// `PATH=POLICY` to set the policy of the files under PATH (the longest PATH wins).
+        #[arg(long, value_parser = parse_chunking)]
+        chunking: Vec<(Option<PathBuf>, ChunkingArg)>,
         /// Length of a page chunk: a multiple of the page size.
         #[arg(long, default_value = "64KiB", value_parser = dataplane::parse_size)]
         page_chunk: u64,
@@ -208,11 +209,19 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
         Command::Backup { paths, parent, compression_level, pack_size, chunking, page_chunk, delta_chain } => {
             let chunk = u32::try_from(page_chunk)
                 .map_err(|_| Error::Usage(format!("--page-chunk {page_chunk} is too large")))?;
-            let chunking = match chunking {
+            let policy = |arg| match arg {
                 ChunkingArg::Auto => Chunking::Auto { chunk },
                 ChunkingArg::Cdc => Chunking::Cdc,
                 ChunkingArg::Pages(page) => Chunking::Pages { page, chunk },
             };
+            let mut rules = ChunkingRules { default: Chunking::Auto { chunk }, paths: vec![] };
+            for (path, arg) in chunking {
+                match path {
+                    // Source paths are walked canonical: so must the rules' be.
+                    Some(p) => rules.paths.push((std::fs::canonicalize(&p).unwrap_or(p), policy(arg))),
+                    None => rules.default = policy(arg),
+                }
+            }
             let repo = open(true)?;
             let synth = match paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://")) {
                 Some(_) if paths.len() > 1 => {
@@ -221,8 +230,16 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                 Some(url) => Some(SynthSpec::parse(url)?),
                 None => None,
             };
-            let opts =
-                BackupOptions { paths, synth, parent, cores, compression_level, pack_size, chunking, delta_chain };
+            let opts = BackupOptions {
+                paths,
+                synth,
+                parent,
+                cores,
+                compression_level,
+                pack_size,
+                chunking: rules,
+                delta_chain,
+            };
             let out = backup(repo, &opts, reporter)?;
             let s = &out.snapshot.stats;
             reporter.event(json!({
@@ -424,7 +441,15 @@ enum ChunkingArg {
     Pages(u32),
 }
 
-fn parse_chunking(s: &str) -> Result<ChunkingArg, String> {
+fn parse_chunking(arg: &str) -> Result<(Option<PathBuf>, ChunkingArg), String> {
+    match arg.rsplit_once('=') {
+        Some((path, _)) if path.is_empty() => Err(format!("{arg:?}: PATH=POLICY needs a path")),
+        Some((path, policy)) => Ok((Some(PathBuf::from(path)), parse_policy(policy)?)),
+        None => Ok((None, parse_policy(arg)?)),
+    }
+}
+
+fn parse_policy(s: &str) -> Result<ChunkingArg, String> {
     match s {
         "auto" => Ok(ChunkingArg::Auto),
         "cdc" => Ok(ChunkingArg::Cdc),
