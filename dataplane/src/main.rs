@@ -443,7 +443,7 @@ enum ChunkingArg {
 
 fn parse_chunking(arg: &str) -> Result<(Option<PathBuf>, ChunkingArg), String> {
     match arg.rsplit_once('=') {
-        Some((path, _)) if path.is_empty() => Err(format!("{arg:?}: PATH=POLICY needs a path")),
+        Some(("", _)) => Err(format!("{arg:?}: PATH=POLICY needs a path")),
         Some((path, policy)) => Ok((Some(PathBuf::from(path)), parse_policy(policy)?)),
         None => Ok((None, parse_policy(arg)?)),
     }
