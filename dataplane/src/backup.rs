@@ -379,11 +379,15 @@ fn backup_segment(
         } else {
             let id = writer.hash(chunk);
             if previous.has(&id) {
-                moved = previous.moved(&id, offset, chunk.len()).unwrap_or(moved);
+                if deltas.is_some() {
+                    moved = previous.moved(&id, offset, chunk.len()).unwrap_or(moved);
+                }
             } else {
+                // The parent's version of this block: where its data was before it moved.
                 let was = u64::try_from(offset as i64 - moved).ok();
-                match (deltas.as_mut(), was.and_then(|was| previous.at(was, chunk.len()))) {
-                    (Some((deltas, page, reader)), Some(base)) => {
+                let parent = deltas.as_mut().zip(was.and_then(|was| previous.at(was, chunk.len())));
+                match parent {
+                    Some(((deltas, page, reader), base)) => {
                         if writer.claim(&id)? {
                             match deltas.encode(reader, *page, base, chunk) {
                                 Some(delta) => writer.store_claimed(id, BlobKind::Delta, delta)?,
@@ -391,7 +395,7 @@ fn backup_segment(
                             }
                         }
                     }
-                    _ => {
+                    None => {
                         writer.store_with_id(id, BlobKind::Data, chunk)?;
                     }
                 }

@@ -219,17 +219,22 @@ fn check_packs(
                 out.1 += 1;
                 stored.resize(e.stored_len() as usize, 0);
                 raw.clear();
-                let ok = file
-                    .read_exact_at(&mut stored, e.offset())
-                    .map_err(|err| format!("cannot be read: {err}"))
-                    .and_then(|()| decode_blob(&mut decompressor, &stored, e, &mut raw))
-                    .and_then(|()| match e.kind() {
-                        // A delta is checked by rebuilding its block down its chain, which
-                        // names the first broken link.
-                        BlobKind::Delta => reader.read(&e.id, &mut raw).map_err(|err| err.to_string()),
-                        _ if repo.key.blob_id(&raw) == e.id => Ok(()),
-                        _ => Err("does not match its id (data is corrupt)".into()),
-                    });
+                let ok = match e.kind() {
+                    // A delta is checked by rebuilding its block down its chain, which names
+                    // the first broken link.
+                    BlobKind::Delta => reader.read(&e.id, &mut raw).map_err(|err| err.to_string()),
+                    _ => file
+                        .read_exact_at(&mut stored, e.offset())
+                        .map_err(|err| format!("cannot be read: {err}"))
+                        .and_then(|()| decode_blob(&mut decompressor, &stored, e, &mut raw))
+                        .and_then(|()| {
+                            if repo.key.blob_id(&raw) == e.id {
+                                Ok(())
+                            } else {
+                                Err("does not match its id (data is corrupt)".into())
+                            }
+                        }),
+                };
                 if let Err(detail) = ok {
                     let name = e.id.to_hex();
                     out.0.push((
