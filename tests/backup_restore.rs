@@ -235,6 +235,25 @@ fn chunking_is_set_per_path_and_the_longest_path_wins() {
 }
 
 #[test]
+fn a_relation_file_with_a_torn_last_page_is_chunked_by_content_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("data"), tmp.path().join("repo"), tmp.path().join("out"));
+    init_small(&repo);
+    fs::create_dir_all(src.join("base/1")).unwrap();
+    let mut torn = bench::db_pages(40, 20);
+    torn.truncate(19 * bench::PAGE + 3000);
+    fs::write(src.join("base/1/16500"), &torn).unwrap();
+    fs::write(src.join("base/1/pg_filenode.map"), [1u8; 512]).unwrap(); // not a relation: no warning
+    let backup = ok(&["backup", "--repo", s(&repo), s(&src), "--json"]);
+    let warnings: Vec<_> =
+        text(&backup.stdout).lines().filter(|l| l.contains("\"warning\"")).map(String::from).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("16500") && warnings[0].contains("not a whole number of 8 KiB pages"), "{warnings:?}");
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+}
+
+#[test]
 fn block_delta_chains_are_bounded_restore_every_generation_and_a_broken_link_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, repo) = (tmp.path().join("data"), tmp.path().join("repo"));

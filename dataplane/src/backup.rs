@@ -126,6 +126,15 @@ fn is_relation_path(path: &Path) -> bool {
     path.components().any(|c| c.as_os_str() == "base" || c.as_os_str() == "global")
 }
 
+/// Named as PostgreSQL names relation files: a filenode, a fork suffix (`_fsm`, `_vm`,
+/// `_init`), a segment number (`.1`): `16397`, `16397_vm`, `16397.2`.
+fn is_relation_file_name(name: &str) -> bool {
+    let (stem, segment) = name.split_once('.').unwrap_or((name, "0"));
+    let node = ["_fsm", "_vm", "_init"].iter().find_map(|f| stem.strip_suffix(f)).unwrap_or(stem);
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(node) && digits(segment)
+}
+
 /// A committed backup.
 pub struct BackupOutcome {
     pub snapshot_id: ChunkId,
@@ -866,6 +875,17 @@ impl Walker<'_> {
         meta.size = map.len() as u64;
         let chunking = self.chunking.for_path(path);
         let mut policy = chunking.policy(path, meta.size, self.cdc);
+        if let (Chunking::Auto { .. }, true) = (chunking, policy == self.cdc) {
+            let relation = path.file_name().and_then(|n| n.to_str()).is_some_and(is_relation_file_name);
+            if relation && is_relation_path(path) {
+                let warning = format!(
+                    "named like a PostgreSQL relation file but {} bytes long, not a whole number of 8 KiB pages \
+                     (a torn last page, or a file being written?): chunked by content",
+                    meta.size
+                );
+                self.reporter.warn(path, &warning);
+            }
+        }
         let mut regions = None;
         if policy == self.cdc {
             if let Some((layout, chunk)) = chunking.tar_pages(&map) {
@@ -1155,5 +1175,20 @@ pub(crate) fn hostname() -> String {
         String::from_utf8_lossy(&buf[..end]).into_owned()
     } else {
         "unknown".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_relation_file_name;
+
+    #[test]
+    fn relation_file_names() {
+        for name in ["16397", "16397_vm", "16397_fsm.1", "1259.12", "2619_init"] {
+            assert!(is_relation_file_name(name), "{name}");
+        }
+        for name in ["pg_filenode.map", "PG_VERSION", "pg_internal.init", "16397_x", "_vm", "12.", "a1"] {
+            assert!(!is_relation_file_name(name), "{name}");
+        }
     }
 }
