@@ -897,25 +897,26 @@ impl Walker<'_> {
                 }
             }
         }
-        let page = chunking.page_size().filter(|_| policy != self.cdc);
         let source = SegmentSource::Mapped(Arc::new(map));
-        let slot = self.queue_segments(source, meta.size, (policy, page), regions, previous)?;
+        let slot = self.queue_segments(source, meta.size, (chunking, policy), regions, previous)?;
         self.files.get_mut(&slot).expect("just queued").path = Some(path.to_owned());
         Ok(Ok(Some(slot)))
     }
 
-    /// Queues every segment of a file of `len` bytes and returns its slot. `policy` comes with
-    /// the page size of page chunks; `previous` are the file's chunk lists in the parent snapshot.
+    /// Queues every segment of a file of `len` bytes, cut by `policy` (picked under
+    /// `chunking`), and returns its slot. `previous` are the file's chunk lists in the parent
+    /// snapshot.
     fn queue_segments(
         &mut self,
         source: SegmentSource,
         len: u64,
-        (policy, page): (ChunkPolicy, Option<u32>),
+        (chunking, policy): (Chunking, ChunkPolicy),
         regions: Option<Arc<[PageRegion]>>,
         previous: &[ChunkId],
     ) -> Result<usize> {
         let segment_size = self.shared.repo.config.segment_size;
         let count = len.div_ceil(segment_size) as usize;
+        let page = chunking.page_size().filter(|_| policy != self.cdc);
         let slot = self.next_slot;
         self.next_slot += 1;
         self.files.insert(slot, FileInFlight { segments: vec![None; count], left: count, path: None });
@@ -977,11 +978,10 @@ impl Walker<'_> {
             let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
             let chunking = self.chunking.for_path(Path::new(&f.path));
             let policy = chunking.policy(Path::new(&f.path), f.len(), self.cdc);
-            let page = chunking.page_size().filter(|_| policy != self.cdc);
             // A generated file is always readable: the inner result is always Ok.
             let added =
                 self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta, previous| {
-                    Ok(Ok(Some(walker.queue_segments(source, meta.size, (policy, page), None, previous)?)))
+                    Ok(Ok(Some(walker.queue_segments(source, meta.size, (chunking, policy), None, previous)?)))
                 })?;
             debug_assert!(added.is_ok());
         }
