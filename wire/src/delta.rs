@@ -23,7 +23,7 @@ use crate::{limits, ChunkId, Error, Result};
 
 const MAGIC: &[u8; 4] = b"CBDL";
 const VERSION: u16 = 1;
-/// Bytes before the bitmap.
+/// Bytes before the two bitmaps.
 const HEADER_LEN: usize = 8 + 32 + 4 + 4 + 4;
 
 /// A decoded delta; the pages borrow from the blob.
