@@ -182,17 +182,7 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
     // Printed for scripts that start the receiver on port 0.
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let mut usec = 0;
-    if sd_notify::watchdog_enabled(false, &mut usec) {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
-            loop {
-                tick.tick().await;
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-            }
-        });
-    }
+    let mut notifier = Notifier::start();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Network(e.to_string()))?;
     // Connections being served; the shutdown waits for them.
@@ -224,7 +214,7 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
             done.fetch_sub(1, Ordering::AcqRel);
         });
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    notifier.stopping();
     let open = sessions.load(Ordering::Acquire);
     info!("shutting down: no new sessions; waiting up to {:?} for {open} open", opts.grace);
     let deadline = tokio::time::Instant::now() + opts.grace;
@@ -252,8 +242,63 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
     if let Err(e) = merged {
         warn!("index runs not merged at shutdown: {e}");
     }
+    notifier.finish();
     info!("receiver stopped");
     Ok(())
+}
+
+/// Talks to the service manager (sd_notify) from a thread of its own: READY at start, WATCHDOG
+/// every half `WATCHDOG_USEC`, STOPPING at shutdown. Sending blocks while the notify socket is
+/// full (a manager that is not reading), which must never stall the runtime serving clients.
+struct Notifier {
+    stopping: std::sync::mpsc::Sender<std::sync::mpsc::Sender<()>>,
+    /// Told once STOPPING went out.
+    stopped: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Notifier {
+    fn start() -> Self {
+        use sd_notify::NotifyState;
+        let (stopping, asked) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<()>>();
+        let mut usec = 0;
+        let watchdog = sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
+        std::thread::spawn(move || {
+            let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+            loop {
+                let next = match watchdog {
+                    Some(period) => asked.recv_timeout(period),
+                    None => asked.recv().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+                };
+                match next {
+                    Ok(done) => {
+                        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+                        let _ = done.send(());
+                        return;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        });
+        Self { stopping, stopped: None }
+    }
+
+    /// Asks for STOPPING to be sent, without waiting.
+    fn stopping(&mut self) {
+        let (done, sent) = std::sync::mpsc::channel();
+        if self.stopping.send(done).is_ok() {
+            self.stopped = Some(sent);
+        }
+    }
+
+    /// Before the process exits: gives STOPPING a moment to go out, never longer.
+    fn finish(self) {
+        if let Some(sent) = self.stopped {
+            let _ = sent.recv_timeout(Duration::from_secs(1));
+        }
+    }
 }
 
 /// Who the client is: its certificate's fingerprint (the CA vouched for it).
