@@ -247,48 +247,59 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
     Ok(())
 }
 
-/// Talks to the service manager (sd_notify) from a thread of its own: READY at start, WATCHDOG
-/// every half `WATCHDOG_USEC`, STOPPING at shutdown. Sending blocks while the notify socket is
-/// full (a manager that is not reading), which must never stall the runtime serving clients.
+/// Talks to the service manager (sd_notify): READY at start, WATCHDOG every half
+/// `WATCHDOG_USEC`, STOPPING at shutdown. The pings are timed by a task on the runtime, so they
+/// stop when the runtime stalls (and systemd restarts the service); they are sent by a thread
+/// of its own, because a send blocks while the notify socket is full (a manager that is not
+/// reading), and that must never stall the runtime. A ping that finds the thread busy is dropped.
 struct Notifier {
-    stopping: std::sync::mpsc::Sender<std::sync::mpsc::Sender<()>>,
+    stop: crossbeam_channel::Sender<crossbeam_channel::Sender<()>>,
     /// Told once STOPPING went out.
-    stopped: Option<std::sync::mpsc::Receiver<()>>,
+    stopped: Option<crossbeam_channel::Receiver<()>>,
 }
 
 impl Notifier {
+    /// Starts the sending thread, sends READY, and starts the pings (within a tokio runtime).
     fn start() -> Self {
+        use crossbeam_channel::{bounded, select, unbounded};
         use sd_notify::NotifyState;
-        let (stopping, asked) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<()>>();
-        let mut usec = 0;
-        let watchdog = sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
+        let (ping, pinged) = bounded::<()>(1);
+        let (stop, stopping) = unbounded::<crossbeam_channel::Sender<()>>();
         std::thread::spawn(move || {
             let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-            loop {
-                let next = match watchdog {
-                    Some(period) => asked.recv_timeout(period),
-                    None => asked.recv().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
-                };
-                match next {
-                    Ok(done) => {
-                        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
-                        let _ = done.send(());
-                        return;
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            let done = loop {
+                select! {
+                    recv(pinged) -> p => match p {
+                        Ok(()) => { let _ = sd_notify::notify(false, &[NotifyState::Watchdog]); }
+                        Err(_) => break stopping.recv(),
+                    },
+                    recv(stopping) -> s => break s,
                 }
+            };
+            if let Ok(done) = done {
+                let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+                let _ = done.send(());
             }
         });
-        Self { stopping, stopped: None }
+        let mut usec = 0;
+        if sd_notify::watchdog_enabled(false, &mut usec) {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+                loop {
+                    tick.tick().await;
+                    if let Err(crossbeam_channel::TrySendError::Disconnected(_)) = ping.try_send(()) {
+                        return;
+                    }
+                }
+            });
+        }
+        Self { stop, stopped: None }
     }
 
     /// Asks for STOPPING to be sent, without waiting.
     fn stopping(&mut self) {
-        let (done, sent) = std::sync::mpsc::channel();
-        if self.stopping.send(done).is_ok() {
+        let (done, sent) = crossbeam_channel::bounded(1);
+        if self.stop.send(done).is_ok() {
             self.stopped = Some(sent);
         }
     }
