@@ -427,7 +427,13 @@ fn backup_segment(
                 _ => Box::new(chunker::cuts(data, job.policy)),
             };
             for (off, len) in cuts {
-                store(&data[off..off + len])?;
+                // A private copy: another process may write the file while it is mapped, and
+                // the id, the compressed bytes and a delta must all come from the same bytes
+                // (hashing and compressing the mapping itself once stored a blob that did not
+                // match its id).
+                window.clear();
+                window.extend_from_slice(&data[off..off + len]);
+                store(window)?;
                 if off + len - released >= limits::MAPPED_WINDOW {
                     release_pages(map, job.offset + released, off + len - released);
                     progress.add((off + len - released) as u64, 0);
