@@ -25,7 +25,7 @@ if $quic; then
   echo "== receiver at $CBCR_REPO (log: $work/receiver.log)"
 fi
 echo "== full backup of $src"
-$cbcr backup "$src" --json | tail -1
+$cbcr backup --init "$src" --json | tail -1
 echo "== incremental backup (unchanged files are not read)"
 $cbcr backup "$src" --json | tail -1
 $cbcr snapshots

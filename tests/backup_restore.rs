@@ -92,8 +92,8 @@ fn restore_include_picks_one_subtree_and_snapshots_list() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
     make_tree(&src, 4, 100_000);
-    // Created on first use with the defaults, through the environment variable.
-    let out_backup = cbcr_env(&["backup", s(&src), "--json"], &[("CBCR_REPO", s(&repo))]);
+    // Created on first use with the defaults (`--init`), the repository from the environment.
+    let out_backup = cbcr_env(&["backup", "--init", s(&src), "--json"], &[("CBCR_REPO", s(&repo))]);
     assert!(out_backup.status.success(), "{}", text(&out_backup.stderr));
     let include = src.join("dir/sub");
     ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out), "--include", s(&include)]);

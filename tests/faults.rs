@@ -33,15 +33,34 @@ const POINTS: &[(&str, u64)] = &[
 #[test]
 fn kill_9_at_twenty_seeded_points_leaves_a_consistent_repository() {
     let tmp = tempfile::tempdir().unwrap();
-    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    init_small(&repo);
-    make_tree(&src, 10, 2 << 20);
-    ok(&["backup", "--repo", s(&repo), s(&src), "--pack-size", "256KiB"]);
-    let first = tmp.path().join("first");
-    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&first)]);
-    let first_id = last_json(&ok(&["snapshots", "--repo", s(&repo), "--json"]))["id"].as_str().unwrap().to_owned();
+    kill_9_at_seeded_points(&Target::local(&tmp.path().join("repo")), tmp.path(), 0..20);
+}
 
-    for seed in 0..20u64 {
+#[test]
+fn kill_9_at_seeded_points_in_an_s3_repository_leaves_it_consistent() {
+    let Some(server) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // One seed per crash point (the local test covers more seeds).
+    kill_9_at_seeded_points(&Target::s3(&server, "kill", "repo"), tmp.path(), 0..POINTS.len() as u64);
+}
+
+/// Kills backups into `repo` at the seeded crash points; after each kill the repository
+/// verifies, the earlier snapshot restores, and the next backup stores only what the killed one
+/// had not made durable.
+fn kill_9_at_seeded_points(repo: &Target, tmp: &std::path::Path, seeds: std::ops::Range<u64>) {
+    let src = tmp.join("src");
+    repo.init_small();
+    make_tree(&src, 10, 2 << 20);
+    repo.ok(&["backup", s(&src), "--pack-size", "256KiB"]);
+    let first = tmp.join("first");
+    repo.ok(&["restore", "latest", "--target", s(&first)]);
+    let first_id = last_json(&repo.ok(&["snapshots", "--json"]))["id"].as_str().unwrap().to_owned();
+    // What a backup of the four new files below stores when nothing of them is in the
+    // repository yet: their 6 MiB of incompressible data plus metadata.
+    const NEW: u64 = 6 << 20;
+    let mut most_reused = 0;
+
+    for seed in seeds {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         // New data each round, so the backup has chunks to write: 4 incompressible files of
         // 1.5 MiB (two segments each).
@@ -53,30 +72,39 @@ fn kill_9_at_twenty_seeded_points_leaves_a_consistent_repository() {
         let (point, most) = POINTS[seed as usize % POINTS.len()];
         let at = rng.gen_range(1..=most);
         let fault = format!("{point}:{at}");
-        let out =
-            cbcr_env(&["backup", "--repo", s(&repo), s(&src), "--pack-size", "256KiB"], &[("CBCR_FAULT", &fault)]);
+        let before = repo.pack_bytes();
+        let out = repo.cbcr_env(&["backup", s(&src), "--pack-size", "256KiB"], &[("CBCR_FAULT", &fault)]);
         assert_eq!(
             out.status.signal(),
             Some(libc::SIGKILL),
             "seed {seed}: {fault} was not reached: {}",
             text(&out.stderr)
         );
+        let durable = repo.pack_bytes() - before;
 
-        let verify = cbcr(&["verify", "--repo", s(&repo), "--read-data"]);
+        let verify = repo.cbcr(&["verify", "--read-data"]);
         assert!(verify.status.success(), "seed {seed} ({fault}): verify after kill -9: {}", text(&verify.stderr));
-        let restored = tmp.path().join(format!("restore{seed}"));
-        ok(&["restore", &first_id[..12], "--repo", s(&repo), "--target", s(&restored)]);
+        let restored = tmp.join(format!("restore{seed}"));
+        repo.ok(&["restore", &first_id[..12], "--target", s(&restored)]);
         assert_same_tree(&first.join(src.strip_prefix("/").unwrap()), &restored.join(src.strip_prefix("/").unwrap()));
         fs::remove_dir_all(&restored).unwrap();
 
-        // The next run completes; what the killed run made durable is not stored again.
-        let rerun = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json", "--pack-size", "256KiB"]));
-        assert!(rerun["bytes_new"].as_u64().unwrap() <= 6 << 20, "seed {seed}: {rerun}");
-        ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&restored)]);
+        // The next run completes, and what the killed run made durable is not stored again:
+        // together the two stored about one backup's worth, not more.
+        let rerun = last_json(&repo.ok(&["backup", s(&src), "--json", "--pack-size", "256KiB"]));
+        let stored = rerun["bytes_stored"].as_u64().unwrap();
+        assert!(
+            stored + durable <= NEW + NEW / 8,
+            "seed {seed} ({fault}): {durable} B durable, then {stored} B stored: {rerun}"
+        );
+        most_reused = most_reused.max(durable);
+        repo.ok(&["restore", "latest", "--target", s(&restored)]);
         assert_same_tree(&src, &restored.join(src.strip_prefix("/").unwrap()));
         fs::remove_dir_all(&restored).unwrap();
     }
-    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+    // Some kill came late enough for the bound above to matter.
+    assert!(most_reused >= NEW / 2, "no killed backup left more than {most_reused} B durable");
+    repo.ok(&["verify", "--read-data"]);
 }
 
 #[test]
@@ -91,6 +119,7 @@ fn kill_9_from_outside_mid_backup_keeps_earlier_snapshots() {
     rng.fill_bytes(&mut data);
     fs::write(src.join("large.bin"), &data).unwrap();
     let mut snapshots = 1;
+    let before = dir_size(&repo.join("packs"));
     for delay_ms in [20u64, 80, 200] {
         let mut child = Command::new(cbcr_bin())
             .args(["backup", "--repo", s(&repo), s(&src), "--cores", "1", "--pack-size", "4MiB"])
@@ -105,24 +134,39 @@ fn kill_9_from_outside_mid_backup_keeps_earlier_snapshots() {
         assert_eq!(snapshot_count(&repo), snapshots, "after kill at {delay_ms} ms ({status})");
         ok(&["verify", "--repo", s(&repo)]);
     }
+    let durable = dir_size(&repo.join("packs")) - before;
     let rerun = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
-    assert!(rerun["bytes_new"].as_u64().unwrap() <= data.len() as u64);
+    // What the killed runs made durable is not stored again: with what they left, the rerun
+    // stored about the new file once (random data does not compress), not more.
+    let stored = rerun["bytes_stored"].as_u64().unwrap();
+    assert!(stored + durable <= data.len() as u64 + (16 << 20), "{durable} B durable, then {stored} B stored");
     ok(&["verify", "--repo", s(&repo), "--read-data"]);
 }
 
 #[test]
 fn a_flipped_bit_in_a_pack_is_caught_by_verify_and_restore() {
     let tmp = tempfile::tempdir().unwrap();
-    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    init_small(&repo);
+    a_flipped_bit_in_a_pack_is_caught(&Target::local(&tmp.path().join("repo")), tmp.path());
+}
+
+#[test]
+fn a_flipped_bit_in_a_pack_object_on_s3_is_caught_by_verify_and_restore() {
+    let Some(server) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    a_flipped_bit_in_a_pack_is_caught(&Target::s3(&server, "flip", "repo"), tmp.path());
+}
+
+fn a_flipped_bit_in_a_pack_is_caught(repo: &Target, tmp: &std::path::Path) {
+    let src = tmp.join("src");
+    repo.init_small();
     fs::create_dir(&src).unwrap();
     let mut data = vec![0u8; 1 << 20];
     rand::rngs::StdRng::seed_from_u64(5).fill_bytes(&mut data);
     fs::write(src.join("data.bin"), &data).unwrap();
-    ok(&["backup", "--repo", s(&repo), s(&src), "--cores", "1"]);
-    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+    repo.ok(&["backup", s(&src), "--cores", "1"]);
+    repo.ok(&["verify", "--read-data"]);
     // The largest pack holds the file's chunks; flip one bit in the middle of its body.
-    let pack = packs(&repo).into_iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let pack = packs(repo.files()).into_iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
     let mut bytes = fs::read(&pack).unwrap();
     let at = bytes.len() / 3;
     bytes[at] ^= 0x10;
@@ -130,15 +174,15 @@ fn a_flipped_bit_in_a_pack_is_caught_by_verify_and_restore() {
     fs::write(&pack, &bytes).unwrap();
     let pack_id = pack.file_stem().unwrap().to_str().unwrap();
 
-    let verify = cbcr(&["verify", "--repo", s(&repo), "--read-data"]);
+    let verify = repo.cbcr(&["verify", "--read-data"]);
     assert_eq!(verify.status.code(), Some(INTEGRITY), "{}", text(&verify.stderr));
     let report = text(&verify.stderr);
     assert!(report.contains(pack_id), "verify names the pack: {report}");
     assert!(report.contains("damaged blob"), "verify names the chunk: {report}");
     assert!(report.contains("data.bin"), "verify names the file: {report}");
 
-    let out = tmp.path().join("out");
-    let restore = cbcr(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    let out = tmp.join("out");
+    let restore = repo.cbcr(&["restore", "latest", "--target", s(&out)]);
     assert_eq!(restore.status.code(), Some(INTEGRITY), "restore fails loudly: {}", text(&restore.stderr));
     assert!(text(&restore.stderr).contains(pack_id));
     // Whatever was written is the true data or a hole, never the corrupted chunk.
@@ -191,10 +235,10 @@ fn a_corrupt_index_run_is_named_and_stops_commands_cleanly() {
 fn disk_full_during_backup_is_a_clear_error_and_the_repository_stays_consistent() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    let Some(_unmount) = small_tmpfs(&repo, "6m") else {
-        eprintln!("SKIPPED disk_full test: cannot mount a tmpfs here (needs root and mount permission)");
+    let mounted = small_tmpfs(&repo, "6m");
+    if !prerequisite("a small tmpfs (mounting needs root and mount permission)", mounted.is_some()) {
         return;
-    };
+    }
     init_small(&repo);
     fs::create_dir(&src).unwrap();
     fs::write(src.join("small.txt"), b"fits").unwrap();
@@ -239,7 +283,13 @@ fn bad_paths_and_bad_repositories_get_clear_errors() {
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
     make_tree(&src, 9, 100_000);
 
-    let missing = cbcr(&["backup", "--repo", s(&repo), s(&src.join("nope"))]);
+    // A typo in --repo starts no fresh full backup: without --init nothing is created.
+    let typo = cbcr(&["backup", "--repo", s(&repo), s(&src)]);
+    assert_eq!(typo.status.code(), Some(NO_REPOSITORY), "{}", text(&typo.stderr));
+    assert!(text(&typo.stderr).contains("cbcr init"), "{}", text(&typo.stderr));
+    assert!(!repo.exists(), "a missing repository is not created without --init");
+
+    let missing = cbcr(&["backup", "--init", "--repo", s(&repo), s(&src.join("nope"))]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("nope"), "{}", text(&missing.stderr));
     assert_eq!(snapshot_count(&repo), 0, "nothing is written for a missing source");
@@ -255,7 +305,7 @@ fn bad_paths_and_bad_repositories_get_clear_errors() {
         assert!(text(&out.stderr).contains("not a cbcr repository"));
     }
 
-    ok(&["backup", "--repo", s(&repo), s(&src)]);
+    ok(&["backup", "--init", "--repo", s(&repo), s(&src)]);
     let config = fs::read_to_string(repo.join("config")).unwrap();
     fs::write(repo.join("config"), config.replace("\"version\": 1", "\"version\": 99")).unwrap();
     let newer = cbcr(&["snapshots", "--repo", s(&repo)]);
@@ -271,7 +321,11 @@ fn too_little_locked_memory_is_named_at_start() {
     let repo = tmp.path().join("repo");
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -l 0 && exec {} backup --repo {} /etc/hostname", cbcr_bin().display(), repo.display()))
+        .arg(format!(
+            "ulimit -l 0 && exec {} backup --init --repo {} /etc/hostname",
+            cbcr_bin().display(),
+            repo.display()
+        ))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
@@ -282,8 +336,8 @@ fn too_little_locked_memory_is_named_at_start() {
 
 #[test]
 fn unreadable_source_files_are_skipped_with_exit_3() {
-    if !is_root() || Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("SKIPPED unreadable-file test: needs root and setpriv to run cbcr as an unprivileged user");
+    let setpriv = is_root() && Command::new("setpriv").arg("--version").output().is_ok();
+    if !prerequisite("root and setpriv (to run cbcr as an unprivileged user)", setpriv) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -296,7 +350,7 @@ fn unreadable_source_files_are_skipped_with_exit_3() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(cbcr_bin())
-        .args(["backup", "--repo", s(&repo), s(&src), "--json"])
+        .args(["backup", "--init", "--repo", s(&repo), s(&src), "--json"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(PARTIAL), "{}", text(&out.stderr));

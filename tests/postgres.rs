@@ -43,10 +43,11 @@ fn pgbench_database_round_trips_through_full_and_incremental_backups() {
     let tmp = tempfile::tempdir().unwrap();
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let socket = tmp.path().join("sock");
-    let Some(pg) = Postgres::find(&socket, 5400 + (std::process::id() % 500) as u16) else {
-        eprintln!("SKIPPED PostgreSQL test: needs root, setpriv and Debian's postgresql (.ci/run installs it)");
+    let pg = Postgres::find(&socket, 5400 + (std::process::id() % 500) as u16);
+    if !prerequisite("root, setpriv and Debian's postgresql", pg.is_some()) {
         return;
-    };
+    }
+    let pg = pg.expect("checked above");
     let (data, repo, out) = (tmp.path().join("pgdata"), tmp.path().join("repo"), tmp.path().join("out"));
     let restored = out.join(data.strip_prefix("/").unwrap());
     let _guard = pg.stop_on_drop(vec![data.clone(), restored.clone()]);
@@ -56,7 +57,7 @@ fn pgbench_database_round_trips_through_full_and_incremental_backups() {
     pg.stop(&data).unwrap();
 
     // Cold backups: the server is stopped, so the files are consistent.
-    let full = last_json(&ok(&["backup", "--repo", s(&repo), s(&data), "--json"]));
+    let full = last_json(&ok(&["backup", "--init", "--repo", s(&repo), s(&data), "--json"]));
     pg.start(&data).unwrap();
     pg.pgbench(&["-t", "1500", "-c", "2"]).unwrap();
     let counts = "select count(*), sum(abalance) from pgbench_accounts; select count(*) from pgbench_history";

@@ -23,8 +23,13 @@ impl Receiver {
     }
 
     fn start_with(repo: &Path, pki: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(cbcr_bin())
-            .args(["receiver", "--listen", "127.0.0.1:0", "--repo", s(repo), "--grace", "5s"])
+        Self::start_cmd(Command::new(cbcr_bin()), s(repo), pki, extra)
+    }
+
+    /// A receiver started from `cmd` (a binary with its environment), serving `repo`.
+    fn start_cmd(mut cmd: Command, repo: &str, pki: &Path, extra: &[&str]) -> Self {
+        let mut child = cmd
+            .args(["receiver", "--listen", "127.0.0.1:0", "--repo", repo, "--grace", "5s"])
             .args(extra)
             .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
             .args(["--ca", s(&pki.join("ca.crt"))])
@@ -346,7 +351,7 @@ fn clients_without_a_valid_certificate_are_refused_at_the_handshake() {
     assert!(text(&refused.stderr).contains("handshake"), "{}", text(&refused.stderr));
 
     // No client certificate at all.
-    let (stream_err, _) = raw_session(&receiver.addr, &pki, false, |_| async {});
+    let (stream_err, _) = raw_session(&receiver.addr, &pki, false, ALL_VERSIONS, |_, _| async {});
     assert!(stream_err.is_some(), "a client without a certificate got a session");
 
     // The receiver still serves a proper client, and nothing was written by the others.
@@ -357,11 +362,15 @@ fn clients_without_a_valid_certificate_are_refused_at_the_handshake() {
 
 type Conn = quinn::Connection;
 
-/// Connects with (or without) the client certificate of `pki` and runs `talk` on the
-/// connection; returns the handshake error, if any, and what `talk` returned.
-fn raw_session<F, Fut>(addr: &str, pki: &Path, with_cert: bool, talk: F) -> (Option<String>, ())
+/// The protocol versions this cbcr speaks, as a `Hello` range.
+const ALL_VERSIONS: (u8, u8) = (wire::frame::MIN_VERSION, wire::frame::VERSION);
+
+/// Connects with (or without) the client certificate of `pki`, says `Hello` for the protocol
+/// versions `min..=max`, and runs `talk` on the connection with the reply; returns the
+/// handshake error, if any.
+fn raw_session<F, Fut>(addr: &str, pki: &Path, with_cert: bool, (min, max): (u8, u8), talk: F) -> (Option<String>, ())
 where
-    F: FnOnce(Conn) -> Fut,
+    F: FnOnce(Conn, Option<Frame>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -399,15 +408,18 @@ where
         // TLS 1.3 clients learn of a refused certificate only on their first use of the connection.
         let probe = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            let hello = Frame::Hello { version: wire::frame::VERSION, client: "probe".into() };
-            send.write_all(&hello.encode()).await.map_err(|e| e.to_string())?;
+            let hello = Frame::Hello { min, max, client: "probe".into() };
+            send.write_all(&hello.encode_in(min.clamp(wire::frame::MIN_VERSION, wire::frame::VERSION)))
+                .await
+                .map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
             recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
         };
-        if let Err(e) = probe.await {
-            return (Some(e), ());
-        }
-        talk(conn.clone()).await;
+        let reply = match probe.await {
+            Ok(reply) => reply,
+            Err(e) => return (Some(e), ()),
+        };
+        talk(conn.clone(), decode_reply(&reply)).await;
         conn.close(0u32.into(), b"");
         (None, ())
     })
@@ -422,10 +434,14 @@ async fn send_raw(conn: &Conn, bytes: &[u8], finish: bool) -> Option<Frame> {
     } else {
         let _ = send.reset(1u32.into());
     }
-    let reply = recv.read_to_end(1 << 20).await.ok()?;
+    decode_reply(&recv.read_to_end(1 << 20).await.ok()?)
+}
+
+/// The first frame of a reply.
+fn decode_reply(reply: &[u8]) -> Option<Frame> {
     let header: [u8; HEADER_LEN] = reply.get(..HEADER_LEN)?.try_into().ok()?;
-    let (kind, _) = FrameHeader::decode(&header).ok()?;
-    Frame::decode(kind, &reply[HEADER_LEN..]).ok()
+    let (kind, version, len) = FrameHeader::decode(&header).ok()?;
+    Frame::decode(kind, version, reply.get(HEADER_LEN..HEADER_LEN + len as usize)?).ok()
 }
 
 #[test]
@@ -435,7 +451,7 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
     let pki = pki(tmp.path());
     make_tree(&src, 4, 100_000);
     let receiver = Receiver::start(&repo, &pki);
-    let (err, _) = raw_session(&receiver.addr, &pki, true, |conn| async move {
+    let (err, _) = raw_session(&receiver.addr, &pki, true, ALL_VERSIONS, |conn, _| async move {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         for _ in 0..50 {
             let mut junk = vec![0u8; 1 + (rng.next_u32() % 300) as usize];
@@ -471,7 +487,8 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
             parent: None,
             stats: Default::default(),
         };
-        let reply = send_raw(&conn, &Frame::Commit { session: 1, record: snap.encode() }.encode(), true).await;
+        let commit = Frame::Commit { session: 1, record: snap.encode(), fence: None };
+        let reply = send_raw(&conn, &commit.encode(), true).await;
         assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::Incomplete, .. })), "{reply:?}");
     });
     assert!(err.is_none(), "{err:?}");
@@ -560,10 +577,10 @@ fn exit_within(child: &mut Child, within: Duration, what: &str) -> std::process:
 fn a_full_disk_on_the_receiver_is_a_clear_error_and_other_backups_go_on() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    let Some(_unmount) = small_tmpfs(&repo, "6m") else {
-        eprintln!("SKIPPED receiver disk-full test: cannot mount a tmpfs here (needs root and mount permission)");
+    let mounted = small_tmpfs(&repo, "6m");
+    if !prerequisite("a small tmpfs (mounting needs root and mount permission)", mounted.is_some()) {
         return;
-    };
+    }
     let pki = pki(tmp.path());
     init_small(&repo);
     let receiver = Receiver::start(&repo, &pki);
@@ -581,4 +598,132 @@ fn a_full_disk_on_the_receiver_is_a_clear_error_and_other_backups_go_on() {
     client_ok(&["backup", "--repo", &url, s(&src)], &pki);
     assert_eq!(snapshot_count(&repo), 2);
     client_ok(&["verify", "--read-data", "--repo", &url], &pki);
+}
+
+#[test]
+fn two_receivers_in_front_of_one_bucket_serve_four_clients_at_once() {
+    let Some(server) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path());
+    let bucket = Target::s3(&server, "gateway", "repo");
+    bucket.init_small();
+    let receivers: Vec<_> = (0..2).map(|_| Receiver::start_cmd(server.command(&[]), &bucket.url, &pki, &[])).collect();
+    let mut common = vec![0u8; 1 << 20];
+    rand::rngs::StdRng::seed_from_u64(50).fill_bytes(&mut common);
+    let sources: Vec<_> = (0..4u64)
+        .map(|i| {
+            let src = tmp.path().join(format!("src{i}"));
+            make_tree(&src, 60 + i, 1 << 20);
+            fs::write(src.join("common.bin"), &common).unwrap();
+            src
+        })
+        .collect();
+    // Two clients per receiver, all at once.
+    let children: Vec<_> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, src)| {
+            let url = receivers[i % 2].url();
+            client_child(&["backup", "--repo", &url, s(src), "--json", "--pack-size", "256KiB"], &pki, Stdio::piped())
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert_eq!(snapshot_count(bucket.files()), 4);
+    // Each snapshot restores bit-exact through the receiver that did not store it, which
+    // learns the other's index runs from the bucket.
+    let listing = text(&client_ok(&["snapshots", "--json", "--repo", &receivers[0].url()], &pki).stdout);
+    assert_eq!(listing.lines().count(), 4, "{listing}");
+    for (i, src) in sources.iter().enumerate() {
+        let out = tmp.path().join(format!("out{i}"));
+        let url = receivers[(i + 1) % 2].url();
+        let id = listing
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|snap| snap["paths"][0] == s(src))
+            .map(|snap| snap["id"].as_str().unwrap().to_owned())
+            .unwrap();
+        client_ok(&["restore", &id[..16], "--repo", &url, "--target", s(&out)], &pki);
+        assert_same_tree(src, &out.join(src.strip_prefix("/").unwrap()));
+    }
+    drop(receivers);
+    bucket.ok(&["verify", "--read-data"]);
+}
+
+#[test]
+fn protocol_versions_are_negotiated_and_fenced_commits_refused() {
+    use wire::frame::{Fence, MIN_VERSION, VERSION};
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    let pki = pki(tmp.path());
+    make_tree(&src, 12, 100_000);
+    let receiver = Receiver::start(&repo, &pki);
+    client_ok(&["backup", "--repo", &receiver.url(), s(&src)], &pki);
+    const { assert!(VERSION > MIN_VERSION, "the receiver speaks N and N+1") };
+
+    // A client that speaks only the oldest version gets it, and is answered in it.
+    let (err, _) = raw_session(&receiver.addr, &pki, true, (MIN_VERSION, MIN_VERSION), |conn, welcome| async move {
+        let Some(Frame::Welcome { version, session, .. }) = welcome else { panic!("{welcome:?}") };
+        assert_eq!(version, MIN_VERSION);
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&Frame::ListSnapshots { session }.encode_in(MIN_VERSION)).await.unwrap();
+        send.finish().unwrap();
+        let reply = recv.read_to_end(1 << 20).await.unwrap();
+        let (_, version, _) = FrameHeader::decode(reply[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(version, MIN_VERSION, "replies come in the agreed version");
+        assert!(matches!(decode_reply(&reply), Some(Frame::SnapshotRecord { .. })));
+    });
+    assert!(err.is_none(), "{err:?}");
+
+    // One that speaks only newer versions is told which this receiver speaks.
+    let (err, _) = raw_session(&receiver.addr, &pki, true, (VERSION + 1, VERSION + 3), |conn, welcome| async move {
+        let Some(Frame::Error { code, message }) = welcome else { panic!("{welcome:?}") };
+        assert_eq!(code, ErrorCode::Version);
+        assert!(message.contains(&format!("speaks {MIN_VERSION} to {VERSION}")), "{message}");
+        // A frame whose header is of a newer version, and one of an unknown kind.
+        let mut newer = Frame::ListSnapshots { session: 1 }.encode();
+        newer[5] = VERSION + 1;
+        let reply = send_raw(&conn, &newer, true).await;
+        assert!(matches!(&reply, Some(Frame::Error { code: ErrorCode::Version, .. })), "{reply:?}");
+        let mut unknown = Frame::ListSnapshots { session: 1 }.encode();
+        unknown[4] = 200;
+        let reply = send_raw(&conn, &unknown, true).await;
+        let Some(Frame::Error { code: ErrorCode::BadFrame, message }) = reply else { panic!("{reply:?}") };
+        assert!(message.contains("unknown frame kind 200"), "{message}");
+    });
+    assert!(err.is_none(), "{err:?}");
+
+    // Fencing: a commit whose token is lower than one accepted for the same job is refused.
+    let record = {
+        let out = client_ok(&["snapshots", "--json", "--repo", &receiver.url()], &pki);
+        let id = last_json(&out)["id"].as_str().unwrap().to_owned();
+        fs::read(repo.join("snapshots").join(id)).unwrap()
+    };
+    let (err, _) = raw_session(&receiver.addr, &pki, true, ALL_VERSIONS, |conn, welcome| async move {
+        let Some(Frame::Welcome { version: VERSION, session, .. }) = welcome else { panic!("{welcome:?}") };
+        let commit = |job: &str, token| {
+            let fence = Some(Fence { job: job.into(), token });
+            Frame::Commit { session, record: record.clone(), fence }.encode()
+        };
+        for (job, token, accepted) in [
+            ("db1", 5, true),
+            ("db1", 3, false),
+            ("db1", 5, true),
+            ("db2", 1, true),
+            ("db1", 6, true),
+            ("db1", 5, false),
+        ] {
+            let reply = send_raw(&conn, &commit(job, token), true).await;
+            match reply {
+                Some(Frame::Committed { .. }) if accepted => {}
+                Some(Frame::Error { code: ErrorCode::Fenced, ref message }) if !accepted => {
+                    assert!(message.contains("lost its claim"), "{message}");
+                }
+                other => panic!("{job} token {token}: {other:?}"),
+            }
+        }
+    });
+    assert!(err.is_none(), "{err:?}");
 }

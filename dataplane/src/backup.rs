@@ -332,7 +332,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
     // The snapshot stands on its own: a merge that fails only leaves more runs to read.
     if let Err(e) = shared.known.index().compact_all(&shared.repo) {
-        reporter.warn(&shared.repo.root().join("index"), &format!("index runs not merged: {e}"));
+        reporter.warn(Path::new(&format!("{}/index", shared.repo.location())), &format!("index runs not merged: {e}"));
     }
     let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
     Ok(BackupOutcome { snapshot_id, snapshot, files_changed, stage_latency })

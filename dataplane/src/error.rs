@@ -27,7 +27,7 @@ pub enum ExitCode {
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}: not a cbcr repository (no config file); give --repo an existing repository, or an empty or missing directory for `backup`/`init` to create one")]
+    #[error("{0}: not a cbcr repository (no config file); give --repo an existing repository, or create one with `cbcr init` (or `cbcr backup --init`, in an empty or missing directory or prefix)")]
     NotARepository(PathBuf),
     #[error("{0}: already a cbcr repository")]
     AlreadyARepository(PathBuf),
@@ -47,6 +47,12 @@ pub enum Error {
     Usage(String),
     #[error("network: {0}")]
     Network(String),
+    /// The other side speaks no protocol version this cbcr speaks.
+    #[error("protocol: {0}; upgrade the older side")]
+    Protocol(String),
+    /// Object storage refused a request or could not be reached.
+    #[error("object storage {location}: {detail}")]
+    ObjectStore { location: String, detail: String },
     #[error("cannot start the thread-per-core runtime on core {core}: {detail}. cbcr needs io_uring and locked memory: check `ulimit -l` (LimitMEMLOCK= under systemd) and that the container's seccomp profile allows io_uring")]
     Runtime { core: usize, detail: String },
 }
@@ -58,9 +64,10 @@ impl Error {
             Error::NotARepository(_) => ExitCode::NoRepository,
             Error::Locked(_) => ExitCode::Locked,
             Error::Format { source: wire::Error::UnsupportedVersion { .. }, .. } => ExitCode::UnsupportedFormat,
+            Error::Protocol(_) => ExitCode::UnsupportedFormat,
             Error::Format { .. } | Error::Integrity(_) => ExitCode::Integrity,
             Error::NoSpace(_) => ExitCode::NoSpace,
-            Error::Network(_) => ExitCode::Network,
+            Error::Network(_) | Error::ObjectStore { .. } => ExitCode::Network,
             _ => ExitCode::Fatal,
         }
     }

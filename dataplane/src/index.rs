@@ -27,6 +27,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fault;
 use crate::limits;
 use crate::repo::Repository;
+use crate::store::ObjectKind;
 
 /// Blob ids are uniformly random, so their first 8 bytes are already a good hash.
 #[derive(Default)]
@@ -95,6 +96,9 @@ struct Run {
     file: File,
     /// A merge written to `tmp/` during a backup: not durable, not in `index/`.
     scratch: bool,
+    /// The names of the durable runs whose entries this run holds (its own, for a durable run
+    /// loaded or added; those it merged, for a merge).
+    covers: Vec<String>,
     count: u32,
     /// Id prefix of every `INDEX_FENCE_STRIDE`-th entry.
     fences: Vec<u64>,
@@ -117,7 +121,7 @@ impl Run {
             }
             each(e);
         })?;
-        Ok(Self { path: path.to_owned(), file, scratch: false, count, fences })
+        Ok(Self { path: path.to_owned(), file, scratch: false, covers: vec![file_name(path)], count, fences })
     }
 
     /// The size tier: runs within a factor of the fan-in of each other share one.
@@ -226,13 +230,12 @@ impl ChunkIndex {
     }
 
     fn try_load(repo: &Repository, damaged: &mut impl FnMut(&Path, Error) -> Result<()>) -> Result<Self> {
-        let paths = repo.list("index")?;
-        let mut total = 0;
-        for path in &paths {
-            total += std::fs::metadata(path).at(path)?.len() / ENTRY_LEN as u64;
-        }
+        let runs = repo.store.list(ObjectKind::Index)?;
+        let total: u64 = runs.iter().map(|r| r.len / ENTRY_LEN as u64).sum();
         let mut state = State { filter: Filter::with_capacity(total + total / 4), ..State::default() };
-        for path in &paths {
+        for object in &runs {
+            let path = repo.store.index_run(&object.name)?;
+            let path = &path;
             let filter = &mut state.filter;
             match Run::open(path, |e| filter.insert(&e.id())) {
                 Ok(run) => {
@@ -298,7 +301,8 @@ impl ChunkIndex {
     fn add_run(&self, path: &Path, entries: &[IndexEntry]) -> Result<()> {
         let fences = entries.iter().step_by(STRIDE).map(|e| prefix(&e.id())).collect();
         let file = File::open(path).at(path)?;
-        let run = Run { path: path.to_owned(), file, scratch: false, count: entries.len() as u32, fences };
+        let covers = vec![file_name(path)];
+        let run = Run { path: path.to_owned(), file, scratch: false, covers, count: entries.len() as u32, fences };
         let grown = {
             let state = self.state();
             let need = state.entries + entries.len() as u64;
@@ -322,6 +326,25 @@ impl ChunkIndex {
         let at = state.runs.partition_point(|r| r.count >= run.count);
         state.runs.insert(at, Arc::new(run));
         Ok(())
+    }
+
+    /// Adds the runs other writers have made durable since this index was loaded (a store
+    /// shared by several receivers); returns how many. Runs it already covers are skipped.
+    pub fn refresh(&self, repo: &Repository) -> Result<usize> {
+        let covered: HashSet<String> = self.state().runs.iter().flat_map(|r| r.covers.iter().cloned()).collect();
+        let mut added = 0;
+        for object in repo.store.list(ObjectKind::Index)?.into_iter().filter(|o| !covered.contains(&o.name)) {
+            let path = match repo.store.index_run(&object.name) {
+                // Merged away by its writer since the listing: its entries are in the merge.
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+                other => other?,
+            };
+            let mut entries = vec![];
+            Run::open(&path, |e| entries.push(*e))?;
+            self.add_run(&path, &entries)?;
+            added += 1;
+        }
+        Ok(added)
     }
 
     /// Merges runs of one size tier while [`limits::INDEX_MERGE_FANIN`] of them exist. Only
@@ -355,9 +378,14 @@ impl ChunkIndex {
         }
     }
 
-    /// Merges every run into one durable run (when the result fits in a run) and removes every
-    /// other run file: a lookup then reads one block. A backup does it after its commit, the
-    /// one fsync of the index per backup. Only under the repository lock.
+    /// Merges every run into one durable run (when the result fits in a run) and removes the
+    /// runs it covers: a lookup then reads one block. A backup does it after its commit, the
+    /// one fsync of the index per backup.
+    ///
+    /// Safe with other writers on the same store (object storage has no lock): only runs this
+    /// index read or wrote itself are removed, and only once the merged run holding all their
+    /// entries is durable, so every entry is in some listed run at every moment; a reader that
+    /// listed a run another writer then removed lists again (see [`Self::load_checked`]).
     pub fn compact_all(&self, repo: &Repository) -> Result<()> {
         let runs = self.state().runs.clone();
         let count: u64 = runs.iter().map(|r| u64::from(r.count)).sum();
@@ -369,13 +397,10 @@ impl ChunkIndex {
         let keep = merged.path.clone();
         self.swap(&runs, merged);
         fault::point("index-merge");
-        // Every run file was loaded or added, directly or through a scratch merge: all are in
-        // the merged run. (The same entries make the same name, so it may replace one of them.)
-        for path in repo.list("index")?.into_iter().filter(|p| *p != keep) {
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&path),
-                _ => {}
-            }
+        // The same entries make the same name, so the merge may replace one of its inputs.
+        let kept = file_name(&keep);
+        for name in runs.iter().flat_map(|r| &r.covers).filter(|n| **n != kept) {
+            repo.store.delete(ObjectKind::Index, name)?;
         }
         for run in runs.iter().filter(|r| r.scratch) {
             let _ = std::fs::remove_file(&run.path);
@@ -472,6 +497,7 @@ fn write_merged(repo: &Repository, runs: &[Arc<Run>], durable: bool) -> Result<R
             last = Some(e.id());
         }
     })?;
+    let covers = runs.iter().flat_map(|r| r.covers.iter().cloned()).collect();
     let tmp = repo.tmp_path("index");
     let file = OpenOptions::new().create_new(true).read(true).write(true).open(&tmp).at(&tmp)?;
     let mut out = BufWriter::with_capacity(limits::INDEX_READ_BUFFER, &file);
@@ -510,12 +536,16 @@ fn write_merged(repo: &Repository, runs: &[Arc<Run>], durable: bool) -> Result<R
     out.flush().at(&tmp)?;
     drop(out);
     if !durable {
-        return Ok(Run { path: tmp, file, scratch: true, count, fences });
+        return Ok(Run { path: tmp, file, scratch: true, covers, count, fences });
     }
     file.sync_all().at(&tmp)?;
-    let path = repo.index_run_path(&ChunkId(*name.finalize().as_bytes()));
-    repo.publish(&tmp, &path)?;
-    Ok(Run { path, file, scratch: false, count, fences })
+    let path = repo.publish_index_run(&tmp, &ChunkId(*name.finalize().as_bytes()))?;
+    Ok(Run { covers: vec![file_name(&path)], path, file, scratch: false, count, fences })
+}
+
+/// A run's object name: its file name.
+fn file_name(path: &Path) -> String {
+    path.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
 const SHARDS: usize = 64;
@@ -578,6 +608,8 @@ mod tests {
     use wire::repo::ChunkerParams;
     use wire::{BlobKind, Compression};
 
+    use crate::store::LocalDir;
+
     fn id(n: u64) -> ChunkId {
         ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes())
     }
@@ -595,7 +627,11 @@ mod tests {
     }
 
     fn repo(dir: &Path) -> Repository {
-        Repository::init(&dir.join("repo"), 1 << 20, ChunkerParams::default()).unwrap()
+        Repository::init(Box::new(LocalDir::new(&dir.join("repo"))), 1 << 20, ChunkerParams::default()).unwrap()
+    }
+
+    fn run_files(repo: &Repository) -> usize {
+        repo.store.list(ObjectKind::Index).unwrap().len()
     }
 
     fn seal(known: &KnownBlobs, repo: &Repository, run: &[IndexEntry]) {
@@ -625,9 +661,9 @@ mod tests {
         // in tmp/; the durable ones stay until compact_all).
         let runs = known.index().state().runs.len();
         assert!(runs < 2 * limits::INDEX_MERGE_FANIN, "{runs} runs left after merging");
-        assert_eq!(repo.list("index").unwrap().len(), 100);
+        assert_eq!(run_files(&repo), 100);
         known.index().compact_all(&repo).unwrap();
-        assert_eq!(repo.list("index").unwrap().len(), 1, "one durable run covers them all");
+        assert_eq!(run_files(&repo), 1, "one durable run covers them all");
         assert_eq!(known.index().state().runs.len(), 1);
 
         let reloaded = ChunkIndex::load(&repo).unwrap();

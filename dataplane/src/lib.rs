@@ -18,6 +18,7 @@ pub mod remote;
 pub mod repo;
 pub mod restore;
 pub mod runtime;
+pub mod store;
 pub mod synth;
 pub mod tar;
 pub mod verify;

@@ -72,6 +72,16 @@ pub const QUIC_CONNECTION_WINDOW: u32 = 32 << 20;
 pub const QUIC_STREAMS_PER_CONNECTION: u32 = 256;
 /// A connection with no traffic (keep-alives included) for this long is dead.
 pub const QUIC_IDLE_TIMEOUT_S: u64 = 15;
+/// Bytes of a file uploaded to object storage per request: a larger file goes up in parts of
+/// this size, [`S3_PARTS_IN_FLIGHT`] at a time, so an upload holds at most their product.
+pub const S3_PART_SIZE: usize = 8 << 20;
+pub const S3_PARTS_IN_FLIGHT: usize = 2;
+/// A failed object-storage request is retried (with backoff) this often, within this long.
+pub const S3_MAX_RETRIES: usize = 4;
+pub const S3_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A receiver that misses a blob looks for index runs other writers of a shared store added,
+/// at most this often (one listing of the store's index each time).
+pub const INDEX_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Sessions a receiver serves at once; more wait at the handshake.
 pub const RECEIVER_SESSIONS: usize = 256;
 /// Most cores one process drives.

@@ -30,9 +30,10 @@ struct Cli {
 
 #[derive(Args)]
 struct Global {
-    /// Repository: a directory, or `quic://HOST:PORT` for a receiver (then --cert/--key/--ca).
+    /// Repository: a directory, `s3://BUCKET/PREFIX` (credentials and endpoint from AWS_*), or
+    /// `quic://HOST:PORT` for a receiver (then --cert/--key/--ca).
     #[arg(long, global = true, env = "CBCR_REPO")]
-    repo: Option<PathBuf>,
+    repo: Option<String>,
     /// This side's certificate (PEM) for QUIC: the client's, or the receiver's.
     #[arg(long, global = true, env = "CBCR_CERT")]
     cert: Option<PathBuf>,
@@ -58,13 +59,17 @@ struct Global {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a repository (backup creates one with the defaults when --repo is missing or empty).
+    /// Create a repository (or give `backup --init` to create one with the defaults).
     Init(InitArgs),
     /// Back up files and directories into a new snapshot.
     Backup {
         /// Files and directories to back up, or one generated source `synth://pg?size=..&seed=..&gen=..`.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Create the repository with the defaults when --repo names none yet (an empty or
+        /// missing directory, or an empty prefix); without it a missing repository is an error.
+        #[arg(long)]
+        init: bool,
         /// Snapshot to compare against (id, prefix or `latest`); default: the latest with the same host and paths.
         #[arg(long)]
         parent: Option<String>,
@@ -194,19 +199,19 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
         (None, None, None) => None,
         _ => return Err(Error::Usage("give all three of --cert, --key and --ca".into())),
     };
-    let open = |create: bool| Repository::open_spec(&repo_path()?, tls.as_ref(), create);
+    let open = |init: bool| Repository::open_spec(&repo_path()?, tls.as_ref(), init);
     match cli.command {
         Command::Init(a) => {
             let chunker =
                 ChunkerParams { min: to_u32(a.chunk_min)?, avg: to_u32(a.chunk_avg)?, max: to_u32(a.chunk_max)? };
-            let repo = Repository::init(&repo_path()?, a.segment_size, chunker)?;
-            reporter.event(json!({"type": "init", "repo": repo.root(), "config": repo.config}));
+            let repo = Repository::init(dataplane::store::open(&repo_path()?)?, a.segment_size, chunker)?;
+            reporter.event(json!({"type": "init", "repo": repo.location(), "config": repo.config}));
             if !g.quiet && !g.json {
-                println!("created repository {}", repo.root().display());
+                println!("created repository {}", repo.location());
             }
             Ok(ExitCode::Ok)
         }
-        Command::Backup { paths, parent, compression_level, pack_size, chunking, page_chunk, delta_chain } => {
+        Command::Backup { paths, init, parent, compression_level, pack_size, chunking, page_chunk, delta_chain } => {
             let chunk = u32::try_from(page_chunk)
                 .map_err(|_| Error::Usage(format!("--page-chunk {page_chunk} is too large")))?;
             let policy = |arg| match arg {
@@ -222,7 +227,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                     None => rules.default = policy(arg),
                 }
             }
-            let repo = open(true)?;
+            let repo = open(init)?;
             let synth = match paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://")) {
                 Some(_) if paths.len() > 1 => {
                     return Err(Error::Usage("a synth:// source is backed up on its own, not with other paths".into()))
@@ -387,16 +392,16 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
 }
 
 fn receiver(
-    repo: Option<PathBuf>,
+    repo: Option<String>,
     tls: Option<TlsFiles>,
     listen: std::net::SocketAddr,
     metrics: Option<std::net::SocketAddr>,
     grace: std::time::Duration,
     cores: usize,
 ) -> Result<ExitCode, Error> {
-    let repo = repo.ok_or_else(|| Error::Usage("give the receiver its repository directory with --repo".into()))?;
-    if repo.to_str().is_some_and(|r| r.starts_with("quic://")) {
-        return Err(Error::Usage("a receiver serves a local repository directory, not quic://".into()));
+    let repo = repo.ok_or_else(|| Error::Usage("give the receiver its repository with --repo".into()))?;
+    if repo.starts_with("quic://") {
+        return Err(Error::Usage("a receiver serves a local directory or s3://, not quic://".into()));
     }
     let tls =
         tls.ok_or_else(|| Error::Usage("a receiver needs --cert, --key and --ca (mutual TLS is mandatory)".into()))?;

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -22,7 +21,8 @@ use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::metrics::{Stage, StageHistograms};
 use crate::remote::{BlobStream, HaveQuery, PackAck, PackUpload};
-use crate::repo::Repository;
+use crate::repo::{pack_name, Repository};
+use crate::store::{ObjectKind, ObjectReader};
 
 /// Where a pack's bytes go as they are written.
 enum PackOut {
@@ -168,7 +168,7 @@ fn seal(repo: &Repository, known: &KnownBlobs, job: SealJob) -> Result<()> {
     };
     file.sync_all().at(&tmp)?;
     fault::point("pack-seal");
-    repo.publish(&tmp, &repo.pack_path(&job.id))?;
+    repo.publish_pack(&tmp, &job.id)?;
     fault::point("index-write");
     let mut run: Vec<IndexEntry> = job.entries.iter().map(|&entry| IndexEntry { pack: job.id, entry }).collect();
     run.sort_unstable_by_key(|e| e.id());
@@ -370,21 +370,23 @@ impl<'a> BlobWriter<'a> {
     }
 }
 
-/// Open pack files of one reader, at most [`limits::OPEN_PACKS_PER_READER`].
+/// Open packs of one reader, at most [`limits::OPEN_PACKS_PER_READER`].
 #[derive(Default)]
-pub struct PackFiles(HashMap<ChunkId, File>);
+pub struct PackFiles(HashMap<ChunkId, Box<dyn ObjectReader>>);
 
 impl PackFiles {
     /// Reads `buf.len()` bytes of pack `pack` at `offset`.
-    pub fn read_at(&mut self, repo: &Repository, pack: &ChunkId, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    pub fn read_at(&mut self, repo: &Repository, pack: &ChunkId, offset: u64, buf: &mut [u8]) -> Result<()> {
         if self.0.len() >= limits::OPEN_PACKS_PER_READER && !self.0.contains_key(pack) {
             self.0.clear();
         }
-        let file = match self.0.entry(*pack) {
+        let object = match self.0.entry(*pack) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(File::open(repo.pack_path(pack))?),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(repo.store.open(ObjectKind::Pack, &pack_name(pack))?)
+            }
         };
-        file.read_exact_at(buf, offset)
+        object.read_at(offset, buf)
     }
 }
 
@@ -479,8 +481,13 @@ impl<'a> BlobReader<'a> {
         let entry = self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
         let e = entry.entry;
         self.stored.resize(e.stored_len() as usize, 0);
-        self.packs.read_at(self.repo, &entry.pack, e.offset(), &mut self.stored).map_err(|source| {
-            Error::Integrity(format!("pack {}: blob {} cannot be read: {source}", entry.pack, e.id))
+        self.packs.read_at(self.repo, &entry.pack, e.offset(), &mut self.stored).map_err(|err| match err {
+            // A pack missing or shorter than the index says is damage; a store that does not
+            // answer is not.
+            Error::Io { source, .. } => {
+                Error::Integrity(format!("pack {}: blob {} cannot be read: {source}", entry.pack, e.id))
+            }
+            other => other,
         })?;
         Ok((e, format!("pack {}", entry.pack)))
     }

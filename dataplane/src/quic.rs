@@ -130,10 +130,10 @@ pub async fn read_frame(recv: &mut RecvStream) -> std::result::Result<Option<Fra
         Some(_) => {}
     }
     read_exact(recv, &mut header[1..]).await?;
-    let (kind, len) = FrameHeader::decode(&header)?;
+    let (kind, version, len) = FrameHeader::decode(&header)?;
     let mut payload = vec![0u8; len as usize];
     read_exact(recv, &mut payload).await?;
-    Ok(Some(Frame::decode(kind, &payload)?))
+    Ok(Some(Frame::decode(kind, version, &payload)?))
 }
 
 /// Reads one frame that must be there.
@@ -148,8 +148,13 @@ async fn read_exact(recv: &mut RecvStream, buf: &mut [u8]) -> std::result::Resul
     })
 }
 
-pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> std::result::Result<(), quinn::WriteError> {
-    send.write_all(&frame.encode()).await
+/// Writes one frame in protocol `version`.
+pub async fn write_frame(
+    send: &mut SendStream,
+    frame: &Frame,
+    version: u8,
+) -> std::result::Result<(), quinn::WriteError> {
+    send.write_all(&frame.encode_in(version)).await
 }
 
 /// Writes a development PKI into `out`: `ca.crt`/`ca.key`, `receiver.crt`/`.key` (for

@@ -10,7 +10,6 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use quinn::{Connection, RecvStream, SendStream};
 use tracing::{info, warn};
-use wire::frame::{ErrorCode, Frame, VERSION};
+use wire::frame::{ErrorCode, Fence, Frame, MIN_VERSION, VERSION};
 use wire::index::{encode_sorted, IndexEntry};
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::repo::Snapshot;
@@ -35,7 +34,8 @@ use crate::repo::{RepoLock, Repository};
 /// How the receiver was asked to run.
 pub struct ReceiverOptions {
     pub listen: SocketAddr,
-    pub repo: PathBuf,
+    /// A directory or `s3://BUCKET/PREFIX`; a repository is created there when there is none.
+    pub repo: String,
     pub tls: TlsFiles,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
@@ -108,20 +108,47 @@ impl Metrics {
 }
 
 /// The repository the receiver serves and what every session shares.
-struct Store {
+struct Served {
     repo: Repository,
     known: KnownBlobs,
     /// Serialises the steps that change what is indexed or committed.
     publish: Mutex<()>,
     next_session: AtomicU64,
+    /// The highest fencing token accepted per job (kept in memory: a restart forgets them).
+    fences: Mutex<std::collections::HashMap<String, u64>>,
+    /// When the index last looked for runs other receivers of a shared store wrote.
+    refreshed: Mutex<Option<Instant>>,
     metrics: Metrics,
     cores: usize,
     _lock: RepoLock,
 }
 
-impl Store {
+impl Served {
     fn index(&self) -> &ChunkIndex {
         self.known.index()
+    }
+
+    /// Where blob `id` is. A miss asks the store for index runs that other receivers wrote
+    /// (several may serve one bucket), at most once per [`limits::INDEX_REFRESH_INTERVAL`].
+    fn find(&self, id: &ChunkId) -> Result<Option<IndexEntry>> {
+        if let Some(found) = self.index().get(id)? {
+            return Ok(Some(found));
+        }
+        {
+            let mut refreshed = self.refreshed.lock().expect("no panics while holding it");
+            if refreshed.is_some_and(|at| at.elapsed() < limits::INDEX_REFRESH_INTERVAL) {
+                return Ok(None);
+            }
+            *refreshed = Some(Instant::now());
+        }
+        let added = {
+            let _g = self.publish.lock().expect("no panics while holding it");
+            self.index().refresh(&self.repo)?
+        };
+        if added > 0 {
+            info!("index: {added} runs written by other writers of this repository");
+        }
+        self.index().get(id)
     }
 }
 
@@ -142,22 +169,30 @@ impl From<Error> for Refusal {
 
 impl From<StreamError> for Refusal {
     fn from(e: StreamError) -> Self {
-        Refusal(ErrorCode::BadFrame, e.to_string())
+        match e {
+            StreamError::Frame(wire::Error::UnsupportedVersion { found, .. }) => Refusal(
+                ErrorCode::Version,
+                format!("a frame of protocol version {found}; this receiver speaks {MIN_VERSION} to {VERSION}"),
+            ),
+            other => Refusal(ErrorCode::BadFrame, other.to_string()),
+        }
     }
 }
 
 /// Runs the receiver until SIGTERM or SIGINT; returns once in-flight sessions are done.
 pub fn run(opts: ReceiverOptions) -> Result<()> {
-    let repo = Repository::open_or_init(&opts.repo)?;
+    let repo = Repository::open_or_init(crate::store::open(&opts.repo)?)?;
     // One receiver per repository; local backups wait for it like for any other writer.
     let lock = repo.lock()?;
     lock.clean_tmp()?;
     let index = ChunkIndex::load(&repo)?;
-    let store = Arc::new(Store {
+    let store = Arc::new(Served {
         repo,
         known: KnownBlobs::new(index),
         publish: Mutex::new(()),
         next_session: AtomicU64::new(1),
+        refreshed: Mutex::new(None),
+        fences: Mutex::default(),
         metrics: Metrics::default(),
         cores: opts.cores,
         _lock: lock,
@@ -167,7 +202,7 @@ pub fn run(opts: ReceiverOptions) -> Result<()> {
     runtime.block_on(serve(store, server, &opts))
 }
 
-async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOptions) -> Result<()> {
+async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverOptions) -> Result<()> {
     let endpoint = quinn::Endpoint::server(server, opts.listen)
         .map_err(|e| Error::Network(format!("cannot listen on {}: {e}", opts.listen)))?;
     let local = endpoint.local_addr().map_err(|e| Error::Network(e.to_string()))?;
@@ -178,7 +213,7 @@ async fn serve(store: Arc<Store>, server: quinn::ServerConfig, opts: &ReceiverOp
         info!("metrics on http://{}/metrics", listener.local_addr().map_err(|e| Error::Network(e.to_string()))?);
         tokio::spawn(serve_metrics(listener, Arc::clone(&store)));
     }
-    info!("receiver listening on {local}, repository {}", store.repo.root().display());
+    info!("receiver listening on {local}, repository {}", store.repo.location());
     // Printed for scripts that start the receiver on port 0.
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
@@ -320,17 +355,32 @@ fn identity(conn: &Connection) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-async fn connection(store: Arc<Store>, conn: Connection) {
+/// A connection's session, once its `Hello` was answered.
+#[derive(Clone, Copy, Debug)]
+struct Session {
+    id: u64,
+    /// The protocol version agreed on: every reply is in it.
+    version: u8,
+}
+
+type SessionCell = std::sync::OnceLock<Session>;
+
+/// The version a reply on this connection is in: the session's, or before it the oldest.
+fn reply_version(session: &SessionCell) -> u8 {
+    session.get().map_or(MIN_VERSION, |s| s.version)
+}
+
+async fn connection(store: Arc<Served>, conn: Connection) {
     let peer = conn.remote_address();
     let cert = identity(&conn);
-    let session = Arc::new(std::sync::OnceLock::<u64>::new());
+    let session = Arc::new(SessionCell::new());
     store.metrics.sessions_active.fetch_add(1, Ordering::Relaxed);
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => {
-                if let Some(id) = session.get() {
-                    info!("session {id} from {peer} ended: {e}");
+                if let Some(s) = session.get() {
+                    info!("session {} from {peer} ended: {e}", s.id);
                 }
                 break;
             }
@@ -343,8 +393,8 @@ async fn connection(store: Arc<Store>, conn: Connection) {
 
 /// One request on one stream.
 async fn stream(
-    store: Arc<Store>,
-    session: Arc<std::sync::OnceLock<u64>>,
+    store: Arc<Served>,
+    session: Arc<SessionCell>,
     peer: SocketAddr,
     cert: String,
     mut send: SendStream,
@@ -366,8 +416,8 @@ async fn stream(
         }
         Err(Refusal(code, message)) => {
             store.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            warn!("{peer} (session {:?}, cert {cert}): {stage}: {message}", session.get());
-            let _ = quic::write_frame(&mut send, &Frame::Error { code, message }).await;
+            warn!("{peer} (session {:?}, cert {cert}): {stage}: {message}", session.get().map(|s| s.id));
+            let _ = quic::write_frame(&mut send, &Frame::Error { code, message }, reply_version(&session)).await;
             let _ = send.finish();
             let _ = recv.stop(0u32.into());
         }
@@ -395,33 +445,33 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 async fn request(
-    store: &Arc<Store>,
-    session: &std::sync::OnceLock<u64>,
+    store: &Arc<Served>,
+    session: &SessionCell,
     peer: SocketAddr,
     cert: &str,
     frame: Frame,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), Refusal> {
-    if let Frame::Hello { version, client } = &frame {
-        if *version != VERSION {
-            return Err(Refusal(
+    if let Frame::Hello { min, max, client } = &frame {
+        let version = wire::frame::agree(*min, *max).ok_or_else(|| {
+            Refusal(
                 ErrorCode::Version,
-                format!("protocol version {version}; this receiver speaks {VERSION}"),
-            ));
-        }
+                format!("the client speaks protocol versions {min} to {max}; this receiver speaks {MIN_VERSION} to {VERSION}"),
+            )
+        })?;
         let id = store.next_session.fetch_add(1, Ordering::Relaxed);
-        if session.set(id).is_err() {
+        if session.set(Session { id, version }).is_err() {
             return Err(Refusal(ErrorCode::BadFrame, "this connection already has a session".into()));
         }
         store.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
-        info!("session {id} from {peer}: client {client:?}, certificate {cert}");
-        let welcome =
-            Frame::Welcome { session: id, config: store.repo.config.encode(), key: *store.repo.key.as_bytes() };
-        return reply(send, &welcome).await;
+        info!("session {id} from {peer}: client {client:?}, certificate {cert}, protocol version {version}");
+        let (config, key) = (store.repo.config.encode(), *store.repo.key.as_bytes());
+        return reply(send, &Frame::Welcome { version, session: id, config, key }, version).await;
     }
-    match (frame.session(), session.get()) {
-        (Some(asked), Some(ours)) if asked == *ours => {}
+    let version = reply_version(session);
+    match (frame.session(), session.get().map(|s| s.id)) {
+        (Some(asked), Some(ours)) if asked == ours => {}
         (Some(asked), _) => {
             return Err(Refusal(ErrorCode::UnknownSession, format!("no session {asked} on this connection")))
         }
@@ -433,31 +483,31 @@ async fn request(
             let s = Arc::clone(store);
             let present =
                 blocking(move || ids.iter().map(|id| s.index().contains(id)).collect::<Result<Vec<_>>>()).await?;
-            reply(send, &Frame::HaveReply { present }).await
+            reply(send, &Frame::HaveReply { present }, version).await
         }
         Frame::PutPack { .. } => {
             let id = receive_pack(store, recv).await?;
-            reply(send, &Frame::PackStored { id }).await
+            reply(send, &Frame::PackStored { id }, version).await
         }
-        Frame::GetBlobs { ids, .. } => send_blobs(store, ids, send).await,
+        Frame::GetBlobs { ids, .. } => send_blobs(store, ids, send, version).await,
         Frame::ListSnapshots { .. } => {
             let s = Arc::clone(store);
             for (id, snap) in blocking(move || s.repo.snapshots()).await? {
-                reply(send, &Frame::SnapshotRecord { id, record: snap.encode() }).await?;
+                reply(send, &Frame::SnapshotRecord { id, record: snap.encode() }, version).await?;
             }
             Ok(())
         }
-        Frame::Commit { record, .. } => {
+        Frame::Commit { record, fence, .. } => {
             let snapshot =
                 Snapshot::decode(&record).map_err(|e| Refusal(ErrorCode::BadFrame, format!("snapshot record: {e}")))?;
             let s = Arc::clone(store);
-            let id = match tokio::task::spawn_blocking(move || commit(&s, &snapshot)).await {
+            let id = match tokio::task::spawn_blocking(move || commit(&s, &snapshot, fence.as_ref())).await {
                 Ok(r) => r?,
                 Err(e) => return Err(Refusal(ErrorCode::Other, format!("commit failed: {e}"))),
             };
             store.metrics.commits.fetch_add(1, Ordering::Relaxed);
-            info!("session {:?}: committed snapshot {id}", session.get());
-            reply(send, &Frame::Committed { id }).await
+            info!("session {:?}: committed snapshot {id}", session.get().map(|s| s.id));
+            reply(send, &Frame::Committed { id }, version).await
         }
         Frame::Verify { read_data, .. } => {
             let s = Arc::clone(store);
@@ -467,31 +517,50 @@ async fn request(
                 Ok((!r.damage.is_empty(), serde_json::to_vec(&r).expect("a report serialises")))
             })
             .await?;
-            reply(send, &Frame::VerifyReport { damaged, report }).await
+            reply(send, &Frame::VerifyReport { damaged, report }, version).await
         }
         other => Err(Refusal(ErrorCode::BadFrame, format!("a {:?} frame is not a request", other.kind()))),
     }
 }
 
-async fn reply(send: &mut SendStream, frame: &Frame) -> Result<(), Refusal> {
-    quic::write_frame(send, frame).await.map_err(|e| Refusal(ErrorCode::Other, format!("client went away: {e}")))
+async fn reply(send: &mut SendStream, frame: &Frame, version: u8) -> Result<(), Refusal> {
+    quic::write_frame(send, frame, version)
+        .await
+        .map_err(|e| Refusal(ErrorCode::Other, format!("client went away: {e}")))
 }
 
 /// A snapshot is committed only when its root tree is indexed here: every pack the client sent
 /// was durable before it was acknowledged, and the client commits after its last
-/// acknowledgement, so everything below the root is durable too.
-fn commit(store: &Store, snapshot: &Snapshot) -> Result<ChunkId, Refusal> {
+/// acknowledgement, so everything below the root is durable too. A fenced commit is refused
+/// when a higher token was accepted for its job (a writer that lost its claim).
+fn commit(store: &Served, snapshot: &Snapshot, fence: Option<&Fence>) -> Result<ChunkId, Refusal> {
     let root = snapshot.tree_id();
-    if !store.index().contains(&root)? {
+    if store.find(&root)?.is_none() {
         return Err(Refusal(ErrorCode::Incomplete, format!("snapshot's root tree {root} is not stored here")));
     }
     let _g = store.publish.lock().expect("no panics while holding it");
-    Ok(store.repo.commit_snapshot(snapshot)?)
+    let mut fences = store.fences.lock().expect("no panics while holding it");
+    if let Some(Fence { job, token }) = fence {
+        if let Some(highest) = fences.get(job).filter(|h| *h > token) {
+            return Err(Refusal(
+                ErrorCode::Fenced,
+                format!(
+                    "job {job:?}: token {token} is lower than {highest}, accepted before; this writer lost its claim"
+                ),
+            ));
+        }
+    }
+    let id = store.repo.commit_snapshot(snapshot)?;
+    if let Some(Fence { job, token }) = fence {
+        let highest = fences.entry(job.clone()).or_default();
+        *highest = (*highest).max(*token);
+    }
+    Ok(id)
 }
 
 /// Receives a pack into `tmp/`, checks it, and makes it durable and indexed; returns its id.
 /// On any failure the partial file is removed: nothing half-sent becomes visible.
-async fn receive_pack(store: &Arc<Store>, recv: &mut RecvStream) -> Result<ChunkId, Refusal> {
+async fn receive_pack(store: &Arc<Served>, recv: &mut RecvStream) -> Result<ChunkId, Refusal> {
     let tmp = store.repo.tmp_path("pack");
     let file = std::fs::OpenOptions::new().create_new(true).write(true).read(true).open(&tmp).at(&tmp)?;
     let received = async {
@@ -558,7 +627,7 @@ impl From<Error> for PackRejected {
 }
 
 fn store_pack(
-    store: &Store,
+    store: &Served,
     id: ChunkId,
     file: std::fs::File,
     len: u64,
@@ -572,7 +641,7 @@ fn store_pack(
 }
 
 fn check_and_publish(
-    store: &Store,
+    store: &Served,
     id: ChunkId,
     file: &std::fs::File,
     len: u64,
@@ -595,7 +664,7 @@ fn check_and_publish(
     let mut run: Vec<IndexEntry> = entries.into_iter().map(|entry| IndexEntry { pack: id, entry }).collect();
     run.sort_unstable_by_key(|e| e.id());
     let _g = store.publish.lock().expect("no panics while holding it");
-    store.repo.publish(tmp, &store.repo.pack_path(&id))?;
+    store.repo.publish_pack(tmp, &id)?;
     let path = store.repo.write_index_run(&encode_sorted(&run))?;
     store.known.sealed(&path, &run)?;
     store.index().compact(&store.repo)?;
@@ -604,7 +673,7 @@ fn check_and_publish(
 
 /// Streams blobs back in the order asked; a reader thread stays at most a few blobs ahead, so
 /// the stream's flow control bounds memory on both sides.
-async fn send_blobs(store: &Arc<Store>, ids: Vec<ChunkId>, send: &mut SendStream) -> Result<(), Refusal> {
+async fn send_blobs(store: &Arc<Served>, ids: Vec<ChunkId>, send: &mut SendStream, version: u8) -> Result<(), Refusal> {
     // The reader thread hands over runs of frames (~PACK_SEND_PIECE each), not single blobs:
     // one thread switch per run instead of per (often few-KiB) blob.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, Refusal>>(4);
@@ -613,7 +682,7 @@ async fn send_blobs(store: &Arc<Store>, ids: Vec<ChunkId>, send: &mut SendStream
         let mut packs = PackFiles::default();
         let mut run = Vec::new();
         for id in ids {
-            match blob_frame(&s, &id, &mut packs, &mut run) {
+            match blob_frame(&s, &id, &mut packs, &mut run, version) {
                 Ok(()) if run.len() < limits::PACK_SEND_PIECE => continue,
                 Ok(()) => {
                     if tx.blocking_send(Ok(std::mem::take(&mut run))).is_err() {
@@ -644,16 +713,21 @@ async fn send_blobs(store: &Arc<Store>, ids: Vec<ChunkId>, send: &mut SendStream
 }
 
 /// Appends a whole `Blob` frame to `out`, the stored bytes read from the pack straight into it.
-fn blob_frame(store: &Store, id: &ChunkId, packs: &mut PackFiles, out: &mut Vec<u8>) -> Result<(), Refusal> {
-    let found = store.index().get(id)?;
+fn blob_frame(
+    store: &Served,
+    id: &ChunkId,
+    packs: &mut PackFiles,
+    out: &mut Vec<u8>,
+    version: u8,
+) -> Result<(), Refusal> {
+    let found = store.find(id)?;
     let IndexEntry { pack, entry } =
         found.ok_or_else(|| Refusal(ErrorCode::NotFound, format!("blob {id} is not in this repository")))?;
     let frame_start = out.len();
-    out.extend_from_slice(&Frame::blob_prefix(&entry));
+    out.extend_from_slice(&Frame::blob_prefix(&entry, version));
     let start = out.len();
     out.resize(start + entry.stored_len() as usize, 0);
-    let read = packs.read_at(&store.repo, &pack, entry.offset(), &mut out[start..]);
-    if let Err(e) = read.at(&store.repo.pack_path(&pack)) {
+    if let Err(e) = packs.read_at(&store.repo, &pack, entry.offset(), &mut out[start..]) {
         out.truncate(frame_start);
         return Err(e.into());
     }
@@ -661,7 +735,7 @@ fn blob_frame(store: &Store, id: &ChunkId, packs: &mut PackFiles, out: &mut Vec<
     Ok(())
 }
 
-async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<Store>) {
+async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<Served>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let Ok((mut sock, _)) = listener.accept().await else { continue };

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
-use wire::frame::{ErrorCode, Frame, FrameHeader, HEADER_LEN, VERSION};
+use wire::frame::{ErrorCode, Frame, FrameHeader, HEADER_LEN, MIN_VERSION, VERSION};
 use wire::pack::PackEntry;
 use wire::repo::{RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
@@ -28,6 +28,8 @@ pub struct Remote {
     endpoint: quinn::Endpoint,
     conn: Connection,
     session: u64,
+    /// The protocol version agreed with the receiver (the oldest until its `Welcome`).
+    version: u8,
     /// `HOST:PORT` as given, for messages.
     pub addr: String,
     /// A private directory standing in for the repository's root on this side (the commands'
@@ -71,7 +73,8 @@ fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
 /// The receiver's refusal as our error: the same exit codes as the local failure would have.
 fn refused(addr: &str, code: ErrorCode, message: String) -> Error {
     match code {
-        ErrorCode::NotFound | ErrorCode::Version => Error::Usage(format!("receiver {addr}: {message}")),
+        ErrorCode::NotFound => Error::Usage(format!("receiver {addr}: {message}")),
+        ErrorCode::Version => Error::Protocol(format!("receiver {addr}: {message}")),
         ErrorCode::Incomplete => Error::Integrity(format!("receiver {addr}: {message}")),
         // The receiver's message repeats the advice NoSpace gives; its path is of no use here.
         ErrorCode::NoSpace => Error::NoSpace(format!("receiver {addr}").into()),
@@ -105,16 +108,21 @@ impl Remote {
         })?;
         remove_stale_scratch();
         let scratch = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}-{}", std::process::id(), conn.stable_id()));
-        let mut remote = Remote { runtime, endpoint, conn, session: 0, addr, scratch };
+        let mut remote = Remote { runtime, endpoint, conn, session: 0, version: MIN_VERSION, addr, scratch };
         let client = crate::backup::hostname();
-        match remote.request(&Frame::Hello { version: VERSION, client })? {
-            Frame::Welcome { session, config, key } => {
+        match remote.request(&Frame::Hello { min: MIN_VERSION, max: VERSION, client })? {
+            Frame::Welcome { version, .. } if !wire::frame::speaks(version) => Err(Error::Protocol(format!(
+                "receiver {}: it chose protocol version {version}; this cbcr speaks {MIN_VERSION} to {VERSION}",
+                remote.addr
+            ))),
+            Frame::Welcome { version, session, config, key } => {
                 let config = RepoConfig::decode(&config).map_err(|e| net(&remote.addr, "repository config", e))?;
                 let key = RepoKey::from_bytes(key);
                 if key.key_id() != config.key_id {
                     return Err(Error::Integrity(format!("receiver {}: key does not match its config", remote.addr)));
                 }
                 remote.session = session;
+                remote.version = version;
                 Ok(Welcome { remote, config, key })
             }
             other => Err(remote.unexpected(&other)),
@@ -149,7 +157,7 @@ impl Remote {
     /// Opens a stream and sends `frame`; returns the stream to read replies from.
     async fn open(&self, frame: &Frame, finish: bool) -> Result<(SendStream, RecvStream)> {
         let (mut send, recv) = self.conn.open_bi().await.map_err(|e| self.lost("open stream", e))?;
-        quic::write_frame(&mut send, frame).await.map_err(|e| self.lost("send", e))?;
+        quic::write_frame(&mut send, frame, self.version).await.map_err(|e| self.lost("send", e))?;
         if finish {
             let _ = send.finish();
         }
@@ -208,7 +216,7 @@ impl Remote {
 
     /// Commits a snapshot; the receiver acknowledges once it and all it references are durable.
     pub fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {
-        match self.request(&Frame::Commit { session: self.session, record: snapshot.encode() })? {
+        match self.request(&Frame::Commit { session: self.session, record: snapshot.encode(), fence: None })? {
             Frame::Committed { id } => Ok(id),
             other => Err(self.unexpected(&other)),
         }
@@ -386,10 +394,11 @@ impl BlobStream<'_> {
             let have = &self.buf[self.pos..];
             if let Some(header) = have.get(..HEADER_LEN) {
                 let bad = |e: wire::Error| net(&remote.addr, "protocol", e);
-                let (kind, len) = FrameHeader::decode(header.try_into().expect("HEADER_LEN bytes")).map_err(bad)?;
+                let (kind, version, len) =
+                    FrameHeader::decode(header.try_into().expect("HEADER_LEN bytes")).map_err(bad)?;
                 let end = HEADER_LEN + len as usize;
                 if have.len() >= end {
-                    let frame = Frame::decode(kind, &have[HEADER_LEN..end]).map_err(bad)?;
+                    let frame = Frame::decode(kind, version, &have[HEADER_LEN..end]).map_err(bad)?;
                     self.pos += end;
                     return Ok(frame);
                 }

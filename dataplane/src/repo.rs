@@ -1,16 +1,10 @@
-//! A repository in a local directory: layout, creation, opening, locking and the snapshot commit.
+//! An open repository: its config and key, read from a [`Store`], and the steps of the commit
+//! protocol on top of the store's objects.
 //!
-//! ```text
-//! REPO/config  REPO/keys/<key id>  REPO/packs/ab/<id>.pack  REPO/index/<id>.idx
-//! REPO/snapshots/<id>  REPO/tmp/ (files being written)  REPO/lock (flock)
-//! ```
-//! Every file is written to `tmp/`, fsynced, renamed into place and its directory fsynced, so a
-//! file under its final name is always complete and durable.
+//! Packs and index runs are written as files in the store's work directory (`tmp/`), fsynced,
+//! then handed to the store, which makes them durable under their final names; a snapshot is
+//! one object written last.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,170 +12,148 @@ use wire::repo::{KeyFile, RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fault;
 use crate::quic::TlsFiles;
 use crate::remote::Remote;
+use crate::store::{self, LocalDir, ObjectKind, Store, WriterClaim};
 
-/// An open repository: a local directory, or a receiver reached over QUIC (then `root` is a
-/// private scratch directory: see [`Remote::scratch`]).
+/// An open repository: in a store (a local directory or object storage), or on a receiver
+/// reached over QUIC (then the store is a private scratch directory: see [`Remote::scratch`]).
 #[derive(Clone)]
 pub struct Repository {
-    root: PathBuf,
+    pub store: Arc<dyn Store>,
     pub config: RepoConfig,
     pub key: RepoKey,
     pub remote: Option<Arc<Remote>>,
 }
 
 /// Held while a backup writes; released when dropped or when the process dies.
-pub struct RepoLock {
-    _file: File,
-    tmp: PathBuf,
+pub type RepoLock = Box<dyn WriterClaim>;
+
+/// The file name of pack `id`.
+pub fn pack_name(id: &ChunkId) -> String {
+    format!("{}.pack", id.to_hex())
 }
 
-impl RepoLock {
-    /// Removes what interrupted writers left in `tmp/`: safe because the lock is held.
-    pub fn clean_tmp(&self) -> Result<()> {
-        for entry in fs::read_dir(&self.tmp).at(&self.tmp)? {
-            let path = entry.at(&self.tmp)?.path();
-            fs::remove_file(&path).at(&path)?;
-        }
-        Ok(())
-    }
+/// The file name of the index run whose bytes hash to `id`.
+pub fn index_run_name(id: &ChunkId) -> String {
+    format!("{}.idx", id.to_hex())
 }
 
 impl Repository {
-    /// Creates a repository in `root`, which must be missing or an empty directory.
-    pub fn init(root: &Path, segment_size: u64, chunker: wire::repo::ChunkerParams) -> Result<Self> {
-        if root.join("config").exists() {
-            return Err(Error::AlreadyARepository(root.to_owned()));
+    /// Creates a repository in `store`, which must hold nothing yet.
+    pub fn init(store: Box<dyn Store>, segment_size: u64, chunker: wire::repo::ChunkerParams) -> Result<Self> {
+        let location = PathBuf::from(store.location());
+        if store.get(ObjectKind::Config, "")?.is_some() {
+            return Err(Error::AlreadyARepository(location));
         }
-        if root.exists() && fs::read_dir(root).at(root)?.next().is_some() {
-            return Err(Error::NotARepository(root.to_owned()));
+        if !store.is_empty()? {
+            return Err(Error::NotARepository(location));
         }
         let mut key = [0u8; 32];
         getrandom::getrandom(&mut key)
-            .map_err(|e| Error::Io { path: root.to_owned(), source: std::io::Error::other(e.to_string()) })?;
+            .map_err(|e| Error::Io { path: location.clone(), source: std::io::Error::other(e.to_string()) })?;
         let key = RepoKey::from_bytes(key);
         let config = RepoConfig { version: wire::repo::VERSION, key_id: key.key_id(), chunker, segment_size };
         config.validate().map_err(|e| Error::Usage(e.to_string()))?;
-        for dir in ["", "keys", "packs", "index", "snapshots", "tmp"] {
-            fs::create_dir_all(root.join(dir)).at(&root.join(dir))?;
-        }
-        let repo = Self { root: root.to_owned(), config, key, remote: None };
-        repo.write_durable(
-            &repo.root.join("keys").join(repo.config.key_id.as_str()),
-            &KeyFile::encode(&repo.key),
-            0o600,
-        )?;
-        // The config is written last: a directory is a repository once it has one.
-        repo.write_durable(&repo.root.join("config"), &repo.config.encode(), 0o644)?;
-        Ok(repo)
+        store.create()?;
+        store.put(ObjectKind::Key, config.key_id.as_str(), &KeyFile::encode(&key))?;
+        // The config is written last: a store holds a repository once it has one.
+        store.put(ObjectKind::Config, "", &config.encode())?;
+        Ok(Self { store: Arc::from(store), config, key, remote: None })
     }
 
-    /// Opens an existing repository.
-    pub fn open(root: &Path) -> Result<Self> {
-        let config_path = root.join("config");
-        let bytes = match fs::read(&config_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotARepository(root.to_owned())),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Err(Error::NotARepository(root.to_owned())),
-            Err(e) => return Err(Error::Io { path: config_path, source: e }),
+    /// Opens the repository in `store`.
+    pub fn open(store: Box<dyn Store>) -> Result<Self> {
+        let location = store.location();
+        let Some(bytes) = store.get(ObjectKind::Config, "")? else {
+            return Err(Error::NotARepository(location.into()));
         };
-        let config = RepoConfig::decode(&bytes).map_err(|e| Error::format(&config_path, e))?;
-        let key_path = root.join("keys").join(&config.key_id);
-        let key = KeyFile::decode(&fs::read(&key_path).at(&key_path)?).map_err(|e| Error::format(&key_path, e))?;
+        let at = |kind: ObjectKind, name: &str| PathBuf::from(format!("{location}/{}", kind.key(name)));
+        let config = RepoConfig::decode(&bytes).map_err(|e| Error::format(&at(ObjectKind::Config, ""), e))?;
+        let key_path = at(ObjectKind::Key, &config.key_id);
+        let key_bytes = store
+            .get(ObjectKind::Key, &config.key_id)?
+            .ok_or_else(|| Error::Integrity(format!("{}: the repository's key is missing", key_path.display())))?;
+        let key = KeyFile::decode(&key_bytes).map_err(|e| Error::format(&key_path, e))?;
         if key.key_id() != config.key_id {
             return Err(Error::Integrity(format!("{}: key does not match the repository config", key_path.display())));
         }
-        Ok(Self { root: root.to_owned(), config, key, remote: None })
+        Ok(Self { store: Arc::from(store), config, key, remote: None })
     }
 
-    /// Opens `quic://HOST:PORT` (a session with that receiver), or the directory `spec`.
-    pub fn open_spec(spec: &Path, tls: Option<&TlsFiles>, create: bool) -> Result<Self> {
-        let Some(url) = spec.to_str().filter(|s| s.starts_with("quic://")) else {
-            return if create { Self::open_or_init(spec) } else { Self::open(spec) };
-        };
+    /// Opens `quic://HOST:PORT` (a session with that receiver), `s3://BUCKET/PREFIX`, or the
+    /// directory `spec`; with `init`, a repository with the defaults is created when there is
+    /// none (in an empty or missing directory, or an empty prefix).
+    pub fn open_spec(spec: &str, tls: Option<&TlsFiles>, init: bool) -> Result<Self> {
+        if !spec.starts_with("quic://") {
+            let store = store::open(spec)?;
+            return if init { Self::open_or_init(store) } else { Self::open(store) };
+        }
         let tls = tls.ok_or_else(|| {
-            Error::Usage(format!("{url}: give --cert, --key and --ca (or CBCR_CERT, CBCR_KEY, CBCR_CA)"))
+            Error::Usage(format!("{spec}: give --cert, --key and --ca (or CBCR_CERT, CBCR_KEY, CBCR_CA)"))
         })?;
-        let welcome = Remote::connect(url, tls)?;
-        let root = welcome.remote.scratch.clone();
-        for dir in ["tmp", "index"] {
-            fs::create_dir_all(root.join(dir)).at(&root.join(dir))?;
+        let welcome = Remote::connect(spec, tls)?;
+        let scratch = LocalDir::new(&welcome.remote.scratch);
+        scratch.create()?;
+        Ok(Self {
+            store: Arc::new(scratch),
+            config: welcome.config,
+            key: welcome.key,
+            remote: Some(Arc::new(welcome.remote)),
+        })
+    }
+
+    /// Opens the repository in `store`, creating it with default parameters when it is empty.
+    pub fn open_or_init(store: Box<dyn Store>) -> Result<Self> {
+        if store.get(ObjectKind::Config, "")?.is_none() && store.is_empty()? {
+            return Self::init(store, 1 << 30, Default::default());
         }
-        Ok(Self { root, config: welcome.config, key: welcome.key, remote: Some(Arc::new(welcome.remote)) })
+        Self::open(store)
     }
 
-    /// Opens the repository at `root`, creating it with default parameters when missing.
-    pub fn open_or_init(root: &Path) -> Result<Self> {
-        match Self::open(root) {
-            Err(Error::NotARepository(_)) if !root.join("config").exists() => {
-                Self::init(root, 1 << 30, Default::default())
-            }
-            other => other,
+    /// Where the repository is, for messages.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(remote) => format!("quic://{}", remote.addr),
+            None => self.store.location(),
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Takes the exclusive writer lock, or fails at once with [`Error::Locked`].
+    /// Takes the writer's claim, or fails at once with [`Error::Locked`].
     pub fn lock(&self) -> Result<RepoLock> {
-        let path = self.root.join("lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(Error::Locked(self.root.clone()));
-        }
-        Ok(RepoLock { _file: file, tmp: self.root.join("tmp") })
+        self.store.claim_writer()
     }
 
-    pub fn pack_path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.root.join("packs").join(&hex[..2]).join(format!("{hex}.pack"))
-    }
-
-    /// A fresh path in `tmp/` for a file being written.
+    /// A fresh path in the work directory's `tmp/` for a file being written.
     pub fn tmp_path(&self, what: &str) -> PathBuf {
         let mut r = [0u8; 8];
         let _ = getrandom::getrandom(&mut r);
-        self.root.join("tmp").join(format!("{what}-{}", wire::id::to_hex(&r)))
+        self.store.work_dir().join("tmp").join(format!("{what}-{}", wire::id::to_hex(&r)))
     }
 
-    /// Moves a complete, fsynced temporary file to its final name and makes the rename durable.
-    pub fn publish(&self, tmp: &Path, dest: &Path) -> Result<()> {
-        let dir = dest.parent().expect("repository paths have a parent");
-        if !dir.exists() {
-            fs::create_dir_all(dir).at(dir)?;
-            sync_dir(dir.parent().expect("pack fan-out dirs have a parent"))?;
-        }
-        fs::rename(tmp, dest).at(dest)?;
-        sync_dir(dir)
+    /// Makes the complete, fsynced pack file `tmp` durable as pack `id`.
+    pub fn publish_pack(&self, tmp: &Path, id: &ChunkId) -> Result<()> {
+        self.store.put_file(ObjectKind::Pack, &pack_name(id), tmp)
     }
 
-    /// Writes `bytes` under `dest` through a temporary file: complete and durable, or absent.
-    pub fn write_durable(&self, dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-        let tmp = self.tmp_path("file");
-        let mut f = OpenOptions::new().create_new(true).write(true).mode(mode).open(&tmp).at(&tmp)?;
-        let written = f.write_all(bytes).and_then(|_| f.sync_all()).at(&tmp);
+    /// Makes the complete, fsynced index run file `tmp` durable as run `id` (the hash of its
+    /// bytes); returns the local file to search it in.
+    pub fn publish_index_run(&self, tmp: &Path, id: &ChunkId) -> Result<PathBuf> {
+        let name = index_run_name(id);
+        self.store.put_file(ObjectKind::Index, &name, tmp)?;
+        self.store.index_run(&name)
+    }
+
+    /// Writes one index run; its name is the hash of its bytes. Returns the local file.
+    pub fn write_index_run(&self, bytes: &[u8]) -> Result<PathBuf> {
+        let id = ChunkId::of_file(bytes);
+        let tmp = self.tmp_path("index");
+        let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::File::open(&tmp)?.sync_all()).at(&tmp);
         if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        self.publish(&tmp, dest)
-    }
-
-    /// Where the index run whose bytes hash to `id` lives.
-    pub fn index_run_path(&self, id: &ChunkId) -> PathBuf {
-        self.root.join("index").join(format!("{}.idx", id.to_hex()))
-    }
-
-    /// Writes one index run; its name is the hash of its bytes. Returns where.
-    pub fn write_index_run(&self, bytes: &[u8]) -> Result<PathBuf> {
-        let path = self.index_run_path(&ChunkId::of_file(bytes));
-        self.write_durable(&path, bytes, 0o644)?;
-        Ok(path)
+        self.publish_index_run(&tmp, &id)
     }
 
     /// The last step of a backup: the snapshot becomes visible only now, after everything it
@@ -192,56 +164,35 @@ impl Repository {
         }
         let bytes = snapshot.encode();
         let id = ChunkId::of_file(&bytes);
-        let tmp = self.tmp_path("snapshot");
-        let mut f = OpenOptions::new().create_new(true).write(true).open(&tmp).at(&tmp)?;
-        f.write_all(&bytes).and_then(|_| f.sync_all()).at(&tmp)?;
-        fault::point("snapshot-write");
-        let dest = self.root.join("snapshots").join(id.to_hex());
-        fs::rename(&tmp, &dest).at(&dest)?;
-        fault::point("snapshot-rename");
-        sync_dir(&self.root.join("snapshots"))?;
+        self.store.put(ObjectKind::Snapshot, &id.to_hex(), &bytes)?;
         Ok(id)
     }
 
-    /// Files in one of the repository's directories, sorted by name.
-    pub fn list(&self, dir: &str) -> Result<Vec<PathBuf>> {
-        let dir = self.root.join(dir);
-        let mut out = vec![];
-        for entry in fs::read_dir(&dir).at(&dir)? {
-            let entry = entry.at(&dir)?;
-            if entry.file_type().at(&entry.path())?.is_dir() {
-                for inner in fs::read_dir(entry.path()).at(&entry.path())? {
-                    out.push(inner.at(&entry.path())?.path());
-                }
-            } else {
-                out.push(entry.path());
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    /// Every snapshot, oldest first. A snapshot file that does not decode is an error.
+    /// Every snapshot, oldest first. A snapshot that does not decode is an error.
     pub fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
         if let Some(remote) = &self.remote {
             return remote.snapshots();
         }
         let mut out = vec![];
-        for path in self.list("snapshots")? {
-            out.push(self.load_snapshot_file(&path)?);
+        for object in self.store.list(ObjectKind::Snapshot)? {
+            out.push(self.load_snapshot(&object.name)?);
         }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)
     }
 
-    pub fn load_snapshot_file(&self, path: &Path) -> Result<(ChunkId, Snapshot)> {
-        let bytes = fs::read(path).at(path)?;
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let id = ChunkId::from_hex(name).map_err(|e| Error::format(path, e))?;
+    /// The snapshot object `name`, checked against its name.
+    pub fn load_snapshot(&self, name: &str) -> Result<(ChunkId, Snapshot)> {
+        let path = PathBuf::from(format!("{}/{}", self.store.location(), ObjectKind::Snapshot.key(name)));
+        let id = ChunkId::from_hex(name).map_err(|e| Error::format(&path, e))?;
+        let bytes = self.store.get(ObjectKind::Snapshot, name)?.ok_or_else(|| Error::Io {
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such snapshot"),
+        })?;
         if ChunkId::of_file(&bytes) != id {
-            return Err(Error::format(path, wire::Error::ChecksumMismatch { what: "snapshot" }));
+            return Err(Error::format(&path, wire::Error::ChecksumMismatch { what: "snapshot" }));
         }
-        Ok((id, Snapshot::decode(&bytes).map_err(|e| Error::format(path, e))?))
+        Ok((id, Snapshot::decode(&bytes).map_err(|e| Error::format(&path, e))?))
     }
 
     /// Finds a snapshot by `latest`, a unique id prefix, or a full id.
@@ -257,9 +208,4 @@ impl Repository {
             _ => Err(Error::Usage(format!("no snapshot matches {spec:?}"))),
         }
     }
-}
-
-/// fsync a directory, making renames and creations in it durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }

@@ -7,9 +7,7 @@
 //! by pack, blob, snapshot and file.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -23,8 +21,9 @@ use crate::index::ChunkIndex;
 use crate::limits;
 use crate::output::Reporter;
 use crate::pack::{decode_blob, BlobReader};
-use crate::repo::Repository;
+use crate::repo::{pack_name, Repository};
 use crate::runtime;
+use crate::store::{ObjectKind, ObjectReader};
 
 /// One damaged object.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -49,8 +48,8 @@ pub struct VerifyReport {
 }
 
 struct PackJob {
-    path: PathBuf,
     id: ChunkId,
+    len: u64,
     /// Blobs the index places in this pack.
     indexed: u64,
 }
@@ -63,12 +62,13 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
         Ok(())
     })?);
     let mut snapshots = vec![];
-    for path in repo.list("snapshots")? {
-        match repo.load_snapshot_file(&path) {
+    let at = |kind: ObjectKind, name: &str| format!("{}/{}", repo.store.location(), kind.key(name));
+    for object in repo.store.list(ObjectKind::Snapshot)? {
+        match repo.load_snapshot(&object.name) {
             Ok(s) => snapshots.push(s),
             Err(e) => report.damage.push(Damage {
                 kind: "snapshot".into(),
-                name: path.display().to_string(),
+                name: at(ObjectKind::Snapshot, &object.name),
                 detail: e.to_string(),
             }),
         }
@@ -80,17 +80,16 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
     let mut by_pack: HashMap<ChunkId, u64> = HashMap::new();
     index.for_each(|e| *by_pack.entry(e.pack).or_default() += 1)?;
     let mut jobs = vec![];
-    for path in repo.list("packs")? {
-        let name = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".pack"));
-        match name.map(ChunkId::from_hex) {
+    for object in repo.store.list(ObjectKind::Pack)? {
+        match object.name.strip_suffix(".pack").map(ChunkId::from_hex) {
             Some(Ok(id)) => {
                 let indexed = by_pack.remove(&id).unwrap_or_default();
                 report.unindexed_packs += u64::from(indexed == 0);
-                jobs.push(PackJob { path, id, indexed });
+                jobs.push(PackJob { id, len: object.len, indexed });
             }
             _ => report.damage.push(Damage {
                 kind: "pack".into(),
-                name: path.display().to_string(),
+                name: at(ObjectKind::Pack, &object.name),
                 detail: "not a pack file name".into(),
             }),
         }
@@ -106,7 +105,7 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
     }
     report.packs = jobs.len() as u64;
     let progress = reporter.start(if read_data { "verify (read data)" } else { "verify" });
-    progress.set_total(jobs.iter().map(|j| fs::metadata(&j.path).map_or(0, |m| m.len())).sum());
+    progress.set_total(jobs.iter().map(|j| j.len).sum());
     let repo = Arc::new(repo);
     let (tx, rx) = bounded::<PackJob>(cores * 2);
     let workers = {
@@ -114,7 +113,7 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
         runtime::spawn(cores, move |_| check_packs(&repo, &index, &rx, read_data))?
     };
     for job in jobs {
-        progress.add(fs::metadata(&job.path).map_or(0, |m| m.len()), 0);
+        progress.add(job.len, 0);
         if tx.send(job).is_err() {
             break;
         }
@@ -197,7 +196,7 @@ fn check_packs(
         let pack_damage = |detail: String| {
             (Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, indexed_in(index, &job.id, |_| true))
         };
-        let (file, entries) = match read_trailer(&job.path) {
+        let (file, entries) = match read_trailer(repo, &job.id) {
             Ok(found) => found,
             Err(detail) => {
                 out.0.push(pack_damage(detail));
@@ -206,7 +205,7 @@ fn check_packs(
         };
         if read_data {
             // The whole file, streamed: its hash is its name.
-            match hash_file(&file, &mut stored) {
+            match hash_file(&*file, &mut stored) {
                 Ok((id, len)) => {
                     out.2 += len;
                     if id != job.id {
@@ -224,7 +223,7 @@ fn check_packs(
                     // the first broken link.
                     BlobKind::Delta => reader.read(&e.id, &mut raw).map_err(|err| err.to_string()),
                     _ => file
-                        .read_exact_at(&mut stored, e.offset())
+                        .read_at(e.offset(), &mut stored)
                         .map_err(|err| format!("cannot be read: {err}"))
                         .and_then(|()| decode_blob(&mut decompressor, &stored, e, &mut raw))
                         .and_then(|()| {
@@ -267,36 +266,39 @@ fn check_packs(
 }
 
 /// The open pack and its entries, from its header and trailer.
-fn read_trailer(path: &Path) -> std::result::Result<(File, Vec<PackEntry>), String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
+fn read_trailer(
+    repo: &Repository,
+    id: &ChunkId,
+) -> std::result::Result<(Box<dyn ObjectReader>, Vec<PackEntry>), String> {
+    let file = repo.store.open(ObjectKind::Pack, &pack_name(id)).map_err(|e| e.to_string())?;
+    let len = file.size();
     if len < (HEADER_LEN + FOOTER_LEN) as u64 {
         return Err(format!("truncated to {len} bytes"));
     }
     let mut header = [0u8; HEADER_LEN];
-    file.read_exact_at(&mut header, 0).map_err(|e| e.to_string())?;
+    file.read_at(0, &mut header).map_err(|e| e.to_string())?;
     PackHeader::check(&header).map_err(|e| e.to_string())?;
     let mut footer = [0u8; FOOTER_LEN];
-    file.read_exact_at(&mut footer, len - FOOTER_LEN as u64).map_err(|e| e.to_string())?;
+    file.read_at(len - FOOTER_LEN as u64, &mut footer).map_err(|e| e.to_string())?;
     let loc = parse_footer(&footer, len).map_err(|e| e.to_string())?;
     let mut entries = vec![0u8; loc.entries_len()];
-    file.read_exact_at(&mut entries, loc.entries_offset).map_err(|e| e.to_string())?;
+    file.read_at(loc.entries_offset, &mut entries).map_err(|e| e.to_string())?;
     Ok((file, parse_entries(&loc, &entries).map_err(|e| e.to_string())?))
 }
 
-/// BLAKE3 of a whole file, read in pieces of `limits::VERIFY_READ_BUFFER`; and its length.
-fn hash_file(file: &File, buf: &mut Vec<u8>) -> std::io::Result<(ChunkId, u64)> {
-    buf.resize(limits::VERIFY_READ_BUFFER, 0);
+/// BLAKE3 of a whole object, read in pieces of `limits::VERIFY_READ_BUFFER`; and its length.
+fn hash_file(file: &dyn ObjectReader, buf: &mut Vec<u8>) -> Result<(ChunkId, u64)> {
     let mut hasher = blake3::Hasher::new();
+    let len = file.size();
     let mut offset = 0;
-    loop {
-        let n = file.read_at(buf, offset)?;
-        if n == 0 {
-            return Ok((ChunkId(*hasher.finalize().as_bytes()), offset));
-        }
-        hasher.update(&buf[..n]);
+    while offset < len {
+        let n = (len - offset).min(limits::VERIFY_READ_BUFFER as u64) as usize;
+        buf.resize(n, 0);
+        file.read_at(offset, buf)?;
+        hasher.update(buf);
         offset += n as u64;
     }
+    Ok((ChunkId(*hasher.finalize().as_bytes()), len))
 }
 
 struct SnapshotWalk<'a> {

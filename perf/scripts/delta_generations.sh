@@ -8,7 +8,7 @@ B=${CBCR:-$HERE/../../target/release/cbcr}
 R=$WORK/repo-$NAME; rm -rf "$R" "$WORK/out"; mkdir -p "$WORK"
 prev=0; line="| $NAME"
 for g in 1 2 3 4 5; do
-  "$B" backup --repo "$R" "synth://pg?size=2GiB&seed=7&gen=$g" -q "$@"
+  "$B" backup --init --repo "$R" "synth://pg?size=2GiB&seed=7&gen=$g" -q "$@"
   now=$(du -sb "$R" | cut -f1)
   line="$line | $(( (now - prev) / 1000000 ))"
   prev=$now

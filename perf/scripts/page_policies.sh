@@ -31,7 +31,7 @@ policy() {
   local name=$1; shift
   local R=$WORK/repo-$name
   rm -rf "$R" live out; cp -a gen1 live; sync
-  local f; f=$(t "$B" backup --repo "$R" live -q "$@")
+  local f; f=$(t "$B" backup --init --repo "$R" live -q "$@")
   local full; full=$(du -sb "$R" | cut -f1)
   python3 "$HERE/apply_in_place.py" gen2 live; sync
   local i; i=$(t "$B" backup --repo "$R" live -q "$@")

@@ -243,7 +243,7 @@ fn run(
                 a.iter().map(|x| x.to_string()).chain(["--cores".into(), cores_arg.clone()]).collect()
             };
             let backup = |gen: u32| {
-                let mut a = args(&["backup", "--repo", &s(&repo), &source.url(size, gen)]);
+                let mut a = args(&["backup", "--init", "--repo", &s(&repo), &source.url(size, gen)]);
                 a.extend(page_chunk.iter().flat_map(|p| ["--page-chunk".to_owned(), p.to_string()]));
                 a
             };
@@ -358,7 +358,8 @@ impl Peer {
     fn backup(self, cbcr: &Path, work: &Path, input: &Path, tag: &str) -> Result<f64> {
         let mut c = self.command(cbcr, work);
         match self {
-            Peer::Cbcr | Peer::Restic => c.arg("backup").arg(input),
+            Peer::Cbcr => c.args(["backup", "--init"]).arg(input),
+            Peer::Restic => c.arg("backup").arg(input),
             Peer::Borg => c.arg("create").arg(format!("::{tag}")).arg(input),
         };
         timed(&mut c)
@@ -511,7 +512,8 @@ fn soak(cbcr: &Path, out: &Path, duration: Duration, size: u64) -> Result<()> {
     while started.elapsed() < duration || gen <= 3 {
         let url = synth(size, 3, gen);
         let every = Duration::from_millis(50);
-        let backup = sample::run(cbcr, &["backup".into(), "--repo".into(), s(&repo), url.clone()], every)?;
+        let backup =
+            sample::run(cbcr, &["backup".into(), "--init".into(), "--repo".into(), s(&repo), url.clone()], every)?;
         let compare = sample::run(cbcr, &["verify".into(), "--repo".into(), s(&repo), "--against".into(), url], every)?;
         let verify = sample::run(cbcr, &["verify".into(), "--repo".into(), s(&repo), "--read-data".into()], every)?;
         let peak = backup.peak_rss.max(compare.peak_rss).max(verify.peak_rss);

@@ -69,19 +69,7 @@ pub fn last_json(out: &Output) -> serde_json::Value {
 
 /// Creates a repository with small segments and chunks so tests cross every boundary.
 pub fn init_small(repo: &Path) {
-    ok(&[
-        "init",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--segment-size",
-        "1MiB",
-        "--chunk-min",
-        "4KiB",
-        "--chunk-avg",
-        "16KiB",
-        "--chunk-max",
-        "64KiB",
-    ]);
+    Target::local(repo).init_small();
 }
 
 /// Writes a source tree with every kind of entry cbcr records; `seed` varies the content.
@@ -198,4 +186,184 @@ pub fn packs(repo: &Path) -> Vec<PathBuf> {
 /// Number of snapshots in a repository.
 pub fn snapshot_count(repo: &Path) -> usize {
     fs::read_dir(repo.join("snapshots")).map_or(0, |d| d.count())
+}
+
+/// Whether a test's prerequisite is here. Under `CI=true` a missing one fails the test (`.ci/run`
+/// installs every prerequisite); elsewhere the test says why it skips.
+pub fn prerequisite(what: &str, available: bool) -> bool {
+    if !available {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{what} is missing, and under CI=true every prerequisite must be there (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: {what} is missing");
+    }
+    available
+}
+
+/// A real S3 server (`s3s-fs`) on 127.0.0.1 serving a private directory; stopped when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    root: tempfile::TempDir,
+    endpoint: String,
+}
+
+const S3_ACCESS_KEY: &str = "cbcr-test";
+const S3_SECRET_KEY: &str = "cbcr-test-secret";
+
+impl S3Server {
+    /// Starts one, or `None` (see [`prerequisite`]) when `s3s-fs` is not installed.
+    pub fn start() -> Option<Self> {
+        let root = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            prerequisite("s3s-fs (cargo install s3s-fs --locked --features binary --version 0.14.1)", false);
+            return None;
+        };
+        let server = Self { child, root, endpoint: format!("http://127.0.0.1:{port}") };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "s3s-fs did not listen on port {port} within 20 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(server)
+    }
+
+    /// Creates bucket `name` (a directory of the server's root); returns `s3://name`.
+    pub fn bucket(&self, name: &str) -> String {
+        fs::create_dir_all(self.root.path().join(name)).unwrap();
+        format!("s3://{name}")
+    }
+
+    /// The file in which the server keeps object `key` of `bucket`.
+    pub fn object_file(&self, bucket: &str, key: &str) -> PathBuf {
+        self.root.path().join(bucket).join(key)
+    }
+
+    /// The variables that point cbcr at this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// `cbcr` with `args`, pointed at this server, not yet started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(cbcr_bin());
+        cmd.args(args).env_remove("CBCR_REPO").env_remove("CBCR_FAULT").env_remove("CBCR_CORES");
+        cmd.envs(self.env());
+        cmd
+    }
+
+    /// Runs `cbcr` with `args` against this server, with extra variables.
+    pub fn cbcr_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command(args);
+        cmd.envs(env.iter().copied());
+        cmd.output().expect("cbcr runs")
+    }
+
+    pub fn cbcr(&self, args: &[&str]) -> Output {
+        self.cbcr_env(args, &[])
+    }
+
+    /// Runs `cbcr` against this server and asserts exit 0.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.cbcr(args);
+        assert!(out.status.success(), "cbcr {args:?} failed: {}\n{}", out.status, text(&out.stderr));
+        out
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test's repository: a local directory, or a prefix of a bucket on an [`S3Server`] (which
+/// keeps each object as a file, so [`Target::files`] serves both for looking at objects).
+pub struct Target<'a> {
+    pub url: String,
+    files: PathBuf,
+    s3: Option<&'a S3Server>,
+}
+
+impl<'a> Target<'a> {
+    pub fn local(dir: &Path) -> Self {
+        Self { url: s(dir).to_owned(), files: dir.to_owned(), s3: None }
+    }
+
+    /// `s3://BUCKET/PREFIX` on `server` (the bucket is created).
+    pub fn s3(server: &'a S3Server, bucket: &str, prefix: &str) -> Self {
+        let url = format!("{}/{prefix}", server.bucket(bucket));
+        Self { url, files: server.object_file(bucket, prefix), s3: Some(server) }
+    }
+
+    /// Where the repository's objects are files: `files().join("packs")`, ...
+    pub fn files(&self) -> &Path {
+        &self.files
+    }
+
+    /// Runs cbcr with `args` and `--repo` this repository, with extra variables.
+    pub fn cbcr_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut full = args.to_vec();
+        full.extend(["--repo", &self.url]);
+        match self.s3 {
+            Some(server) => server.cbcr_env(&full, env),
+            None => cbcr_env(&full, env),
+        }
+    }
+
+    pub fn cbcr(&self, args: &[&str]) -> Output {
+        self.cbcr_env(args, &[])
+    }
+
+    /// Runs cbcr against this repository and asserts exit 0.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.cbcr(args);
+        assert!(
+            out.status.success(),
+            "cbcr {args:?} --repo {} failed: {}\n{}",
+            self.url,
+            out.status,
+            text(&out.stderr)
+        );
+        out
+    }
+
+    /// [`init_small`] here.
+    pub fn init_small(&self) {
+        self.ok(&[
+            "init",
+            "--segment-size",
+            "1MiB",
+            "--chunk-min",
+            "4KiB",
+            "--chunk-avg",
+            "16KiB",
+            "--chunk-max",
+            "64KiB",
+        ]);
+    }
+
+    /// Bytes of all pack objects.
+    pub fn pack_bytes(&self) -> u64 {
+        if self.files.join("packs").exists() {
+            dir_size(&self.files.join("packs"))
+        } else {
+            0
+        }
+    }
 }

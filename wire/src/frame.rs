@@ -8,9 +8,15 @@
 //! bytes follow a [`Frame::PutPack`] unframed, up to the end of the stream; everything else is
 //! in frames.
 //!
-//! A connection is one session: the client says [`Frame::Hello`], the receiver answers
-//! [`Frame::Welcome`] with the session id, and every later request names that id (a request
-//! naming any other is refused with [`ErrorCode::UnknownSession`]).
+//! A connection is one session: the client says [`Frame::Hello`] with the range of protocol
+//! versions it speaks, the receiver answers [`Frame::Welcome`] with the highest version both
+//! speak and the session id, and every later frame of the session is in that version and names
+//! that id (a request naming any other is refused with [`ErrorCode::UnknownSession`]). A
+//! `Hello` is sent in the sender's lowest version and its layout never changes, so any two
+//! versions can agree or say why not; a header of a version this side does not speak, or of an
+//! unknown kind, is refused as such.
+//!
+//! Versions: 1, the first; 2, a `Commit` may carry a job name and fencing token.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -18,8 +24,12 @@ use crate::codec::Reader;
 use crate::pack::{PackEntry, ENTRY_LEN};
 use crate::{limits, ChunkId, Error, Result};
 
-/// Protocol version this cbcr speaks.
-pub const VERSION: u8 = 1;
+/// The newest protocol version this cbcr speaks.
+pub const VERSION: u8 = 2;
+/// The oldest protocol version this cbcr still speaks.
+pub const MIN_VERSION: u8 = 1;
+/// The first version whose `Commit` carries a [`Fence`].
+pub const FENCE_VERSION: u8 = 2;
 /// ALPN token of the cbcr protocol.
 pub const ALPN: &[u8] = b"cbcr/1";
 
@@ -119,6 +129,8 @@ pub enum ErrorCode {
     Other = 9,
     /// The receiver's disk is full.
     NoSpace = 10,
+    /// A fenced commit's token is lower than one already accepted for its job.
+    Fenced = 11,
 }
 
 impl ErrorCode {
@@ -134,6 +146,7 @@ impl ErrorCode {
             7 => Incomplete,
             8 => ShuttingDown,
             10 => NoSpace,
+            11 => Fenced,
             _ => Other,
         }
     }
@@ -142,12 +155,13 @@ impl ErrorCode {
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    /// Client -> receiver, first on a connection: protocol version and who the client says it is
-    /// (its certificate is what authenticates it; the name is for logs).
-    Hello { version: u8, client: String },
-    /// Receiver -> client: the session, and the repository's config and key (the client hashes
-    /// chunks with it).
-    Welcome { session: u64, config: Vec<u8>, key: [u8; 32] },
+    /// Client -> receiver, first on a connection: the protocol versions it speaks (`min..=max`)
+    /// and who the client says it is (its certificate is what authenticates it; the name is
+    /// for logs).
+    Hello { min: u8, max: u8, client: String },
+    /// Receiver -> client: the version agreed on, the session, and the repository's config and
+    /// key (the client hashes chunks with it).
+    Welcome { version: u8, session: u64, config: Vec<u8>, key: [u8; 32] },
     /// Which of these blobs does the repository have, durably?
     Have { session: u64, ids: Vec<ChunkId> },
     /// One flag per id asked, in order.
@@ -165,7 +179,8 @@ pub enum Frame {
     /// One snapshot record (its id and its JSON).
     SnapshotRecord { id: ChunkId, record: Vec<u8> },
     /// Commit this snapshot record: acknowledged only once everything it references is durable.
-    Commit { session: u64, record: Vec<u8> },
+    /// With a fence (version 2 on), refused when a higher token was accepted for the same job.
+    Commit { session: u64, record: Vec<u8>, fence: Option<Fence> },
     /// The snapshot's id.
     Committed { id: ChunkId },
     /// Check the repository where it lives.
@@ -174,6 +189,25 @@ pub enum Frame {
     VerifyReport { damaged: bool, report: Vec<u8> },
     /// The request failed.
     Error { code: ErrorCode, message: String },
+}
+
+/// A commit's claim to be the current writer of a job: a receiver refuses a token lower than
+/// the highest it has accepted for that job, so a writer that lost its lease cannot commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub job: String,
+    pub token: u64,
+}
+
+/// Whether this side speaks protocol `version`.
+pub fn speaks(version: u8) -> bool {
+    (MIN_VERSION..=VERSION).contains(&version)
+}
+
+/// The version two sides agree on: the highest both speak, or `None`.
+pub fn agree(min: u8, max: u8) -> Option<u8> {
+    let v = max.min(VERSION);
+    (min <= max && v >= min && speaks(v)).then_some(v)
 }
 
 impl Frame {
@@ -212,11 +246,11 @@ impl Frame {
 
     /// The first bytes of a [`Frame::Blob`] frame: header and pack entry. The entry's
     /// `stored_len` bytes complete it, so a sender can read them straight into the frame.
-    pub fn blob_prefix(entry: &PackEntry) -> [u8; HEADER_LEN + ENTRY_LEN] {
+    pub fn blob_prefix(entry: &PackEntry, version: u8) -> [u8; HEADER_LEN + ENTRY_LEN] {
         let len = ENTRY_LEN as u32 + entry.stored_len();
         assert!(len <= FrameKind::Blob.max_len(), "blob of {len} bytes is over the frame bound");
-        let header =
-            FrameHeader { len: len.to_le_bytes(), kind: FrameKind::Blob as u8, version: VERSION, reserved: [0; 2] };
+        assert!(speaks(version), "protocol version {version} is not spoken here");
+        let header = FrameHeader { len: len.to_le_bytes(), kind: FrameKind::Blob as u8, version, reserved: [0; 2] };
         let mut out = [0u8; HEADER_LEN + ENTRY_LEN];
         out[..HEADER_LEN].copy_from_slice(bytemuck::bytes_of(&header));
         out[HEADER_LEN..].copy_from_slice(bytemuck::bytes_of(entry));
@@ -238,20 +272,29 @@ impl Frame {
         Ok(entry)
     }
 
-    /// Header and payload. Panics if the payload exceeds its kind's bound: the sender's bug.
+    /// Header and payload in the newest version (a `Hello` in the oldest).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_in(if matches!(self, Frame::Hello { .. }) { MIN_VERSION } else { VERSION })
+    }
+
+    /// Header and payload in protocol `version`. Panics if the payload exceeds its kind's
+    /// bound, or the frame cannot be said in that version: the sender's bug.
+    pub fn encode_in(&self, version: u8) -> Vec<u8> {
+        assert!(speaks(version), "protocol version {version} is not spoken here");
         if let Frame::Blob { entry, stored } = self {
-            let mut out = Self::blob_prefix(entry).to_vec();
+            let mut out = Self::blob_prefix(entry, version).to_vec();
             out.extend_from_slice(stored);
             return out;
         }
         let mut out = vec![0u8; HEADER_LEN];
         match self {
-            Frame::Hello { version, client } => {
-                out.push(*version);
+            Frame::Hello { min, max, client } => {
+                out.push(*min);
+                out.push(*max);
                 put_bytes(&mut out, client.as_bytes());
             }
-            Frame::Welcome { session, config, key } => {
+            Frame::Welcome { version, session, config, key } => {
+                out.push(*version);
                 out.extend_from_slice(&session.to_le_bytes());
                 out.extend_from_slice(key);
                 put_bytes(&mut out, config);
@@ -279,8 +322,17 @@ impl Frame {
                 out.extend_from_slice(&id.0);
                 out.extend_from_slice(record);
             }
-            Frame::Commit { session, record } => {
+            Frame::Commit { session, record, fence } => {
                 out.extend_from_slice(&session.to_le_bytes());
+                if version >= FENCE_VERSION {
+                    out.push(u8::from(fence.is_some()));
+                    if let Some(Fence { job, token }) = fence {
+                        put_bytes(&mut out, job.as_bytes());
+                        out.extend_from_slice(&token.to_le_bytes());
+                    }
+                } else {
+                    assert!(fence.is_none(), "a fenced commit needs protocol version {FENCE_VERSION}");
+                }
                 out.extend_from_slice(record);
             }
             Frame::Verify { session, read_data } => {
@@ -303,33 +355,28 @@ impl Frame {
         }
         let len = out.len() - HEADER_LEN;
         assert!(len <= self.kind().max_len() as usize, "{:?} frame of {len} bytes is over its bound", self.kind());
-        let header = FrameHeader {
-            len: (len as u32).to_le_bytes(),
-            kind: self.kind() as u8,
-            version: VERSION,
-            reserved: [0; 2],
-        };
+        let header =
+            FrameHeader { len: (len as u32).to_le_bytes(), kind: self.kind() as u8, version, reserved: [0; 2] };
         out[..HEADER_LEN].copy_from_slice(bytemuck::bytes_of(&header));
         out
     }
 
-    /// Decodes a payload of `kind` (from [`FrameHeader::decode`]).
-    pub fn decode(kind: FrameKind, payload: &[u8]) -> Result<Frame> {
+    /// Decodes a payload of `kind` in protocol `version` (both from [`FrameHeader::decode`]).
+    pub fn decode(kind: FrameKind, version: u8, payload: &[u8]) -> Result<Frame> {
         if payload.len() > kind.max_len() as usize {
             return Err(corrupt(format!("{kind:?} frame of {} bytes is over its bound", payload.len())));
         }
         let mut r = Reader::new(payload, "frame");
         let frame = match kind {
             FrameKind::Hello => {
-                let version = r.u8()?;
-                let client = String::from_utf8(get_bytes(&mut r)?.to_vec())
-                    .map_err(|_| corrupt("client name is not UTF-8".into()))?;
-                Frame::Hello { version, client }
+                let (min, max) = (r.u8()?, r.u8()?);
+                Frame::Hello { min, max, client: utf8(get_bytes(&mut r)?, "client name")? }
             }
             FrameKind::Welcome => {
+                let version = r.u8()?;
                 let session = r.u64()?;
                 let key = r.array()?;
-                Frame::Welcome { session, key, config: get_bytes(&mut r)?.to_vec() }
+                Frame::Welcome { version, session, key, config: get_bytes(&mut r)?.to_vec() }
             }
             FrameKind::Have | FrameKind::GetBlobs => {
                 let session = r.u64()?;
@@ -363,7 +410,13 @@ impl Frame {
             }
             FrameKind::Commit => {
                 let session = r.u64()?;
-                Frame::Commit { session, record: r.bytes(r.remaining())?.to_vec() }
+                let fence = if version >= FENCE_VERSION && flag(&mut r)? {
+                    let job = utf8(get_bytes(&mut r)?, "job name")?;
+                    Some(Fence { job, token: r.u64()? })
+                } else {
+                    None
+                };
+                Frame::Commit { session, fence, record: r.bytes(r.remaining())?.to_vec() }
             }
             FrameKind::Verify => {
                 let session = r.u64()?;
@@ -385,11 +438,11 @@ impl Frame {
 }
 
 impl FrameHeader {
-    /// The kind and payload length of the frame these 8 bytes start; the length is within the
-    /// kind's bound.
-    pub fn decode(bytes: &[u8; HEADER_LEN]) -> Result<(FrameKind, u32)> {
+    /// The kind, protocol version and payload length of the frame these 8 bytes start; the
+    /// version is one this side speaks and the length is within the kind's bound.
+    pub fn decode(bytes: &[u8; HEADER_LEN]) -> Result<(FrameKind, u8, u32)> {
         let h: FrameHeader = bytemuck::pod_read_unaligned(bytes);
-        if h.version != VERSION {
+        if !speaks(h.version) {
             return Err(Error::UnsupportedVersion {
                 what: "frame",
                 found: h.version.into(),
@@ -404,8 +457,12 @@ impl FrameHeader {
         if len > kind.max_len() {
             return Err(corrupt(format!("{kind:?} frame of {len} bytes is over its bound {}", kind.max_len())));
         }
-        Ok((kind, len))
+        Ok((kind, h.version, len))
     }
+}
+
+fn utf8(bytes: &[u8], what: &str) -> Result<String> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| corrupt(format!("{what} is not UTF-8")))
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -437,10 +494,45 @@ mod tests {
     use proptest::prelude::*;
 
     fn round_trip(frame: Frame) {
-        let bytes = frame.encode();
-        let (kind, len) = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
-        assert_eq!(len as usize, bytes.len() - HEADER_LEN);
-        assert_eq!(Frame::decode(kind, &bytes[HEADER_LEN..]).unwrap(), frame);
+        for version in MIN_VERSION..=VERSION {
+            if version < FENCE_VERSION && matches!(frame, Frame::Commit { fence: Some(_), .. }) {
+                continue;
+            }
+            let bytes = frame.encode_in(version);
+            let (kind, v, len) = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
+            assert_eq!((len as usize, v), (bytes.len() - HEADER_LEN, version));
+            assert_eq!(Frame::decode(kind, v, &bytes[HEADER_LEN..]).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn versions_agree_on_the_highest_both_speak() {
+        assert_eq!(agree(1, 1), Some(1));
+        assert_eq!(agree(1, VERSION + 5), Some(VERSION));
+        assert_eq!(agree(MIN_VERSION, VERSION), Some(VERSION));
+        assert_eq!(agree(VERSION + 1, VERSION + 3), None, "a newer client only");
+        assert_eq!(agree(0, 0), None, "an older one");
+        assert_eq!(agree(2, 1), None, "an empty range");
+    }
+
+    #[test]
+    fn a_newer_header_version_or_unknown_kind_is_refused_by_name() {
+        let mut f = Frame::ListSnapshots { session: 1 }.encode();
+        f[5] = VERSION + 1;
+        let err = FrameHeader::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap_err();
+        assert!(matches!(err, Error::UnsupportedVersion { what: "frame", .. }), "{err}");
+        f[5] = VERSION;
+        f[4] = 99;
+        let err = FrameHeader::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("unknown frame kind 99"), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_commit_has_no_fence() {
+        let commit = Frame::Commit { session: 3, record: b"{}".to_vec(), fence: None };
+        let v1 = commit.encode_in(1);
+        assert_eq!(v1.len(), HEADER_LEN + 8 + 2, "session and record only");
+        assert_eq!(Frame::decode(FrameKind::Commit, 1, &v1[HEADER_LEN..]).unwrap(), commit);
     }
 
     #[test]
@@ -448,8 +540,8 @@ mod tests {
         let id = ChunkId([7; 32]);
         let entry = PackEntry::new(id, 16, 3, 3, BlobKind::Data, Compression::None);
         for frame in [
-            Frame::Hello { version: VERSION, client: "db-17".into() },
-            Frame::Welcome { session: 9, config: b"{}".to_vec(), key: [1; 32] },
+            Frame::Hello { min: 1, max: 7, client: "db-17".into() },
+            Frame::Welcome { version: 1, session: 9, config: b"{}".to_vec(), key: [1; 32] },
             Frame::Have { session: 9, ids: vec![id, ChunkId([2; 32])] },
             Frame::HaveReply { present: vec![true, false, true, true, false, false, false, false, true] },
             Frame::PutPack { session: 9 },
@@ -458,7 +550,8 @@ mod tests {
             Frame::Blob { entry, stored: b"abc".to_vec() },
             Frame::ListSnapshots { session: 9 },
             Frame::SnapshotRecord { id, record: b"{\"a\":1}".to_vec() },
-            Frame::Commit { session: 9, record: b"{}".to_vec() },
+            Frame::Commit { session: 9, record: b"{}".to_vec(), fence: None },
+            Frame::Commit { session: 9, record: b"{}".to_vec(), fence: Some(Fence { job: "db1/7".into(), token: 42 }) },
             Frame::Committed { id },
             Frame::Verify { session: 9, read_data: true },
             Frame::VerifyReport { damaged: false, report: b"{}".to_vec() },
@@ -482,26 +575,28 @@ mod tests {
     fn a_count_larger_than_the_payload_is_refused() {
         let mut f = Frame::Have { session: 1, ids: vec![ChunkId([1; 32])] }.encode();
         f[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&1000u32.to_le_bytes());
-        assert!(matches!(Frame::decode(FrameKind::Have, &f[HEADER_LEN..]), Err(Error::Truncated { .. })));
+        assert!(matches!(Frame::decode(FrameKind::Have, VERSION, &f[HEADER_LEN..]), Err(Error::Truncated { .. })));
     }
 
     proptest! {
         #[test]
         fn garbage_never_panics(header in proptest::array::uniform8(any::<u8>()),
                                 payload in proptest::collection::vec(any::<u8>(), 0..512)) {
-            if let Ok((kind, _)) = FrameHeader::decode(&header) {
-                let _ = Frame::decode(kind, &payload);
+            if let Ok((kind, version, _)) = FrameHeader::decode(&header) {
+                let _ = Frame::decode(kind, version, &payload);
             }
             for kind in 1..=15u8 {
-                let _ = Frame::decode(FrameKind::from_u8(kind).unwrap(), &payload);
+                for version in MIN_VERSION..=VERSION {
+                    let _ = Frame::decode(FrameKind::from_u8(kind).unwrap(), version, &payload);
+                }
             }
         }
 
         #[test]
         fn truncated_frames_are_errors(cut in 0usize..100) {
-            let f = Frame::Welcome { session: 3, config: vec![b'x'; 40], key: [5; 32] }.encode();
+            let f = Frame::Welcome { version: 1, session: 3, config: vec![b'x'; 40], key: [5; 32] }.encode();
             let cut = cut.min(f.len() - HEADER_LEN - 1);
-            prop_assert!(Frame::decode(FrameKind::Welcome, &f[HEADER_LEN..HEADER_LEN + cut]).is_err());
+            prop_assert!(Frame::decode(FrameKind::Welcome, VERSION, &f[HEADER_LEN..HEADER_LEN + cut]).is_err());
         }
     }
 }

@@ -82,7 +82,7 @@ fn run_backup(cbcr: &Path, repo: &Path, input: &Path, cores: usize) -> (f64, u64
     let _ = fs::remove_dir_all(repo);
     let t = Instant::now();
     let mut child = Command::new(cbcr)
-        .args(["backup", "--repo"])
+        .args(["backup", "--init", "--repo"])
         .arg(repo)
         .arg(input)
         .args(["--json", "--no-progress", "--cores", &cores.to_string()])

@@ -1,0 +1,204 @@
+//! A repository in a local directory, the embedded default:
+//!
+//! ```text
+//! REPO/config  REPO/keys/<key id>  REPO/packs/ab/<id>.pack  REPO/index/<id>.idx
+//! REPO/snapshots/<id>  REPO/tmp/ (files being written)  REPO/lock (flock)
+//! ```
+//! Every file is written to `tmp/`, fsynced, renamed into place and its directory fsynced, so a
+//! file under its final name is always complete and durable.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::{ObjectInfo, ObjectKind, ObjectReader, Store, WriterClaim};
+use crate::error::{Error, IoContext, Result};
+use crate::fault;
+
+/// The directories a local repository has.
+const DIRS: [&str; 5] = ["keys", "packs", "index", "snapshots", "tmp"];
+
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_owned() }
+    }
+
+    fn path(&self, kind: ObjectKind, name: &str) -> PathBuf {
+        self.root.join(kind.key(name))
+    }
+
+    fn tmp_file(&self, what: &str) -> PathBuf {
+        let mut r = [0u8; 8];
+        let _ = getrandom::getrandom(&mut r);
+        self.root.join("tmp").join(format!("{what}-{}", wire::id::to_hex(&r)))
+    }
+
+    /// Moves a complete, fsynced file to its final name and makes the rename durable.
+    fn publish(&self, tmp: &Path, dest: &Path) -> Result<()> {
+        let dir = dest.parent().expect("repository paths have a parent");
+        if !dir.exists() {
+            fs::create_dir_all(dir).at(dir)?;
+            sync_dir(dir.parent().expect("pack fan-out dirs have a parent"))?;
+        }
+        fs::rename(tmp, dest).at(dest)?;
+        sync_dir(dir)
+    }
+}
+
+/// fsync a directory, making renames and creations in it durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+struct LocalObject {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl ObjectReader for LocalObject {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, offset).at(&self.path)
+    }
+}
+
+struct FlockClaim {
+    _file: File,
+    tmp: PathBuf,
+}
+
+impl WriterClaim for FlockClaim {
+    fn clean_tmp(&self) -> Result<()> {
+        clean_dir(&self.tmp)
+    }
+}
+
+/// Removes every file in `dir` (what interrupted writers left); safe only under the claim.
+pub(super) fn clean_dir(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        fs::remove_file(&path).at(&path)?;
+    }
+    Ok(())
+}
+
+impl Store for LocalDir {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn work_dir(&self) -> &Path {
+        &self.root
+    }
+
+    fn is_empty(&self) -> Result<bool> {
+        match fs::read_dir(&self.root) {
+            Ok(mut entries) => Ok(entries.next().is_none()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e).at(&self.root),
+        }
+    }
+
+    fn create(&self) -> Result<()> {
+        for dir in DIRS {
+            let path = self.root.join(dir);
+            fs::create_dir_all(&path).at(&path)?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(kind, name);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // A file where the repository's directory should be.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    fn open(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn ObjectReader>> {
+        let path = self.path(kind, name);
+        let file = File::open(&path).at(&path)?;
+        let len = file.metadata().at(&path)?.len();
+        Ok(Box::new(LocalObject { file, path, len }))
+    }
+
+    fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
+        let mode = if kind == ObjectKind::Key { 0o600 } else { 0o644 };
+        let tmp = self.tmp_file("file");
+        let mut f = OpenOptions::new().create_new(true).write(true).mode(mode).open(&tmp).at(&tmp)?;
+        let written = f.write_all(bytes).and_then(|_| f.sync_all()).at(&tmp);
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let dest = self.path(kind, name);
+        if kind != ObjectKind::Snapshot {
+            return self.publish(&tmp, &dest);
+        }
+        fault::point("snapshot-write");
+        fs::rename(&tmp, &dest).at(&dest)?;
+        fault::point("snapshot-rename");
+        sync_dir(dest.parent().expect("snapshots/ is the parent"))
+    }
+
+    fn put_file(&self, kind: ObjectKind, name: &str, tmp: &Path) -> Result<()> {
+        self.publish(tmp, &self.path(kind, name))
+    }
+
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        let dir = self.root.join(kind.dir());
+        let mut out = vec![];
+        let mut add = |path: &Path| -> Result<()> {
+            let len = fs::symlink_metadata(path).at(path)?.len();
+            out.push(ObjectInfo { name: path.file_name().unwrap_or_default().to_string_lossy().into_owned(), len });
+            Ok(())
+        };
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let entry = entry.at(&dir)?;
+            if kind == ObjectKind::Pack && entry.file_type().at(&entry.path())?.is_dir() {
+                for inner in fs::read_dir(entry.path()).at(&entry.path())? {
+                    add(&inner.at(&entry.path())?.path())?;
+                }
+            } else {
+                add(&entry.path())?;
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        let path = self.path(kind, name);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).at(&path),
+            _ => Ok(()),
+        }
+    }
+
+    fn index_run(&self, name: &str) -> Result<PathBuf> {
+        Ok(self.path(ObjectKind::Index, name))
+    }
+
+    fn claim_writer(&self) -> Result<Box<dyn WriterClaim>> {
+        let path = self.root.join("lock");
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::Locked(self.root.clone()));
+        }
+        Ok(Box::new(FlockClaim { _file: file, tmp: self.root.join("tmp") }))
+    }
+}

@@ -1,0 +1,131 @@
+//! Where a repository's objects live, behind one trait: a local directory (the embedded
+//! default) or S3-compatible object storage. A repository served by a receiver reaches these
+//! through the receiver, which stores into one of them.
+//!
+//! Objects are named by kind and name: a pack `<hex>.pack`, an index run `<hex>.idx`, a
+//! snapshot `<hex>`, a key `<key id>`, the config. Every object but the config is named by the
+//! hash of its bytes or never rewritten, so several writers can share one store without a lock
+//! server as long as none deletes what another depends on (see [`crate::index`] for the index
+//! rule). Every store also has a private local work directory: files being written (`tmp/`) and
+//! the index runs searched in place (`index/`).
+
+mod local;
+mod s3;
+
+use std::path::{Path, PathBuf};
+
+pub use local::LocalDir;
+pub use s3::S3Store;
+
+use crate::error::Result;
+
+/// What an object is; decides where a store keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectKind {
+    Config,
+    Key,
+    Pack,
+    Index,
+    Snapshot,
+}
+
+impl ObjectKind {
+    /// The object's key relative to the repository root (`packs/ab/<name>`, `index/<name>`).
+    pub fn key(self, name: &str) -> String {
+        match self {
+            ObjectKind::Config => "config".into(),
+            ObjectKind::Key => format!("keys/{name}"),
+            ObjectKind::Pack => format!("packs/{}/{name}", name.get(..2).unwrap_or("__")),
+            ObjectKind::Index => format!("index/{name}"),
+            ObjectKind::Snapshot => format!("snapshots/{name}"),
+        }
+    }
+
+    /// The folder that [`Store::list`] lists.
+    pub fn dir(self) -> &'static str {
+        match self {
+            ObjectKind::Config => "",
+            ObjectKind::Key => "keys",
+            ObjectKind::Pack => "packs",
+            ObjectKind::Index => "index",
+            ObjectKind::Snapshot => "snapshots",
+        }
+    }
+}
+
+/// One listed object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub len: u64,
+}
+
+/// An object open for reads at offsets (a pack being restored or verified).
+pub trait ObjectReader: Send {
+    /// The object's length in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`; an object shorter than that is an `Io` error.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// Held while a backup writes. A local directory allows one writer at a time (`flock`); an
+/// object store allows several, and the claim only guards this process's work directory.
+pub trait WriterClaim: Send + Sync {
+    /// Removes what interrupted writers of this work directory left in `tmp/`.
+    fn clean_tmp(&self) -> Result<()>;
+}
+
+/// Everything the commands need from where a repository lives.
+pub trait Store: Send + Sync {
+    /// Where the repository is, for messages: a directory, or `s3://BUCKET/PREFIX`.
+    fn location(&self) -> String;
+    /// This process's local directory for files being written (`tmp/`) and index runs.
+    fn work_dir(&self) -> &Path;
+    /// Whether the store holds no object at all (a repository may be created there).
+    fn is_empty(&self) -> Result<bool>;
+    /// Prepares an empty store for a new repository's first objects.
+    fn create(&self) -> Result<()>;
+    /// The whole object, or `None` when there is none of that name.
+    fn get(&self, kind: ObjectKind, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Opens an object for reads at offsets; a missing object is an `Io` error of kind NotFound.
+    fn open(&self, kind: ObjectKind, name: &str) -> Result<Box<dyn ObjectReader>>;
+    /// Stores `bytes` under the name: afterwards the object is complete and durable, or absent.
+    fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()>;
+    /// Stores the complete, fsynced file `tmp` (under [`Store::work_dir`]) as the object and
+    /// consumes it; an index run then stays readable at [`Store::index_run`].
+    fn put_file(&self, kind: ObjectKind, name: &str, tmp: &Path) -> Result<()>;
+    /// Every object of a kind, sorted by name; names that are not the kind's are listed too
+    /// (verify reports them).
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>>;
+    /// Removes an object; one already gone is no error.
+    fn delete(&self, kind: ObjectKind, name: &str) -> Result<()>;
+    /// A local file holding index run `name`, to be searched in place (fetched when needed).
+    fn index_run(&self, name: &str) -> Result<PathBuf>;
+    /// Takes the writer's claim, or fails at once with `Error::Locked`.
+    fn claim_writer(&self) -> Result<Box<dyn WriterClaim>>;
+}
+
+/// Opens the store a `--repo` value names: `s3://BUCKET/PREFIX`, or a local directory.
+pub fn open(spec: &str) -> Result<Box<dyn Store>> {
+    match spec.strip_prefix("s3://") {
+        Some(rest) => Ok(Box::new(S3Store::open(rest)?)),
+        None => Ok(Box::new(LocalDir::new(Path::new(spec)))),
+    }
+}
+
+/// A fresh private directory under the system's temporary directory, `PREFIXPID-N`, after
+/// removing those of the same prefix whose process is gone (killed with -9).
+pub fn scratch_dir(prefix: &str, n: u64) -> PathBuf {
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)?.split('-').next()) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    std::env::temp_dir().join(format!("{prefix}{}-{n}", std::process::id()))
+}
