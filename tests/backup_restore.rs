@@ -191,7 +191,7 @@ fn page_files_store_only_the_changed_pages_in_an_incremental() {
         assert!(theirs > 2 * added, "{name}: {theirs} bytes against {added} with block deltas");
     }
     let bad = cbcr(&["backup", "--repo", s(&repo), s(&src), "--page-chunk", "12KiB"]);
-    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad.stderr));
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
 }
 
 #[test]

@@ -360,3 +360,105 @@ fn unreadable_source_files_are_skipped_with_exit_3() {
     let listing = text(&ok(&["ls", "latest", "--repo", s(&repo)]).stdout);
     assert!(listing.contains("/readable") && !listing.contains("/secret"), "{listing}");
 }
+
+#[test]
+fn sigint_stops_a_backup_at_a_consistent_point_with_exit_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    init_small(&repo);
+    fs::create_dir(&src).unwrap();
+    let mut data = vec![0u8; 192 << 20];
+    rand::rngs::StdRng::seed_from_u64(12).fill_bytes(&mut data);
+    fs::write(src.join("large.bin"), &data).unwrap();
+    let mut child = Command::new(cbcr_bin())
+        .args(["backup", "--repo", s(&repo), s(&src), "--cores", "1", "--pack-size", "4MiB", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Mid-backup: some packs are durable, most of the file is not read yet.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while dir_size(&repo.join("packs")) < 16 << 20 {
+        assert!(std::time::Instant::now() < deadline, "the backup wrote no packs");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("interrupted"), "{}", text(&out.stderr));
+    let error = last_json(&out);
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["exit_code"], 130);
+    assert_eq!(snapshot_count(&repo), 0, "an interrupted backup commits nothing");
+    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+    let durable = dir_size(&repo.join("packs"));
+    assert!(durable < data.len() as u64 * 3 / 4, "stopped early, not at the end: {durable} B stored");
+    let rerun = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    let stored = rerun["bytes_stored"].as_u64().unwrap();
+    assert!(stored + durable <= data.len() as u64 + (16 << 20), "{durable} B durable, then {stored} B stored");
+
+    // Any other command exits at once with the same code.
+    let mut restore = Command::new(cbcr_bin())
+        .args(["restore", "latest", "--repo", s(&repo), "--target", s(&tmp.path().join("out"))])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(restore.id() as i32, libc::SIGINT) };
+    let status = restore.wait().unwrap();
+    assert!(status.code() == Some(130) || status.success(), "restore after SIGINT: {status}");
+}
+
+#[test]
+fn bad_option_values_and_missing_arguments_are_usage_errors_with_exit_2() {
+    const USAGE: i32 = 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    make_tree(&src, 13, 100_000);
+    // The repository's default 1 GiB segments in 512-byte page chunks would be 2 M chunks, more
+    // than one chunk list holds: refused before anything is read.
+    ok(&["init", "--repo", s(&repo)]);
+    let cases: [(&[&str], &str); 8] = [
+        (&["backup", s(&src), "--chunking", "pages:512", "--page-chunk", "512"], "chunk list"),
+        (&["backup", s(&src), "--pack-size", "0"], "--pack-size"),
+        (&["backup", s(&src), "--pack-size", "4GiB"], "--pack-size"),
+        (&["backup", s(&src), "--cores", "4096"], "--cores"),
+        (&["init", "--segment-size", "1"], "segment size"),
+        (&["init", "--chunk-avg", "0"], "chunk sizes"),
+        (&["init", "--segment-size", "64GiB", "--chunk-min", "64", "--chunk-avg", "256"], "chunk list"),
+        (&["backup", s(&src), "--compression-level", "99"], "--compression-level"),
+    ];
+    for (args, says) in cases {
+        let fresh = tmp.path().join("fresh");
+        let target = if args[0] == "init" { &fresh } else { &repo };
+        let out = cbcr(&[args, &["--repo", s(target)]].concat());
+        assert_eq!(out.status.code(), Some(USAGE), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{args:?}: {}", text(&out.stderr));
+    }
+    let no_repo = cbcr(&["snapshots"]);
+    assert_eq!(no_repo.status.code(), Some(USAGE), "{}", text(&no_repo.stderr));
+    assert!(text(&no_repo.stderr).contains("--repo"), "{}", text(&no_repo.stderr));
+    assert_eq!(snapshot_count(&repo), 0);
+}
+
+#[test]
+fn a_directory_too_wide_for_one_tree_is_named_and_nothing_is_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    init_small(&repo);
+    // 700,000 entries with long names: a tree of more than the 64 MiB a blob may be.
+    let wide = src.join("wide");
+    fs::create_dir_all(&wide).unwrap();
+    for i in 0..700_000 {
+        fs::File::create(wide.join(format!("entry-{i:060}"))).unwrap();
+    }
+    let out = cbcr(&["backup", "--repo", s(&repo), s(&src)]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains(s(&wide)) && err.contains("700000 entries"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(snapshot_count(&repo), 0);
+    ok(&["verify", "--repo", s(&repo)]);
+}

@@ -24,11 +24,11 @@ use wire::{BlobKind, ChunkId};
 
 use crate::chunker::{self, ChunkPolicy};
 use crate::error::{Error, Result};
+use crate::events::{Progress, Run, StageBoard};
 use crate::fault;
 use crate::index::{ChunkIndex, IdBuild, KnownBlobs};
 use crate::limits;
 use crate::metrics::Stage;
-use crate::output::{Progress, Reporter};
 use crate::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats};
 use crate::repo::Repository;
 use crate::runtime;
@@ -156,6 +156,9 @@ struct Shared {
     /// Block deltas for the page chunks of changed files, when enabled: the longest chain
     /// (a block whose parent is this deep is stored whole again, re-based).
     deltas: Option<u32>,
+    /// Where the cores publish their stage latencies while they run.
+    board: Arc<StageBoard>,
+    run: Run,
 }
 
 /// Where a segment's bytes come from.
@@ -196,16 +199,20 @@ struct SegmentSummary {
 }
 
 /// Runs a backup into `repo` and commits its snapshot.
-pub fn backup(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -> Result<BackupOutcome> {
+///
+/// Its events (progress, warnings, stage latencies) go to `run.events`; raising `run.cancel`
+/// stops it at the next segment or file: nothing is committed, and what it made durable is
+/// reused by the next backup.
+pub fn backup(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<BackupOutcome> {
     let lock = repo.lock()?;
     lock.clean_tmp()?;
     // On failure, give back the space of packs that were never sealed (a full disk, most often).
-    backup_locked(repo, opts, reporter).inspect_err(|_| {
+    backup_locked(repo, opts, run).inspect_err(|_| {
         let _ = lock.clean_tmp();
     })
 }
 
-fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter) -> Result<BackupOutcome> {
+fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<BackupOutcome> {
     let started = Instant::now();
     let paths = match &opts.synth {
         Some(_) if repo.config.segment_size.is_multiple_of(synth::PAGE as u64) => vec![],
@@ -237,13 +244,28 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
                 wire::limits::MAX_CHUNK_SIZE
             )));
         }
+        let per_segment = repo.config.segment_size / u64::from(chunk);
+        if per_segment > u64::from(wire::limits::MAX_CHUNK_LIST_ENTRIES) {
+            return Err(Error::Usage(format!(
+                "--page-chunk {chunk}: a segment of {} would be {per_segment} chunks, more than the {} one chunk list holds; \
+                 give a larger --page-chunk (or a repository with smaller segments)",
+                crate::human_size(repo.config.segment_size),
+                wire::limits::MAX_CHUNK_LIST_ENTRIES
+            )));
+        }
     }
-    if opts.pack_size < limits::MIN_PACK_SIZE {
-        return Err(Error::Usage(format!("--pack-size must be at least {} bytes", limits::MIN_PACK_SIZE)));
+    if !(limits::MIN_PACK_SIZE..=limits::MAX_PACK_SIZE).contains(&opts.pack_size) {
+        return Err(Error::Usage(format!(
+            "--pack-size must be {} to {}",
+            crate::human_size(limits::MIN_PACK_SIZE),
+            crate::human_size(limits::MAX_PACK_SIZE)
+        )));
     }
     let index = ChunkIndex::load(&repo)?;
     index.compact(&repo)?;
-    let progress = reporter.start("backup");
+    let board = Arc::new(StageBoard::new(opts.cores, run.every));
+    let mut phase = run.phase("backup", Some(Arc::clone(&board)));
+    let progress = Arc::clone(&phase.progress);
     // A delta needs the parent's block: one read from local packs, but a round trip to a
     // receiver, so remote backups store changed blocks whole.
     let deltas = (opts.delta_chain > 0 && repo.remote.is_none()).then_some(opts.delta_chain);
@@ -254,6 +276,8 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         level: opts.compression_level,
         progress: Arc::clone(&progress),
         deltas,
+        board,
+        run: run.clone(),
     });
 
     let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
@@ -262,7 +286,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     let sealer = Sealer::start(shared.repo.clone(), Arc::clone(&shared.known));
     let cores = {
         let (shared, seal_tx) = (Arc::clone(&shared), sealer.sender());
-        runtime::spawn(opts.cores, move |_core| run_core(&shared, &job_rx, &done_tx, seal_tx.clone()))?
+        runtime::spawn(opts.cores, move |core| run_core(&shared, core, &job_rx, &done_tx, seal_tx.clone()))?
     };
 
     match &opts.synth {
@@ -285,7 +309,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         pending_files: 0,
         stats: SnapshotStats::default(),
         files_changed: 0,
-        reporter,
+        run,
         chunking: opts.chunking.clone(),
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
         confirmed: HashSet::default(),
@@ -296,7 +320,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         Some(spec) => walker.walk_synth(spec, parent),
         None => walker.walk_sources(&paths, parent),
     });
-    let Walker { tree_writer, jobs, done, mut stats, reporter, files_changed, .. } = walker;
+    let Walker { tree_writer, jobs, done, mut stats, files_changed, .. } = walker;
     // Closing the queue lets the cores close their packs and stop; draining the answers keeps
     // a core from blocking on a send when the walk stopped early. Every pack closed is made
     // durable before this returns, on success and on error alike.
@@ -314,7 +338,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
         written.add(&core);
     }
     sealed?;
-    reporter.finish();
+    phase.finish();
 
     stats.bytes_new = written.bytes_new;
     stats.chunks_new = written.chunks_new;
@@ -332,7 +356,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
     // The snapshot stands on its own: a merge that fails only leaves more runs to read.
     if let Err(e) = shared.known.index().compact_all(&shared.repo) {
-        reporter.warn(Path::new(&format!("{}/index", shared.repo.location())), &format!("index runs not merged: {e}"));
+        run.warn(Path::new(&format!("{}/index", shared.repo.location())), &format!("index runs not merged: {e}"));
     }
     let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
     Ok(BackupOutcome { snapshot_id, snapshot, files_changed, stage_latency })
@@ -341,6 +365,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, reporter: &mut Reporter
 /// One core: take segments until the queue closes, then seal the open pack.
 fn run_core(
     shared: &Shared,
+    core: usize,
     jobs: &Receiver<SegmentJob>,
     done: &Sender<SegmentDone>,
     sealer: Sender<SealJob>,
@@ -351,17 +376,27 @@ fn run_core(
     let mut previous = PreviousChunks::new(shared.known.index(), shared.repo.remote.is_some());
     let cdc = shared.repo.config.chunker;
     let mut deltas = shared.deltas.map(BlockDeltas::new);
+    let mut stages = shared.board.publisher(core);
     for job in jobs.iter() {
-        previous.load(&mut reader, job.previous);
-        let page = job.page.filter(|&p| wire::delta::valid_page_size(p));
-        let base = deltas.as_mut().zip(page).map(|(d, page)| (d, page, &mut reader));
-        let result = backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress);
+        let result = if shared.run.cancel.is_cancelled() {
+            Err(Error::Interrupted)
+        } else {
+            previous.load(&mut reader, job.previous);
+            let page = job.page.filter(|&p| wire::delta::valid_page_size(p));
+            let base = deltas.as_mut().zip(page).map(|(d, page)| (d, page, &mut reader));
+            backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress)
+        };
+        stages.maybe_publish(&writer.stats.stages);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
             break;
         }
     }
-    writer.finish()
+    let finished = writer.finish();
+    if let Ok(stats) = &finished {
+        stages.publish(&stats.stages);
+    }
+    finished
 }
 
 /// Chunks, hashes, dedups, compresses and packs one segment; stores its chunk list.
@@ -586,6 +621,8 @@ enum PendingNode {
 
 struct PendingDir {
     slot: usize,
+    /// For messages: where the directory is in the source.
+    path: PathBuf,
     nodes: Vec<PendingNode>,
 }
 
@@ -621,7 +658,7 @@ struct Walker<'a> {
     stats: SnapshotStats,
     /// Files that changed while they were read.
     files_changed: u64,
-    reporter: &'a mut Reporter,
+    run: &'a Run,
     chunking: ChunkingRules,
     /// The repository's content-defined policy.
     cdc: ChunkPolicy,
@@ -678,14 +715,14 @@ impl Walker<'_> {
                 Source::Leaf => self.add_entry(&mut nodes, &child_path, name.as_bytes(), parent)?,
                 Source::Inner(grandchildren) => {
                     let md = fs::symlink_metadata(&child_path)
-                        .map_err(|e| Error::Usage(format!("{}: {e}", child_path.display())))?;
+                        .map_err(|e| Error::NotFound(format!("{}: {e}", child_path.display())))?;
                     let sub = self.parent_subtree(parent, name.as_bytes())?;
                     let slot = self.walk_ancestors(&child_path, grandchildren, sub.as_ref())?;
                     nodes.push(PendingNode::Dir { name: name.as_bytes().to_vec(), meta: metadata(&md), slot });
                 }
             }
         }
-        self.push_dir(nodes)
+        self.push_dir(path, nodes)
     }
 
     fn walk_dir(&mut self, path: &Path, parent: Option<&Tree>) -> Result<usize> {
@@ -715,7 +752,7 @@ impl Walker<'_> {
         for dir in subdirs {
             self.subtrees.remove(&dir);
         }
-        self.push_dir(nodes)
+        self.push_dir(path, nodes)
     }
 
     /// Remote repository: fetches the parent trees of this directory's subdirectories (those
@@ -777,6 +814,9 @@ impl Walker<'_> {
         name: &[u8],
         parent: Option<&Tree>,
     ) -> Result<()> {
+        if self.run.cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
         let md = match fs::symlink_metadata(path) {
             Ok(md) => md,
             Err(e) => {
@@ -809,7 +849,7 @@ impl Walker<'_> {
                 Err(e) => self.skip(path, &e.to_string()),
             }
         } else {
-            self.reporter.warn(path, "not a regular file, directory or symlink: left out");
+            self.run.warn(path, "not a regular file, directory or symlink: left out");
         }
         Ok(())
     }
@@ -889,14 +929,14 @@ impl Walker<'_> {
                      (a torn last page, or a file being written?): chunked by content",
                     meta.size
                 );
-                self.reporter.warn(path, &warning);
+                self.run.warn(path, &warning);
             }
         }
         let mut regions = None;
         if policy == self.cdc {
             if let Some((layout, chunk)) = chunking.tar_pages(&map) {
                 for warning in &layout.warnings {
-                    self.reporter.warn(path, &format!("tar: {warning}"));
+                    self.run.warn(path, &format!("tar: {warning}"));
                 }
                 if !layout.pages.is_empty() {
                     (policy, regions) = (ChunkPolicy::Fixed(chunk), Some(layout.pages.into()));
@@ -980,6 +1020,9 @@ impl Walker<'_> {
             nodes.push(PendingNode::Dir { name: name.as_bytes().to_vec(), meta, slot });
         }
         for (name, f) in &dir.files {
+            if self.run.cancel.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
             let meta = stamp(0o100600, f.len(), f.mtime_ns, f.inode());
             let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
             let chunking = self.chunking.for_path(Path::new(&f.path));
@@ -991,7 +1034,7 @@ impl Walker<'_> {
                 })?;
             debug_assert!(added.is_ok());
         }
-        self.push_dir(nodes)
+        self.push_dir(Path::new(&spec.source_name()), nodes)
     }
 
     /// Queues a segment, taking answers while the queue is full so the cores never wait on us.
@@ -1002,7 +1045,7 @@ impl Walker<'_> {
             // The message expression is evaluated only if the send arm is the one selected.
             select! {
                 send(jobs, job.take().expect("loop condition")) -> sent => {
-                    sent.map_err(|_| Error::Usage("the cores stopped".into()))?
+                    sent.map_err(|_| Error::Internal("the cores stopped taking segments".into()))?
                 }
                 recv(self.done) -> answer => self.take_answer(answer)?,
             }
@@ -1011,7 +1054,7 @@ impl Walker<'_> {
     }
 
     fn take_answer(&mut self, answer: std::result::Result<SegmentDone, crossbeam_channel::RecvError>) -> Result<()> {
-        let done = answer.map_err(|_| Error::Usage("the cores stopped".into()))?;
+        let done = answer.map_err(|_| Error::Internal("the cores stopped answering".into()))?;
         let summary = done.result?;
         let f = self.files.get_mut(&done.file).expect("answers are for files in flight");
         debug_assert!(f.segments[done.segment].is_none());
@@ -1023,10 +1066,10 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn push_dir(&mut self, nodes: Vec<PendingNode>) -> Result<usize> {
+    fn push_dir(&mut self, path: &Path, nodes: Vec<PendingNode>) -> Result<usize> {
         let slot = self.next_slot;
         self.next_slot += 1;
-        self.pending.push_back(PendingDir { slot, nodes });
+        self.pending.push_back(PendingDir { slot, path: path.to_owned(), nodes });
         while self.pending_files > limits::PENDING_FILES || self.pending.len() > limits::PENDING_DIRS {
             self.complete_oldest_dir()?;
         }
@@ -1060,7 +1103,18 @@ impl Walker<'_> {
                 }
             });
         }
-        let (id, _) = self.tree_writer.store(BlobKind::Tree, &tree.encode())?;
+        let count = tree.nodes.len();
+        let bytes = (count <= wire::limits::MAX_TREE_NODES as usize).then(|| tree.encode());
+        let Some(bytes) = bytes.filter(|b| b.len() <= wire::limits::MAX_BLOB_SIZE as usize) else {
+            return Err(Error::Unsupported(format!(
+                "{}: {count} entries make a directory tree larger than a tree may be ({} entries, {} MiB); \
+                 split the directory, or back up its parent without it",
+                dir.path.display(),
+                wire::limits::MAX_TREE_NODES,
+                wire::limits::MAX_BLOB_SIZE >> 20
+            )));
+        };
+        let (id, _) = self.tree_writer.store(BlobKind::Tree, &bytes)?;
         self.dirs_done.insert(dir.slot, id);
         self.stats.dirs += 1;
         Ok(())
@@ -1085,7 +1139,7 @@ impl Walker<'_> {
         let now = fs::symlink_metadata(path).map(|md| metadata(&md));
         if !now.as_ref().is_ok_and(|now| unchanged(read, now)) {
             self.files_changed += 1;
-            self.reporter.warn(
+            self.run.warn(
                 path,
                 "changed while it was read: stored as read, possibly inconsistent (back up a stopped \
                  database, a filesystem snapshot, or use the database's backup mode)",
@@ -1095,7 +1149,7 @@ impl Walker<'_> {
 
     fn skip(&mut self, path: &Path, why: &str) {
         self.stats.files_skipped += 1;
-        self.reporter.warn(path, why);
+        self.run.warn(path, why);
     }
 }
 
@@ -1118,7 +1172,7 @@ fn canonical_sources(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     }
     let mut out = vec![];
     for p in paths {
-        let c = fs::canonicalize(p).map_err(|e| Error::Usage(format!("source {}: {e}", p.display())))?;
+        let c = fs::canonicalize(p).map_err(|e| Error::NotFound(format!("source {}: {e}", p.display())))?;
         debug_assert!(matches!(c.components().next(), Some(Component::RootDir)));
         out.push(c);
     }

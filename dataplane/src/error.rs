@@ -1,7 +1,10 @@
 //! Errors of the data plane and the exit code each one maps to.
 //!
 //! Policy: library code returns [`Error`] with the path or object it was working on attached;
-//! only `main.rs` turns it into a message and an exit code. Messages say what to do about it.
+//! only `main.rs` turns it into a message and an exit code. Messages say what to do about it,
+//! and the variant says who failed: the user (`Usage`, `NotFound`), the repository (`Format`,
+//! `Integrity`, `NotARepository`), the machine (`Io`, `NoSpace`, `Runtime`), a peer (`Network`,
+//! `ObjectStore`, `Protocol`), or cbcr itself (`Internal`).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub enum ExitCode {
     Ok = 0,
     Fatal = 1,
+    /// The command line asked for something that cannot be done (a bad option value).
+    Usage = 2,
     /// Backup finished, but some source files could not be read and are not in the snapshot.
     Partial = 3,
     NoRepository = 10,
@@ -43,8 +48,22 @@ pub enum Error {
     Io { path: PathBuf, source: io::Error },
     #[error("integrity: {0}")]
     Integrity(String),
+    /// The user asked for something that cannot be done as asked: fix the command line.
     #[error("{0}")]
     Usage(String),
+    /// What the user named is not there (a snapshot, a path in a snapshot, a source path).
+    #[error("{0}")]
+    NotFound(String),
+    /// The source holds something cbcr cannot store yet (the message says what and why).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A part of cbcr stopped that should not have (a core, the sealer): a bug, never the
+    /// user's or the repository's fault.
+    #[error("internal error: {0} (a bug in cbcr; earlier snapshots are intact)")]
+    Internal(String),
+    /// Stopped by SIGINT at a consistent point: what was made durable is reused next time.
+    #[error("interrupted; nothing was committed, and what was stored is reused by the next backup")]
+    Interrupted,
     #[error("network: {0}")]
     Network(String),
     /// The other side speaks no protocol version this cbcr speaks.
@@ -68,6 +87,8 @@ impl Error {
             Error::Format { .. } | Error::Integrity(_) => ExitCode::Integrity,
             Error::NoSpace(_) => ExitCode::NoSpace,
             Error::Network(_) | Error::ObjectStore { .. } => ExitCode::Network,
+            Error::Usage(_) => ExitCode::Usage,
+            Error::Interrupted => ExitCode::Interrupted,
             _ => ExitCode::Fatal,
         }
     }

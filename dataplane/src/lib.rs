@@ -6,11 +6,11 @@
 pub mod backup;
 pub mod chunker;
 pub mod error;
+pub mod events;
 pub mod fault;
 pub mod index;
 pub mod limits;
 pub mod metrics;
-pub mod output;
 pub mod pack;
 pub mod quic;
 pub mod receiver;

@@ -13,6 +13,9 @@ pub const STREAM_WINDOW: usize = 8 << 20;
 pub const PACK_TARGET_SIZE: u64 = 64 << 20;
 /// Smallest `--pack-size` accepted (tests use small packs to exercise sealing).
 pub const MIN_PACK_SIZE: u64 = 64 << 10;
+/// Largest `--pack-size` accepted: a sealed pack plus one largest blob stays within what a
+/// receiver takes.
+pub const MAX_PACK_SIZE: u64 = 512 << 20;
 /// Bytes buffered in memory before a pack writer hands them to the kernel.
 pub const PACK_WRITE_BUFFER: usize = 1 << 20;
 /// Segment jobs queued for the cores, per core: enough to keep every core busy while the
@@ -98,7 +101,8 @@ pub const DEFAULT_DELTA_CHAIN: u32 = 3;
 /// the block whole costs about the same and starts a new chain.
 pub const DELTA_MAX_CHANGED_FRACTION: usize = 2;
 
-const _: () = assert!(MIN_PACK_SIZE <= PACK_TARGET_SIZE);
+const _: () = assert!(MIN_PACK_SIZE <= PACK_TARGET_SIZE && PACK_TARGET_SIZE <= MAX_PACK_SIZE);
+const _: () = assert!(MAX_PACK_SIZE + wire::limits::MAX_BLOB_SIZE as u64 <= wire::limits::MAX_PACK_LEN);
 // The window must hold a largest chunk, or a chunk could be dropped while it is still read.
 const _: () = assert!(MAPPED_WINDOW >= wire::limits::MAX_CHUNK_SIZE as usize / 2);
 // A pack must hold at least one largest blob, or a writer could never make progress.

@@ -1,13 +1,15 @@
 //! `cbcr`: the command-line edge. Parses arguments, runs one command, maps its error to the
 //! documented exit code. Everything else lives in the library.
 
+mod output;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 
 use clap::{Args, Parser, Subcommand};
 use dataplane::backup::{backup, BackupOptions, Chunking, ChunkingRules};
 use dataplane::error::{Error, ExitCode};
-use dataplane::output::Reporter;
+use dataplane::events::{Cancel, Run};
 use dataplane::quic::TlsFiles;
 use dataplane::receiver::ReceiverOptions;
 use dataplane::repo::Repository;
@@ -15,6 +17,7 @@ use dataplane::restore::{restore, Destination, RestoreOptions};
 use dataplane::synth::SynthSpec;
 use dataplane::verify::{describe, verify, VerifyReport};
 use dataplane::{limits, runtime};
+use output::Reporter;
 use serde_json::json;
 use wire::repo::ChunkerParams;
 use wire::tree::{NodeKind, Tree};
@@ -73,8 +76,9 @@ enum Command {
         /// Snapshot to compare against (id, prefix or `latest`); default: the latest with the same host and paths.
         #[arg(long)]
         parent: Option<String>,
-        /// zstd level (negative is faster).
-        #[arg(long, default_value_t = limits::DEFAULT_COMPRESSION_LEVEL, allow_negative_numbers = true)]
+        /// zstd level, -7 to 22 (negative is faster).
+        #[arg(long, default_value_t = limits::DEFAULT_COMPRESSION_LEVEL, allow_negative_numbers = true,
+              value_parser = clap::value_parser!(i32).range(-7..=22))]
         compression_level: i32,
         /// Seal pack files at this size.
         #[arg(long, default_value = "64MiB", value_parser = dataplane::parse_size)]
@@ -175,13 +179,13 @@ fn main() -> ProcessExit {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let mut reporter = Reporter::new(cli.global.json, cli.global.quiet, !cli.global.no_progress);
-    let code = match run(cli, &mut reporter) {
+    let reporter = std::sync::Arc::new(Reporter::new(cli.global.json, cli.global.quiet, !cli.global.no_progress));
+    let code = match on_sigint(&cli.command).and_then(|cancel| run(cli, &reporter, cancel)) {
         Ok(code) => code,
         Err(e) => {
             reporter.finish();
             let code = e.exit_code();
-            reporter.event(json!({"type": "error", "message": e.to_string(), "exit_code": code as i32}));
+            reporter.json(json!({"type": "error", "message": e.to_string(), "exit_code": code as i32}));
             eprintln!("cbcr: error: {e}");
             code
         }
@@ -189,8 +193,33 @@ fn main() -> ProcessExit {
     ProcessExit::from(code as u8)
 }
 
-fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
+/// What SIGINT does: a backup stops at its next consistent point (a second SIGINT exits at
+/// once); any other command exits at once. Both exit 130. A receiver handles its own signals.
+fn on_sigint(command: &Command) -> Result<Cancel, Error> {
+    use signal_hook::consts::SIGINT;
+    let cancel = Cancel::default();
+    let failed = |e: std::io::Error| Error::Internal(format!("cannot handle SIGINT: {e}"));
+    match command {
+        Command::Receiver { .. } => {}
+        Command::Backup { .. } => {
+            // The first SIGINT raises the flag; the second finds it raised and exits.
+            signal_hook::flag::register_conditional_shutdown(SIGINT, ExitCode::Interrupted as i32, cancel.flag())
+                .map_err(failed)?;
+            signal_hook::flag::register(SIGINT, cancel.flag()).map_err(failed)?;
+        }
+        _ => {
+            let raised = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            signal_hook::flag::register_conditional_shutdown(SIGINT, ExitCode::Interrupted as i32, raised)
+                .map_err(failed)?;
+        }
+    }
+    Ok(cancel)
+}
+
+fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<ExitCode, Error> {
     let g = cli.global;
+    let events = std::sync::Arc::clone(reporter) as std::sync::Arc<dyn dataplane::events::EventSink>;
+    let run = Run { events, every: reporter.every(), cancel };
     let repo_path =
         || g.repo.clone().ok_or_else(|| Error::Usage("no repository: give --repo DIR or set CBCR_REPO".into()));
     let cores = g.cores.unwrap_or_else(runtime::default_cores);
@@ -205,7 +234,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             let chunker =
                 ChunkerParams { min: to_u32(a.chunk_min)?, avg: to_u32(a.chunk_avg)?, max: to_u32(a.chunk_max)? };
             let repo = Repository::init(dataplane::store::open(&repo_path()?)?, a.segment_size, chunker)?;
-            reporter.event(json!({"type": "init", "repo": repo.location(), "config": repo.config}));
+            reporter.json(json!({"type": "init", "repo": repo.location(), "config": repo.config}));
             if !g.quiet && !g.json {
                 println!("created repository {}", repo.location());
             }
@@ -245,9 +274,9 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                 chunking: rules,
                 delta_chain,
             };
-            let out = backup(repo, &opts, reporter)?;
+            let out = backup(repo, &opts, &run)?;
             let s = &out.snapshot.stats;
-            reporter.event(json!({
+            reporter.json(json!({
                 "type": "summary",
                 "snapshot_id": out.snapshot_id.to_hex(),
                 "parent": out.snapshot.parent,
@@ -282,7 +311,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
             let repo = open(false)?;
             for (id, s) in repo.snapshots()? {
                 if g.json {
-                    reporter.event(json!({"type": "snapshot", "id": id.to_hex(), "time": s.time, "host": s.host, "paths": s.paths, "parent": s.parent, "tree": s.tree, "stats": s.stats}));
+                    reporter.json(json!({"type": "snapshot", "id": id.to_hex(), "time": s.time, "host": s.host, "paths": s.paths, "parent": s.parent, "tree": s.tree, "stats": s.stats}));
                 } else {
                     println!(
                         "{}  {}  {}  {}  {}",
@@ -307,8 +336,8 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
         Command::Restore { snapshot, target, include } => {
             let repo = open(false)?;
             let opts = RestoreOptions { dest: Destination::Dir(target.clone()), include, cores };
-            let stats = restore(repo, &snapshot, &opts, reporter)?;
-            reporter.event(json!({"type": "restore_summary", "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "target": target}));
+            let stats = restore(repo, &snapshot, &opts, &run)?;
+            reporter.json(json!({"type": "restore_summary", "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "target": target}));
             if !g.quiet && !g.json {
                 println!(
                     "restored {} files, {} dirs, {} to {}",
@@ -323,9 +352,9 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
         Command::Verify { against: Some(url), snapshot, .. } => {
             let repo = open(false)?;
             let opts = RestoreOptions { dest: Destination::Compare(SynthSpec::parse(&url)?), include: vec![], cores };
-            let stats = restore(repo, &snapshot, &opts, reporter)?;
+            let stats = restore(repo, &snapshot, &opts, &run)?;
             reporter
-                .event(json!({"type": "compare_summary", "files": stats.files, "bytes": stats.bytes, "source": url}));
+                .json(json!({"type": "compare_summary", "files": stats.files, "bytes": stats.bytes, "source": url}));
             if !g.quiet && !g.json {
                 println!(
                     "snapshot {snapshot} equals {url}: {} files, {}",
@@ -338,7 +367,7 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
         Command::Receiver { listen, metrics, grace } => receiver(g.repo, tls, listen, metrics, grace, cores),
         Command::Cert(CertCommand::Dev { out }) => {
             dataplane::quic::write_dev_pki(&out, false)?;
-            reporter.event(json!({"type": "cert", "dir": out}));
+            reporter.json(json!({"type": "cert", "dir": out}));
             if !g.quiet && !g.json {
                 println!(
                     "wrote {0}/ca.crt, {0}/receiver.crt, {0}/receiver.key, {0}/client.crt, {0}/client.key",
@@ -355,15 +384,15 @@ fn run(cli: Cli, reporter: &mut Reporter) -> Result<ExitCode, Error> {
                     serde_json::from_slice::<VerifyReport>(&report)
                         .map_err(|e| Error::Network(format!("receiver {}: verify report: {e}", remote.addr)))?
                 }
-                None => verify(repo, read_data, cores, reporter)?,
+                None => verify(repo, read_data, cores, &run)?,
             };
             for d in &report.damage {
-                reporter.event(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
+                reporter.json(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
                 if !g.json {
                     eprintln!("{}", describe(d));
                 }
             }
-            reporter.event(json!({
+            reporter.json(json!({
                 "type": "verify_summary", "snapshots": report.snapshots, "packs": report.packs, "blobs_read": report.blobs,
                 "bytes_read": report.bytes_read, "unindexed_packs": report.unindexed_packs, "damaged": report.damage.len(),
             }));
@@ -427,7 +456,7 @@ fn list_tree(
             NodeKind::Symlink { .. } => "symlink",
         };
         if json {
-            reporter.event(json!({"type": "node", "path": path, "kind": kind, "size": node.meta.size, "mode": node.meta.mode, "uid": node.meta.uid, "gid": node.meta.gid, "mtime_ns": node.meta.mtime_ns}));
+            reporter.json(json!({"type": "node", "path": path, "kind": kind, "size": node.meta.size, "mode": node.meta.mode, "uid": node.meta.uid, "gid": node.meta.gid, "mtime_ns": node.meta.mtime_ns}));
         } else {
             println!("{}", path.display());
         }

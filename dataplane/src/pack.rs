@@ -92,7 +92,7 @@ impl PackWriter {
             }
             PackOut::Remote(upload) => SealTarget::Remote(upload.finish()?),
         };
-        sealer.send(SealJob { target, id, entries }).map_err(|_| Error::Usage("the pack sealer stopped".into()))?;
+        sealer.send(SealJob { target, id, entries }).map_err(|_| Error::Internal("the pack sealer stopped".into()))?;
         Ok(self.len)
     }
 }
@@ -403,7 +403,7 @@ pub struct BlobReader<'a> {
 
 impl<'a> BlobReader<'a> {
     pub fn new(repo: &'a Repository, index: &'a ChunkIndex) -> Result<Self> {
-        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Usage(format!("zstd: {e}")))?;
+        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
         Ok(Self { repo, index, packs: PackFiles::default(), decompressor, stored: Vec::new(), fetched: None })
     }
 

@@ -107,7 +107,7 @@ pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
         .thread_name("cbcr-quic")
         .enable_all()
         .build()
-        .map_err(|e| Error::Usage(format!("cannot start the QUIC runtime: {e}")))
+        .map_err(|e| Error::Internal(format!("cannot start the QUIC runtime: {e}")))
 }
 
 /// What went wrong on a stream: the peer's fault (bad bytes) or the connection's.
@@ -162,7 +162,7 @@ pub async fn write_frame(
 /// certificate's validity ended yesterday (to check that receivers refuse it).
 pub fn write_dev_pki(out: &Path, expired_client: bool) -> Result<()> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let gen = |e: rcgen::Error| Error::Usage(format!("certificate generation: {e}"));
+    let gen = |e: rcgen::Error| Error::Internal(format!("certificate generation: {e}"));
     std::fs::create_dir_all(out).at(out)?;
     let now = time::OffsetDateTime::now_utc();
     let ca_key = KeyPair::generate().map_err(gen)?;

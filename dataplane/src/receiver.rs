@@ -26,7 +26,6 @@ use wire::ChunkId;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
-use crate::output::Reporter;
 use crate::pack::PackFiles;
 use crate::quic::{self, StreamError, TlsFiles};
 use crate::repo::{RepoLock, Repository};
@@ -159,8 +158,9 @@ impl From<Error> for Refusal {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::NoSpace(_) => ErrorCode::NoSpace,
-            Error::Usage(_) => ErrorCode::BadFrame,
             Error::Integrity(_) => ErrorCode::BadPack,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            // The receiver's own trouble (storage, a bug) is never the client's bad frame.
             _ => ErrorCode::Storage,
         };
         Refusal(code, e.to_string())
@@ -512,8 +512,7 @@ async fn request(
         Frame::Verify { read_data, .. } => {
             let s = Arc::clone(store);
             let (damaged, report) = blocking(move || {
-                let mut quiet = Reporter::new(false, true, false);
-                let r = crate::verify::verify(s.repo.clone(), read_data, s.cores, &mut quiet)?;
+                let r = crate::verify::verify(s.repo.clone(), read_data, s.cores, &crate::events::Run::quiet())?;
                 Ok((!r.damage.is_empty(), serde_json::to_vec(&r).expect("a report serialises")))
             })
             .await?;

@@ -73,7 +73,7 @@ fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
 /// The receiver's refusal as our error: the same exit codes as the local failure would have.
 fn refused(addr: &str, code: ErrorCode, message: String) -> Error {
     match code {
-        ErrorCode::NotFound => Error::Usage(format!("receiver {addr}: {message}")),
+        ErrorCode::NotFound => Error::NotFound(format!("receiver {addr}: {message}")),
         ErrorCode::Version => Error::Protocol(format!("receiver {addr}: {message}")),
         ErrorCode::Incomplete => Error::Integrity(format!("receiver {addr}: {message}")),
         // The receiver's message repeats the advice NoSpace gives; its path is of no use here.
@@ -370,7 +370,7 @@ impl BlobStream<'_> {
         if self.asked.is_empty() {
             let n = self.queued.len().min(wire::limits::MAX_BATCH_IDS as usize);
             if n == 0 {
-                return Err(Error::Usage(format!("blob {id} was read without being fetched")));
+                return Err(Error::Internal(format!("blob {id} was read without being fetched")));
             }
             self.asked.extend(self.queued.drain(..n));
             let frame = Frame::GetBlobs { session: remote.session, ids: self.asked.iter().copied().collect() };
@@ -379,7 +379,7 @@ impl BlobStream<'_> {
         }
         let expected = self.asked.pop_front().expect("asked above");
         if expected != *id {
-            return Err(Error::Usage(format!("blob {id} was read out of order (expected {expected})")));
+            return Err(Error::Internal(format!("blob {id} was read out of order (expected {expected})")));
         }
         match self.next_frame()? {
             Frame::Blob { entry, stored } if entry.id == *id => Ok((entry, stored)),

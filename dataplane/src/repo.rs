@@ -199,13 +199,13 @@ impl Repository {
     pub fn find_snapshot(&self, spec: &str) -> Result<(ChunkId, Snapshot)> {
         let all = self.snapshots()?;
         if spec == "latest" {
-            return all.into_iter().last().ok_or_else(|| Error::Usage("the repository has no snapshots".into()));
+            return all.into_iter().last().ok_or_else(|| Error::NotFound("the repository has no snapshots".into()));
         }
         let mut matches = all.into_iter().filter(|(id, _)| id.to_hex().starts_with(&spec.to_lowercase()));
         match (matches.next(), matches.next()) {
             (Some(m), None) if !spec.is_empty() => Ok(m),
-            (Some(_), Some(_)) => Err(Error::Usage(format!("snapshot id prefix {spec:?} is ambiguous"))),
-            _ => Err(Error::Usage(format!("no snapshot matches {spec:?}"))),
+            (Some(_), Some(_)) => Err(Error::NotFound(format!("snapshot id prefix {spec:?} is ambiguous"))),
+            _ => Err(Error::NotFound(format!("no snapshot matches {spec:?}"))),
         }
     }
 }

@@ -26,9 +26,9 @@ use wire::ChunkId;
 
 use crate::chunker;
 use crate::error::{Error, IoContext, Result};
+use crate::events::{Progress, Run};
 use crate::index::ChunkIndex;
 use crate::limits;
-use crate::output::{Progress, Reporter};
 use crate::pack::BlobReader;
 use crate::repo::Repository;
 use crate::runtime;
@@ -89,18 +89,13 @@ struct Shared {
 }
 
 /// Restores `snapshot` (a spec: `latest`, an id or a prefix) into `opts.target`.
-pub fn restore(
-    repo: Repository,
-    snapshot: &str,
-    opts: &RestoreOptions,
-    reporter: &mut Reporter,
-) -> Result<RestoreStats> {
+pub fn restore(repo: Repository, snapshot: &str, opts: &RestoreOptions, run: &Run) -> Result<RestoreStats> {
     let (_, snap) = repo.find_snapshot(snapshot)?;
     let index = ChunkIndex::load(&repo)?;
     let mut reader = BlobReader::new(&repo, &index)?;
     for inc in &opts.include {
         if !in_snapshot(&mut reader, snap.tree_id(), inc)? {
-            return Err(Error::Usage(format!("--include {}: not in snapshot {}", inc.display(), snapshot)));
+            return Err(Error::NotFound(format!("--include {}: not in snapshot {}", inc.display(), snapshot)));
         }
     }
     drop(reader);
@@ -114,7 +109,8 @@ pub fn restore(
             (PathBuf::from("/"), Some((Arc::new(spec.clone()), files)))
         }
     };
-    let progress = reporter.start(if expected.is_some() { "compare" } else { "restore" });
+    let mut phase = run.phase(if expected.is_some() { "compare" } else { "restore" }, None);
+    let progress = Arc::clone(&phase.progress);
     progress.set_total(snap.stats.bytes_total);
     let shared = Arc::new(Shared { repo, index, first_error: Mutex::new(None), progress });
     // Deep enough that a core finds a whole batch queued.
@@ -137,7 +133,7 @@ pub fn restore(
     let RestoreWalk { jobs, dirs, stats, expected, .. } = walk;
     drop(jobs);
     let bytes: u64 = cores.join()?.into_iter().sum();
-    reporter.finish();
+    phase.finish();
     walked?;
     if let Some(e) = shared.first_error.lock().expect("no core panics holding it").take() {
         return Err(e);
@@ -414,7 +410,7 @@ impl RestoreWalk<'_> {
                 });
                 for (i, list) in segments.into_iter().enumerate() {
                     let job = SegmentJob { file: Arc::clone(&target), list, offset: i as u64 * self.segment_size };
-                    self.jobs.send(job).map_err(|_| Error::Usage("the cores stopped".into()))?;
+                    self.jobs.send(job).map_err(|_| Error::Internal("the cores stopped taking segments".into()))?;
                 }
             }
         }

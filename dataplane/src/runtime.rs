@@ -75,14 +75,23 @@ where
 }
 
 impl<T: Send + 'static> Cores<T> {
-    /// Waits for every core; a core that panicked is an error.
+    /// Waits for every core; a core that panicked is an internal error naming its message (a
+    /// core that could not start was reported by [`spawn`]).
     pub fn join(self) -> Result<Vec<T>> {
         self.threads
             .into_iter()
             .enumerate()
             .map(|(core, t)| match t.join() {
                 Ok(Some(result)) => Ok(result),
-                _ => Err(Error::Runtime { core, detail: "the core panicked".into() }),
+                Ok(None) => Err(Error::Internal(format!("core {core} did not start"))),
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|m| m.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(Error::Internal(format!("core {core} panicked: {message}")))
+                }
             })
             .collect()
     }

@@ -17,9 +17,9 @@ use wire::tree::{ChunkList, NodeKind, Tree};
 use wire::{BlobKind, ChunkId};
 
 use crate::error::{Error, Result};
+use crate::events::Run;
 use crate::index::ChunkIndex;
 use crate::limits;
-use crate::output::Reporter;
 use crate::pack::{decode_blob, BlobReader};
 use crate::repo::{pack_name, Repository};
 use crate::runtime;
@@ -55,7 +55,7 @@ struct PackJob {
 }
 
 /// Verifies `repo`.
-pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Reporter) -> Result<VerifyReport> {
+pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let index = Arc::new(ChunkIndex::load_checked(&repo, |path, e| {
         report.damage.push(Damage { kind: "index".into(), name: path.display().to_string(), detail: e.to_string() });
@@ -104,7 +104,8 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
         damaged_blobs.extend(indexed_in(&index, &pack, |_| true));
     }
     report.packs = jobs.len() as u64;
-    let progress = reporter.start(if read_data { "verify (read data)" } else { "verify" });
+    let mut phase = run.phase(if read_data { "verify (read data)" } else { "verify" }, None);
+    let progress = &phase.progress;
     progress.set_total(jobs.iter().map(|j| j.len).sum());
     let repo = Arc::new(repo);
     let (tx, rx) = bounded::<PackJob>(cores * 2);
@@ -127,7 +128,7 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, reporter: &mut Re
             report.damage.push(d);
         }
     }
-    reporter.finish();
+    phase.finish();
 
     // Snapshots: every tree, chunk list and chunk they reference. Trees are walked here; the
     // chunk lists, one index lookup per chunk, are checked on `cores` threads.

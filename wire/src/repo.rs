@@ -67,6 +67,16 @@ impl RepoConfig {
                 limits::MAX_SEGMENT_SIZE
             ));
         }
+        // Content-defined chunks are at least `min` long (but the last), so this bounds the
+        // chunk list of a segment.
+        if self.segment_size / u64::from(c.min) + 1 > u64::from(limits::MAX_CHUNK_LIST_ENTRIES) {
+            return bad(format!(
+                "segment size {} cut into chunks of at least {} bytes can make more than the {} chunks one chunk list holds; use a larger minimum chunk or smaller segments",
+                self.segment_size,
+                c.min,
+                limits::MAX_CHUNK_LIST_ENTRIES
+            ));
+        }
         if self.segment_size < u64::from(c.max) {
             return bad(format!("segment size {} is smaller than the largest chunk {}", self.segment_size, c.max));
         }
