@@ -370,7 +370,7 @@ fn sigint_stops_a_backup_at_a_consistent_point_with_exit_130() {
     let mut data = vec![0u8; 192 << 20];
     rand::rngs::StdRng::seed_from_u64(12).fill_bytes(&mut data);
     fs::write(src.join("large.bin"), &data).unwrap();
-    let mut child = Command::new(cbcr_bin())
+    let child = Command::new(cbcr_bin())
         .args(["backup", "--repo", s(&repo), s(&src), "--cores", "1", "--pack-size", "4MiB", "--json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
