@@ -22,6 +22,7 @@ use wire::repo::{ChunkerParams, Snapshot, SnapshotStats};
 use wire::tree::{ChunkList, ChunkRef, Metadata, Node, NodeKind, Tree};
 use wire::{BlobKind, ChunkId};
 
+use crate::assemble::{self, DirEntry};
 use crate::chunker::{self, ChunkPolicy};
 use crate::error::{Error, Result};
 use crate::events::{Progress, Run, StageBoard};
@@ -1080,10 +1081,10 @@ impl Walker<'_> {
     /// are pushed in post-order, so its subdirectories are already complete.
     fn complete_oldest_dir(&mut self) -> Result<()> {
         let dir = self.pending.pop_front().expect("called with a pending directory");
-        let mut tree = Tree { nodes: Vec::with_capacity(dir.nodes.len()) };
+        let mut entries = Vec::with_capacity(dir.nodes.len());
         for node in dir.nodes {
-            tree.nodes.push(match node {
-                PendingNode::Done(n) => n,
+            entries.push(match node {
+                PendingNode::Done(n) => DirEntry::Node(n),
                 PendingNode::File { name, meta, slot } => {
                     while self.files[&slot].left > 0 {
                         let answer = self.done.recv();
@@ -1094,26 +1095,15 @@ impl Walker<'_> {
                     if let Some(path) = &f.path {
                         self.check_unchanged(path, &meta);
                     }
-                    let segments = f.segments.into_iter().map(|s| s.expect("all segments answered")).collect();
-                    Node { name, meta, kind: NodeKind::File { segments } }
+                    DirEntry::File { name, meta, segments: f.segments }
                 }
                 PendingNode::Dir { name, meta, slot } => {
                     let tree = self.dirs_done.remove(&slot).expect("subdirectories complete before their parent");
-                    Node { name, meta, kind: NodeKind::Dir { tree } }
+                    DirEntry::Node(Node { name, meta, kind: NodeKind::Dir { tree } })
                 }
             });
         }
-        let count = tree.nodes.len();
-        let bytes = (count <= wire::limits::MAX_TREE_NODES as usize).then(|| tree.encode());
-        let Some(bytes) = bytes.filter(|b| b.len() <= wire::limits::MAX_BLOB_SIZE as usize) else {
-            return Err(Error::Unsupported(format!(
-                "{}: {count} entries make a directory tree larger than a tree may be ({} entries, {} MiB); \
-                 split the directory, or back up its parent without it",
-                dir.path.display(),
-                wire::limits::MAX_TREE_NODES,
-                wire::limits::MAX_BLOB_SIZE >> 20
-            )));
-        };
+        let (_, bytes) = assemble::dir_tree(&dir.path.to_string_lossy(), entries)?;
         let (id, _) = self.tree_writer.store(BlobKind::Tree, &bytes)?;
         self.dirs_done.insert(dir.slot, id);
         self.stats.dirs += 1;

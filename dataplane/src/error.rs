@@ -54,9 +54,10 @@ pub enum Error {
     /// What the user named is not there (a snapshot, a path in a snapshot, a source path).
     #[error("{0}")]
     NotFound(String),
-    /// The source holds something cbcr cannot store yet (the message says what and why).
-    #[error("{0}")]
-    Unsupported(String),
+    /// A snapshot's trees could not be built from what its segments gave (a directory too
+    /// wide for one tree, or results that do not fit the entries).
+    #[error(transparent)]
+    Assembly(#[from] crate::assemble::AssemblyError),
     /// A part of cbcr stopped that should not have (a core, the sealer): a bug, never the
     /// user's or the repository's fault.
     #[error("internal error: {0} (a bug in cbcr; earlier snapshots are intact)")]

@@ -3,6 +3,7 @@
 //! See `docs/ARCHITECTURE.md` for the map. The stages (`chunker`) are plain functions over byte
 //! slices; `runtime` is the only module that knows about glommio.
 
+pub mod assemble;
 pub mod backup;
 pub mod chunker;
 pub mod error;
