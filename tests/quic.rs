@@ -344,7 +344,7 @@ fn clients_without_a_valid_certificate_are_refused_at_the_handshake() {
 
     // An expired client certificate signed by the right CA.
     let expired = tmp.path().join("expired");
-    dataplane::quic::write_dev_pki(&expired, true).unwrap();
+    dataplane::net::quic::write_dev_pki(&expired, true).unwrap();
     let expired_receiver = Receiver::start(&tmp.path().join("repo2"), &expired);
     let refused = client(&["snapshots", "--repo", &expired_receiver.url()], &expired);
     assert_eq!(refused.status.code(), Some(15), "{}", text(&refused.stderr));
@@ -375,13 +375,13 @@ where
 {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
-        let files = dataplane::quic::TlsFiles {
+        let files = dataplane::net::quic::TlsFiles {
             cert: pki.join("client.crt"),
             key: pki.join("client.key"),
             ca: pki.join("ca.crt"),
         };
         let config = if with_cert {
-            dataplane::quic::client_config(&files).unwrap()
+            dataplane::net::quic::client_config(&files).unwrap()
         } else {
             let mut roots = rustls::RootCertStore::empty();
             use rustls::pki_types::pem::PemObject;

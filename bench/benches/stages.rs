@@ -11,7 +11,7 @@ fn stages(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.sample_size(10);
     g.bench_function("fastcdc_v2020_64k_avg", |b| {
-        b.iter(|| dataplane::chunker::chunks(&data, ChunkerParams::default()).count())
+        b.iter(|| dataplane::pipeline::chunker::chunks(&data, ChunkerParams::default()).count())
     });
     let key = wire::RepoKey::from_bytes([1; 32]);
     g.bench_function("blake3_keyed_64k", |b| {
@@ -46,7 +46,7 @@ fn stages(c: &mut Criterion) {
         })
     });
     g.bench_function("zero_check_64k", |b| {
-        b.iter(|| data.chunks(PIECE).filter(|p| dataplane::chunker::is_zero(p)).count())
+        b.iter(|| data.chunks(PIECE).filter(|p| dataplane::pipeline::chunker::is_zero(p)).count())
     });
     g.finish();
 }

@@ -77,7 +77,7 @@ pub fn measure_stages(data: &[u8], params: ChunkerParams, level: i32) -> StageCo
     let read = t.elapsed().as_secs_f64() / n;
 
     let t = Instant::now();
-    let cuts: Vec<(usize, usize)> = dataplane::chunker::chunks(data, params).collect();
+    let cuts: Vec<(usize, usize)> = dataplane::pipeline::chunker::chunks(data, params).collect();
     let chunk = t.elapsed().as_secs_f64() / n;
 
     let key = wire::RepoKey::from_bytes([1; 32]);

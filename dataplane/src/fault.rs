@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// The points a backup passes, in the order of the commit protocol.
-pub const POINTS: &[&str] =
+pub(crate) const POINTS: &[&str] =
     &["segment", "pack-write", "pack-seal", "index-write", "index-merge", "snapshot-write", "snapshot-rename"];
 
 struct Armed {
@@ -30,7 +30,7 @@ fn armed() -> Option<&'static Armed> {
 
 /// Passes the crash point `name`.
 #[inline]
-pub fn point(name: &'static str) {
+pub(crate) fn point(name: &'static str) {
     debug_assert!(POINTS.contains(&name));
     if let Some(a) = armed() {
         if a.name == name && a.hits.fetch_add(1, Ordering::Relaxed) + 1 == a.at {

@@ -1,28 +1,24 @@
 //! cbcr's data plane: thread-per-core backup, restore and verify against a repository.
 //!
-//! See `docs/ARCHITECTURE.md` for the map. The stages (`chunker`) are plain functions over byte
-//! slices; `runtime` is the only module that knows about glommio.
+//! See `docs/ARCHITECTURE.md` for the map. Folders by concern: `pipeline` (the stages, plain
+//! functions over byte slices, and packs), `index`, `store` (where a repository lives) under
+//! `repo`, `net` (QUIC), `source` (generated sources), `command` (the library entry points a CLI
+//! or daemon calls). `runtime` is the only module that knows about glommio; `events`, `error`
+//! and `limits` serve them all.
 
-pub mod assemble;
-pub mod backup;
-pub mod chunker;
+pub mod command;
 pub mod error;
 pub mod events;
-pub mod fault;
+pub(crate) mod fault;
 pub mod index;
 pub mod limits;
 pub mod metrics;
-pub mod pack;
-pub mod quic;
-pub mod receiver;
-pub mod remote;
+pub mod net;
+pub mod pipeline;
 pub mod repo;
-pub mod restore;
 pub mod runtime;
+pub mod source;
 pub mod store;
-pub mod synth;
-pub mod tar;
-pub mod verify;
 
 /// Parses `123`, `64KiB`, `1MiB`, `1GiB`, `2TiB` (also `K`, `M`, `G`, `T`, `KB`.. as powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {

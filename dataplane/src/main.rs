@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 
 use clap::{Args, Parser, Subcommand};
-use dataplane::backup::{backup, BackupOptions, Chunking, ChunkingRules};
+use dataplane::command::backup::{backup, BackupOptions, Chunking, ChunkingRules};
+use dataplane::command::receiver::ReceiverOptions;
+use dataplane::command::restore::{restore, Destination, RestoreOptions};
+use dataplane::command::verify::{describe, verify, VerifyReport};
 use dataplane::error::{Error, ExitCode};
 use dataplane::events::{Cancel, Run};
-use dataplane::quic::TlsFiles;
-use dataplane::receiver::ReceiverOptions;
+use dataplane::net::quic::TlsFiles;
 use dataplane::repo::Repository;
-use dataplane::restore::{restore, Destination, RestoreOptions};
-use dataplane::synth::SynthSpec;
-use dataplane::verify::{describe, verify, VerifyReport};
+use dataplane::source::synth::SynthSpec;
 use dataplane::{limits, runtime};
 use output::Reporter;
 use serde_json::json;
@@ -329,7 +329,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             let repo = open(false)?;
             let (_, snap) = repo.find_snapshot(&snapshot)?;
             let index = dataplane::index::ChunkIndex::load(&repo)?;
-            let mut reader = dataplane::pack::BlobReader::new(&repo, &index)?;
+            let mut reader = dataplane::pipeline::pack::BlobReader::new(&repo, &index)?;
             list_tree(&mut reader, &snap.tree_id(), Path::new("/"), reporter, g.json)?;
             Ok(ExitCode::Ok)
         }
@@ -366,7 +366,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         }
         Command::Receiver { listen, metrics, grace } => receiver(g.repo, tls, listen, metrics, grace, cores),
         Command::Cert(CertCommand::Dev { out }) => {
-            dataplane::quic::write_dev_pki(&out, false)?;
+            dataplane::net::quic::write_dev_pki(&out, false)?;
             reporter.json(json!({"type": "cert", "dir": out}));
             if !g.quiet && !g.json {
                 println!(
@@ -434,12 +434,12 @@ fn receiver(
     }
     let tls =
         tls.ok_or_else(|| Error::Usage("a receiver needs --cert, --key and --ca (mutual TLS is mandatory)".into()))?;
-    dataplane::receiver::run(ReceiverOptions { listen, repo, tls, metrics, cores, grace })?;
+    dataplane::command::receiver::run(ReceiverOptions { listen, repo, tls, metrics, cores, grace })?;
     Ok(ExitCode::Ok)
 }
 
 fn list_tree(
-    reader: &mut dataplane::pack::BlobReader<'_>,
+    reader: &mut dataplane::pipeline::pack::BlobReader<'_>,
     id: &wire::ChunkId,
     at: &Path,
     reporter: &Reporter,

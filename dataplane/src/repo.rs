@@ -12,8 +12,8 @@ use wire::repo::{KeyFile, RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
 
 use crate::error::{Error, IoContext, Result};
-use crate::quic::TlsFiles;
-use crate::remote::Remote;
+use crate::net::quic::TlsFiles;
+use crate::net::remote::Remote;
 use crate::store::{self, LocalDir, ObjectKind, Store, WriterClaim};
 
 /// An open repository: in a store (a local directory or object storage), or on a receiver

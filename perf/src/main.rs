@@ -22,7 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
-use dataplane::synth::{SynthSpec, PAGE};
+use dataplane::source::synth::{SynthSpec, PAGE};
 use sample::Run;
 
 #[derive(Parser)]

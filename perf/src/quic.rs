@@ -136,16 +136,16 @@ pub(crate) fn quic(cbcr: &Path, out: &Path, size: u64, raw_bytes: u64, cores: us
 /// One quinn stream on loopback, with cbcr's TLS and transport settings: GB/s and seconds to
 /// move `bytes` (1 MiB writes, as a pack is sent), the receiving side on its own runtime.
 fn raw_stream(pki: &Path, bytes: u64) -> Result<(f64, f64)> {
-    let files = |side: &str| dataplane::quic::TlsFiles {
+    let files = |side: &str| dataplane::net::quic::TlsFiles {
         cert: pki.join(format!("{side}.crt")),
         key: pki.join(format!("{side}.key")),
         ca: pki.join("ca.crt"),
     };
-    let server_rt = dataplane::quic::runtime(1)?;
-    let client_rt = dataplane::quic::runtime(1)?;
+    let server_rt = dataplane::net::quic::runtime(1)?;
+    let client_rt = dataplane::net::quic::runtime(1)?;
     let server = {
         let _guard = server_rt.enter();
-        quinn::Endpoint::server(dataplane::quic::server_config(&files("receiver"))?, "127.0.0.1:0".parse()?)?
+        quinn::Endpoint::server(dataplane::net::quic::server_config(&files("receiver"))?, "127.0.0.1:0".parse()?)?
     };
     let addr = server.local_addr()?;
     let sink = server_rt.spawn(async move {
@@ -160,7 +160,7 @@ fn raw_stream(pki: &Path, bytes: u64) -> Result<(f64, f64)> {
         conn.closed().await;
         Ok::<u64, anyhow::Error>(total)
     });
-    let config = dataplane::quic::client_config(&files("client"))?;
+    let config = dataplane::net::quic::client_config(&files("client"))?;
     let seconds = client_rt.block_on(async {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         endpoint.set_default_client_config(config);

@@ -10,7 +10,7 @@
 //! cargo run --release -p bench --bin block_delta -- [--size 4GiB] [--gens 5] [--chain 4]
 //! ```
 
-use dataplane::synth::{SynthFile, SynthSpec, PAGE};
+use dataplane::source::synth::{SynthFile, SynthSpec, PAGE};
 
 const BLOCK: usize = 64 << 10;
 const PAGE_CHUNKS: [usize; 4] = [8 << 10, 16 << 10, 32 << 10, 64 << 10];

@@ -20,7 +20,7 @@ use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::metrics::{Stage, StageHistograms};
-use crate::remote::{BlobStream, HaveQuery, PackAck, PackUpload};
+use crate::net::remote::{BlobStream, HaveQuery, PackAck, PackUpload};
 use crate::repo::{pack_name, Repository};
 use crate::store::{ObjectKind, ObjectReader};
 
@@ -98,7 +98,7 @@ impl PackWriter {
 }
 
 /// A written pack on its way to durability.
-pub struct SealJob {
+pub(crate) struct SealJob {
     target: SealTarget,
     id: ChunkId,
     entries: Vec<PackEntry>,
@@ -117,13 +117,13 @@ enum SealTarget {
 /// rename it into `packs/`, then write its index run. fsync waits on the disk, not the CPU, so
 /// a core that did it itself would sit idle (measured: 0.77-0.84 of the stage limit with fsync
 /// on the cores, 0.94-0.97 without; docs/PERFORMANCE.md).
-pub struct Sealer {
+pub(crate) struct Sealer {
     tx: Sender<SealJob>,
     thread: JoinHandle<Result<()>>,
 }
 
 impl Sealer {
-    pub fn start(repo: Repository, known: Arc<KnownBlobs>) -> Self {
+    pub(crate) fn start(repo: Repository, known: Arc<KnownBlobs>) -> Self {
         let (tx, rx) = bounded::<SealJob>(limits::SEAL_QUEUE);
         let thread = std::thread::Builder::new()
             .name("cbcr-sealer".into())
@@ -145,12 +145,12 @@ impl Sealer {
     }
 
     /// Where [`BlobWriter`]s send closed packs.
-    pub fn sender(&self) -> Sender<SealJob> {
+    pub(crate) fn sender(&self) -> Sender<SealJob> {
         self.tx.clone()
     }
 
     /// Waits until every pack sent is durable and indexed. Every sender must be dropped first.
-    pub fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         drop(self.tx);
         self.thread.join().expect("the sealer does not panic")
     }
@@ -180,7 +180,7 @@ fn seal(repo: &Repository, known: &KnownBlobs, job: SealJob) -> Result<()> {
 
 /// What one [`BlobWriter`] added to the repository, and how long its stages took.
 #[derive(Clone, Debug, Default)]
-pub struct WriteStats {
+pub(crate) struct WriteStats {
     pub stages: StageHistograms,
     /// File-content chunks stored (trees and chunk lists are not counted).
     pub chunks_new: u64,
@@ -191,7 +191,7 @@ pub struct WriteStats {
 }
 
 impl WriteStats {
-    pub fn add(&mut self, o: &WriteStats) {
+    pub(crate) fn add(&mut self, o: &WriteStats) {
         self.stages.merge(&o.stages);
         self.chunks_new += o.chunks_new;
         self.bytes_new += o.bytes_new;
@@ -201,7 +201,7 @@ impl WriteStats {
 
 /// A core's way into the repository: dedups, compresses and packs blobs. One per core, never
 /// shared; the only shared state is the [`KnownBlobs`] set.
-pub struct BlobWriter<'a> {
+pub(crate) struct BlobWriter<'a> {
     repo: &'a Repository,
     known: &'a KnownBlobs,
     sealer: Sender<SealJob>,
@@ -224,7 +224,7 @@ struct HaveBatch {
 }
 
 impl<'a> BlobWriter<'a> {
-    pub fn new(
+    pub(crate) fn new(
         repo: &'a Repository,
         known: &'a KnownBlobs,
         sealer: Sender<SealJob>,
@@ -249,13 +249,13 @@ impl<'a> BlobWriter<'a> {
 
     /// Hashes and stores a blob unless the repository already has it. Returns its id and
     /// whether it was new.
-    pub fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<(ChunkId, bool)> {
+    pub(crate) fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<(ChunkId, bool)> {
         let id = self.hash(data);
         Ok((id, self.store_with_id(id, kind, data)?))
     }
 
     /// The id of `data` (timed as the hash stage).
-    pub fn hash(&mut self, data: &[u8]) -> ChunkId {
+    pub(crate) fn hash(&mut self, data: &[u8]) -> ChunkId {
         let started = Instant::now();
         let id = self.repo.key.blob_id(data);
         self.stats.stages.record(Stage::Hash, started.elapsed());
@@ -264,7 +264,7 @@ impl<'a> BlobWriter<'a> {
 
     /// Stores a blob whose id the caller computed; returns whether it was new (for a remote
     /// repository: whether it was new to this backup; the receiver may still have it).
-    pub fn store_with_id(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<bool> {
+    pub(crate) fn store_with_id(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<bool> {
         debug_assert_eq!(id, self.repo.key.blob_id(data));
         if !self.claim(&id)? {
             return Ok(false);
@@ -286,14 +286,14 @@ impl<'a> BlobWriter<'a> {
 
     /// Claims `id` for this writer: `false` when the repository (or another core) has it.
     /// A claimed blob must then be stored with [`Self::store_claimed`].
-    pub fn claim(&mut self, id: &ChunkId) -> Result<bool> {
+    pub(crate) fn claim(&mut self, id: &ChunkId) -> Result<bool> {
         self.known.claim(id)
     }
 
     /// Packs a blob claimed with [`Self::claim`], as `kind`: a [`BlobKind::Delta`]'s `data` is
     /// the delta's encoding, not the block its id names. Local repositories only (a remote
     /// one's blobs wait for the receiver's answer in [`Self::store_with_id`]).
-    pub fn store_claimed(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<()> {
+    pub(crate) fn store_claimed(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<()> {
         assert!(self.repo.remote.is_none(), "block deltas are written to local repositories only");
         self.pack_blob(id, kind, data)
     }
@@ -362,7 +362,7 @@ impl<'a> BlobWriter<'a> {
     }
 
     /// Closes the open pack; everything stored is durable once the [`Sealer`] has finished.
-    pub fn finish(mut self) -> Result<WriteStats> {
+    pub(crate) fn finish(mut self) -> Result<WriteStats> {
         self.ask_receiver()?;
         self.pack_answered()?;
         self.seal()?;
@@ -372,11 +372,11 @@ impl<'a> BlobWriter<'a> {
 
 /// Open packs of one reader, at most [`limits::OPEN_PACKS_PER_READER`].
 #[derive(Default)]
-pub struct PackFiles(HashMap<ChunkId, Box<dyn ObjectReader>>);
+pub(crate) struct PackFiles(HashMap<ChunkId, Box<dyn ObjectReader>>);
 
 impl PackFiles {
     /// Reads `buf.len()` bytes of pack `pack` at `offset`.
-    pub fn read_at(&mut self, repo: &Repository, pack: &ChunkId, offset: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_at(&mut self, repo: &Repository, pack: &ChunkId, offset: u64, buf: &mut [u8]) -> Result<()> {
         if self.0.len() >= limits::OPEN_PACKS_PER_READER && !self.0.contains_key(pack) {
             self.0.clear();
         }
@@ -512,7 +512,7 @@ fn check_blob(
 }
 
 /// Turns stored bytes into the raw blob, appended to `out`; the error says what failed.
-pub fn decode_blob(
+pub(crate) fn decode_blob(
     decompressor: &mut zstd::bulk::Decompressor<'static>,
     stored: &[u8],
     e: &PackEntry,

@@ -26,8 +26,8 @@ use wire::ChunkId;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
-use crate::pack::PackFiles;
-use crate::quic::{self, StreamError, TlsFiles};
+use crate::net::quic::{self, StreamError, TlsFiles};
+use crate::pipeline::pack::PackFiles;
 use crate::repo::{RepoLock, Repository};
 
 /// How the receiver was asked to run.
@@ -512,7 +512,8 @@ async fn request(
         Frame::Verify { read_data, .. } => {
             let s = Arc::clone(store);
             let (damaged, report) = blocking(move || {
-                let r = crate::verify::verify(s.repo.clone(), read_data, s.cores, &crate::events::Run::quiet())?;
+                let r =
+                    crate::command::verify::verify(s.repo.clone(), read_data, s.cores, &crate::events::Run::quiet())?;
                 Ok((!r.damage.is_empty(), serde_json::to_vec(&r).expect("a report serialises")))
             })
             .await?;

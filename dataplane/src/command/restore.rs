@@ -24,15 +24,15 @@ use filetime::FileTime;
 use wire::tree::{ChunkList, Metadata, Node, NodeKind, Tree};
 use wire::ChunkId;
 
-use crate::chunker;
 use crate::error::{Error, IoContext, Result};
 use crate::events::{Progress, Run};
 use crate::index::ChunkIndex;
 use crate::limits;
-use crate::pack::BlobReader;
+use crate::pipeline::chunker;
+use crate::pipeline::pack::BlobReader;
 use crate::repo::Repository;
 use crate::runtime;
-use crate::synth::{self, SynthFile, SynthSpec};
+use crate::source::synth::{self, SynthFile, SynthSpec};
 
 /// Where restored bytes go.
 pub enum Destination {

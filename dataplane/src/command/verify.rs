@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::events::Run;
 use crate::index::ChunkIndex;
 use crate::limits;
-use crate::pack::{decode_blob, BlobReader};
+use crate::pipeline::pack::{decode_blob, BlobReader};
 use crate::repo::{pack_name, Repository};
 use crate::runtime;
 use crate::store::{ObjectKind, ObjectReader};

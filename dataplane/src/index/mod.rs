@@ -31,7 +31,7 @@ use crate::store::ObjectKind;
 
 /// Blob ids are uniformly random, so their first 8 bytes are already a good hash.
 #[derive(Default)]
-pub struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -47,7 +47,7 @@ impl Hasher for IdHasher {
 }
 
 /// Hash maps and sets keyed by blob id use its own bytes.
-pub type IdBuild = BuildHasherDefault<IdHasher>;
+pub(crate) type IdBuild = BuildHasherDefault<IdHasher>;
 
 fn prefix(id: &ChunkId) -> u64 {
     u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
@@ -554,13 +554,13 @@ const SHARDS: usize = 64;
 /// blob is stored once even when two cores meet it at the same time. A claim lasts until the
 /// blob's pack is sealed and its run is in the index, so the set holds at most the blobs of the
 /// packs being written or sealed, however large the backup.
-pub struct KnownBlobs {
+pub(crate) struct KnownBlobs {
     index: ChunkIndex,
     claimed: [Mutex<HashSet<ChunkId, IdBuild>>; SHARDS],
 }
 
 impl KnownBlobs {
-    pub fn new(index: ChunkIndex) -> Self {
+    pub(crate) fn new(index: ChunkIndex) -> Self {
         Self { index, claimed: std::array::from_fn(|_| Mutex::default()) }
     }
 
@@ -569,7 +569,7 @@ impl KnownBlobs {
     }
 
     /// True when the caller is the first to meet `id` and must store it.
-    pub fn claim(&self, id: &ChunkId) -> Result<bool> {
+    pub(crate) fn claim(&self, id: &ChunkId) -> Result<bool> {
         // The index is asked under the shard lock: [`Self::sealed`] adds a run to the index
         // before it drops the run's claims, so a blob is always in one of the two.
         let mut shard = self.shard(id);
@@ -580,7 +580,7 @@ impl KnownBlobs {
     }
 
     /// A sealed pack's run is durable at `path`: index it and drop its claims.
-    pub fn sealed(&self, path: &Path, entries: &[IndexEntry]) -> Result<()> {
+    pub(crate) fn sealed(&self, path: &Path, entries: &[IndexEntry]) -> Result<()> {
         self.index.add_run(path, entries)?;
         for e in entries {
             self.shard(&e.id()).remove(&e.id());
@@ -589,13 +589,13 @@ impl KnownBlobs {
     }
 
     /// Drops claims without indexing: the blobs are durable elsewhere (a receiver has them).
-    pub fn release(&self, ids: impl IntoIterator<Item = ChunkId>) {
+    pub(crate) fn release(&self, ids: impl IntoIterator<Item = ChunkId>) {
         for id in ids {
             self.shard(&id).remove(&id);
         }
     }
 
-    pub fn index(&self) -> &ChunkIndex {
+    pub(crate) fn index(&self) -> &ChunkIndex {
         &self.index
     }
 }

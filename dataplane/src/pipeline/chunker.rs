@@ -1,9 +1,9 @@
 //! The pure stages of the pipeline: cutting a segment into chunks. Hashing is
-//! [`wire::RepoKey::blob_id`], compression is in [`crate::pack::BlobWriter`].
+//! [`wire::RepoKey::blob_id`], compression is in [`crate::pipeline::pack::BlobWriter`].
 
 use wire::repo::ChunkerParams;
 
-use crate::tar::PageRegion;
+use crate::pipeline::tar::PageRegion;
 
 /// How a file is cut into chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

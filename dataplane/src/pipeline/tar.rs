@@ -18,7 +18,7 @@ pub struct PageRegion {
 
 /// What a scan of a tar file found.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct TarLayout {
+pub(crate) struct TarLayout {
     /// In file order, not overlapping.
     pub pages: Vec<PageRegion>,
     /// Why part of the file is chunked by content although it may hold page files.
@@ -26,13 +26,13 @@ pub struct TarLayout {
 }
 
 /// True when `bytes` start with a ustar (POSIX or GNU) header.
-pub fn is_tar(bytes: &[u8]) -> bool {
+pub(crate) fn is_tar(bytes: &[u8]) -> bool {
     bytes.len() >= BLOCK as usize && &bytes[257..262] == b"ustar" && checksum_ok(&bytes[..BLOCK as usize])
 }
 
 /// Finds the page-structured members of tar `bytes`: regular files whose name `is_page_file`
 /// accepts and whose size is a multiple of `page`. Keeps at most `max_regions`.
-pub fn scan(bytes: &[u8], page: u64, max_regions: usize, is_page_file: impl Fn(&str) -> bool) -> TarLayout {
+pub(crate) fn scan(bytes: &[u8], page: u64, max_regions: usize, is_page_file: impl Fn(&str) -> bool) -> TarLayout {
     let mut layout = TarLayout::default();
     let len = bytes.len() as u64;
     let mut at = 0u64;

@@ -20,7 +20,7 @@ use wire::{ChunkId, RepoKey};
 
 use crate::error::{Error, Result};
 use crate::limits;
-use crate::quic::{self, StreamError, TlsFiles};
+use crate::net::quic::{self, StreamError, TlsFiles};
 
 /// A connected session with a receiver.
 pub struct Remote {
@@ -109,7 +109,7 @@ impl Remote {
         remove_stale_scratch();
         let scratch = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}-{}", std::process::id(), conn.stable_id()));
         let mut remote = Remote { runtime, endpoint, conn, session: 0, version: MIN_VERSION, addr, scratch };
-        let client = crate::backup::hostname();
+        let client = crate::source::hostname();
         match remote.request(&Frame::Hello { min: MIN_VERSION, max: VERSION, client })? {
             Frame::Welcome { version, .. } if !wire::frame::speaks(version) => Err(Error::Protocol(format!(
                 "receiver {}: it chose protocol version {version}; this cbcr speaks {MIN_VERSION} to {VERSION}",
@@ -258,7 +258,7 @@ impl HaveQuery<'_> {
 
 /// A pack streaming to the receiver while a core writes it, [`limits::PACK_SEND_PIECE`] at a
 /// time: a slow receiver blocks the core once the stream's window is full.
-pub struct PackUpload {
+pub(crate) struct PackUpload {
     remote: Arc<Remote>,
     send: SendStream,
     recv: RecvStream,
@@ -266,12 +266,12 @@ pub struct PackUpload {
 }
 
 impl PackUpload {
-    pub fn start(remote: Arc<Remote>) -> Result<Self> {
+    pub(crate) fn start(remote: Arc<Remote>) -> Result<Self> {
         let (send, recv) = remote.runtime.block_on(remote.open(&Frame::PutPack { session: remote.session }, false))?;
         Ok(Self { remote, send, recv, buf: Vec::with_capacity(limits::PACK_SEND_PIECE) })
     }
 
-    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
             let n = bytes.len().min(limits::PACK_SEND_PIECE - self.buf.len());
             self.buf.extend_from_slice(&bytes[..n]);
@@ -300,7 +300,7 @@ impl PackUpload {
     }
 
     /// Sends the rest and ends the stream; the acknowledgement comes later.
-    pub fn finish(mut self) -> Result<PackAck> {
+    pub(crate) fn finish(mut self) -> Result<PackAck> {
         self.flush()?;
         let _ = self.send.finish();
         Ok(PackAck { remote: self.remote, recv: self.recv, _send: self.send })
@@ -308,7 +308,7 @@ impl PackUpload {
 }
 
 /// The receiver's answer to a sent pack, awaited off the cores (by the sealer).
-pub struct PackAck {
+pub(crate) struct PackAck {
     remote: Arc<Remote>,
     recv: RecvStream,
     _send: SendStream,
@@ -316,7 +316,7 @@ pub struct PackAck {
 
 impl PackAck {
     /// Returns once the receiver has the pack durably and indexed, under the id we computed.
-    pub fn wait(mut self, id: &ChunkId) -> Result<()> {
+    pub(crate) fn wait(mut self, id: &ChunkId) -> Result<()> {
         let remote = &self.remote;
         remote.runtime.block_on(async {
             match quic::expect_frame(&mut self.recv).await.map_err(|e| remote.stream_error(e))? {

@@ -22,19 +22,19 @@ use wire::repo::{ChunkerParams, Snapshot, SnapshotStats};
 use wire::tree::{ChunkList, ChunkRef, Metadata, Node, NodeKind, Tree};
 use wire::{BlobKind, ChunkId};
 
-use crate::assemble::{self, DirEntry};
-use crate::chunker::{self, ChunkPolicy};
+use crate::command::assemble::{self, DirEntry};
 use crate::error::{Error, Result};
 use crate::events::{Progress, Run, StageBoard};
 use crate::fault;
 use crate::index::{ChunkIndex, IdBuild, KnownBlobs};
 use crate::limits;
 use crate::metrics::Stage;
-use crate::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats};
+use crate::pipeline::chunker::{self, ChunkPolicy};
+use crate::pipeline::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats};
+use crate::pipeline::tar::{self, PageRegion};
 use crate::repo::Repository;
 use crate::runtime;
-use crate::synth::{self, SynthFile, SynthSpec};
-use crate::tar::{self, PageRegion};
+use crate::source::synth::{self, SynthFile, SynthSpec};
 
 /// What the user asked for.
 pub struct BackupOptions {
@@ -224,7 +224,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         Some(spec) => vec![spec.source_name()],
         None => paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
     };
-    let host = hostname();
+    let host = crate::source::hostname();
     let parent = match &opts.parent {
         Some(spec) => Some(repo.find_snapshot(spec)?),
         None => repo.snapshots()?.into_iter().rev().find(|(_, s)| s.host == host && s.paths == path_strings),
@@ -1213,18 +1213,6 @@ fn scan_size(path: &Path) -> u64 {
         }
         Ok(md) if md.is_file() => md.len(),
         _ => 0,
-    }
-}
-
-pub(crate) fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer outlives the call and its length is passed.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    if ok {
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "unknown".into()
     }
 }
 

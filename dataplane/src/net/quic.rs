@@ -1,5 +1,5 @@
-//! The QUIC transport shared by the client ([`crate::remote`]) and the receiver
-//! ([`crate::receiver`]): mutual TLS from PEM files, the development PKI, and frames on streams.
+//! The QUIC transport shared by the client ([`crate::net::remote`]) and the receiver
+//! ([`crate::command::receiver`]): mutual TLS from PEM files, the development PKI, and frames on streams.
 //!
 //! quinn needs `Send` futures and glommio tasks are not `Send`, so the endpoint lives on its own
 //! tokio runtime; data-plane threads enter it with `block_on` (the design's "own runtime thread").

@@ -1,0 +1,5 @@
+//! The network: QUIC with mutual TLS and the protocol's frames on streams, and the client side
+//! of a `quic://` repository.
+
+pub mod quic;
+pub(crate) mod remote;
