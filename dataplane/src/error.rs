@@ -57,7 +57,7 @@ pub enum Error {
     /// A snapshot's trees could not be built from what its segments gave (a directory too
     /// wide for one tree, or results that do not fit the entries).
     #[error(transparent)]
-    Assembly(#[from] crate::command::assemble::AssemblyError),
+    Assembly(#[from] wire::assemble::AssemblyError),
     /// A part of cbcr stopped that should not have (a core, the sealer): a bug, never the
     /// user's or the repository's fault.
     #[error("internal error: {0} (a bug in cbcr; earlier snapshots are intact)")]

@@ -7,6 +7,7 @@
 //! Integers are little-endian. Fixed-size records are `#[repr(C)]` [`bytemuck::Pod`] structs made
 //! only of byte arrays, so they have alignment 1, no padding, and can be cast from any byte slice.
 
+pub mod assemble;
 mod codec;
 pub mod delta;
 mod error;

@@ -22,7 +22,6 @@ use wire::repo::{ChunkerParams, Snapshot, SnapshotStats};
 use wire::tree::{ChunkList, ChunkRef, Metadata, Node, NodeKind, Tree};
 use wire::{BlobKind, ChunkId};
 
-use crate::command::assemble::{self, DirEntry};
 use crate::error::{Error, Result};
 use crate::events::{Progress, Run, StageBoard};
 use crate::fault;
@@ -35,6 +34,7 @@ use crate::pipeline::tar::{self, PageRegion};
 use crate::repo::Repository;
 use crate::runtime;
 use crate::source::synth::{self, SynthFile, SynthSpec};
+use wire::assemble::{self, DirEntry};
 
 /// What the user asked for.
 pub struct BackupOptions {

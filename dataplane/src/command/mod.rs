@@ -1,7 +1,6 @@
 //! The commands, as library entry points a CLI or a daemon calls: each takes a repository,
 //! its options and a [`crate::events::Run`] (where events go, how it is cancelled).
 
-pub mod assemble;
 pub mod backup;
 pub mod receiver;
 pub mod restore;

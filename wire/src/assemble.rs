@@ -9,8 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use wire::tree::{Metadata, Node, NodeKind, Tree};
-use wire::ChunkId;
+use crate::tree::{Metadata, Node, NodeKind, Tree};
+use crate::{limits, ChunkId};
 
 /// Why a snapshot could not be assembled.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,15 +71,15 @@ pub fn dir_tree(path: &str, entries: Vec<DirEntry>) -> Result<(Tree, Vec<u8>), A
     let too_wide = || AssemblyError::TooWide {
         path: path.to_owned(),
         entries,
-        max_entries: wire::limits::MAX_TREE_NODES,
-        max_mib: wire::limits::MAX_BLOB_SIZE >> 20,
+        max_entries: limits::MAX_TREE_NODES,
+        max_mib: limits::MAX_BLOB_SIZE >> 20,
     };
-    if nodes.len() > wire::limits::MAX_TREE_NODES as usize {
+    if nodes.len() > limits::MAX_TREE_NODES as usize {
         return Err(too_wide());
     }
     let tree = Tree { nodes };
     let bytes = tree.clone().encode();
-    if bytes.len() > wire::limits::MAX_BLOB_SIZE as usize {
+    if bytes.len() > limits::MAX_BLOB_SIZE as usize {
         return Err(too_wide());
     }
     Ok((tree, bytes))

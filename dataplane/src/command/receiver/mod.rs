@@ -7,6 +7,12 @@
 //! misbehaves (garbage frames, a pack that does not match its id, a disconnect mid-pack) loses
 //! its stream or its connection; the others go on, and nothing it half-sent becomes visible.
 
+mod metrics;
+mod notify;
+
+use metrics::Metrics;
+use notify::Notifier;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -14,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use quinn::{Connection, RecvStream, SendStream};
 use tracing::{info, warn};
 use wire::frame::{ErrorCode, Fence, Frame, MIN_VERSION, VERSION};
@@ -44,68 +49,6 @@ pub struct ReceiverOptions {
     pub grace: Duration,
 }
 
-/// Counters for `/metrics`; the receiver is not on a per-core hot path, so atomics are fine.
-#[derive(Default)]
-struct Metrics {
-    bytes_received: AtomicU64,
-    packs_stored: AtomicU64,
-    sessions_total: AtomicU64,
-    sessions_active: AtomicU64,
-    sessions_refused: AtomicU64,
-    commits: AtomicU64,
-    errors: AtomicU64,
-    have_ids: AtomicU64,
-    blobs_sent: AtomicU64,
-    /// Latency per request kind, microseconds.
-    latency: Mutex<Vec<(&'static str, Histogram<u64>)>>,
-}
-
-impl Metrics {
-    fn observe(&self, stage: &'static str, took: Duration) {
-        let mut all = self.latency.lock().expect("no panics while holding it");
-        let i = match all.iter().position(|(s, _)| *s == stage) {
-            Some(i) => i,
-            None => {
-                all.push((stage, Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds")));
-                all.len() - 1
-            }
-        };
-        all[i].1.saturating_record(took.as_micros().max(1) as u64);
-    }
-
-    fn render(&self) -> String {
-        let mut out = String::new();
-        let counters = [
-            ("cbcr_receiver_bytes_received_total", "Pack bytes received.", &self.bytes_received),
-            ("cbcr_receiver_packs_stored_total", "Packs made durable and indexed.", &self.packs_stored),
-            ("cbcr_receiver_sessions_total", "Sessions opened.", &self.sessions_total),
-            (
-                "cbcr_receiver_sessions_refused_total",
-                "Connections refused (handshake or limit).",
-                &self.sessions_refused,
-            ),
-            ("cbcr_receiver_commits_total", "Snapshots committed.", &self.commits),
-            ("cbcr_receiver_errors_total", "Requests that failed.", &self.errors),
-            ("cbcr_receiver_have_ids_total", "Chunk ids asked about.", &self.have_ids),
-            ("cbcr_receiver_blobs_sent_total", "Blobs sent to restoring clients.", &self.blobs_sent),
-        ];
-        for (name, help, v) in counters {
-            out += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed));
-        }
-        let active = self.sessions_active.load(Ordering::Relaxed);
-        out += &format!("# HELP cbcr_receiver_sessions_active Sessions open now.\n# TYPE cbcr_receiver_sessions_active gauge\ncbcr_receiver_sessions_active {active}\n");
-        out += "# HELP cbcr_receiver_request_seconds Request latency by stage.\n# TYPE cbcr_receiver_request_seconds summary\n";
-        for (stage, h) in self.latency.lock().expect("no panics while holding it").iter() {
-            for q in [0.5, 0.9, 0.99] {
-                let v = h.value_at_quantile(q) as f64 / 1e6;
-                out += &format!("cbcr_receiver_request_seconds{{stage=\"{stage}\",quantile=\"{q}\"}} {v}\n");
-            }
-            out += &format!("cbcr_receiver_request_seconds_count{{stage=\"{stage}\"}} {}\n", h.len());
-        }
-        out
-    }
-}
-
 /// The repository the receiver serves and what every session shares.
 struct Served {
     repo: Repository,
@@ -117,7 +60,7 @@ struct Served {
     fences: Mutex<std::collections::HashMap<String, u64>>,
     /// When the index last looked for runs other receivers of a shared store wrote.
     refreshed: Mutex<Option<Instant>>,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     cores: usize,
     _lock: RepoLock,
 }
@@ -193,7 +136,7 @@ pub fn run(opts: ReceiverOptions) -> Result<()> {
         next_session: AtomicU64::new(1),
         refreshed: Mutex::new(None),
         fences: Mutex::default(),
-        metrics: Metrics::default(),
+        metrics: Arc::default(),
         cores: opts.cores,
         _lock: lock,
     });
@@ -211,7 +154,7 @@ async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverO
             .await
             .map_err(|e| Error::Network(format!("cannot serve metrics on {addr}: {e}")))?;
         info!("metrics on http://{}/metrics", listener.local_addr().map_err(|e| Error::Network(e.to_string()))?);
-        tokio::spawn(serve_metrics(listener, Arc::clone(&store)));
+        tokio::spawn(metrics::serve(listener, Arc::clone(&store.metrics)));
     }
     info!("receiver listening on {local}, repository {}", store.repo.location());
     // Printed for scripts that start the receiver on port 0.
@@ -228,8 +171,8 @@ async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverO
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
-        if store.metrics.sessions_active.load(Ordering::Relaxed) >= limits::RECEIVER_SESSIONS as u64 {
-            store.metrics.sessions_refused.fetch_add(1, Ordering::Relaxed);
+        if store.metrics.sessions_active.get() >= limits::RECEIVER_SESSIONS as i64 {
+            store.metrics.sessions_refused.inc();
             warn!("refusing {}: {} sessions open", incoming.remote_address(), limits::RECEIVER_SESSIONS);
             incoming.refuse();
             continue;
@@ -242,7 +185,7 @@ async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverO
             match incoming.await {
                 Ok(conn) => connection(store, conn).await,
                 Err(e) => {
-                    store.metrics.sessions_refused.fetch_add(1, Ordering::Relaxed);
+                    store.metrics.sessions_refused.inc();
                     warn!("{peer}: handshake failed: {e}");
                 }
             }
@@ -282,71 +225,6 @@ async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverO
     Ok(())
 }
 
-/// Talks to the service manager (sd_notify): READY at start, WATCHDOG every half
-/// `WATCHDOG_USEC`, STOPPING at shutdown. The pings are timed by a task on the runtime, so they
-/// stop when the runtime stalls (and systemd restarts the service); they are sent by a thread
-/// of its own, because a send blocks while the notify socket is full (a manager that is not
-/// reading), and that must never stall the runtime. A ping that finds the thread busy is dropped.
-struct Notifier {
-    stop: crossbeam_channel::Sender<crossbeam_channel::Sender<()>>,
-    /// Told once STOPPING went out.
-    stopped: Option<crossbeam_channel::Receiver<()>>,
-}
-
-impl Notifier {
-    /// Starts the sending thread, sends READY, and starts the pings (within a tokio runtime).
-    fn start() -> Self {
-        use crossbeam_channel::{bounded, select, unbounded};
-        use sd_notify::NotifyState;
-        let (ping, pinged) = bounded::<()>(1);
-        let (stop, stopping) = unbounded::<crossbeam_channel::Sender<()>>();
-        std::thread::spawn(move || {
-            let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-            let done = loop {
-                select! {
-                    recv(pinged) -> p => match p {
-                        Ok(()) => { let _ = sd_notify::notify(false, &[NotifyState::Watchdog]); }
-                        Err(_) => break stopping.recv(),
-                    },
-                    recv(stopping) -> s => break s,
-                }
-            };
-            if let Ok(done) = done {
-                let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
-                let _ = done.send(());
-            }
-        });
-        let mut usec = 0;
-        if sd_notify::watchdog_enabled(false, &mut usec) {
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
-                loop {
-                    tick.tick().await;
-                    if let Err(crossbeam_channel::TrySendError::Disconnected(_)) = ping.try_send(()) {
-                        return;
-                    }
-                }
-            });
-        }
-        Self { stop, stopped: None }
-    }
-
-    /// Asks for STOPPING to be sent, without waiting.
-    fn stopping(&mut self) {
-        let (done, sent) = crossbeam_channel::bounded(1);
-        if self.stop.send(done).is_ok() {
-            self.stopped = Some(sent);
-        }
-    }
-
-    /// Before the process exits: gives STOPPING a moment to go out, never longer.
-    fn finish(self) {
-        if let Some(sent) = self.stopped {
-            let _ = sent.recv_timeout(Duration::from_secs(1));
-        }
-    }
-}
-
 /// Who the client is: its certificate's fingerprint (the CA vouched for it).
 fn identity(conn: &Connection) -> String {
     conn.peer_identity()
@@ -374,7 +252,7 @@ async fn connection(store: Arc<Served>, conn: Connection) {
     let peer = conn.remote_address();
     let cert = identity(&conn);
     let session = Arc::new(SessionCell::new());
-    store.metrics.sessions_active.fetch_add(1, Ordering::Relaxed);
+    store.metrics.sessions_active.inc();
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -388,7 +266,7 @@ async fn connection(store: Arc<Served>, conn: Connection) {
         let (store, session, cert) = (Arc::clone(&store), Arc::clone(&session), cert.clone());
         tokio::spawn(async move { stream(store, session, peer, cert, send, recv).await });
     }
-    store.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
+    store.metrics.sessions_active.dec();
 }
 
 /// One request on one stream.
@@ -415,7 +293,7 @@ async fn stream(
             let _ = send.finish();
         }
         Err(Refusal(code, message)) => {
-            store.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            store.metrics.errors.inc();
             warn!("{peer} (session {:?}, cert {cert}): {stage}: {message}", session.get().map(|s| s.id));
             let _ = quic::write_frame(&mut send, &Frame::Error { code, message }, reply_version(&session)).await;
             let _ = send.finish();
@@ -464,7 +342,7 @@ async fn request(
         if session.set(Session { id, version }).is_err() {
             return Err(Refusal(ErrorCode::BadFrame, "this connection already has a session".into()));
         }
-        store.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
+        store.metrics.sessions_total.inc();
         info!("session {id} from {peer}: client {client:?}, certificate {cert}, protocol version {version}");
         let (config, key) = (store.repo.config.encode(), *store.repo.key.as_bytes());
         return reply(send, &Frame::Welcome { version, session: id, config, key }, version).await;
@@ -479,7 +357,7 @@ async fn request(
     }
     match frame {
         Frame::Have { ids, .. } => {
-            store.metrics.have_ids.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            store.metrics.have_ids.inc_by(ids.len() as u64);
             let s = Arc::clone(store);
             let present =
                 blocking(move || ids.iter().map(|id| s.index().contains(id)).collect::<Result<Vec<_>>>()).await?;
@@ -505,7 +383,7 @@ async fn request(
                 Ok(r) => r?,
                 Err(e) => return Err(Refusal(ErrorCode::Other, format!("commit failed: {e}"))),
             };
-            store.metrics.commits.fetch_add(1, Ordering::Relaxed);
+            store.metrics.commits.inc();
             info!("session {:?}: committed snapshot {id}", session.get().map(|s| s.id));
             reply(send, &Frame::Committed { id }, version).await
         }
@@ -582,7 +460,7 @@ async fn receive_pack(store: &Arc<Served>, recv: &mut RecvStream) -> Result<Chun
                 file.write_all_at(&piece[..filled], len).at(&tmp)?;
                 hasher.update(&piece[..filled]);
                 len += filled as u64;
-                store.metrics.bytes_received.fetch_add(filled as u64, Ordering::Relaxed);
+                store.metrics.bytes_received.inc_by(filled as u64);
                 filled = 0;
             }
             if n == 0 {
@@ -601,7 +479,7 @@ async fn receive_pack(store: &Arc<Served>, recv: &mut RecvStream) -> Result<Chun
     };
     let s = Arc::clone(store);
     blocking(move || store_pack(&s, id, file, len, &tmp).map_err(PackRejected::into_error)).await?;
-    store.metrics.packs_stored.fetch_add(1, Ordering::Relaxed);
+    store.metrics.packs_stored.inc();
     Ok(id)
 }
 
@@ -731,34 +609,6 @@ fn blob_frame(
         out.truncate(frame_start);
         return Err(e.into());
     }
-    store.metrics.blobs_sent.fetch_add(1, Ordering::Relaxed);
+    store.metrics.blobs_sent.inc();
     Ok(())
-}
-
-async fn serve_metrics(listener: tokio::net::TcpListener, store: Arc<Served>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
-        let store = Arc::clone(&store);
-        tokio::spawn(async move {
-            // One small GET; the request line is all we look at, once the headers are in.
-            let mut buf = [0u8; 1024];
-            let mut n = 0;
-            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                match sock.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => n += k,
-                }
-            }
-            let ok = buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?");
-            let (status, body) =
-                if ok { ("200 OK", store.metrics.render()) } else { ("404 Not Found", "see /metrics\n".into()) };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-        });
-    }
 }
