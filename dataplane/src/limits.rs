@@ -79,6 +79,11 @@ pub const QUIC_IDLE_TIMEOUT_S: u64 = 15;
 /// this size, [`S3_PARTS_IN_FLIGHT`] at a time, so an upload holds at most their product.
 pub const S3_PART_SIZE: usize = 8 << 20;
 pub const S3_PARTS_IN_FLIGHT: usize = 2;
+/// Bytes an object-storage read fetches ahead of what was asked (one request per this much of
+/// a pack read in order), and the most all open objects of a process hold that way; past it,
+/// reads fetch only what they need.
+pub const S3_READ_AHEAD: usize = 4 << 20;
+pub const S3_READ_CACHE: usize = 64 << 20;
 /// A failed object-storage request is retried (with backoff) this often, within this long.
 pub const S3_MAX_RETRIES: usize = 4;
 pub const S3_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -1,6 +1,8 @@
 //! `perf quic`: the same database-like source backed up, incrementally backed up and restored
-//! once into a local repository and once through a receiver on loopback, in one run; plus the
-//! raw throughput of one quinn stream on loopback (the network limit) with the same TLS setup.
+//! into a local repository, through a receiver on loopback, and (when `s3s-fs` is installed)
+//! into an `s3://` repository on a local S3 server, in one run, each reported as a ratio of
+//! local; plus the raw throughput of one quinn stream on loopback (the network limit) with the
+//! same TLS setup.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -44,6 +46,61 @@ fn tls_args(pki: &Path, side: &str) -> Vec<String> {
     ]
 }
 
+/// A local S3 server (`s3s-fs`) with bucket `perf`, killed on drop; `None` when not installed.
+struct S3Server(Child, String, std::path::PathBuf);
+
+impl S3Server {
+    fn start(root: &Path) -> Result<Option<Self>> {
+        let _ = std::fs::remove_dir_all(root);
+        std::fs::create_dir_all(root.join("perf"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new("s3s-fs")
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                "perf",
+                "--secret-key",
+                "perf-secret",
+            ])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(child) = child else { return Ok(None) };
+        let server = Self(child, format!("http://127.0.0.1:{port}"), root.to_owned());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "s3s-fs did not listen within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Some(server))
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "perf"),
+            ("AWS_SECRET_ACCESS_KEY", "perf-secret"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", &self.1),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.2);
+    }
+}
+
 /// Lets the disk settle so each measured phase starts with no writeback of the previous one.
 fn settle() {
     let _ = Command::new("sync").status();
@@ -77,6 +134,16 @@ pub(crate) fn quic(cbcr: &Path, out: &Path, size: u64, raw_bytes: u64, cores: us
     BufReader::new(receiver.stdout.take().context("stdout")?).read_line(&mut line)?;
     let Some(addr) = line.trim().strip_prefix("listening on ") else { bail!("receiver said {line:?}") };
     let receiver = Receiver(receiver, format!("quic://{addr}"));
+    let s3 = S3Server::start(&out.join("quic-s3"))?;
+    let mut modes = vec![("local", s(&local)), ("quic", receiver.1.clone())];
+    if let Some(s3) = &s3 {
+        let url = "s3://perf/repo".to_string();
+        let status = Command::new(cbcr).args(["init", "--quiet", "--repo", &url]).envs(s3.env()).status()?;
+        anyhow::ensure!(status.success(), "cbcr init {url} failed");
+        modes.push(("s3", url));
+    } else {
+        eprintln!("s3s-fs is not installed: no s3:// figures (cargo install s3s-fs --locked --features binary --version 0.14.1)");
+    }
 
     let every = Duration::from_millis(250);
     let cores_arg = ["--cores".to_string(), cores.to_string()];
@@ -84,14 +151,15 @@ pub(crate) fn quic(cbcr: &Path, out: &Path, size: u64, raw_bytes: u64, cores: us
     let client_tls = tls_args(&pki, "client");
     for (phase, gen) in [("full", 1), ("incremental", 2), ("restore", 0)] {
         let mut pair = vec![];
-        for (mode, repo) in [("local", s(&local)), ("quic", receiver.1.clone())] {
+        for (mode, repo) in &modes {
+            let (mode, repo) = (*mode, repo.clone());
             // Each restore writes a fresh directory: one written right where a large tree was
             // just deleted runs measurably slower here, which would favour whichever goes first.
             let target = out.join(format!("quic-restore-{mode}"));
             let _ = std::fs::remove_dir_all(&target);
             let mut args: Vec<String> = match gen {
                 0 => vec!["restore".into(), "latest".into(), "--target".into(), s(&target)],
-                g => vec!["backup".into(), synth(size, 3, g)],
+                g => vec!["backup".into(), "--init".into(), synth(size, 3, g)],
             };
             args.extend(["--repo".into(), repo]);
             args.extend(cores_arg.iter().cloned());
@@ -100,7 +168,11 @@ pub(crate) fn quic(cbcr: &Path, out: &Path, size: u64, raw_bytes: u64, cores: us
             }
             settle();
             let cpu_before = receiver.cpu_seconds();
-            let run = sample::run(cbcr, &args, every)?;
+            let env = match (&s3, mode) {
+                (Some(s3), "s3") => s3.env(),
+                _ => vec![],
+            };
+            let run = sample::run_with(cbcr, &args, &env, every)?;
             let receiver_cpu = if mode == "quic" { receiver.cpu_seconds() - cpu_before } else { 0.0 };
             let gbps = size as f64 / run.seconds / 1e9;
             eprintln!(
@@ -111,14 +183,23 @@ pub(crate) fn quic(cbcr: &Path, out: &Path, size: u64, raw_bytes: u64, cores: us
             pair.push(json!({"mode": mode, "seconds": run.seconds, "gbps": gbps, "peak_rss": run.peak_rss,
                 "receiver_cpu_s": receiver_cpu, "summary": run.summary}));
         }
-        for mode in ["local", "quic"] {
+        for (mode, _) in &modes {
             let _ = std::fs::remove_dir_all(out.join(format!("quic-restore-{mode}")));
         }
-        let ratio = pair[0]["seconds"].as_f64().unwrap_or(f64::NAN) / pair[1]["seconds"].as_f64().unwrap_or(f64::NAN);
-        eprintln!("{phase:>12} quic/local throughput ratio {ratio:.2}");
-        phases.push(json!({"phase": phase, "ratio": ratio, "runs": pair}));
+        // Throughput of each mode as a share of local's (local's seconds over its seconds).
+        let local_s = pair[0]["seconds"].as_f64().unwrap_or(f64::NAN);
+        let mut ratios = serde_json::Map::new();
+        for run in &pair[1..] {
+            let ratio = local_s / run["seconds"].as_f64().unwrap_or(f64::NAN);
+            let mode = run["mode"].as_str().unwrap_or_default();
+            eprintln!("{phase:>12} {mode}/local throughput ratio {ratio:.2}");
+            ratios.insert(mode.to_owned(), json!(ratio));
+        }
+        let ratio = ratios.get("quic").cloned().unwrap_or(json!(null));
+        phases.push(json!({"phase": phase, "ratio": ratio, "ratios": ratios, "runs": pair}));
     }
     drop(receiver);
+    drop(s3);
     let report = json!({
         "type": "quic_report", "created": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         "size": size, "cores": cores, "source": synth(size, 3, 1),

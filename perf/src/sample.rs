@@ -36,9 +36,15 @@ pub(crate) struct Run {
 
 /// Runs `cbcr args... --json --no-progress`, sampling every `every`.
 pub(crate) fn run(cbcr: &Path, args: &[String], every: Duration) -> Result<Run> {
+    run_with(cbcr, args, &[], every)
+}
+
+/// [`run`] with extra environment variables.
+pub(crate) fn run_with(cbcr: &Path, args: &[String], env: &[(String, String)], every: Duration) -> Result<Run> {
     let started = Instant::now();
     let mut child = Command::new(cbcr)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["--json", "--no-progress"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

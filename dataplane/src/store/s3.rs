@@ -24,6 +24,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::{fault, limits};
 
 struct Inner {
+    /// Bytes held in read-ahead windows of open objects, at most [`limits::S3_READ_CACHE`].
+    cached: AtomicU64,
     runtime: tokio::runtime::Runtime,
     bucket: AmazonS3,
     /// `s3://BUCKET/PREFIX`, for messages.
@@ -71,17 +73,17 @@ impl Inner {
         format!("{bucket}/{key}")
     }
 
-    fn get_range(&self, key: &Key, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset + buf.len() as u64;
-        let bytes = self.runtime.block_on(self.bucket.get_range(key, offset..end)).map_err(|e| self.error(key, e))?;
-        if bytes.len() != buf.len() {
+    /// Bytes `offset..offset + len` of an object, exactly.
+    fn get_bytes(&self, key: &Key, offset: u64, len: u64) -> Result<bytes::Bytes> {
+        let bytes =
+            self.runtime.block_on(self.bucket.get_range(key, offset..offset + len)).map_err(|e| self.error(key, e))?;
+        if bytes.len() as u64 != len {
             return Err(Error::ObjectStore {
                 location: format!("s3://{}", self.bucket_key(key)),
-                detail: format!("asked for {} bytes at {offset}, got {}", buf.len(), bytes.len()),
+                detail: format!("asked for {len} bytes at {offset}, got {}", bytes.len()),
             });
         }
-        buf.copy_from_slice(&bytes);
-        Ok(())
+        Ok(bytes)
     }
 
     /// Uploads a local file: one PUT when it is small, else in parts of
@@ -161,7 +163,7 @@ impl S3Store {
         for dir in ["tmp", "index"] {
             fs::create_dir_all(work.join(dir)).at(&work.join(dir))?;
         }
-        Ok(Self { inner: Arc::new(Inner { runtime, bucket: store, url, prefix }), work })
+        Ok(Self { inner: Arc::new(Inner { cached: AtomicU64::new(0), runtime, bucket: store, url, prefix }), work })
     }
 }
 
@@ -171,10 +173,34 @@ impl Drop for S3Store {
     }
 }
 
+/// An object open for reads. Readers mostly go through a pack in order (a file's chunks were
+/// packed in order), so a read fetches [`limits::S3_READ_AHEAD`] bytes from its offset and
+/// serves the next reads from them: one request per window instead of one per blob
+/// (measured: a restore through per-blob GETs ran at 4 MB/s against a local S3 server).
 struct S3Object {
     inner: Arc<Inner>,
     key: Key,
     len: u64,
+    window: std::sync::Mutex<Option<(u64, bytes::Bytes)>>,
+}
+
+impl S3Object {
+    /// Fetches `offset..offset + want`, plus the read-ahead after it while the process holds
+    /// less than [`limits::S3_READ_CACHE`] in windows (checked, not reserved: concurrent
+    /// readers may pass it by a window each).
+    fn fetch(&self, offset: u64, want: usize) -> Result<bytes::Bytes> {
+        let room = self.inner.cached.load(Ordering::Relaxed) < limits::S3_READ_CACHE as u64;
+        let ahead = if room { (limits::S3_READ_AHEAD as u64).min(self.len - offset) } else { 0 };
+        self.inner.get_bytes(&self.key, offset, ahead.max(want as u64))
+    }
+}
+
+impl Drop for S3Object {
+    fn drop(&mut self) {
+        if let Some((_, bytes)) = self.window.get_mut().ok().and_then(|w| w.take()) {
+            self.inner.cached.fetch_sub(bytes.len() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 impl ObjectReader for S3Object {
@@ -189,7 +215,24 @@ impl ObjectReader for S3Object {
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, format!("the object is {} bytes", self.len)),
             });
         }
-        self.inner.get_range(&self.key, offset, buf)
+        let end = offset + buf.len() as u64;
+        let mut window = self.window.lock().expect("no reader panics holding it");
+        if let Some((start, bytes)) = window.as_ref() {
+            if offset >= *start && end <= start + bytes.len() as u64 {
+                let from = (offset - start) as usize;
+                buf.copy_from_slice(&bytes[from..from + buf.len()]);
+                return Ok(());
+            }
+        }
+        let bytes = self.fetch(offset, buf.len())?;
+        buf.copy_from_slice(&bytes[..buf.len()]);
+        if bytes.len() > buf.len() {
+            self.inner.cached.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if let Some((_, old)) = window.replace((offset, bytes)) {
+                self.inner.cached.fetch_sub(old.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -242,7 +285,7 @@ impl Store for S3Store {
         let s = &self.inner;
         let key = s.key(kind, name);
         let meta = s.runtime.block_on(s.bucket.head(&key)).map_err(|e| s.error(&key, e))?;
-        Ok(Box::new(S3Object { inner: Arc::clone(s), key, len: meta.size }))
+        Ok(Box::new(S3Object { inner: Arc::clone(s), key, len: meta.size, window: Default::default() }))
     }
 
     fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
