@@ -24,8 +24,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::{fault, limits};
 
 struct Inner {
-    /// Bytes held in read-ahead windows of open objects, at most [`limits::S3_READ_CACHE`].
-    cached: AtomicU64,
+    /// Read-ahead windows of objects, most recently used first, at most
+    /// [`limits::S3_READ_CACHE`] bytes in all.
+    windows: std::sync::Mutex<Windows>,
     runtime: tokio::runtime::Runtime,
     bucket: AmazonS3,
     /// `s3://BUCKET/PREFIX`, for messages.
@@ -163,7 +164,7 @@ impl S3Store {
         for dir in ["tmp", "index"] {
             fs::create_dir_all(work.join(dir)).at(&work.join(dir))?;
         }
-        Ok(Self { inner: Arc::new(Inner { cached: AtomicU64::new(0), runtime, bucket: store, url, prefix }), work })
+        Ok(Self { inner: Arc::new(Inner { windows: Default::default(), runtime, bucket: store, url, prefix }), work })
     }
 }
 
@@ -173,34 +174,47 @@ impl Drop for S3Store {
     }
 }
 
+/// Read-ahead windows: `(object, start, bytes)`, most recently used first.
+#[derive(Default)]
+struct Windows {
+    list: std::collections::VecDeque<(Key, u64, bytes::Bytes)>,
+    bytes: usize,
+}
+
+impl Windows {
+    /// Copies `buf.len()` bytes at `offset` of `key` into `buf` if a window holds them.
+    fn read(&mut self, key: &Key, offset: u64, buf: &mut [u8]) -> bool {
+        let end = offset + buf.len() as u64;
+        let hit = self.list.iter().position(|(k, start, bytes)| {
+            k == key && offset >= *start && end <= start + bytes.len() as u64
+        });
+        let Some(i) = hit else { return false };
+        let window = self.list.remove(i).expect("found above");
+        let from = (offset - window.1) as usize;
+        buf.copy_from_slice(&window.2[from..from + buf.len()]);
+        self.list.push_front(window);
+        true
+    }
+
+    fn insert(&mut self, key: Key, start: u64, bytes: bytes::Bytes) {
+        self.bytes += bytes.len();
+        self.list.push_front((key, start, bytes));
+        while self.bytes > limits::S3_READ_CACHE {
+            let (_, _, old) = self.list.pop_back().expect("over budget means not empty");
+            self.bytes -= old.len();
+        }
+    }
+}
+
 /// An object open for reads. Readers mostly go through a pack in order (a file's chunks were
-/// packed in order), so a read fetches [`limits::S3_READ_AHEAD`] bytes from its offset and
-/// serves the next reads from them: one request per window instead of one per blob
-/// (measured: a restore through per-blob GETs ran at 4 MB/s against a local S3 server).
+/// packed in order), so a read that no window holds fetches [`limits::S3_READ_AHEAD`] bytes
+/// from its offset into a window the next reads (of any thread) are served from: one request
+/// per window instead of one per blob (measured: a restore through per-blob GETs ran at
+/// 4 MB/s against a local S3 server).
 struct S3Object {
     inner: Arc<Inner>,
     key: Key,
     len: u64,
-    window: std::sync::Mutex<Option<(u64, bytes::Bytes)>>,
-}
-
-impl S3Object {
-    /// Fetches `offset..offset + want`, plus the read-ahead after it while the process holds
-    /// less than [`limits::S3_READ_CACHE`] in windows (checked, not reserved: concurrent
-    /// readers may pass it by a window each).
-    fn fetch(&self, offset: u64, want: usize) -> Result<bytes::Bytes> {
-        let room = self.inner.cached.load(Ordering::Relaxed) < limits::S3_READ_CACHE as u64;
-        let ahead = if room { (limits::S3_READ_AHEAD as u64).min(self.len - offset) } else { 0 };
-        self.inner.get_bytes(&self.key, offset, ahead.max(want as u64))
-    }
-}
-
-impl Drop for S3Object {
-    fn drop(&mut self) {
-        if let Some((_, bytes)) = self.window.get_mut().ok().and_then(|w| w.take()) {
-            self.inner.cached.fetch_sub(bytes.len() as u64, Ordering::Relaxed);
-        }
-    }
 }
 
 impl ObjectReader for S3Object {
@@ -215,22 +229,15 @@ impl ObjectReader for S3Object {
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, format!("the object is {} bytes", self.len)),
             });
         }
-        let end = offset + buf.len() as u64;
-        let mut window = self.window.lock().expect("no reader panics holding it");
-        if let Some((start, bytes)) = window.as_ref() {
-            if offset >= *start && end <= start + bytes.len() as u64 {
-                let from = (offset - start) as usize;
-                buf.copy_from_slice(&bytes[from..from + buf.len()]);
-                return Ok(());
-            }
+        let windows = || self.inner.windows.lock().expect("no reader panics holding it");
+        if windows().read(&self.key, offset, buf) {
+            return Ok(());
         }
-        let bytes = self.fetch(offset, buf.len())?;
+        let ahead = (limits::S3_READ_AHEAD as u64).min(self.len - offset).max(buf.len() as u64);
+        let bytes = self.inner.get_bytes(&self.key, offset, ahead)?;
         buf.copy_from_slice(&bytes[..buf.len()]);
         if bytes.len() > buf.len() {
-            self.inner.cached.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            if let Some((_, old)) = window.replace((offset, bytes)) {
-                self.inner.cached.fetch_sub(old.len() as u64, Ordering::Relaxed);
-            }
+            windows().insert(self.key.clone(), offset, bytes);
         }
         Ok(())
     }
@@ -285,7 +292,7 @@ impl Store for S3Store {
         let s = &self.inner;
         let key = s.key(kind, name);
         let meta = s.runtime.block_on(s.bucket.head(&key)).map_err(|e| s.error(&key, e))?;
-        Ok(Box::new(S3Object { inner: Arc::clone(s), key, len: meta.size, window: Default::default() }))
+        Ok(Box::new(S3Object { inner: Arc::clone(s), key, len: meta.size }))
     }
 
     fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
