@@ -135,13 +135,13 @@ fn synthetic_database_generations_back_up_and_compare_equal_to_regeneration() {
 
 /// Compressed size of `pages` (zstd -1, each on its own): what storing only them costs.
 fn compressed_pages(file: &[u8], pages: &[usize]) -> u64 {
-    let page = |p: usize| &file[p * bench::PAGE..(p + 1) * bench::PAGE];
+    let page = |p: usize| &file[p * datagen::PAGE..(p + 1) * datagen::PAGE];
     pages.iter().map(|&p| zstd::bulk::compress(page(p), 1).unwrap().len() as u64).sum()
 }
 
 /// An UPDATE: a few bytes of a tuple and the page header's LSN change.
 fn update_page(file: &mut [u8], page: usize, generation: u8) {
-    let at = page * bench::PAGE;
+    let at = page * datagen::PAGE;
     file[at..at + 8].copy_from_slice(&[generation; 8]);
     file[at + 4000..at + 4016].fill(generation.wrapping_mul(31));
 }
@@ -153,7 +153,7 @@ fn page_files_store_only_the_changed_pages_in_an_incremental() {
     init_small(&repo);
     let rel = src.join("base/16384/16397");
     fs::create_dir_all(rel.parent().unwrap()).unwrap();
-    let mut pages = bench::db_pages(21, 512); // 4 MiB: 4 segments of 1 MiB
+    let mut pages = datagen::db_pages(21, 512); // 4 MiB: 4 segments of 1 MiB
     fs::write(&rel, &pages).unwrap();
     ok(&["backup", "--repo", s(&repo), s(&src)]);
     // Seeded scattered changes: 20 pages updated in place, 10 rewritten entirely.
@@ -163,7 +163,7 @@ fn page_files_store_only_the_changed_pages_in_an_incremental() {
     touched.dedup();
     for (i, &p) in touched.iter().enumerate() {
         if i % 3 == 0 {
-            pages[p * bench::PAGE..(p + 1) * bench::PAGE].copy_from_slice(&bench::db_pages(1000 + p as u64, 1));
+            pages[p * datagen::PAGE..(p + 1) * datagen::PAGE].copy_from_slice(&datagen::db_pages(1000 + p as u64, 1));
         } else {
             update_page(&mut pages, p, 2);
         }
@@ -182,7 +182,7 @@ fn page_files_store_only_the_changed_pages_in_an_incremental() {
     for (name, args) in [("whole", &["--delta-chain", "0"][..]), ("cdc", &["--chunking", "cdc"][..])] {
         let other = tmp.path().join(name);
         init_small(&other);
-        fs::write(&rel, bench::db_pages(21, 512)).unwrap();
+        fs::write(&rel, datagen::db_pages(21, 512)).unwrap();
         ok(&[&["backup", "--repo", s(&other), s(&src)][..], args].concat());
         fs::write(&rel, &pages).unwrap();
         let before = dir_size(&other.join("packs"));
@@ -203,7 +203,7 @@ fn chunking_is_set_per_path_and_the_longest_path_wins() {
     let run = |name: &str, rules: &[String]| -> u64 {
         let repo = tmp.path().join(name);
         init_small(&repo);
-        let mut files = [(&innodb, bench::db_pages(31, 256), 40), (&relation, bench::db_pages(32, 128), 10)];
+        let mut files = [(&innodb, datagen::db_pages(31, 256), 40), (&relation, datagen::db_pages(32, 128), 10)];
         for (path, pages, _) in &files {
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, pages).unwrap();
@@ -240,8 +240,8 @@ fn a_relation_file_with_a_torn_last_page_is_chunked_by_content_with_a_warning() 
     let (src, repo, out) = (tmp.path().join("data"), tmp.path().join("repo"), tmp.path().join("out"));
     init_small(&repo);
     fs::create_dir_all(src.join("base/1")).unwrap();
-    let mut torn = bench::db_pages(40, 20);
-    torn.truncate(19 * bench::PAGE + 3000);
+    let mut torn = datagen::db_pages(40, 20);
+    torn.truncate(19 * datagen::PAGE + 3000);
     fs::write(src.join("base/1/16500"), &torn).unwrap();
     fs::write(src.join("base/1/pg_filenode.map"), [1u8; 512]).unwrap(); // not a relation: no warning
     let backup = ok(&["backup", "--repo", s(&repo), s(&src), "--json"]);
@@ -260,7 +260,7 @@ fn block_delta_chains_are_bounded_restore_every_generation_and_a_broken_link_is_
     init_small(&repo);
     let rel = src.join("base/16384/16400");
     fs::create_dir_all(rel.parent().unwrap()).unwrap();
-    let mut pages = bench::db_pages(8, 256); // 2 MiB, 32 blocks of 64 KiB
+    let mut pages = datagen::db_pages(8, 256); // 2 MiB, 32 blocks of 64 KiB
     let hot = [1usize, 17, 40, 99, 130, 201, 255]; // 7 blocks, changed in every generation
     let mut generations = vec![];
     let mut new_bytes = vec![];
@@ -370,7 +370,7 @@ fn page_files_inside_a_tar_store_only_the_changed_pages_in_an_incremental() {
     fs::create_dir_all(pgdata.join("base/16384")).unwrap();
     fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
     let rel = pgdata.join("base/16384/16397");
-    let mut pages = bench::db_pages(21, 512); // 4 MiB
+    let mut pages = datagen::db_pages(21, 512); // 4 MiB
     fs::write(&rel, &pages).unwrap();
     // A member before it that grows between the backups: the relation file's data moves.
     let grows = pgdata.join("base/16384/1000");
@@ -378,7 +378,7 @@ fn page_files_inside_a_tar_store_only_the_changed_pages_in_an_incremental() {
     // A relation file with a name longer than a ustar header holds (GNU tar writes an `L` member).
     let long_dir = pgdata.join(format!("base/16384/{}", "t".repeat(110)));
     fs::create_dir_all(&long_dir).unwrap();
-    fs::write(long_dir.join("16400"), bench::db_pages(22, 64)).unwrap();
+    fs::write(long_dir.join("16400"), datagen::db_pages(22, 64)).unwrap();
     // A sparse file after them: the scan stops there with a warning, the tar still round-trips.
     let sparse = fs::File::create(pgdata.join("zz_sparse")).unwrap();
     sparse.set_len(1 << 20).unwrap();
@@ -408,7 +408,7 @@ fn page_files_inside_a_tar_store_only_the_changed_pages_in_an_incremental() {
     // moved member has no known parent version and is stored whole.
     let changed: Vec<usize> = (1..=20).map(|i| 8 + i * 25).collect();
     for &p in &changed {
-        pages[p * bench::PAGE..(p + 1) * bench::PAGE].copy_from_slice(&bench::db_pages(1000 + p as u64, 1));
+        pages[p * datagen::PAGE..(p + 1) * datagen::PAGE].copy_from_slice(&datagen::db_pages(1000 + p as u64, 1));
     }
     fs::write(&rel, &pages).unwrap();
     fs::write(&grows, vec![7u8; 4000]).unwrap(); // 6 blocks of 512 bytes to 8
@@ -426,7 +426,7 @@ fn page_files_inside_a_tar_store_only_the_changed_pages_in_an_incremental() {
     // Chunked by content, the same tar costs far more.
     let cdc_repo = tmp.path().join("cdc");
     init_small(&cdc_repo);
-    fs::write(&rel, bench::db_pages(21, 512)).unwrap();
+    fs::write(&rel, datagen::db_pages(21, 512)).unwrap();
     tar();
     ok(&["backup", "--repo", s(&cdc_repo), s(&src), "--chunking", "cdc"]);
     fs::write(&rel, &pages).unwrap();

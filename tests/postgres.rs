@@ -6,8 +6,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use bench::pg::Postgres;
 use cbcr_tests::*;
+use datagen::pg::Postgres;
 
 /// Changed 8 KiB pages of relation files (under `base/` and `global/`, new pages included) and
 /// bytes of other changed files, between two copies of a data directory.

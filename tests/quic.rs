@@ -173,10 +173,10 @@ fn block_deltas_written_locally_restore_over_quic() {
     init_small(&repo);
     let rel = src.join("base/1/1259");
     fs::create_dir_all(rel.parent().unwrap()).unwrap();
-    let mut pages = bench::db_pages(3, 384); // 3 MiB of 8 KiB pages
+    let mut pages = datagen::db_pages(3, 384); // 3 MiB of 8 KiB pages
     for generation in 0..3u8 {
         for p in (0..384).step_by(13) {
-            pages[p * bench::PAGE + 100] = generation;
+            pages[p * datagen::PAGE + 100] = generation;
         }
         fs::write(&rel, &pages).unwrap();
         ok(&["backup", "--repo", s(&repo), s(&src)]);
@@ -189,7 +189,7 @@ fn block_deltas_written_locally_restore_over_quic() {
     client_ok(&["verify", "--read-data", "--repo", &url], &pki);
     // A remote backup stores changed blocks whole (a delta would need the parent's block
     // fetched first), on top of the local chains.
-    pages[5 * bench::PAGE + 100] ^= 0xff;
+    pages[5 * datagen::PAGE + 100] ^= 0xff;
     fs::write(&rel, &pages).unwrap();
     let remote = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json"], &pki));
     assert_eq!(remote["bytes_new"].as_u64().unwrap(), 64 << 10, "{remote}");

@@ -6,7 +6,7 @@ use wire::repo::ChunkerParams;
 const PIECE: usize = 64 << 10;
 
 fn stages(c: &mut Criterion) {
-    let data = bench::db_pages(7, 4096); // 32 MiB
+    let data = datagen::db_pages(7, 4096); // 32 MiB
     let mut g = c.benchmark_group("stages");
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.sample_size(10);

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use bench::pg::Postgres;
+use datagen::pg::Postgres;
 
 use crate::{dir_bytes, ensure_peers, Peer};
 

@@ -81,11 +81,11 @@ pub fn make_tree(root: &Path, seed: u64, big: usize) {
     let mut random = vec![0u8; 300_000];
     rng.fill_bytes(&mut random);
     fs::write(root.join("random.bin"), &random).unwrap();
-    fs::write(root.join("dir/pages.db"), bench::db_pages(seed, 64)).unwrap();
+    fs::write(root.join("dir/pages.db"), datagen::db_pages(seed, 64)).unwrap();
     fs::write(root.join("dir/sub/small.txt"), format!("hello {seed}\n")).unwrap();
     fs::write(root.join("dir/sub/deeper/zeros"), vec![0u8; 200_000]).unwrap();
     fs::write(root.join("empty"), b"").unwrap();
-    let mut big_data = bench::db_pages(seed + 1, big / bench::PAGE + 1);
+    let mut big_data = datagen::db_pages(seed + 1, big / datagen::PAGE + 1);
     big_data.truncate(big);
     fs::write(root.join("big.db"), &big_data).unwrap();
     // Sparse: 3 MiB with data only at 1 MiB.

@@ -69,9 +69,9 @@ fn ensure_input(path: &Path, size: u64) {
     let mut left = size;
     while left > 0 {
         let n = left.min(block.len() as u64) as usize;
-        bench::fill_db_pages(7, page, &mut block[..n.next_multiple_of(bench::PAGE)]);
+        datagen::fill_db_pages(7, page, &mut block[..n.next_multiple_of(datagen::PAGE)]);
         f.write_all(&block[..n]).expect("write input");
-        page += (n / bench::PAGE) as u64;
+        page += (n / datagen::PAGE) as u64;
         left -= n as u64;
     }
     f.sync_all().expect("sync input");

@@ -185,9 +185,10 @@ impl Windows {
     /// Copies `buf.len()` bytes at `offset` of `key` into `buf` if a window holds them.
     fn read(&mut self, key: &Key, offset: u64, buf: &mut [u8]) -> bool {
         let end = offset + buf.len() as u64;
-        let hit = self.list.iter().position(|(k, start, bytes)| {
-            k == key && offset >= *start && end <= start + bytes.len() as u64
-        });
+        let hit = self
+            .list
+            .iter()
+            .position(|(k, start, bytes)| k == key && offset >= *start && end <= start + bytes.len() as u64);
         let Some(i) = hit else { return false };
         let window = self.list.remove(i).expect("found above");
         let from = (offset - window.1) as usize;
