@@ -609,16 +609,7 @@ fn two_receivers_in_front_of_one_bucket_serve_four_clients_at_once() {
     let bucket = Target::s3(&server, "gateway", "repo");
     bucket.init_small();
     let receivers: Vec<_> = (0..2).map(|_| Receiver::start_cmd(server.command(&[]), &bucket.url, &pki, &[])).collect();
-    let mut common = vec![0u8; 1 << 20];
-    rand::rngs::StdRng::seed_from_u64(50).fill_bytes(&mut common);
-    let sources: Vec<_> = (0..4u64)
-        .map(|i| {
-            let src = tmp.path().join(format!("src{i}"));
-            make_tree(&src, 60 + i, 1 << 20);
-            fs::write(src.join("common.bin"), &common).unwrap();
-            src
-        })
-        .collect();
+    let sources = sources_sharing_a_file(tmp.path(), 4, 50, 1 << 20);
     // Two clients per receiver, all at once.
     let children: Vec<_> = sources
         .iter()

@@ -6,7 +6,6 @@ use std::fs;
 use std::process::Stdio;
 
 use cbcr_tests::*;
-use rand::{RngCore, SeedableRng};
 
 const NO_REPOSITORY: i32 = 10;
 const NETWORK: i32 = 15;
@@ -77,16 +76,7 @@ fn several_clients_writing_one_bucket_at_once_all_commit_and_restore() {
     let repo = Target::s3(&server, "shared", "fleet");
     repo.init_small();
     // Four sources that share a common file, so the writers race to store the same chunks.
-    let mut common = vec![0u8; 2 << 20];
-    rand::rngs::StdRng::seed_from_u64(30).fill_bytes(&mut common);
-    let sources: Vec<_> = (0..4u64)
-        .map(|i| {
-            let src = tmp.path().join(format!("src{i}"));
-            make_tree(&src, 40 + i, 1 << 20);
-            fs::write(src.join("common.bin"), &common).unwrap();
-            src
-        })
-        .collect();
+    let sources = sources_sharing_a_file(tmp.path(), 4, 30, 2 << 20);
     for round in 0..2 {
         let children: Vec<_> = sources
             .iter()

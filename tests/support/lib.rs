@@ -109,6 +109,21 @@ pub fn make_tree(root: &Path, seed: u64, big: usize) {
     filetime::set_file_mtime(root.join("dir/sub"), old).unwrap();
 }
 
+/// `n` source trees under `dir` (`src0`, `src1`, ...) that share one file of `common` random
+/// bytes, so backups of them race to store the same chunks.
+pub fn sources_sharing_a_file(dir: &Path, n: u64, seed: u64, common: usize) -> Vec<PathBuf> {
+    let mut shared = vec![0u8; common];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut shared);
+    (0..n)
+        .map(|i| {
+            let src = dir.join(format!("src{i}"));
+            make_tree(&src, seed + 1 + i, 1 << 20);
+            fs::write(src.join("common.bin"), &shared).unwrap();
+            src
+        })
+        .collect()
+}
+
 /// Unmounts a [`small_tmpfs`] when dropped.
 pub struct Unmount(PathBuf);
 

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
+
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
@@ -45,21 +45,6 @@ pub struct Welcome {
 }
 
 const SCRATCH_PREFIX: &str = "cbcr-session-";
-
-/// Removes the scratch directories of clients that died without cleaning up (kill -9):
-/// `cbcr-session-PID-...` whose process is gone.
-fn remove_stale_scratch() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(SCRATCH_PREFIX)?.split('-').next()) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
 
 fn net(addr: &str, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Network(format!("{addr}: {what}: {e}"))
@@ -106,8 +91,8 @@ impl Remote {
             let conn = connecting.await.map_err(|e| net(&addr, "handshake failed", e))?;
             Ok::<_, Error>((endpoint, conn))
         })?;
-        remove_stale_scratch();
-        let scratch = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}-{}", std::process::id(), conn.stable_id()));
+        // A killed client's scratch directory is removed by the next one.
+        let scratch = crate::store::scratch_dir(SCRATCH_PREFIX, conn.stable_id() as u64);
         let mut remote = Remote { runtime, endpoint, conn, session: 0, version: MIN_VERSION, addr, scratch };
         let client = crate::source::hostname();
         match remote.request(&Frame::Hello { min: MIN_VERSION, max: VERSION, client })? {

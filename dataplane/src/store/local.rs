@@ -72,17 +72,6 @@ impl ObjectReader for LocalObject {
     }
 }
 
-struct FlockClaim {
-    _file: File,
-    tmp: PathBuf,
-}
-
-impl WriterClaim for FlockClaim {
-    fn clean_tmp(&self) -> Result<()> {
-        clean_dir(&self.tmp)
-    }
-}
-
 /// Removes every file in `dir` (what interrupted writers left); safe only under the claim.
 pub(super) fn clean_dir(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).at(dir)? {
@@ -199,6 +188,6 @@ impl Store for LocalDir {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(Error::Locked(self.root.clone()));
         }
-        Ok(Box::new(FlockClaim { _file: file, tmp: self.root.join("tmp") }))
+        Ok(Box::new(super::TmpClaim { tmp: self.root.join("tmp"), _lock: Some(file) }))
     }
 }

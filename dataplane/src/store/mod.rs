@@ -75,6 +75,19 @@ pub trait WriterClaim: Send + Sync {
     fn clean_tmp(&self) -> Result<()>;
 }
 
+/// The claim both stores give: the work directory's `tmp/`, and for a local directory the
+/// `flock` held as long as the claim lives.
+struct TmpClaim {
+    tmp: PathBuf,
+    _lock: Option<std::fs::File>,
+}
+
+impl WriterClaim for TmpClaim {
+    fn clean_tmp(&self) -> Result<()> {
+        local::clean_dir(&self.tmp)
+    }
+}
+
 /// Everything the commands need from where a repository lives.
 pub trait Store: Send + Sync {
     /// Where the repository is, for messages: a directory, or `s3://BUCKET/PREFIX`.

@@ -18,7 +18,6 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload, WriteMultipart};
 
-use super::local::clean_dir;
 use super::{ObjectInfo, ObjectKind, ObjectReader, Store, WriterClaim};
 use crate::error::{Error, IoContext, Result};
 use crate::{fault, limits};
@@ -244,17 +243,6 @@ impl ObjectReader for S3Object {
     }
 }
 
-/// Several writers may share a bucket; this only guards our own work directory.
-struct WorkDirClaim {
-    tmp: PathBuf,
-}
-
-impl WriterClaim for WorkDirClaim {
-    fn clean_tmp(&self) -> Result<()> {
-        clean_dir(&self.tmp)
-    }
-}
-
 impl Store for S3Store {
     fn location(&self) -> String {
         self.inner.url.clone()
@@ -362,6 +350,7 @@ impl Store for S3Store {
     }
 
     fn claim_writer(&self) -> Result<Box<dyn WriterClaim>> {
-        Ok(Box::new(WorkDirClaim { tmp: self.work.join("tmp") }))
+        // Several writers may share a bucket: the claim guards only our own work directory.
+        Ok(Box::new(super::TmpClaim { tmp: self.work.join("tmp"), _lock: None }))
     }
 }
