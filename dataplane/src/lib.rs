@@ -20,21 +20,13 @@ pub mod runtime;
 pub mod source;
 pub mod store;
 
-/// Parses `123`, `64KiB`, `1MiB`, `1GiB`, `2TiB` (also `K`, `M`, `G`, `T`, `KB`.. as powers of 1024).
+/// Parses `123`, `64KiB`, `1MiB`, `1GiB`, `2TiB` (also `K`, `M`, `G`, `T`, `KB`.. as powers of
+/// 1024, as the options document them), through the parse-size crate.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 64KiB or 1GiB"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use KiB, MiB, GiB or TiB)")),
-    };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|e| format!("{s:?} is not a size like 64KiB or 1GiB: {e}"))
 }
 
 /// Bytes in binary units for people: `1.5 GiB`.
@@ -47,4 +39,26 @@ pub fn human_size(bytes: u64) -> String {
         u += 1;
     }
     format!("{v:.1} {}", UNITS[u])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_are_powers_of_1024_whatever_the_unit_is_spelled() {
+        for (text, bytes) in [
+            ("123", 123),
+            ("64KiB", 64 << 10),
+            ("64K", 64 << 10),
+            ("64kb", 64 << 10),
+            ("1MiB", 1 << 20),
+            ("1GiB", 1 << 30),
+            ("2TiB", 2 << 40),
+            ("1 GiB", 1 << 30),
+        ] {
+            assert_eq!(super::parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "GiB", "12 apples", "-1", "99999999999999999999TiB"] {
+            assert!(super::parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }
