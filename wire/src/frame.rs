@@ -9,14 +9,16 @@
 //! in frames.
 //!
 //! A connection is one session: the client says [`Frame::Hello`] with the range of protocol
-//! versions it speaks, the receiver answers [`Frame::Welcome`] with the highest version both
-//! speak and the session id, and every later frame of the session is in that version and names
-//! that id (a request naming any other is refused with [`ErrorCode::UnknownSession`]). A
-//! `Hello` is sent in the sender's lowest version and its layout never changes, so any two
-//! versions can agree or say why not; a header of a version this side does not speak, or of an
-//! unknown kind, is refused as such.
+//! versions it speaks, the receiver answers [`Frame::Welcome`] in the highest version both
+//! speak (its header's version is the answer) with the session id, and every later frame of
+//! the session is in that version and names that id (a request naming any other is refused
+//! with [`ErrorCode::UnknownSession`]). A `Hello` is sent in the sender's lowest version, and its
+//! layout only grows at the end: version 1's `Hello` (`max`, client name) still decodes, as a
+//! range of one version, so a client of version 1 is served as before. A header of a version
+//! this side does not speak, or of an unknown kind, is refused as such.
 //!
-//! Versions: 1, the first; 2, a `Commit` may carry a job name and fencing token.
+//! Versions: 1, the first; 2, a `Hello` may carry the lowest version after the client name, and
+//! a `Commit` may carry a job name and fencing token.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -159,8 +161,8 @@ pub enum Frame {
     /// and who the client says it is (its certificate is what authenticates it; the name is
     /// for logs).
     Hello { min: u8, max: u8, client: String },
-    /// Receiver -> client: the version agreed on, the session, and the repository's config and
-    /// key (the client hashes chunks with it).
+    /// Receiver -> client: the session, and the repository's config and key (the client hashes
+    /// chunks with it). `version` is the version agreed on: the frame's own header version.
     Welcome { version: u8, session: u64, config: Vec<u8>, key: [u8; 32] },
     /// Which of these blobs does the repository have, durably?
     Have { session: u64, ids: Vec<ChunkId> },
@@ -272,9 +274,14 @@ impl Frame {
         Ok(entry)
     }
 
-    /// Header and payload in the newest version (a `Hello` in the oldest).
+    /// Header and payload in the newest version (a `Hello` in the oldest, a `Welcome` in its
+    /// own).
     pub fn encode(&self) -> Vec<u8> {
-        self.encode_in(if matches!(self, Frame::Hello { .. }) { MIN_VERSION } else { VERSION })
+        self.encode_in(match self {
+            Frame::Hello { .. } => MIN_VERSION,
+            Frame::Welcome { version, .. } => *version,
+            _ => VERSION,
+        })
     }
 
     /// Header and payload in protocol `version`. Panics if the payload exceeds its kind's
@@ -289,12 +296,12 @@ impl Frame {
         let mut out = vec![0u8; HEADER_LEN];
         match self {
             Frame::Hello { min, max, client } => {
-                out.push(*min);
                 out.push(*max);
                 put_bytes(&mut out, client.as_bytes());
+                out.push(*min);
             }
-            Frame::Welcome { version, session, config, key } => {
-                out.push(*version);
+            Frame::Welcome { version: agreed, session, config, key } => {
+                assert_eq!(*agreed, version, "a Welcome is sent in the version it agrees on");
                 out.extend_from_slice(&session.to_le_bytes());
                 out.extend_from_slice(key);
                 put_bytes(&mut out, config);
@@ -369,11 +376,13 @@ impl Frame {
         let mut r = Reader::new(payload, "frame");
         let frame = match kind {
             FrameKind::Hello => {
-                let (min, max) = (r.u8()?, r.u8()?);
-                Frame::Hello { min, max, client: utf8(get_bytes(&mut r)?, "client name")? }
+                let max = r.u8()?;
+                let client = utf8(get_bytes(&mut r)?, "client name")?;
+                // Version 1's Hello ends here: it speaks only its own version.
+                let min = if r.remaining() > 0 { r.u8()? } else { max };
+                Frame::Hello { min, max, client }
             }
             FrameKind::Welcome => {
-                let version = r.u8()?;
                 let session = r.u64()?;
                 let key = r.array()?;
                 Frame::Welcome { version, session, key, config: get_bytes(&mut r)?.to_vec() }
@@ -498,6 +507,9 @@ mod tests {
             if version < FENCE_VERSION && matches!(frame, Frame::Commit { fence: Some(_), .. }) {
                 continue;
             }
+            if matches!(frame, Frame::Welcome { version: v, .. } if v != version) {
+                continue;
+            }
             let bytes = frame.encode_in(version);
             let (kind, v, len) = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
             assert_eq!((len as usize, v), (bytes.len() - HEADER_LEN, version));
@@ -525,6 +537,19 @@ mod tests {
         f[4] = 99;
         let err = FrameHeader::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap_err().to_string();
         assert!(err.contains("unknown frame kind 99"), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_hello_and_welcome_keep_their_layout() {
+        // As the first cbcr sent it: version, then the client name; nothing after.
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&5u32.to_le_bytes());
+        v1.extend_from_slice(b"db-17");
+        let hello = Frame::decode(FrameKind::Hello, 1, &v1).unwrap();
+        assert_eq!(hello, Frame::Hello { min: 1, max: 1, client: "db-17".into() });
+        let welcome = Frame::Welcome { version: 1, session: 7, config: b"{}".to_vec(), key: [3; 32] }.encode();
+        assert_eq!(welcome.len(), HEADER_LEN + 8 + 32 + 4 + 2, "session, key, config: no version byte");
+        assert_eq!(welcome[5], 1, "the header says the version agreed");
     }
 
     #[test]
@@ -596,7 +621,7 @@ mod tests {
         fn truncated_frames_are_errors(cut in 0usize..100) {
             let f = Frame::Welcome { version: 1, session: 3, config: vec![b'x'; 40], key: [5; 32] }.encode();
             let cut = cut.min(f.len() - HEADER_LEN - 1);
-            prop_assert!(Frame::decode(FrameKind::Welcome, VERSION, &f[HEADER_LEN..HEADER_LEN + cut]).is_err());
+            prop_assert!(Frame::decode(FrameKind::Welcome, 1, &f[HEADER_LEN..HEADER_LEN + cut]).is_err());
         }
     }
 }

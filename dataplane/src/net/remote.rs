@@ -96,10 +96,6 @@ impl Remote {
         let mut remote = Remote { runtime, endpoint, conn, session: 0, version: MIN_VERSION, addr, scratch };
         let client = crate::source::hostname();
         match remote.request(&Frame::Hello { min: MIN_VERSION, max: VERSION, client })? {
-            Frame::Welcome { version, .. } if !wire::frame::speaks(version) => Err(Error::Protocol(format!(
-                "receiver {}: it chose protocol version {version}; this cbcr speaks {MIN_VERSION} to {VERSION}",
-                remote.addr
-            ))),
             Frame::Welcome { version, session, config, key } => {
                 let config = RepoConfig::decode(&config).map_err(|e| net(&remote.addr, "repository config", e))?;
                 let key = RepoKey::from_bytes(key);
