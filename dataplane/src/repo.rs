@@ -126,9 +126,7 @@ impl Repository {
 
     /// A fresh path in the work directory's `tmp/` for a file being written.
     pub fn tmp_path(&self, what: &str) -> PathBuf {
-        let mut r = [0u8; 8];
-        let _ = getrandom::getrandom(&mut r);
-        self.store.work_dir().join("tmp").join(format!("{what}-{}", wire::id::to_hex(&r)))
+        store::tmp_path(self.store.work_dir(), what)
     }
 
     /// Makes the complete, fsynced pack file `tmp` durable as pack `id`.

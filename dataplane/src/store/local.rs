@@ -33,12 +33,6 @@ impl LocalDir {
         self.root.join(kind.key(name))
     }
 
-    fn tmp_file(&self, what: &str) -> PathBuf {
-        let mut r = [0u8; 8];
-        let _ = getrandom::getrandom(&mut r);
-        self.root.join("tmp").join(format!("{what}-{}", wire::id::to_hex(&r)))
-    }
-
     /// Moves a complete, fsynced file to its final name and makes the rename durable.
     fn publish(&self, tmp: &Path, dest: &Path) -> Result<()> {
         let dir = dest.parent().expect("repository paths have a parent");
@@ -126,7 +120,7 @@ impl Store for LocalDir {
 
     fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
         let mode = if kind == ObjectKind::Key { 0o600 } else { 0o644 };
-        let tmp = self.tmp_file("file");
+        let tmp = super::tmp_path(&self.root, "file");
         let mut f = OpenOptions::new().create_new(true).write(true).mode(mode).open(&tmp).at(&tmp)?;
         let written = f.write_all(bytes).and_then(|_| f.sync_all()).at(&tmp);
         if let Err(e) = written {

@@ -126,6 +126,13 @@ pub fn open(spec: &str) -> Result<Box<dyn Store>> {
     }
 }
 
+/// A fresh name in `work/tmp/` for a file being written: `WHAT-<16 hex digits>`.
+pub(crate) fn tmp_path(work: &Path, what: &str) -> PathBuf {
+    let mut r = [0u8; 8];
+    let _ = getrandom::getrandom(&mut r);
+    work.join("tmp").join(format!("{what}-{}", wire::id::to_hex(&r)))
+}
+
 /// A fresh private directory under the system's temporary directory, `PREFIXPID-N`, after
 /// removing those of the same prefix whose process is gone (killed with -9).
 pub fn scratch_dir(prefix: &str, n: u64) -> PathBuf {

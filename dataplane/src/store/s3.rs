@@ -30,6 +30,7 @@ struct Inner {
     bucket: AmazonS3,
     /// `s3://BUCKET/PREFIX`, for messages.
     url: String,
+    bucket_name: String,
     /// PREFIX without slashes at either end; empty for the bucket's root.
     prefix: String,
 }
@@ -69,8 +70,7 @@ impl Inner {
     }
 
     fn bucket_key(&self, key: &Key) -> String {
-        let bucket = self.url.trim_start_matches("s3://").split('/').next().unwrap_or_default();
-        format!("{bucket}/{key}")
+        format!("{}/{key}", self.bucket_name)
     }
 
     /// Bytes `offset..offset + len` of an object, exactly.
@@ -163,7 +163,11 @@ impl S3Store {
         for dir in ["tmp", "index"] {
             fs::create_dir_all(work.join(dir)).at(&work.join(dir))?;
         }
-        Ok(Self { inner: Arc::new(Inner { windows: Default::default(), runtime, bucket: store, url, prefix }), work })
+        let bucket_name = bucket.to_owned();
+        Ok(Self {
+            inner: Arc::new(Inner { windows: Default::default(), runtime, bucket: store, url, bucket_name, prefix }),
+            work,
+        })
     }
 }
 
@@ -341,9 +345,7 @@ impl Store for S3Store {
             path: format!("{}/index/{name}", self.inner.url).into(),
             source: io::Error::new(io::ErrorKind::NotFound, "no such object"),
         })?;
-        let mut r = [0u8; 8];
-        let _ = getrandom::getrandom(&mut r);
-        let tmp = self.work.join("tmp").join(format!("fetch-{}", wire::id::to_hex(&r)));
+        let tmp = super::tmp_path(&self.work, "fetch");
         fs::write(&tmp, &bytes).at(&tmp)?;
         fs::rename(&tmp, &kept).at(&kept)?;
         Ok(kept)
