@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use dataplane::command::backup::{backup, BackupOptions, Chunking, ChunkingRules};
 use dataplane::command::receiver::ReceiverOptions;
 use dataplane::command::restore::{restore, Destination, RestoreOptions};
-use dataplane::command::verify::{describe, verify, VerifyReport};
+use dataplane::command::verify::{describe, verify};
 use dataplane::error::{Error, ExitCode};
 use dataplane::events::{Cancel, Run};
 use dataplane::net::quic::TlsFiles;
@@ -328,7 +328,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         Command::Ls { snapshot } => {
             let repo = open(false)?;
             let (_, snap) = repo.find_snapshot(&snapshot)?;
-            let index = dataplane::index::ChunkIndex::load(&repo)?;
+            let index = dataplane::index::ChunkIndex::load(&*repo.store)?;
             let mut reader = dataplane::pipeline::pack::BlobReader::new(&repo, &index)?;
             list_tree(&mut reader, &snap.tree_id(), Path::new("/"), reporter, g.json)?;
             Ok(ExitCode::Ok)
@@ -378,14 +378,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         }
         Command::Verify { read_data, .. } => {
             let repo = open(false)?;
-            let report = match &repo.remote {
-                Some(remote) => {
-                    let (_, report) = remote.verify(read_data)?;
-                    serde_json::from_slice::<VerifyReport>(&report)
-                        .map_err(|e| Error::Network(format!("receiver {}: verify report: {e}", remote.addr)))?
-                }
-                None => verify(repo, read_data, cores, &run)?,
-            };
+            let report = verify(repo, read_data, cores, &run)?;
             for d in &report.damage {
                 reporter.json(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
                 if !g.json {

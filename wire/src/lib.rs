@@ -18,6 +18,7 @@ pub mod limits;
 pub mod pack;
 pub mod repo;
 pub mod tree;
+pub mod verify;
 
 pub use error::Error;
 pub use id::{ChunkId, RepoKey};

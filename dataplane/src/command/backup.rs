@@ -31,7 +31,7 @@ use crate::metrics::Stage;
 use crate::pipeline::chunker::{self, ChunkPolicy};
 use crate::pipeline::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats};
 use crate::pipeline::tar::{self, PageRegion};
-use crate::repo::Repository;
+use crate::repo::{Backend, Repository};
 use crate::runtime;
 use crate::source::synth::{self, SynthFile, SynthSpec};
 use wire::assemble::{self, DirEntry};
@@ -262,14 +262,14 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
             crate::human_size(limits::MAX_PACK_SIZE)
         )));
     }
-    let index = ChunkIndex::load(&repo)?;
-    index.compact(&repo)?;
+    let index = ChunkIndex::load(&*repo.store)?;
+    index.compact(&*repo.store)?;
     let board = Arc::new(StageBoard::new(opts.cores, run.every));
     let mut phase = run.phase("backup", Some(Arc::clone(&board)));
     let progress = Arc::clone(&phase.progress);
     // A delta needs the parent's block: one read from local packs, but a round trip to a
-    // receiver, so remote backups store changed blocks whole.
-    let deltas = (opts.delta_chain > 0 && repo.remote.is_none()).then_some(opts.delta_chain);
+    // receiver, so backups through one store changed blocks whole.
+    let deltas = (opts.delta_chain > 0 && !repo.backend.reads_round_trip()).then_some(opts.delta_chain);
     let shared = Arc::new(Shared {
         repo,
         known: Arc::new(KnownBlobs::new(index)),
@@ -284,7 +284,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
     let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
     let (job_tx, job_rx) = bounded::<SegmentJob>(depth);
     let (done_tx, done_rx) = bounded::<SegmentDone>(depth);
-    let sealer = Sealer::start(shared.repo.clone(), Arc::clone(&shared.known));
+    let sealer = Sealer::start(Arc::clone(&shared.known));
     let cores = {
         let (shared, seal_tx) = (Arc::clone(&shared), sealer.sender());
         runtime::spawn(opts.cores, move |core| run_core(&shared, core, &job_rx, &done_tx, seal_tx.clone()))?
@@ -356,7 +356,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
     };
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
     // The snapshot stands on its own: a merge that fails only leaves more runs to read.
-    if let Err(e) = shared.known.index().compact_all(&shared.repo) {
+    if let Err(e) = shared.known.index().compact_all(&*shared.repo.store) {
         run.warn(Path::new(&format!("{}/index", shared.repo.location())), &format!("index runs not merged: {e}"));
     }
     let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
@@ -374,7 +374,7 @@ fn run_core(
     let mut writer = BlobWriter::new(&shared.repo, &shared.known, sealer, shared.pack_size, shared.level)?;
     let mut reader = BlobReader::new(&shared.repo, shared.known.index())?;
     let mut window = Vec::new();
-    let mut previous = PreviousChunks::new(shared.known.index(), shared.repo.remote.is_some());
+    let mut previous = PreviousChunks::new(shared.known.index(), &*shared.repo.backend);
     let cdc = shared.repo.config.chunker;
     let mut deltas = shared.deltas.map(BlockDeltas::new);
     let mut stages = shared.board.publisher(core);
@@ -387,7 +387,7 @@ fn run_core(
             let base = deltas.as_mut().zip(page).map(|(d, page)| (d, page, &mut reader));
             backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress)
         };
-        stages.maybe_publish(&writer.stats.stages);
+        stages.maybe_publish(&writer.stats().stages);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
         if done.send(answer).is_err() {
             break;
@@ -418,7 +418,7 @@ fn backup_segment(
     // How far this part of the segment moved since the parent, learned from unchanged chunks.
     let mut moved = 0i64;
     let mut store = |chunk: &[u8]| -> Result<()> {
-        writer.stats.stages.record(Stage::Chunk, cut_started.elapsed());
+        writer.stats().stages.record(Stage::Chunk, cut_started.elapsed());
         let id = if chunker::is_zero(chunk) {
             ChunkId::default()
         } else {
@@ -497,7 +497,7 @@ fn backup_segment(
 /// exactly as before, needs no index lookup on disk.
 struct PreviousChunks<'a> {
     index: &'a ChunkIndex,
-    remote: bool,
+    backend: &'a dyn Backend,
     list: Option<ChunkId>,
     /// Each non-zero chunk and where it started in the segment.
     ids: HashMap<ChunkId, u64, IdBuild>,
@@ -507,8 +507,8 @@ struct PreviousChunks<'a> {
 }
 
 impl<'a> PreviousChunks<'a> {
-    fn new(index: &'a ChunkIndex, remote: bool) -> Self {
-        Self { index, remote, list: None, ids: HashMap::default(), starts: Vec::new(), buf: Vec::new() }
+    fn new(index: &'a ChunkIndex, backend: &'a dyn Backend) -> Self {
+        Self { index, backend, list: None, ids: HashMap::default(), starts: Vec::new(), buf: Vec::new() }
     }
 
     /// The parent's chunk of `len` bytes at `offset` of the segment, if it had one there.
@@ -529,13 +529,11 @@ impl<'a> PreviousChunks<'a> {
         self.ids.get(id).map(|&was| offset as i64 - was as i64)
     }
 
-    /// Whether the parent had chunk `id` in this segment and the index's filter still knows it
+    /// Whether the parent had chunk `id` in this segment and the repository may still have it
     /// (memory only; a chunk whose index entry was lost is stored again, as the reuse of
     /// unchanged files requires their chunk lists to be indexed).
     fn has(&self, id: &ChunkId) -> bool {
-        // A remote repository's index is the receiver's, not in memory here: the parent,
-        // committed there, vouches for its chunks.
-        self.ids.contains_key(id) && (self.remote || self.index.may_contain(id))
+        self.ids.contains_key(id) && self.backend.may_have(self.index, id)
     }
 
     fn load(&mut self, reader: &mut BlobReader<'_>, list: Option<ChunkId>) {
@@ -756,11 +754,11 @@ impl Walker<'_> {
         self.push_dir(path, nodes)
     }
 
-    /// Remote repository: fetches the parent trees of this directory's subdirectories (those
-    /// still here, at most [`limits::PREFETCH_SUBTREES`]) in one stream instead of one round
-    /// trip each; returns the paths they are kept under.
+    /// Where reads cost a round trip: fetches the parent trees of this directory's
+    /// subdirectories (those still here, at most [`limits::PREFETCH_SUBTREES`]) in one stream
+    /// instead of one round trip each; returns the paths they are kept under.
     fn fetch_subtrees(&mut self, path: &Path, names: &[OsString], parent: Option<&Tree>) -> Result<Vec<PathBuf>> {
-        let (Some(_), Some(parent)) = (&self.shared.repo.remote, parent) else { return Ok(vec![]) };
+        let Some(parent) = parent.filter(|_| self.shared.repo.backend.reads_round_trip()) else { return Ok(vec![]) };
         let wanted: Vec<(PathBuf, ChunkId)> = names
             .iter()
             .filter_map(|name| match parent.find(name.as_bytes()) {
@@ -779,12 +777,11 @@ impl Walker<'_> {
         Ok(fetched)
     }
 
-    /// Remote repository: asks once which of these chunk lists (of the parent's files) the
-    /// receiver has, and remembers them until the directory being walked is done; returns them.
+    /// Asks once which of these chunk lists (of the parent's files) the repository has, and
+    /// remembers them until the directory being walked is done; returns them.
     fn confirm(&mut self, mut ids: Vec<ChunkId>) -> Result<Vec<ChunkId>> {
-        let Some(remote) = &self.shared.repo.remote else { return Ok(vec![]) };
         ids.retain(|id| !self.confirmed.contains(id));
-        let present = remote.have(&ids)?;
+        let present = self.shared.repo.backend.have(self.shared.known.index(), &ids)?;
         let confirmed: Vec<ChunkId> =
             ids.into_iter().zip(present).filter(|(_, have)| *have).map(|(id, _)| id).collect();
         self.confirmed.extend(confirmed.iter().copied());
@@ -793,19 +790,10 @@ impl Walker<'_> {
 
     /// Whether every chunk list of `ids` is stored (the parent's lists of an unchanged file).
     fn lists_stored(&self, ids: &[ChunkId]) -> Result<bool> {
-        match &self.shared.repo.remote {
-            Some(_) if ids.iter().all(|id| self.confirmed.contains(id)) => Ok(true),
-            Some(remote) => Ok(remote.have(ids)?.into_iter().all(|have| have)),
-            None => {
-                let index = self.shared.known.index();
-                for id in ids {
-                    if !index.contains(id)? {
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
-            }
+        if ids.iter().all(|id| self.confirmed.contains(id)) {
+            return Ok(true);
         }
+        Ok(self.shared.repo.backend.have(self.shared.known.index(), ids)?.into_iter().all(|have| have))
     }
 
     fn add_entry(

@@ -91,7 +91,7 @@ struct Shared {
 /// Restores `snapshot` (a spec: `latest`, an id or a prefix) into `opts.target`.
 pub fn restore(repo: Repository, snapshot: &str, opts: &RestoreOptions, run: &Run) -> Result<RestoreStats> {
     let (_, snap) = repo.find_snapshot(snapshot)?;
-    let index = ChunkIndex::load(&repo)?;
+    let index = ChunkIndex::load(&*repo.store)?;
     let mut reader = BlobReader::new(&repo, &index)?;
     for inc in &opts.include {
         if !in_snapshot(&mut reader, snap.tree_id(), inc)? {
@@ -317,10 +317,10 @@ impl RestoreWalk<'_> {
     }
 
     fn walk_tree(&mut self, tree: Tree, dest: &Path, at: &Path) -> Result<()> {
-        // A remote repository sends the subdirectories' trees in one stream, not one round
-        // trip each (at most PREFETCH_SUBTREES of them are held).
+        // A receiver sends the subdirectories' trees in one stream, not one round trip each
+        // (at most PREFETCH_SUBTREES of them are held).
         let mut subtrees = HashMap::new();
-        if self.shared.repo.remote.is_some() {
+        if self.shared.repo.backend.reads_round_trip() {
             let ids: Vec<ChunkId> = tree
                 .nodes
                 .iter()

@@ -21,31 +21,11 @@ use crate::events::Run;
 use crate::index::ChunkIndex;
 use crate::limits;
 use crate::pipeline::pack::{decode_blob, BlobReader};
-use crate::repo::{pack_name, Repository};
+use crate::repo::Repository;
 use crate::runtime;
-use crate::store::{ObjectKind, ObjectReader};
+use crate::store::{pack_name, ObjectKind, ObjectReader};
 
-/// One damaged object.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Damage {
-    /// `index`, `snapshot`, `pack`, `blob` or `file`.
-    pub kind: String,
-    /// What is damaged: a path in the repository, a blob id, or `snapshot:path` for a file.
-    pub name: String,
-    pub detail: String,
-}
-
-/// What verify found (sent as JSON when a receiver verifies for a remote client).
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct VerifyReport {
-    pub snapshots: u64,
-    pub packs: u64,
-    pub blobs: u64,
-    pub bytes_read: u64,
-    /// Packs no index run names: left by an interrupted backup, harmless.
-    pub unindexed_packs: u64,
-    pub damage: Vec<Damage>,
-}
+pub use wire::verify::{Damage, VerifyReport};
 
 struct PackJob {
     id: ChunkId,
@@ -54,10 +34,13 @@ struct PackJob {
     indexed: u64,
 }
 
-/// Verifies `repo`.
+/// Verifies `repo` (a receiver verifies its own, next to the data).
 pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Result<VerifyReport> {
+    if let Some(report) = repo.backend.verify_in_place(read_data)? {
+        return Ok(report);
+    }
     let mut report = VerifyReport::default();
-    let index = Arc::new(ChunkIndex::load_checked(&repo, |path, e| {
+    let index = Arc::new(ChunkIndex::load_checked(&*repo.store, |path, e| {
         report.damage.push(Damage { kind: "index".into(), name: path.display().to_string(), detail: e.to_string() });
         Ok(())
     })?);

@@ -26,8 +26,7 @@ use wire::ChunkId;
 use crate::error::{Error, IoContext, Result};
 use crate::fault;
 use crate::limits;
-use crate::repo::Repository;
-use crate::store::ObjectKind;
+use crate::store::{index_run_name, ObjectKind, Store};
 
 /// Blob ids are uniformly random, so their first 8 bytes are already a good hash.
 #[derive(Default)]
@@ -211,30 +210,30 @@ pub struct ChunkIndex {
 
 impl ChunkIndex {
     /// Opens every index run of the repository; a run that fails to validate is an error naming it.
-    pub fn load(repo: &Repository) -> Result<Self> {
-        Self::load_checked(repo, |_, e| Err(e))
+    pub fn load(store: &dyn Store) -> Result<Self> {
+        Self::load_checked(store, |_, e| Err(e))
     }
 
     /// Opens every index run; `damaged` decides whether a run that fails to validate stops the
     /// load (return the error) or is left out (return `Ok`).
-    pub fn load_checked(repo: &Repository, mut damaged: impl FnMut(&Path, Error) -> Result<()>) -> Result<Self> {
+    pub fn load_checked(store: &dyn Store, mut damaged: impl FnMut(&Path, Error) -> Result<()>) -> Result<Self> {
         // A backup merging runs removes them after listing: list again when one vanished.
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match Self::try_load(repo, &mut damaged) {
+            match Self::try_load(store, &mut damaged) {
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {}
                 other => return other,
             }
         }
     }
 
-    fn try_load(repo: &Repository, damaged: &mut impl FnMut(&Path, Error) -> Result<()>) -> Result<Self> {
-        let runs = repo.store.list(ObjectKind::Index)?;
+    fn try_load(store: &dyn Store, damaged: &mut impl FnMut(&Path, Error) -> Result<()>) -> Result<Self> {
+        let runs = store.list(ObjectKind::Index)?;
         let total: u64 = runs.iter().map(|r| r.len / ENTRY_LEN as u64).sum();
         let mut state = State { filter: Filter::with_capacity(total + total / 4), ..State::default() };
         for object in &runs {
-            let path = repo.store.index_run(&object.name)?;
+            let path = store.index_run(&object.name)?;
             let path = &path;
             let filter = &mut state.filter;
             match Run::open(path, |e| filter.insert(&e.id())) {
@@ -330,11 +329,11 @@ impl ChunkIndex {
 
     /// Adds the runs other writers have made durable since this index was loaded (a store
     /// shared by several receivers); returns how many. Runs it already covers are skipped.
-    pub fn refresh(&self, repo: &Repository) -> Result<usize> {
+    pub fn refresh(&self, store: &dyn Store) -> Result<usize> {
         let covered: HashSet<String> = self.state().runs.iter().flat_map(|r| r.covers.iter().cloned()).collect();
         let mut added = 0;
-        for object in repo.store.list(ObjectKind::Index)?.into_iter().filter(|o| !covered.contains(&o.name)) {
-            let path = match repo.store.index_run(&object.name) {
+        for object in store.list(ObjectKind::Index)?.into_iter().filter(|o| !covered.contains(&o.name)) {
+            let path = match store.index_run(&object.name) {
                 // Merged away by its writer since the listing: its entries are in the merge.
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
                 other => other?,
@@ -349,7 +348,7 @@ impl ChunkIndex {
 
     /// Merges runs of one size tier while [`limits::INDEX_MERGE_FANIN`] of them exist. Only
     /// under the repository lock.
-    pub fn compact(&self, repo: &Repository) -> Result<()> {
+    pub fn compact(&self, store: &dyn Store) -> Result<()> {
         loop {
             let group: Vec<Arc<Run>> = {
                 let state = self.state();
@@ -370,7 +369,7 @@ impl ChunkIndex {
             };
             // In `tmp/`, without fsync: the durable runs it covers stay in `index/` until
             // `compact_all` replaces them all, so a crash loses nothing.
-            let merged = write_merged(repo, &group, false)?;
+            let merged = write_merged(store, &group, false)?;
             self.swap(&group, merged);
             for run in group.iter().filter(|r| r.scratch) {
                 let _ = std::fs::remove_file(&run.path);
@@ -386,21 +385,21 @@ impl ChunkIndex {
     /// index read or wrote itself are removed, and only once the merged run holding all their
     /// entries is durable, so every entry is in some listed run at every moment; a reader that
     /// listed a run another writer then removed lists again (see [`Self::load_checked`]).
-    pub fn compact_all(&self, repo: &Repository) -> Result<()> {
+    pub fn compact_all(&self, store: &dyn Store) -> Result<()> {
         let runs = self.state().runs.clone();
         let count: u64 = runs.iter().map(|r| u64::from(r.count)).sum();
         let durable = runs.len() == 1 && !runs[0].scratch;
         if runs.is_empty() || durable || count > u64::from(wire::limits::MAX_INDEX_ENTRIES) {
             return Ok(());
         }
-        let merged = write_merged(repo, &runs, true)?;
+        let merged = write_merged(store, &runs, true)?;
         let keep = merged.path.clone();
         self.swap(&runs, merged);
         fault::point("index-merge");
         // The same entries make the same name, so the merge may replace one of its inputs.
         let kept = file_name(&keep);
         for name in runs.iter().flat_map(|r| &r.covers).filter(|n| **n != kept) {
-            repo.store.delete(ObjectKind::Index, name)?;
+            store.delete(ObjectKind::Index, name)?;
         }
         for run in runs.iter().filter(|r| r.scratch) {
             let _ = std::fs::remove_file(&run.path);
@@ -488,7 +487,7 @@ fn merge(runs: &[Arc<Run>], mut each: impl FnMut(&IndexEntry)) -> Result<u64> {
 /// Writes the merge of `runs` as one new run, keeping the first place of a blob stored twice:
 /// durable in `index/`, or a scratch file in `tmp/`. Two passes, because the header (hashed
 /// first) holds the count.
-fn write_merged(repo: &Repository, runs: &[Arc<Run>], durable: bool) -> Result<Run> {
+fn write_merged(store: &dyn Store, runs: &[Arc<Run>], durable: bool) -> Result<Run> {
     let mut last = None;
     let mut count = 0u32;
     merge(runs, |e| {
@@ -498,7 +497,7 @@ fn write_merged(repo: &Repository, runs: &[Arc<Run>], durable: bool) -> Result<R
         }
     })?;
     let covers = runs.iter().flat_map(|r| r.covers.iter().cloned()).collect();
-    let tmp = repo.tmp_path("index");
+    let tmp = store.tmp_path("index");
     let file = OpenOptions::new().create_new(true).read(true).write(true).open(&tmp).at(&tmp)?;
     let mut out = BufWriter::with_capacity(limits::INDEX_READ_BUFFER, &file);
     let mut name = blake3::Hasher::new();
@@ -539,7 +538,7 @@ fn write_merged(repo: &Repository, runs: &[Arc<Run>], durable: bool) -> Result<R
         return Ok(Run { path: tmp, file, scratch: true, covers, count, fences });
     }
     file.sync_all().at(&tmp)?;
-    let path = repo.publish_index_run(&tmp, &ChunkId(*name.finalize().as_bytes()))?;
+    let path = publish_run(store, &tmp, &ChunkId(*name.finalize().as_bytes()))?;
     Ok(Run { covers: vec![file_name(&path)], path, file, scratch: false, count, fences })
 }
 
@@ -600,12 +599,31 @@ impl KnownBlobs {
     }
 }
 
+/// Makes the complete, fsynced run file `tmp` durable as run `id` (the hash of its bytes);
+/// returns the local file to search it in.
+pub fn publish_run(store: &dyn Store, tmp: &Path, id: &ChunkId) -> Result<PathBuf> {
+    let name = index_run_name(id);
+    store.put_file(ObjectKind::Index, &name, tmp)?;
+    store.index_run(&name)
+}
+
+/// Writes one durable index run; its name is the hash of its bytes. Returns the local file.
+pub fn write_run(store: &dyn Store, bytes: &[u8]) -> Result<PathBuf> {
+    let id = ChunkId::of_file(bytes);
+    let tmp = store.tmp_path("index");
+    let written = std::fs::write(&tmp, bytes).and_then(|_| File::open(&tmp)?.sync_all()).at(&tmp);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    publish_run(store, &tmp, &id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use wire::index::encode_run;
     use wire::pack::PackEntry;
-    use wire::repo::ChunkerParams;
     use wire::{BlobKind, Compression};
 
     use crate::store::LocalDir;
@@ -626,16 +644,18 @@ mod tests {
         run
     }
 
-    fn repo(dir: &Path) -> Repository {
-        Repository::init(Box::new(LocalDir::new(&dir.join("repo"))), 1 << 20, ChunkerParams::default()).unwrap()
+    fn repo(dir: &Path) -> LocalDir {
+        let store = LocalDir::new(&dir.join("repo"));
+        store.create().unwrap();
+        store
     }
 
-    fn run_files(repo: &Repository) -> usize {
-        repo.store.list(ObjectKind::Index).unwrap().len()
+    fn run_files(repo: &dyn Store) -> usize {
+        repo.list(ObjectKind::Index).unwrap().len()
     }
 
-    fn seal(known: &KnownBlobs, repo: &Repository, run: &[IndexEntry]) {
-        let path = repo.write_index_run(&encode_run(run.to_vec())).unwrap();
+    fn seal(known: &KnownBlobs, repo: &dyn Store, run: &[IndexEntry]) {
+        let path = write_run(repo, &encode_run(run.to_vec())).unwrap();
         known.sealed(&path, run).unwrap();
         known.index().compact(repo).unwrap();
     }
@@ -690,8 +710,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let repo = repo(tmp.path());
         // A merged run next to one of its inputs, as a crash between the two steps leaves them.
-        repo.write_index_run(&encode_run(run(1, 0, 500))).unwrap();
-        repo.write_index_run(&encode_run(run(1, 100, 200))).unwrap();
+        write_run(&repo, &encode_run(run(1, 0, 500))).unwrap();
+        write_run(&repo, &encode_run(run(1, 100, 200))).unwrap();
         let index = ChunkIndex::load(&repo).unwrap();
         let mut all = vec![];
         index.for_each(|e| all.push(*e)).unwrap();
@@ -729,8 +749,8 @@ mod tests {
     fn a_damaged_run_is_named_or_left_out() {
         let tmp = tempfile::tempdir().unwrap();
         let repo = repo(tmp.path());
-        let good = repo.write_index_run(&encode_run(run(1, 0, 100))).unwrap();
-        let bad = repo.write_index_run(&encode_run(run(2, 100, 200))).unwrap();
+        let good = write_run(&repo, &encode_run(run(1, 0, 100))).unwrap();
+        let bad = write_run(&repo, &encode_run(run(2, 100, 200))).unwrap();
         let mut bytes = std::fs::read(&bad).unwrap();
         bytes[HEADER_LEN + 50 * ENTRY_LEN + 40] ^= 1;
         std::fs::write(&bad, bytes).unwrap();

@@ -23,7 +23,7 @@ use crate::limits;
 use crate::net::quic::{self, StreamError, TlsFiles};
 
 /// A connected session with a receiver.
-pub struct Remote {
+pub(crate) struct Remote {
     runtime: tokio::runtime::Runtime,
     endpoint: quinn::Endpoint,
     conn: Connection,
@@ -31,17 +31,17 @@ pub struct Remote {
     /// The protocol version agreed with the receiver (the oldest until its `Welcome`).
     version: u8,
     /// `HOST:PORT` as given, for messages.
-    pub addr: String,
+    pub(crate) addr: String,
     /// A private directory standing in for the repository's root on this side (the commands'
     /// lock and an empty local index; packs go straight to the receiver); removed at the end.
-    pub scratch: std::path::PathBuf,
+    pub(crate) scratch: std::path::PathBuf,
 }
 
 /// What the receiver sent back when it said hello.
-pub struct Welcome {
-    pub remote: Remote,
-    pub config: RepoConfig,
-    pub key: RepoKey,
+pub(crate) struct Welcome {
+    pub(crate) remote: Remote,
+    pub(crate) config: RepoConfig,
+    pub(crate) key: RepoKey,
 }
 
 const SCRATCH_PREFIX: &str = "cbcr-session-";
@@ -69,7 +69,7 @@ fn refused(addr: &str, code: ErrorCode, message: String) -> Error {
 
 impl Remote {
     /// Connects to `quic://HOST:PORT`, authenticates both ways and opens a session.
-    pub fn connect(url: &str, tls: &TlsFiles) -> Result<Welcome> {
+    pub(crate) fn connect(url: &str, tls: &TlsFiles) -> Result<Welcome> {
         let addr = url
             .strip_prefix("quic://")
             .ok_or_else(|| Error::Usage(format!("{url}: a remote repository is quic://HOST:PORT")))?
@@ -154,7 +154,7 @@ impl Remote {
     }
 
     /// Which of `ids` the receiver has durably, in order.
-    pub fn have(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
+    pub(crate) fn have(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
         let mut out = Vec::with_capacity(ids.len());
         for batch in ids.chunks(wire::limits::MAX_BATCH_IDS as usize) {
             match self.request(&Frame::Have { session: self.session, ids: batch.to_vec() })? {
@@ -167,7 +167,7 @@ impl Remote {
 
     /// Sends a `Have` for `ids` (at most [`wire::limits::MAX_BATCH_IDS`]) without waiting for
     /// the answer, so a core can go on chunking meanwhile.
-    pub fn have_start(&self, ids: Vec<ChunkId>) -> Result<HaveQuery<'_>> {
+    pub(crate) fn have_start(&self, ids: Vec<ChunkId>) -> Result<HaveQuery<'_>> {
         assert!(ids.len() <= wire::limits::MAX_BATCH_IDS as usize);
         let n = ids.len();
         let (send, recv) = self.runtime.block_on(self.open(&Frame::Have { session: self.session, ids }, true))?;
@@ -175,7 +175,7 @@ impl Remote {
     }
 
     /// Every snapshot record, oldest first.
-    pub fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
+    pub(crate) fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
         let mut out = vec![];
         self.runtime.block_on(async {
             let (_send, mut recv) = self.open(&Frame::ListSnapshots { session: self.session }, true).await?;
@@ -196,7 +196,7 @@ impl Remote {
     }
 
     /// Commits a snapshot; the receiver acknowledges once it and all it references are durable.
-    pub fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {
+    pub(crate) fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {
         match self.request(&Frame::Commit { session: self.session, record: snapshot.encode(), fence: None })? {
             Frame::Committed { id } => Ok(id),
             other => Err(self.unexpected(&other)),
@@ -205,7 +205,7 @@ impl Remote {
 
     /// Runs verify on the receiver, next to the data; returns whether it found damage and the
     /// report (JSON).
-    pub fn verify(&self, read_data: bool) -> Result<(bool, Vec<u8>)> {
+    pub(crate) fn verify(&self, read_data: bool) -> Result<(bool, Vec<u8>)> {
         match self.request(&Frame::Verify { session: self.session, read_data })? {
             Frame::VerifyReport { damaged, report } => Ok((damaged, report)),
             other => Err(self.unexpected(&other)),
@@ -213,13 +213,13 @@ impl Remote {
     }
 
     /// Starts fetching `ids` in order, [`wire::limits::MAX_BATCH_IDS`] per request.
-    pub fn fetch(&self, ids: Vec<ChunkId>) -> BlobStream<'_> {
+    pub(crate) fn fetch(&self, ids: Vec<ChunkId>) -> BlobStream<'_> {
         BlobStream { remote: self, queued: ids.into(), asked: VecDeque::new(), recv: None, buf: Vec::new(), pos: 0 }
     }
 }
 
 /// A `Have` on its way; [`HaveQuery::answer`] waits for it.
-pub struct HaveQuery<'a> {
+pub(crate) struct HaveQuery<'a> {
     remote: &'a Remote,
     recv: RecvStream,
     n: usize,
@@ -228,7 +228,7 @@ pub struct HaveQuery<'a> {
 
 impl HaveQuery<'_> {
     /// One flag per id asked, in order.
-    pub fn answer(mut self) -> Result<Vec<bool>> {
+    pub(crate) fn answer(mut self) -> Result<Vec<bool>> {
         let remote = self.remote;
         match remote.runtime.block_on(quic::expect_frame(&mut self.recv)).map_err(|e| remote.stream_error(e))? {
             Frame::HaveReply { present } if present.len() == self.n => Ok(present),
@@ -326,7 +326,7 @@ impl Drop for Remote {
 
 /// Blobs coming back from a receiver in the order they were asked for; the stream's window
 /// bounds how many are in flight.
-pub struct BlobStream<'a> {
+pub(crate) struct BlobStream<'a> {
     remote: &'a Remote,
     queued: VecDeque<ChunkId>,
     asked: VecDeque<ChunkId>,
@@ -340,13 +340,13 @@ pub struct BlobStream<'a> {
 
 impl BlobStream<'_> {
     /// Whether `id` is the next blob this stream will give.
-    pub fn next_is(&self, id: &ChunkId) -> bool {
+    pub(crate) fn next_is(&self, id: &ChunkId) -> bool {
         self.asked.front().or(self.queued.front()) == Some(id)
     }
 
     /// The next blob, which must be `id` (the caller reads in the order it asked), as its pack
     /// entry and stored bytes.
-    pub fn next(&mut self, id: &ChunkId) -> Result<(PackEntry, Vec<u8>)> {
+    pub(crate) fn next(&mut self, id: &ChunkId) -> Result<(PackEntry, Vec<u8>)> {
         let remote = self.remote;
         if self.asked.is_empty() {
             let n = self.queued.len().min(wire::limits::MAX_BATCH_IDS as usize);

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 pub use local::LocalDir;
 pub use s3::S3Store;
 
+use wire::ChunkId;
+
 use crate::error::Result;
 
 /// What an object is; decides where a store keeps it.
@@ -116,6 +118,21 @@ pub trait Store: Send + Sync {
     fn index_run(&self, name: &str) -> Result<PathBuf>;
     /// Takes the writer's claim, or fails at once with `Error::Locked`.
     fn claim_writer(&self) -> Result<Box<dyn WriterClaim>>;
+
+    /// A fresh path in the work directory's `tmp/` for a file being written.
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        tmp_path(self.work_dir(), what)
+    }
+}
+
+/// The object name of pack `id`.
+pub fn pack_name(id: &ChunkId) -> String {
+    format!("{}.pack", id.to_hex())
+}
+
+/// The object name of the index run whose bytes hash to `id`.
+pub fn index_run_name(id: &ChunkId) -> String {
+    format!("{}.idx", id.to_hex())
 }
 
 /// Opens the store a `--repo` value names: `s3://BUCKET/PREFIX`, or a local directory.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, RecvStream, SendStream};
 use tracing::{info, warn};
 use wire::frame::{ErrorCode, Fence, Frame, MIN_VERSION, VERSION};
-use wire::index::{encode_sorted, IndexEntry};
+use wire::index::IndexEntry;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::repo::Snapshot;
 use wire::ChunkId;
@@ -32,8 +32,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::net::quic::{self, StreamError, TlsFiles};
-use crate::pipeline::pack::PackFiles;
-use crate::repo::{RepoLock, Repository};
+use crate::repo::{publish_pack, PackFiles, RepoLock, Repository};
 
 /// How the receiver was asked to run.
 pub struct ReceiverOptions {
@@ -85,7 +84,7 @@ impl Served {
         }
         let added = {
             let _g = self.publish.lock().expect("no panics while holding it");
-            self.index().refresh(&self.repo)?
+            self.index().refresh(&*self.repo.store)?
         };
         if added > 0 {
             info!("index: {added} runs written by other writers of this repository");
@@ -128,7 +127,7 @@ pub fn run(opts: ReceiverOptions) -> Result<()> {
     // One receiver per repository; local backups wait for it like for any other writer.
     let lock = repo.lock()?;
     lock.clean_tmp()?;
-    let index = ChunkIndex::load(&repo)?;
+    let index = ChunkIndex::load(&*repo.store)?;
     let store = Arc::new(Served {
         repo,
         known: KnownBlobs::new(index),
@@ -213,7 +212,7 @@ async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverO
     let s = Arc::clone(&store);
     let merged = tokio::task::spawn_blocking(move || {
         let _g = s.publish.lock().expect("no panics while holding it");
-        s.index().compact_all(&s.repo)
+        s.index().compact_all(&*s.repo.store)
     })
     .await
     .expect("the merge does not panic");
@@ -439,7 +438,7 @@ fn commit(store: &Served, snapshot: &Snapshot, fence: Option<&Fence>) -> Result<
 /// Receives a pack into `tmp/`, checks it, and makes it durable and indexed; returns its id.
 /// On any failure the partial file is removed: nothing half-sent becomes visible.
 async fn receive_pack(store: &Arc<Served>, recv: &mut RecvStream) -> Result<ChunkId, Refusal> {
-    let tmp = store.repo.tmp_path("pack");
+    let tmp = store.repo.store.tmp_path("pack");
     let file = std::fs::OpenOptions::new().create_new(true).write(true).read(true).open(&tmp).at(&tmp)?;
     let received = async {
         let mut hasher = blake3::Hasher::new();
@@ -539,13 +538,8 @@ fn check_and_publish(
     file.read_exact_at(&mut entries, loc.entries_offset).at(tmp)?;
     let entries: Vec<PackEntry> = parse_entries(&loc, &entries).map_err(bad)?;
     file.sync_all().at(tmp)?;
-    let mut run: Vec<IndexEntry> = entries.into_iter().map(|entry| IndexEntry { pack: id, entry }).collect();
-    run.sort_unstable_by_key(|e| e.id());
     let _g = store.publish.lock().expect("no panics while holding it");
-    store.repo.publish_pack(tmp, &id)?;
-    let path = store.repo.write_index_run(&encode_sorted(&run))?;
-    store.known.sealed(&path, &run)?;
-    store.index().compact(&store.repo)?;
+    publish_pack(&*store.repo.store, &store.known, tmp, &id, &entries)?;
     Ok(())
 }
 
@@ -605,7 +599,7 @@ fn blob_frame(
     out.extend_from_slice(&Frame::blob_prefix(&entry, version));
     let start = out.len();
     out.resize(start + entry.stored_len() as usize, 0);
-    if let Err(e) = packs.read_at(&store.repo, &pack, entry.offset(), &mut out[start..]) {
+    if let Err(e) = packs.read_at(&*store.repo.store, &pack, entry.offset(), &mut out[start..]) {
         out.truncate(frame_start);
         return Err(e.into());
     }

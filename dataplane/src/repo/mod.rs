@@ -1,43 +1,38 @@
-//! An open repository: its config and key, read from a [`Store`], and the steps of the commit
-//! protocol on top of the store's objects.
-//!
-//! Packs and index runs are written as files in the store's work directory (`tmp/`), fsynced,
-//! then handed to the store, which makes them durable under their final names; a snapshot is
-//! one object written last.
+//! An open repository: its config and key, read from a [`Store`], and the [`Backend`] its blobs
+//! and snapshots go through: the store itself ([`Direct`]) or a receiver ([`Receiver`]).
 
-use std::path::{Path, PathBuf};
+mod backend;
+mod direct;
+mod receiver;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use wire::repo::{KeyFile, RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
 
-use crate::error::{Error, IoContext, Result};
+pub(crate) use backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
+pub(crate) use direct::{publish_pack, Direct, PackFiles};
+pub(crate) use receiver::Receiver;
+
+use crate::error::{Error, Result};
 use crate::net::quic::TlsFiles;
 use crate::net::remote::Remote;
 use crate::store::{self, LocalDir, ObjectKind, Store, WriterClaim};
 
-/// An open repository: in a store (a local directory or object storage), or on a receiver
-/// reached over QUIC (then the store is a private scratch directory: see [`Remote::scratch`]).
+/// An open repository: its config and key, its store, and the [`Backend`] its data goes
+/// through. Through a receiver the store is a private scratch directory standing in for the
+/// repository's root on this side (the commands' lock and an empty local index).
 #[derive(Clone)]
 pub struct Repository {
     pub store: Arc<dyn Store>,
     pub config: RepoConfig,
     pub key: RepoKey,
-    pub remote: Option<Arc<Remote>>,
+    pub(crate) backend: Arc<dyn Backend>,
 }
 
 /// Held while a backup writes; released when dropped or when the process dies.
 pub type RepoLock = Box<dyn WriterClaim>;
-
-/// The file name of pack `id`.
-pub fn pack_name(id: &ChunkId) -> String {
-    format!("{}.pack", id.to_hex())
-}
-
-/// The file name of the index run whose bytes hash to `id`.
-pub fn index_run_name(id: &ChunkId) -> String {
-    format!("{}.idx", id.to_hex())
-}
 
 impl Repository {
     /// Creates a repository in `store`, which must hold nothing yet.
@@ -59,7 +54,7 @@ impl Repository {
         store.put(ObjectKind::Key, config.key_id.as_str(), &KeyFile::encode(&key))?;
         // The config is written last: a store holds a repository once it has one.
         store.put(ObjectKind::Config, "", &config.encode())?;
-        Ok(Self { store: Arc::from(store), config, key, remote: None })
+        Ok(Self::direct(store, config, key))
     }
 
     /// Opens the repository in `store`.
@@ -78,7 +73,12 @@ impl Repository {
         if key.key_id() != config.key_id {
             return Err(Error::Integrity(format!("{}: key does not match the repository config", key_path.display())));
         }
-        Ok(Self { store: Arc::from(store), config, key, remote: None })
+        Ok(Self::direct(store, config, key))
+    }
+
+    fn direct(store: Box<dyn Store>, config: RepoConfig, key: RepoKey) -> Self {
+        let store: Arc<dyn Store> = Arc::from(store);
+        Self { backend: Arc::new(Direct::new(Arc::clone(&store))), store, config, key }
     }
 
     /// Opens `quic://HOST:PORT` (a session with that receiver), `s3://BUCKET/PREFIX`, or the
@@ -99,7 +99,7 @@ impl Repository {
             store: Arc::new(scratch),
             config: welcome.config,
             key: welcome.key,
-            remote: Some(Arc::new(welcome.remote)),
+            backend: Arc::new(Receiver::new(welcome.remote)),
         })
     }
 
@@ -113,10 +113,7 @@ impl Repository {
 
     /// Where the repository is, for messages.
     pub fn location(&self) -> String {
-        match &self.remote {
-            Some(remote) => format!("quic://{}", remote.addr),
-            None => self.store.location(),
-        }
+        self.backend.location()
     }
 
     /// Takes the writer's claim, or fails at once with [`Error::Locked`].
@@ -124,73 +121,19 @@ impl Repository {
         self.store.claim_writer()
     }
 
-    /// A fresh path in the work directory's `tmp/` for a file being written.
-    pub fn tmp_path(&self, what: &str) -> PathBuf {
-        store::tmp_path(self.store.work_dir(), what)
-    }
-
-    /// Makes the complete, fsynced pack file `tmp` durable as pack `id`.
-    pub fn publish_pack(&self, tmp: &Path, id: &ChunkId) -> Result<()> {
-        self.store.put_file(ObjectKind::Pack, &pack_name(id), tmp)
-    }
-
-    /// Makes the complete, fsynced index run file `tmp` durable as run `id` (the hash of its
-    /// bytes); returns the local file to search it in.
-    pub fn publish_index_run(&self, tmp: &Path, id: &ChunkId) -> Result<PathBuf> {
-        let name = index_run_name(id);
-        self.store.put_file(ObjectKind::Index, &name, tmp)?;
-        self.store.index_run(&name)
-    }
-
-    /// Writes one index run; its name is the hash of its bytes. Returns the local file.
-    pub fn write_index_run(&self, bytes: &[u8]) -> Result<PathBuf> {
-        let id = ChunkId::of_file(bytes);
-        let tmp = self.tmp_path("index");
-        let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::File::open(&tmp)?.sync_all()).at(&tmp);
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        self.publish_index_run(&tmp, &id)
-    }
-
-    /// The last step of a backup: the snapshot becomes visible only now, after everything it
-    /// references is durable.
+    /// The last step of a backup: see [`Backend::commit`].
     pub fn commit_snapshot(&self, snapshot: &Snapshot) -> Result<ChunkId> {
-        if let Some(remote) = &self.remote {
-            return remote.commit(snapshot);
-        }
-        let bytes = snapshot.encode();
-        let id = ChunkId::of_file(&bytes);
-        self.store.put(ObjectKind::Snapshot, &id.to_hex(), &bytes)?;
-        Ok(id)
+        self.backend.commit(snapshot)
     }
 
     /// Every snapshot, oldest first. A snapshot that does not decode is an error.
     pub fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
-        if let Some(remote) = &self.remote {
-            return remote.snapshots();
-        }
-        let mut out = vec![];
-        for object in self.store.list(ObjectKind::Snapshot)? {
-            out.push(self.load_snapshot(&object.name)?);
-        }
-        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-        Ok(out)
+        self.backend.snapshots()
     }
 
-    /// The snapshot object `name`, checked against its name.
+    /// The snapshot object `name` in the store, checked against its name.
     pub fn load_snapshot(&self, name: &str) -> Result<(ChunkId, Snapshot)> {
-        let path = PathBuf::from(format!("{}/{}", self.store.location(), ObjectKind::Snapshot.key(name)));
-        let id = ChunkId::from_hex(name).map_err(|e| Error::format(&path, e))?;
-        let bytes = self.store.get(ObjectKind::Snapshot, name)?.ok_or_else(|| Error::Io {
-            path: path.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such snapshot"),
-        })?;
-        if ChunkId::of_file(&bytes) != id {
-            return Err(Error::format(&path, wire::Error::ChecksumMismatch { what: "snapshot" }));
-        }
-        Ok((id, Snapshot::decode(&bytes).map_err(|e| Error::format(&path, e))?))
+        direct::load_snapshot(&*self.store, name)
     }
 
     /// Finds a snapshot by `latest`, a unique id prefix, or a full id.
