@@ -1,10 +1,11 @@
 //! cbcr's data plane: thread-per-core backup, restore and verify against a repository.
 //!
 //! See `docs/ARCHITECTURE.md` for the map. Folders by concern: `pipeline` (the stages, plain
-//! functions over byte slices, and packs), `index`, `store` (where a repository lives) under
-//! `repo`, `net` (QUIC), `source` (generated sources), `command` (the library entry points a CLI
-//! or daemon calls). `runtime` is the only module that knows about glommio; `events`, `error`
-//! and `limits` serve them all.
+//! functions over byte slices, and packs), `repo` (an open repository and the `Backend` its
+//! data goes through: its own store, or a receiver), `index`, `net` (QUIC), `store` (where a
+//! repository's objects live), `source` (generated sources), `command` (the library entry
+//! points a CLI or daemon calls). `runtime` is the only module that knows about glommio;
+//! `events`, `error` and `limits` serve them all.
 
 pub mod command;
 pub mod error;
