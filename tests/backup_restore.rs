@@ -436,3 +436,32 @@ fn page_files_inside_a_tar_store_only_the_changed_pages_in_an_incremental() {
     let cdc = dir_size(&cdc_repo.join("packs")) - before;
     assert!(cdc > 2 * added, "cdc {cdc} bytes vs {added} with page blocks");
 }
+
+#[test]
+fn a_directory_too_large_for_one_tree_blob_backs_up_restores_and_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    init_small(&repo);
+    // 700,000 entries with long names: their tree is ~87 MB, more than the 64 MiB a blob may
+    // be, so it is stored as pieces and an index. A few carry content.
+    let wide = src.join("wide");
+    fs::create_dir_all(&wide).unwrap();
+    for i in 0..700_000 {
+        let file = wide.join(format!("entry-{i:060}"));
+        if i % 100_000 == 7 {
+            fs::write(&file, format!("content of {i}").repeat(1000)).unwrap();
+        } else {
+            fs::File::create(file).unwrap();
+        }
+    }
+    let first = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    assert_eq!(first["files"], 700_000);
+    // Unchanged, the next backup reuses every file through the split parent tree.
+    let second = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    assert_eq!(second["bytes_new"], 0, "{second}");
+    let listed = ok(&["ls", "latest", "--repo", s(&repo)]);
+    assert_eq!(text(&listed.stdout).lines().filter(|l| l.contains("/wide/entry-")).count(), 700_000);
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+}

@@ -442,23 +442,3 @@ fn bad_option_values_and_missing_arguments_are_usage_errors_with_exit_2() {
     assert!(text(&no_repo.stderr).contains("--repo"), "{}", text(&no_repo.stderr));
     assert_eq!(snapshot_count(&repo), 0);
 }
-
-#[test]
-fn a_directory_too_wide_for_one_tree_is_named_and_nothing_is_committed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
-    init_small(&repo);
-    // 700,000 entries with long names: a tree of more than the 64 MiB a blob may be.
-    let wide = src.join("wide");
-    fs::create_dir_all(&wide).unwrap();
-    for i in 0..700_000 {
-        fs::File::create(wide.join(format!("entry-{i:060}"))).unwrap();
-    }
-    let out = cbcr(&["backup", "--repo", s(&repo), s(&src)]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
-    assert!(err.contains(s(&wide)) && err.contains("700000 entries"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(snapshot_count(&repo), 0);
-    ok(&["verify", "--repo", s(&repo)]);
-}

@@ -20,7 +20,7 @@ use dataplane::{limits, runtime};
 use output::Reporter;
 use serde_json::json;
 use wire::repo::ChunkerParams;
-use wire::tree::{NodeKind, Tree};
+use wire::tree::NodeKind;
 
 #[derive(Parser)]
 #[command(name = "cbcr", version, about = "Fast, thread-per-core backup for database fleets")]
@@ -438,9 +438,7 @@ fn list_tree(
     reporter: &Reporter,
     json: bool,
 ) -> Result<(), Error> {
-    let mut buf = Vec::new();
-    reader.read(id, &mut buf)?;
-    let tree = Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {id}: {e}")))?;
+    let tree = reader.read_tree(id)?;
     for node in tree.nodes {
         let path = at.join(String::from_utf8_lossy(&node.name).as_ref());
         let kind = match node.kind {

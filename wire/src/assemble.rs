@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::tree::{Metadata, Node, NodeKind, Tree};
+use crate::tree::{encode_index, Metadata, Node, NodeKind, Tree};
 use crate::{limits, ChunkId};
 
 /// Why a snapshot could not be assembled.
@@ -26,9 +26,11 @@ pub enum AssemblyError {
     #[error("{path}: its parent is not a directory of the snapshot")]
     NoParent { path: String },
     #[error(
-        "{path}: {entries} entries make a directory tree larger than a tree may be ({max_entries} entries, {max_mib} MiB); split the directory, or back up its parent without it"
+        "{path}: {entries} entries, more than one directory may hold ({max_entries}); split the directory, or back up its parent without it"
     )]
-    TooWide { path: String, entries: usize, max_entries: u32, max_mib: u32 },
+    TooWide { path: String, entries: usize, max_entries: u32 },
+    #[error("{path}: its record in the directory's tree is larger than a blob may be ({max_mib} MiB)")]
+    EntryTooLarge { path: String, max_mib: u32 },
 }
 
 /// One entry of a directory being assembled.
@@ -39,9 +41,41 @@ pub enum DirEntry {
     File { name: Vec<u8>, meta: Metadata, segments: Vec<Option<ChunkId>> },
 }
 
-/// The tree of the directory at `path` (for messages) and its encoding, checked against the
-/// bounds of the format: every segment has its result, names are unique, the tree fits a blob.
-pub fn dir_tree(path: &str, entries: Vec<DirEntry>) -> Result<(Tree, Vec<u8>), AssemblyError> {
+/// The encoded tree of one directory: one blob, or (a directory too large for one blob) its
+/// pieces, whose index is stored after them.
+#[derive(Debug)]
+pub struct TreeBlobs(Vec<Vec<u8>>);
+
+impl TreeBlobs {
+    /// Stores the blobs through `store` (given each encoding, returns its id); returns the id
+    /// the directory's node names: the tree's, or its index's.
+    pub fn store<E>(self, mut store: impl FnMut(&[u8]) -> Result<ChunkId, E>) -> Result<ChunkId, E> {
+        if let [whole] = &self.0[..] {
+            return store(whole);
+        }
+        let ids = self.0.iter().map(|piece| store(piece)).collect::<Result<Vec<_>, E>>()?;
+        store(&encode_index(&ids))
+    }
+
+    /// How many blobs: 1 unless the tree is split.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: a directory has at least its one tree.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The tree of the directory at `path` (for messages), encoded, checked against the bounds of
+/// the format: every segment has its result, names are unique, the directory holds at most
+/// [`limits::MAX_TREE_NODES`] entries; a tree larger than a blob is split.
+pub fn dir_tree(path: &str, entries: Vec<DirEntry>) -> Result<TreeBlobs, AssemblyError> {
+    dir_tree_in_blobs_of(path, entries, limits::MAX_BLOB_SIZE as usize)
+}
+
+fn dir_tree_in_blobs_of(path: &str, entries: Vec<DirEntry>, max_blob: usize) -> Result<TreeBlobs, AssemblyError> {
     let mut nodes = Vec::with_capacity(entries.len());
     for entry in entries {
         nodes.push(match entry {
@@ -67,22 +101,20 @@ pub fn dir_tree(path: &str, entries: Vec<DirEntry>) -> Result<(Tree, Vec<u8>), A
     if let Some(w) = nodes.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(AssemblyError::DuplicateName { path: join(path, &w[0].name) });
     }
-    let entries = nodes.len();
-    let too_wide = || AssemblyError::TooWide {
-        path: path.to_owned(),
-        entries,
-        max_entries: limits::MAX_TREE_NODES,
-        max_mib: limits::MAX_BLOB_SIZE >> 20,
-    };
     if nodes.len() > limits::MAX_TREE_NODES as usize {
-        return Err(too_wide());
+        return Err(AssemblyError::TooWide {
+            path: path.to_owned(),
+            entries: nodes.len(),
+            max_entries: limits::MAX_TREE_NODES,
+        });
     }
     let tree = Tree { nodes };
-    let bytes = tree.clone().encode();
-    if bytes.len() > limits::MAX_BLOB_SIZE as usize {
-        return Err(too_wide());
+    match tree.encode_pieces(max_blob) {
+        Ok(blobs) => Ok(TreeBlobs(blobs)),
+        Err(node) => {
+            Err(AssemblyError::EntryTooLarge { path: join(path, &node.name), max_mib: (max_blob >> 20) as u32 })
+        }
     }
-    Ok((tree, bytes))
 }
 
 fn join(dir: &str, name: &[u8]) -> String {
@@ -123,7 +155,7 @@ pub struct SegmentResult {
 pub fn combine<E>(
     entries: &[Entry],
     results: &[SegmentResult],
-    mut store: impl FnMut(&Tree, &[u8]) -> Result<ChunkId, E>,
+    mut store: impl FnMut(&[u8]) -> Result<ChunkId, E>,
 ) -> Result<Result<ChunkId, E>, AssemblyError> {
     let show = |path: &[Vec<u8>]| {
         let parts: Vec<_> = path.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
@@ -177,8 +209,7 @@ pub fn combine<E>(
     order.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for path in order {
         let entries = dirs.remove(&path).expect("listed above");
-        let (tree, bytes) = dir_tree(&show(&path), entries)?;
-        let id = match store(&tree, &bytes) {
+        let id = match dir_tree(&show(&path), entries)?.store(&mut store) {
             Ok(id) => id,
             Err(e) => return Ok(Err(e)),
         };
@@ -192,6 +223,7 @@ pub fn combine<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tree::TreeBlob;
 
     fn id(n: u8) -> ChunkId {
         ChunkId([n; 32])
@@ -232,10 +264,10 @@ mod tests {
     }
 
     /// A store that keeps trees by a hash of their bytes.
-    fn store(trees: &mut HashMap<ChunkId, Tree>) -> impl FnMut(&Tree, &[u8]) -> Result<ChunkId, ()> + '_ {
-        move |tree, bytes| {
+    fn store(trees: &mut HashMap<ChunkId, Tree>) -> impl FnMut(&[u8]) -> Result<ChunkId, ()> + '_ {
+        move |bytes| {
             let id = ChunkId::of_file(bytes);
-            trees.insert(id, tree.clone());
+            trees.insert(id, Tree::decode(bytes).unwrap());
             Ok(id)
         }
     }
@@ -294,7 +326,7 @@ mod tests {
     fn a_store_that_fails_stops_the_assembly() {
         let (entries, results) = snapshot();
         let mut calls = 0;
-        let failed = combine(&entries, &results, |_, _| {
+        let failed = combine(&entries, &results, |_| {
             calls += 1;
             if calls == 2 {
                 Err("disk full")
@@ -309,9 +341,17 @@ mod tests {
     #[test]
     fn one_directory_is_checked_against_the_format_bounds() {
         let file = |name: &str, segments| DirEntry::File { name: name.into(), meta: meta(1), segments };
-        let (tree, bytes) = dir_tree("/d", vec![file("b", vec![Some(id(1))]), file("a", vec![])]).unwrap();
-        assert_eq!(tree.nodes[0].name, b"a", "sorted");
-        assert_eq!(Tree::decode(&bytes).unwrap(), tree);
+        let blobs = dir_tree("/d", vec![file("b", vec![Some(id(1))]), file("a", vec![])]).unwrap();
+        let mut stored = vec![];
+        blobs
+            .store(|b| {
+                stored.push(b.to_vec());
+                Ok::<_, ()>(id(0))
+            })
+            .unwrap();
+        let [tree] = &stored[..] else { panic!("one blob for a small directory") };
+        let names: Vec<_> = Tree::decode(tree).unwrap().nodes.into_iter().map(|n| n.name).collect();
+        assert_eq!(names, [b"a".to_vec(), b"b".to_vec()], "sorted");
         assert_eq!(
             dir_tree("/d", vec![file("x", vec![Some(id(1)), None])]).unwrap_err(),
             AssemblyError::MissingSegment { path: "/d/x".into(), segment: 1, segments: 2 }
@@ -320,10 +360,36 @@ mod tests {
             dir_tree("/d/", vec![file("x", vec![]), file("x", vec![])]).unwrap_err(),
             AssemblyError::DuplicateName { path: "/d/x".into() }
         );
-        // Many long names: over the size of a blob, long before the entry bound.
-        let name = "n".repeat(900);
-        let wide: Vec<_> = (0..80_000).map(|i| file(&format!("{name}{i}"), vec![])).collect();
-        let err = dir_tree("/wide", wide).unwrap_err();
-        assert!(matches!(err, AssemblyError::TooWide { entries: 80_000, .. }), "{err}");
+        let huge = file("huge", vec![Some(id(1)); 100]);
+        assert_eq!(
+            dir_tree_in_blobs_of("/d", vec![huge], 1024).unwrap_err(),
+            AssemblyError::EntryTooLarge { path: "/d/huge".into(), max_mib: 0 }
+        );
+    }
+
+    #[test]
+    fn a_directory_larger_than_a_blob_is_stored_as_pieces_and_an_index() {
+        let file = |i: u32| DirEntry::File { name: format!("file-{i:06}").into(), meta: meta(1), segments: vec![] };
+        let entries = || (0..1000).rev().map(file).collect::<Vec<_>>();
+        let blobs = dir_tree_in_blobs_of("/wide", entries(), 4096).unwrap();
+        assert!(blobs.len() > 10, "{} blobs", blobs.len());
+        let mut stored: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        let keep = |stored: &mut HashMap<ChunkId, Vec<u8>>, b: &[u8]| {
+            assert!(b.len() <= 4096);
+            let id = ChunkId::of_file(b);
+            stored.insert(id, b.to_vec());
+            Ok::<_, ()>(id)
+        };
+        let root = blobs.store(|b| keep(&mut stored, b)).unwrap();
+        let TreeBlob::Pieces(pieces) = TreeBlob::decode(&stored[&root]).unwrap() else { panic!("an index") };
+        let pieces: Vec<Tree> = pieces.iter().map(|p| Tree::decode(&stored[p]).unwrap()).collect();
+        let tree = Tree::join(pieces.clone()).unwrap();
+        let names: Vec<String> = tree.nodes.iter().map(|n| String::from_utf8_lossy(&n.name).into_owned()).collect();
+        assert_eq!(names, (0..1000).map(|i| format!("file-{i:06}")).collect::<Vec<_>>());
+        // The same directory splits the same way (dedup across snapshots).
+        let again = dir_tree_in_blobs_of("/wide", entries(), 4096).unwrap();
+        assert_eq!(again.store(|b| keep(&mut stored, b)).unwrap(), root);
+        // Pieces out of order are refused.
+        assert!(Tree::join(pieces.into_iter().rev().collect()).is_err());
     }
 }

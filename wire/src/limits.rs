@@ -21,6 +21,8 @@ pub const MAX_PACK_ENTRIES: u32 = 1 << 20;
 pub const MAX_INDEX_ENTRIES: u32 = 1 << 26;
 /// Most entries (children) one tree may hold.
 pub const MAX_TREE_NODES: u32 = 1 << 22;
+/// Most pieces one split tree may have (see [`crate::tree::TreeBlob`]).
+pub const MAX_TREE_PIECES: u32 = 1 << 16;
 /// Most chunks one chunk list (one segment of a file) may hold.
 pub const MAX_CHUNK_LIST_ENTRIES: u32 = 1 << 20;
 /// Most segments one file may have (with the smallest segment size this is still 64 TiB+).

@@ -11,7 +11,13 @@
 //!             mtime_ns:i64 ctime_ns:i64 inode:u64 dev:u64 body
 //! body:       file: segments:u32 id*  |  dir: subtree id  |  symlink: len:u16 target
 //! chunk list: "CBCL" version:u16 0:u16 count:u32 (id len:u32 flags:u32)*
+//! tree index: "CBTR" 2:u16 0:u16 count:u32 id*                   (count >= 2)
 //! ```
+//!
+//! A directory whose tree would be larger than a blob may be (hundreds of thousands of
+//! entries) is stored as pieces, each a version-1 tree of consecutive names, and a tree index
+//! naming them in order; its node in the parent names the index. [`TreeBlob::decode`] reads
+//! either; [`Tree::join`] puts the pieces back together.
 
 use crate::codec::{self, Reader};
 use crate::{limits, ChunkId, Result};
@@ -20,6 +26,9 @@ const TREE_MAGIC: &[u8; 4] = b"CBTR";
 const LIST_MAGIC: &[u8; 4] = b"CBCL";
 /// Version of the tree and chunk-list encodings.
 pub const VERSION: u16 = 1;
+/// The version field that marks a tree index.
+pub const INDEX_VERSION: u16 = 2;
+const HEADER_LEN: usize = 12;
 
 /// File metadata recorded for every node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,44 +82,63 @@ impl Tree {
     pub fn encode(mut self) -> Vec<u8> {
         self.nodes.sort_by(|a, b| a.name.cmp(&b.name));
         assert!(self.nodes.len() <= limits::MAX_TREE_NODES as usize);
-        let mut out = Vec::with_capacity(12 + self.nodes.len() * 128);
+        let mut out = Vec::with_capacity(HEADER_LEN + self.nodes.len() * 128);
         codec::preamble(&mut out, TREE_MAGIC, VERSION);
         out.extend_from_slice(&(self.nodes.len() as u32).to_le_bytes());
         for n in &self.nodes {
-            assert!(valid_name(&n.name), "invalid file name in tree");
-            let kind = match n.kind {
-                NodeKind::File { .. } => KIND_FILE,
-                NodeKind::Dir { .. } => KIND_DIR,
-                NodeKind::Symlink { .. } => KIND_SYMLINK,
-            };
-            out.push(kind);
-            out.extend_from_slice(&(n.name.len() as u16).to_le_bytes());
-            out.extend_from_slice(&n.name);
-            let m = &n.meta;
-            for v in [m.mode, m.uid, m.gid] {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            out.extend_from_slice(&m.size.to_le_bytes());
-            out.extend_from_slice(&m.mtime_ns.to_le_bytes());
-            out.extend_from_slice(&m.ctime_ns.to_le_bytes());
-            out.extend_from_slice(&m.inode.to_le_bytes());
-            out.extend_from_slice(&m.dev.to_le_bytes());
-            match &n.kind {
-                NodeKind::File { segments } => {
-                    out.extend_from_slice(&(segments.len() as u32).to_le_bytes());
-                    for s in segments {
-                        out.extend_from_slice(&s.0);
-                    }
-                }
-                NodeKind::Dir { tree } => out.extend_from_slice(&tree.0),
-                NodeKind::Symlink { target } => {
-                    assert!(target.len() <= limits::MAX_LINK_TARGET_LEN);
-                    out.extend_from_slice(&(target.len() as u16).to_le_bytes());
-                    out.extend_from_slice(target);
-                }
-            }
+            encode_node(n, &mut out);
         }
         out
+    }
+
+    /// The tree as blobs of at most `max_len` bytes each: its plain encoding when that fits,
+    /// else pieces of consecutive nodes (sorted first), to be stored and named by an
+    /// [`encode_index`]. Fails with the node that alone is larger than `max_len`.
+    pub fn encode_pieces(mut self, max_len: usize) -> std::result::Result<Vec<Vec<u8>>, Node> {
+        self.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let flush = |pieces: &mut Vec<Vec<u8>>, body: &mut Vec<u8>, count: &mut u32| {
+            let mut piece = Vec::with_capacity(HEADER_LEN + body.len());
+            codec::preamble(&mut piece, TREE_MAGIC, VERSION);
+            piece.extend_from_slice(&count.to_le_bytes());
+            piece.append(body);
+            pieces.push(piece);
+            *count = 0;
+        };
+        let (mut pieces, mut body, mut count, mut node) = (vec![], Vec::new(), 0u32, Vec::new());
+        for n in self.nodes.iter() {
+            node.clear();
+            encode_node(n, &mut node);
+            if HEADER_LEN + node.len() > max_len {
+                let at = self.nodes.iter().position(|m| m.name == n.name).expect("a node of the tree");
+                return Err(self.nodes.swap_remove(at));
+            }
+            if HEADER_LEN + body.len() + node.len() > max_len || count == limits::MAX_TREE_NODES {
+                flush(&mut pieces, &mut body, &mut count);
+            }
+            body.extend_from_slice(&node);
+            count += 1;
+        }
+        if count > 0 || pieces.is_empty() {
+            flush(&mut pieces, &mut body, &mut count);
+        }
+        Ok(pieces)
+    }
+
+    /// One tree from its pieces in order; names must ascend across them, as within each.
+    pub fn join(pieces: Vec<Tree>) -> Result<Self> {
+        let mut nodes: Vec<Node> = Vec::with_capacity(pieces.iter().map(|p| p.nodes.len()).sum());
+        for piece in pieces {
+            if let (Some(last), Some(first)) = (nodes.last(), piece.nodes.first()) {
+                if last.name >= first.name {
+                    return Err(crate::Error::Corrupt {
+                        what: "tree",
+                        detail: "the pieces of a split tree are not in name order".into(),
+                    });
+                }
+            }
+            nodes.extend(piece.nodes);
+        }
+        Ok(Self { nodes })
     }
 
     /// Decodes and validates a tree blob.
@@ -164,6 +192,79 @@ impl Tree {
     /// The child called `name`, if any.
     pub fn find(&self, name: &[u8]) -> Option<&Node> {
         self.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok().map(|i| &self.nodes[i])
+    }
+}
+
+fn encode_node(n: &Node, out: &mut Vec<u8>) {
+    assert!(valid_name(&n.name), "invalid file name in tree");
+    let kind = match n.kind {
+        NodeKind::File { .. } => KIND_FILE,
+        NodeKind::Dir { .. } => KIND_DIR,
+        NodeKind::Symlink { .. } => KIND_SYMLINK,
+    };
+    out.push(kind);
+    out.extend_from_slice(&(n.name.len() as u16).to_le_bytes());
+    out.extend_from_slice(&n.name);
+    let m = &n.meta;
+    for v in [m.mode, m.uid, m.gid] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&m.size.to_le_bytes());
+    out.extend_from_slice(&m.mtime_ns.to_le_bytes());
+    out.extend_from_slice(&m.ctime_ns.to_le_bytes());
+    out.extend_from_slice(&m.inode.to_le_bytes());
+    out.extend_from_slice(&m.dev.to_le_bytes());
+    match &n.kind {
+        NodeKind::File { segments } => {
+            out.extend_from_slice(&(segments.len() as u32).to_le_bytes());
+            for s in segments {
+                out.extend_from_slice(&s.0);
+            }
+        }
+        NodeKind::Dir { tree } => out.extend_from_slice(&tree.0),
+        NodeKind::Symlink { target } => {
+            assert!(target.len() <= limits::MAX_LINK_TARGET_LEN);
+            out.extend_from_slice(&(target.len() as u16).to_le_bytes());
+            out.extend_from_slice(target);
+        }
+    }
+}
+
+/// The index of a split tree: its pieces' ids, in name order.
+pub fn encode_index(pieces: &[ChunkId]) -> Vec<u8> {
+    assert!((2..=limits::MAX_TREE_PIECES as usize).contains(&pieces.len()));
+    let mut out = Vec::with_capacity(HEADER_LEN + pieces.len() * 32);
+    codec::preamble(&mut out, TREE_MAGIC, INDEX_VERSION);
+    out.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
+    for id in pieces {
+        out.extend_from_slice(&id.0);
+    }
+    out
+}
+
+/// A tree blob as stored: a whole directory, or the index of a split one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TreeBlob {
+    Whole(Tree),
+    /// The ids of the pieces, each a whole tree, in name order.
+    Pieces(Vec<ChunkId>),
+}
+
+impl TreeBlob {
+    /// Decodes either kind of tree blob, by its version field.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.get(..4) != Some(TREE_MAGIC) || bytes.get(4..6) != Some(&INDEX_VERSION.to_le_bytes()[..]) {
+            return Tree::decode(bytes).map(TreeBlob::Whole);
+        }
+        let mut r = Reader::new(bytes, "tree index");
+        r.preamble(TREE_MAGIC, INDEX_VERSION)?;
+        let count = r.count(limits::MAX_TREE_PIECES, 32)?;
+        if count < 2 {
+            return Err(r.corrupt(format!("{count} pieces; a split tree has at least 2")));
+        }
+        let pieces = (0..count).map(|_| r.array().map(ChunkId)).collect::<Result<_>>()?;
+        r.finish()?;
+        Ok(TreeBlob::Pieces(pieces))
     }
 }
 
@@ -310,6 +411,26 @@ mod tests {
             let mut with_magic = b"CBTR\x01\x00\x00\x00".to_vec();
             with_magic.extend_from_slice(&bytes);
             let _ = Tree::decode(&with_magic);
+        }
+
+        #[test]
+        fn tree_index_round_trips_and_garbage_never_panics(ids in proptest::collection::vec(proptest::array::uniform32(any::<u8>()), 2..40), bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let ids: Vec<ChunkId> = ids.into_iter().map(ChunkId).collect();
+            let index = encode_index(&ids);
+            prop_assert_eq!(TreeBlob::decode(&index).unwrap(), TreeBlob::Pieces(ids));
+            prop_assert!(TreeBlob::decode(&index[..index.len() - 1]).is_err());
+            prop_assert!(Tree::decode(&index).is_err(), "an index is not a piece");
+            let mut with_magic = b"CBTR\x02\x00\x00\x00".to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = TreeBlob::decode(&with_magic);
+        }
+
+        #[test]
+        fn a_split_tree_joins_back(tree in arb_tree(), max in 200usize..2000) {
+            let pieces = tree.clone().encode_pieces(max).unwrap();
+            prop_assert!(pieces.iter().all(|p| p.len() <= max));
+            let decoded = pieces.iter().map(|p| Tree::decode(p).unwrap()).collect();
+            prop_assert_eq!(Tree::join(decoded).unwrap(), tree);
         }
 
         #[test]

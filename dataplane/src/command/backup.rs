@@ -1091,8 +1091,8 @@ impl Walker<'_> {
                 }
             });
         }
-        let (_, bytes) = assemble::dir_tree(&dir.path.to_string_lossy(), entries)?;
-        let (id, _) = self.tree_writer.store(BlobKind::Tree, &bytes)?;
+        let blobs = assemble::dir_tree(&dir.path.to_string_lossy(), entries)?;
+        let id = blobs.store(|bytes| self.tree_writer.store(BlobKind::Tree, bytes).map(|(id, _)| id))?;
         self.dirs_done.insert(dir.slot, id);
         self.stats.dirs += 1;
         Ok(())
@@ -1106,9 +1106,7 @@ impl Walker<'_> {
     }
 
     fn load_tree(&mut self, id: &ChunkId) -> Result<Tree> {
-        let mut buf = Vec::new();
-        self.reader.read(id, &mut buf)?;
-        Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {id}: {e}")))
+        self.reader.read_tree(id)
     }
 
     /// Warns when a file read for this backup was changed while it was read: its copy may mix

@@ -311,9 +311,10 @@ impl RestoreWalk<'_> {
     }
 
     fn load(&mut self, id: &ChunkId, at: &Path) -> Result<Tree> {
-        let mut buf = Vec::new();
-        self.reader.read(id, &mut buf)?;
-        Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {id} ({}): {e}", at.display())))
+        self.reader.read_tree(id).map_err(|e| match e {
+            Error::Integrity(detail) => Error::Integrity(format!("{detail} ({})", at.display())),
+            other => other,
+        })
     }
 
     fn walk_tree(&mut self, tree: Tree, dest: &Path, at: &Path) -> Result<()> {
@@ -426,11 +427,9 @@ impl RestoreWalk<'_> {
 /// Whether the absolute snapshot path `path` names a node of the tree `root`.
 fn in_snapshot(reader: &mut BlobReader<'_>, root: ChunkId, path: &Path) -> Result<bool> {
     let mut tree_id = root;
-    let mut buf = Vec::new();
     let mut names = path.components().filter(|c| !matches!(c, std::path::Component::RootDir)).peekable();
     while let Some(name) = names.next() {
-        reader.read(&tree_id, &mut buf)?;
-        let tree = Tree::decode(&buf).map_err(|e| Error::Integrity(format!("tree {tree_id}: {e}")))?;
+        let tree = reader.read_tree(&tree_id)?;
         match tree.find(name.as_os_str().as_bytes()).map(|n| &n.kind) {
             Some(_) if names.peek().is_none() => return Ok(true),
             Some(NodeKind::Dir { tree }) => tree_id = *tree,

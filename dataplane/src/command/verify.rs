@@ -337,6 +337,21 @@ fn check_list(
     Ok(())
 }
 
+/// A tree (all its pieces, if split), verified, unless verify already found a blob of it damaged.
+fn read_tree(
+    reader: &mut BlobReader<'_>,
+    damaged: &HashSet<ChunkId>,
+    id: &ChunkId,
+) -> std::result::Result<Tree, String> {
+    if damaged.contains(id) {
+        return Err(format!("blob {id} is damaged"));
+    }
+    reader.read_tree_checked(id, |piece| !damaged.contains(piece)).map_err(|e| match e {
+        Error::Integrity(d) => d,
+        other => other.to_string(),
+    })
+}
+
 /// A blob, verified, unless verify already found it damaged.
 fn read_blob(
     reader: &mut BlobReader<'_>,
@@ -360,9 +375,7 @@ impl SnapshotWalk<'_> {
         if self.clean_trees.contains(id) {
             return true;
         }
-        let tree = match read_blob(&mut self.reader, self.damaged, id)
-            .and_then(|b| Tree::decode(&b).map_err(|e| e.to_string()))
-        {
+        let tree = match read_tree(&mut self.reader, self.damaged, id) {
             Ok(t) => t,
             Err(detail) => {
                 self.damage_file(snap, path, format!("directory tree {id}: {detail}"));

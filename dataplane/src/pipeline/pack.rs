@@ -8,6 +8,7 @@ use crossbeam_channel::{bounded, Sender};
 
 use wire::delta::BlockDelta;
 use wire::pack::{encode_trailer, PackEntry, PackHeader};
+use wire::tree::{Tree, TreeBlob};
 use wire::{BlobKind, ChunkId, Compression};
 
 use crate::error::{Error, Result};
@@ -297,6 +298,33 @@ impl<'a> BlobReader<'a> {
     /// instead of one round trip each. A local repository needs no notice.
     pub fn prefetch(&mut self, ids: Vec<ChunkId>) {
         self.source.prefetch(ids);
+    }
+
+    /// Reads tree `id`, verified and decoded: a whole one, or every piece of a split one.
+    pub fn read_tree(&mut self, id: &ChunkId) -> Result<Tree> {
+        self.read_tree_checked(id, |_| true)
+    }
+
+    /// [`Self::read_tree`], where a piece for which `usable` is false fails the read (verify
+    /// knows some blobs are damaged already).
+    pub fn read_tree_checked(&mut self, id: &ChunkId, usable: impl Fn(&ChunkId) -> bool) -> Result<Tree> {
+        let bad = |tree: &ChunkId, e: String| Error::Integrity(format!("tree {tree}: {e}"));
+        let mut buf = Vec::new();
+        self.read(id, &mut buf)?;
+        let pieces = match TreeBlob::decode(&buf).map_err(|e| bad(id, e.to_string()))? {
+            TreeBlob::Whole(tree) => return Ok(tree),
+            TreeBlob::Pieces(pieces) => pieces,
+        };
+        self.prefetch(pieces.clone());
+        let mut trees = Vec::with_capacity(pieces.len());
+        for piece in &pieces {
+            if !usable(piece) {
+                return Err(bad(id, format!("piece {piece} is damaged")));
+            }
+            self.read(piece, &mut buf)?;
+            trees.push(Tree::decode(&buf).map_err(|e| bad(id, format!("piece {piece}: {e}")))?);
+        }
+        Tree::join(trees).map_err(|e| bad(id, e.to_string()))
     }
 
     /// Reads blob `id` into `out` (replacing its content).
