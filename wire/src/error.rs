@@ -16,4 +16,7 @@ pub enum Error {
     /// A field is out of range or inconsistent with another.
     #[error("{what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    /// An encrypted object did not authenticate: damaged, forged, or sealed under another key.
+    #[error("{what}: does not authenticate (damaged, forged, or written under another repository's key)")]
+    Authentication { what: &'static str },
 }

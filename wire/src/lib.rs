@@ -9,6 +9,7 @@
 
 pub mod assemble;
 mod codec;
+pub mod crypto;
 pub mod delta;
 mod error;
 pub mod frame;

@@ -7,8 +7,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::{limits, ChunkId, Error, RepoKey, Result};
 
-/// Repository format version this cbcr writes and reads.
+/// Format version of the key file and snapshot records, and the oldest config version read.
 pub const VERSION: u32 = 1;
+/// The config version new repositories get; version 2 adds [`RepoConfig::encryption`].
+pub const CONFIG_VERSION: u32 = 2;
+
+/// How a repository's objects are sealed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encryption {
+    /// Plaintext: every version-1 repository, and `init --insecure-no-encryption`.
+    #[default]
+    None,
+    /// Blobs and snapshot records in [`crate::crypto`] envelopes; the keys in password slots.
+    Xchacha20Poly1305,
+}
 
 /// `REPO/config`: fixed at init, read at every open.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +33,9 @@ pub struct RepoConfig {
     pub chunker: ChunkerParams,
     /// Files are cut at every multiple of this many bytes; each segment is chunked on its own.
     pub segment_size: u64,
+    /// Absent in version 1: plaintext.
+    #[serde(default)]
+    pub encryption: Encryption,
 }
 
 /// FastCDC v2020 sizes.
@@ -94,7 +110,7 @@ impl RepoConfig {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        check_version("repository config", bytes)?;
+        check_version("repository config", bytes, VERSION..=CONFIG_VERSION)?;
         let c: Self = from_json("repository config", bytes)?;
         c.validate()?;
         Ok(c)
@@ -117,7 +133,7 @@ impl KeyFile {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<RepoKey> {
-        check_version("key file", bytes)?;
+        check_version("key file", bytes, VERSION..=VERSION)?;
         let f: KeyFile = from_json("key file", bytes)?;
         let id = ChunkId::from_hex(&f.key)
             .map_err(|_| Error::Corrupt { what: "key file", detail: "key is not 64 hex characters".into() })?;
@@ -168,7 +184,7 @@ impl Snapshot {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        check_version("snapshot", bytes)?;
+        check_version("snapshot", bytes, VERSION..=VERSION)?;
         let s: Self = from_json("snapshot", bytes)?;
         ChunkId::from_hex(&s.tree)?;
         if let Some(p) = &s.parent {
@@ -183,27 +199,31 @@ impl Snapshot {
     }
 }
 
-fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     let mut out = serde_json::to_vec_pretty(v).expect("plain structs always serialize");
     out.push(b'\n');
     out
 }
 
-fn from_json<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T> {
+pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::Corrupt { what, detail: e.to_string() })
 }
 
 /// Reads only the version first, so a newer format is reported as such, not as a field error.
-fn check_version(what: &'static str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn check_version(
+    what: &'static str,
+    bytes: &[u8],
+    supported: std::ops::RangeInclusive<u32>,
+) -> Result<u32> {
     #[derive(Deserialize)]
     struct Versioned {
         version: u32,
     }
     let v: Versioned = from_json(what, bytes)?;
-    if v.version != VERSION {
-        return Err(Error::UnsupportedVersion { what, found: v.version, supported: VERSION });
+    if !supported.contains(&v.version) {
+        return Err(Error::UnsupportedVersion { what, found: v.version, supported: *supported.end() });
     }
-    Ok(())
+    Ok(v.version)
 }
 
 #[cfg(test)]
@@ -212,16 +232,29 @@ mod tests {
     use proptest::prelude::*;
 
     fn config() -> RepoConfig {
-        RepoConfig { version: VERSION, key_id: "00".into(), chunker: ChunkerParams::default(), segment_size: 1 << 30 }
+        RepoConfig {
+            version: VERSION,
+            key_id: "00".into(),
+            chunker: ChunkerParams::default(),
+            segment_size: 1 << 30,
+            encryption: Encryption::None,
+        }
     }
 
     #[test]
     fn config_round_trips_and_newer_versions_are_named() {
         let c = config();
         assert_eq!(RepoConfig::decode(&c.encode()).unwrap(), c);
+        // Version 1 has no `encryption`: plaintext.
+        let v1 = String::from_utf8(c.encode()).unwrap().replace(",\n  \"encryption\": \"none\"", "");
+        assert!(!v1.contains("encryption"), "{v1}");
+        assert_eq!(RepoConfig::decode(v1.as_bytes()).unwrap(), c);
+        let sealed = RepoConfig { version: CONFIG_VERSION, encryption: Encryption::Xchacha20Poly1305, ..config() };
+        assert!(String::from_utf8(sealed.encode()).unwrap().contains("\"xchacha20-poly1305\""));
+        assert_eq!(RepoConfig::decode(&sealed.encode()).unwrap(), sealed);
         let newer = String::from_utf8(c.encode()).unwrap().replace("\"version\": 1", "\"version\": 7");
         match RepoConfig::decode(newer.as_bytes()) {
-            Err(Error::UnsupportedVersion { found: 7, supported: 1, .. }) => {}
+            Err(Error::UnsupportedVersion { found: 7, supported: CONFIG_VERSION, .. }) => {}
             other => panic!("expected a version error, got {other:?}"),
         }
     }
