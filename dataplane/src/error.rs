@@ -26,6 +26,8 @@ pub enum ExitCode {
     NoSpace = 14,
     /// A remote repository could not be reached, refused us, or the connection broke.
     Network = 15,
+    /// The password (or the key command's secret) opens no key slot of the repository.
+    WrongPassword = 16,
     Interrupted = 130,
 }
 
@@ -40,6 +42,8 @@ pub enum Error {
     Locked(PathBuf),
     #[error("{path}: {source}")]
     Format { path: PathBuf, source: wire::Error },
+    #[error("{0}: the password opens none of the repository's key slots ({1} tried); check the password, or the --password-file / CBCR_PASSWORD / --key-command given")]
+    WrongPassword(String, usize),
     #[error(
         "no space left on device while writing {0}; free space and run the backup again (earlier snapshots are intact)"
     )]
@@ -83,6 +87,7 @@ impl Error {
         match self {
             Error::NotARepository(_) => ExitCode::NoRepository,
             Error::Locked(_) => ExitCode::Locked,
+            Error::WrongPassword(..) => ExitCode::WrongPassword,
             Error::Format { source: wire::Error::UnsupportedVersion { .. }, .. } => ExitCode::UnsupportedFormat,
             Error::Protocol(_) => ExitCode::UnsupportedFormat,
             Error::Format { .. } | Error::Integrity(_) => ExitCode::Integrity,

@@ -107,7 +107,7 @@ pub const DEFAULT_DELTA_CHAIN: u32 = 3;
 pub const DELTA_MAX_CHANGED_FRACTION: usize = 2;
 
 const _: () = assert!(MIN_PACK_SIZE <= PACK_TARGET_SIZE && PACK_TARGET_SIZE <= MAX_PACK_SIZE);
-const _: () = assert!(MAX_PACK_SIZE + wire::limits::MAX_BLOB_SIZE as u64 <= wire::limits::MAX_PACK_LEN);
+const _: () = assert!(MAX_PACK_SIZE + wire::limits::MAX_STORED_BLOB_SIZE as u64 <= wire::limits::MAX_PACK_LEN);
 // The window must hold a largest chunk, or a chunk could be dropped while it is still read.
 const _: () = assert!(MAPPED_WINDOW >= wire::limits::MAX_CHUNK_SIZE as usize / 2);
 // A pack must hold at least one largest blob, or a writer could never make progress.

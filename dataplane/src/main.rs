@@ -2,6 +2,7 @@
 //! documented exit code. Everything else lives in the library.
 
 mod output;
+mod secret;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
@@ -58,6 +59,26 @@ struct Global {
     /// Cores to run on (default: every core this process may use).
     #[arg(long, global = true, env = "CBCR_CORES")]
     cores: Option<usize>,
+    /// The repository's password: the first line of this file (else CBCR_PASSWORD, else the
+    /// terminal is asked).
+    #[arg(long, global = true, env = "CBCR_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// A command (run with sh -c) that prints the password, e.g. a KMS or vault client;
+    /// before --password-file.
+    #[arg(long, global = true, env = "CBCR_KEY_COMMAND")]
+    key_command: Option<String>,
+}
+
+impl Global {
+    fn password(&self) -> secret::Sources {
+        secret::Sources {
+            command: self.key_command.clone(),
+            file: self.password_file.clone(),
+            env: "CBCR_PASSWORD",
+            what: "password",
+            options: "--password-file F, CBCR_PASSWORD_FILE, CBCR_PASSWORD or --key-command CMD",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -142,6 +163,48 @@ enum Command {
     /// Certificates for QUIC.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The password slots of an encrypted repository (on its store: a directory or s3://).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// List the password slots.
+    List,
+    /// Add a slot for a new password (any slot's password then opens the repository).
+    Add(NewPassword),
+    /// Remove a slot (not the one whose password is given now).
+    Remove {
+        /// The slot's name, as `key list` shows it.
+        name: String,
+    },
+    /// Replace the slot of the password given with one for a new password.
+    Passwd(NewPassword),
+}
+
+#[derive(Args)]
+struct NewPassword {
+    /// The new password: the first line of this file (else CBCR_NEW_PASSWORD, else the
+    /// terminal is asked twice).
+    #[arg(long, env = "CBCR_NEW_PASSWORD_FILE")]
+    new_password_file: Option<PathBuf>,
+    /// A command that prints the new password.
+    #[arg(long)]
+    new_key_command: Option<String>,
+}
+
+impl NewPassword {
+    fn read(&self) -> Result<Vec<u8>, Error> {
+        let sources = secret::Sources {
+            command: self.new_key_command.clone(),
+            file: self.new_password_file.clone(),
+            env: "CBCR_NEW_PASSWORD",
+            what: "new password",
+            options: "--new-password-file F, CBCR_NEW_PASSWORD_FILE, CBCR_NEW_PASSWORD or --new-key-command CMD",
+        };
+        sources.read(true)
+    }
 }
 
 #[derive(Subcommand)]
@@ -168,6 +231,10 @@ struct InitArgs {
     /// Largest chunk.
     #[arg(long, default_value = "256KiB", value_parser = dataplane::parse_size)]
     chunk_max: u64,
+    /// Store everything in plaintext: for benchmarks only. Anyone who can read the store can
+    /// read every backup.
+    #[arg(long)]
+    insecure_no_encryption: bool,
 }
 
 fn main() -> ProcessExit {
@@ -228,12 +295,23 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         (None, None, None) => None,
         _ => return Err(Error::Usage("give all three of --cert, --key and --ca".into())),
     };
-    let open = |init: bool| Repository::open_spec(&repo_path()?, tls.as_ref(), init);
+    let password = g.password();
+    let ask = || password.read(false);
+    let open = |init: bool| Repository::open_spec(&repo_path()?, tls.as_ref(), init, &ask);
     match cli.command {
         Command::Init(a) => {
             let chunker =
                 ChunkerParams { min: to_u32(a.chunk_min)?, avg: to_u32(a.chunk_avg)?, max: to_u32(a.chunk_max)? };
-            let repo = Repository::init(dataplane::store::open(&repo_path()?)?, a.segment_size, chunker)?;
+            let secret = if a.insecure_no_encryption {
+                eprintln!(
+                    "cbcr: WARNING: --insecure-no-encryption: this repository is stored in plaintext; anyone who can read its store can read every backup"
+                );
+                None
+            } else {
+                Some(password.read(true)?)
+            };
+            let store = dataplane::store::open(&repo_path()?)?;
+            let repo = Repository::init(store, a.segment_size, chunker, secret.as_deref())?;
             reporter.json(json!({"type": "init", "repo": repo.location(), "config": repo.config}));
             if !g.quiet && !g.json {
                 println!("created repository {}", repo.location());
@@ -364,7 +442,56 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
-        Command::Receiver { listen, metrics, grace } => receiver(g.repo, tls, listen, metrics, grace, cores),
+        Command::Receiver { listen, metrics, grace } => {
+            let opts = receiver_options(g.repo, tls, listen, metrics, grace, cores, password.given()?)?;
+            dataplane::command::receiver::run(opts)?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Key(key) => {
+            if repo_path()?.starts_with("quic://") {
+                return Err(Error::Usage(
+                    "key slots are managed on the repository's store (its directory or s3://), not through a receiver".into(),
+                ));
+            }
+            let repo = open(false)?;
+            match key {
+                KeyCommand::List => {
+                    let slots = repo.key_slots()?;
+                    if slots.is_empty() {
+                        return Err(Error::Usage(format!("{}: not encrypted, it has no key slots", repo.location())));
+                    }
+                    for slot in slots {
+                        reporter.json(json!({"type": "key", "name": slot.name, "created": slot.created, "label": slot.label, "current": slot.current}));
+                        if !g.json {
+                            let mark = if slot.current { "*" } else { " " };
+                            println!("{mark} {}  {}  {}", slot.name, slot.created, slot.label);
+                        }
+                    }
+                }
+                KeyCommand::Add(new) => {
+                    let name = repo.add_key(&new.read()?)?;
+                    reporter.json(json!({"type": "key_added", "name": name}));
+                    if !g.quiet && !g.json {
+                        println!("added key slot {name}");
+                    }
+                }
+                KeyCommand::Remove { name } => {
+                    repo.remove_key(&name)?;
+                    reporter.json(json!({"type": "key_removed", "name": name}));
+                    if !g.quiet && !g.json {
+                        println!("removed key slot {name}");
+                    }
+                }
+                KeyCommand::Passwd(new) => {
+                    let name = repo.change_password(&new.read()?)?;
+                    reporter.json(json!({"type": "key_changed", "name": name}));
+                    if !g.quiet && !g.json {
+                        println!("changed the password: key slot {name} replaces the one it opened");
+                    }
+                }
+            }
+            Ok(ExitCode::Ok)
+        }
         Command::Cert(CertCommand::Dev { out }) => {
             dataplane::net::quic::write_dev_pki(&out, false)?;
             reporter.json(json!({"type": "cert", "dir": out}));
@@ -413,22 +540,22 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
     }
 }
 
-fn receiver(
+fn receiver_options(
     repo: Option<String>,
     tls: Option<TlsFiles>,
     listen: std::net::SocketAddr,
     metrics: Option<std::net::SocketAddr>,
     grace: std::time::Duration,
     cores: usize,
-) -> Result<ExitCode, Error> {
+    password: Option<Vec<u8>>,
+) -> Result<ReceiverOptions, Error> {
     let repo = repo.ok_or_else(|| Error::Usage("give the receiver its repository with --repo".into()))?;
     if repo.starts_with("quic://") {
         return Err(Error::Usage("a receiver serves a local directory or s3://, not quic://".into()));
     }
     let tls =
         tls.ok_or_else(|| Error::Usage("a receiver needs --cert, --key and --ca (mutual TLS is mandatory)".into()))?;
-    dataplane::command::receiver::run(ReceiverOptions { listen, repo, tls, metrics, cores, grace })?;
-    Ok(ExitCode::Ok)
+    Ok(ReceiverOptions { listen, repo, tls, metrics, cores, grace, password })
 }
 
 fn list_tree(

@@ -18,7 +18,8 @@
 //! this side does not speak, or of an unknown kind, is refused as such.
 //!
 //! Versions: 1, the first; 2, a `Hello` may carry the lowest version after the client name, and
-//! a `Commit` may carry a job name and fencing token.
+//! a `Commit` may carry a job name and fencing token; 3, a `Welcome` carries the repository's
+//! key objects as stored (password slots: the client opens them), never a key.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -27,11 +28,15 @@ use crate::pack::{PackEntry, ENTRY_LEN};
 use crate::{limits, ChunkId, Error, Result};
 
 /// The newest protocol version this cbcr speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// The oldest protocol version this cbcr still speaks.
 pub const MIN_VERSION: u8 = 1;
 /// The first version whose `Commit` carries a [`Fence`].
 pub const FENCE_VERSION: u8 = 2;
+/// The first version whose `Welcome` carries key objects instead of a key.
+pub const KEY_OBJECTS_VERSION: u8 = 3;
+/// Most key objects one `Welcome` carries.
+pub const MAX_KEY_OBJECTS: u32 = 256;
 /// ALPN token of the cbcr protocol.
 pub const ALPN: &[u8] = b"cbcr/1";
 
@@ -98,10 +103,11 @@ impl FrameKind {
         use FrameKind::*;
         let ids = 12 + limits::MAX_BATCH_IDS * 32;
         match self {
-            Hello | Welcome | PutPack | PackStored | ListSnapshots | Committed | Verify | Error => 64 << 10,
+            Hello | PutPack | PackStored | ListSnapshots | Committed | Verify | Error => 64 << 10,
+            Welcome => 1 << 20,
             Have | GetBlobs => ids,
             HaveReply => 12 + limits::MAX_BATCH_IDS.div_ceil(8),
-            Blob => ENTRY_LEN as u32 + limits::MAX_BLOB_SIZE,
+            Blob => ENTRY_LEN as u32 + limits::MAX_STORED_BLOB_SIZE,
             SnapshotRecord | Commit | VerifyReport => limits::MAX_RECORD_LEN,
         }
     }
@@ -154,6 +160,16 @@ impl ErrorCode {
     }
 }
 
+/// How a `Welcome` hands over a repository's keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WelcomeKeys {
+    /// Versions 1 and 2: the id key itself (plaintext repositories only).
+    Raw([u8; 32]),
+    /// Version 3: the key objects as stored, by name (password slots, or a plaintext
+    /// repository's key file); the client opens them itself.
+    Objects(Vec<(String, Vec<u8>)>),
+}
+
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -161,9 +177,9 @@ pub enum Frame {
     /// and who the client says it is (its certificate is what authenticates it; the name is
     /// for logs).
     Hello { min: u8, max: u8, client: String },
-    /// Receiver -> client: the session, and the repository's config and key (the client hashes
-    /// chunks with it). `version` is the version agreed on: the frame's own header version.
-    Welcome { version: u8, session: u64, config: Vec<u8>, key: [u8; 32] },
+    /// Receiver -> client: the session, and the repository's config and keys. `version` is the
+    /// version agreed on: the frame's own header version.
+    Welcome { version: u8, session: u64, config: Vec<u8>, keys: WelcomeKeys },
     /// Which of these blobs does the repository have, durably?
     Have { session: u64, ids: Vec<ChunkId> },
     /// One flag per id asked, in order.
@@ -300,11 +316,26 @@ impl Frame {
                 put_bytes(&mut out, client.as_bytes());
                 out.push(*min);
             }
-            Frame::Welcome { version: agreed, session, config, key } => {
+            Frame::Welcome { version: agreed, session, config, keys } => {
                 assert_eq!(*agreed, version, "a Welcome is sent in the version it agrees on");
                 out.extend_from_slice(&session.to_le_bytes());
-                out.extend_from_slice(key);
-                put_bytes(&mut out, config);
+                match keys {
+                    WelcomeKeys::Raw(key) => {
+                        assert!(version < KEY_OBJECTS_VERSION, "version {version} sends key objects");
+                        out.extend_from_slice(key);
+                        put_bytes(&mut out, config);
+                    }
+                    WelcomeKeys::Objects(objects) => {
+                        assert!(version >= KEY_OBJECTS_VERSION, "version {version} sends a raw key");
+                        assert!(objects.len() <= MAX_KEY_OBJECTS as usize);
+                        put_bytes(&mut out, config);
+                        out.extend_from_slice(&(objects.len() as u32).to_le_bytes());
+                        for (name, bytes) in objects {
+                            put_bytes(&mut out, name.as_bytes());
+                            put_bytes(&mut out, bytes);
+                        }
+                    }
+                }
             }
             Frame::Have { session, ids } | Frame::GetBlobs { session, ids } => {
                 out.extend_from_slice(&session.to_le_bytes());
@@ -382,10 +413,21 @@ impl Frame {
                 let min = if r.remaining() > 0 { r.u8()? } else { max };
                 Frame::Hello { min, max, client }
             }
-            FrameKind::Welcome => {
+            FrameKind::Welcome if version < KEY_OBJECTS_VERSION => {
                 let session = r.u64()?;
                 let key = r.array()?;
-                Frame::Welcome { version, session, key, config: get_bytes(&mut r)?.to_vec() }
+                Frame::Welcome { version, session, keys: WelcomeKeys::Raw(key), config: get_bytes(&mut r)?.to_vec() }
+            }
+            FrameKind::Welcome => {
+                let session = r.u64()?;
+                let config = get_bytes(&mut r)?.to_vec();
+                let n = r.count(MAX_KEY_OBJECTS, 8)?;
+                let mut objects = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = utf8(get_bytes(&mut r)?, "key object name")?;
+                    objects.push((name, get_bytes(&mut r)?.to_vec()));
+                }
+                Frame::Welcome { version, session, config, keys: WelcomeKeys::Objects(objects) }
             }
             FrameKind::Have | FrameKind::GetBlobs => {
                 let session = r.u64()?;
@@ -547,7 +589,7 @@ mod tests {
         v1.extend_from_slice(b"db-17");
         let hello = Frame::decode(FrameKind::Hello, 1, &v1).unwrap();
         assert_eq!(hello, Frame::Hello { min: 1, max: 1, client: "db-17".into() });
-        let welcome = Frame::Welcome { version: 1, session: 7, config: b"{}".to_vec(), key: [3; 32] }.encode();
+        let welcome = Frame::Welcome { version: 1, session: 7, config: b"{}".to_vec(), keys: WelcomeKeys::Raw([3; 32]) }.encode();
         assert_eq!(welcome.len(), HEADER_LEN + 8 + 32 + 4 + 2, "session, key, config: no version byte");
         assert_eq!(welcome[5], 1, "the header says the version agreed");
     }
@@ -566,7 +608,13 @@ mod tests {
         let entry = PackEntry::new(id, 16, 3, 3, BlobKind::Data, Compression::None);
         for frame in [
             Frame::Hello { min: 1, max: 7, client: "db-17".into() },
-            Frame::Welcome { version: 1, session: 9, config: b"{}".to_vec(), key: [1; 32] },
+            Frame::Welcome { version: 1, session: 9, config: b"{}".to_vec(), keys: WelcomeKeys::Raw([1; 32]) },
+            Frame::Welcome {
+                version: 3,
+                session: 9,
+                config: b"{}".to_vec(),
+                keys: WelcomeKeys::Objects(vec![("a1".into(), b"{\"slot\":1}".to_vec()), ("b2".into(), vec![])]),
+            },
             Frame::Have { session: 9, ids: vec![id, ChunkId([2; 32])] },
             Frame::HaveReply { present: vec![true, false, true, true, false, false, false, false, true] },
             Frame::PutPack { session: 9 },
@@ -619,7 +667,7 @@ mod tests {
 
         #[test]
         fn truncated_frames_are_errors(cut in 0usize..100) {
-            let f = Frame::Welcome { version: 1, session: 3, config: vec![b'x'; 40], key: [5; 32] }.encode();
+            let f = Frame::Welcome { version: 1, session: 3, config: vec![b'x'; 40], keys: WelcomeKeys::Raw([5; 32]) }.encode();
             let cut = cut.min(f.len() - HEADER_LEN - 1);
             prop_assert!(Frame::decode(FrameKind::Welcome, 1, &f[HEADER_LEN..HEADER_LEN + cut]).is_err());
         }

@@ -3,6 +3,9 @@
 
 /// Largest blob (chunk, tree or chunk list) a pack may hold, raw or stored.
 pub const MAX_BLOB_SIZE: u32 = 64 << 20;
+/// Largest stored form of a blob: the largest blob, sealed (an encryption envelope adds
+/// [`crate::crypto::OVERHEAD`] bytes).
+pub const MAX_STORED_BLOB_SIZE: u32 = MAX_BLOB_SIZE + crate::crypto::OVERHEAD as u32;
 /// Largest chunk the chunker may be configured to produce.
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// Chunker size bounds: FastCDC v2020's own (it panics outside them), checked at repository init.

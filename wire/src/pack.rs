@@ -91,7 +91,7 @@ impl PackEntry {
         kind: BlobKind,
         compression: Compression,
     ) -> Self {
-        debug_assert!(stored_len <= limits::MAX_BLOB_SIZE && raw_len <= limits::MAX_BLOB_SIZE);
+        debug_assert!(stored_len <= limits::MAX_STORED_BLOB_SIZE && raw_len <= limits::MAX_BLOB_SIZE);
         Self {
             id,
             offset: offset.to_le_bytes(),
@@ -124,10 +124,12 @@ impl PackEntry {
     pub(crate) fn validate_fields(&self) -> Result<()> {
         BlobKind::from_u8(self.kind)?;
         Compression::from_u8(self.compression)?;
-        if self.stored_len() > limits::MAX_BLOB_SIZE || self.raw_len() > limits::MAX_BLOB_SIZE {
+        if self.stored_len() > limits::MAX_STORED_BLOB_SIZE || self.raw_len() > limits::MAX_BLOB_SIZE {
             return Err(corrupt("pack entry", format!("blob {} is larger than the limit", self.id.short())));
         }
-        if self.compression() == Compression::None && self.stored_len() != self.raw_len() {
+        // Stored as is, or sealed: an encryption envelope around the raw bytes.
+        let sealed_len = self.raw_len() + crate::crypto::OVERHEAD as u32;
+        if self.compression() == Compression::None && ![self.raw_len(), sealed_len].contains(&self.stored_len()) {
             return Err(corrupt("pack entry", format!("uncompressed blob {} has two lengths", self.id.short())));
         }
         if self.reserved != [0; 6] {

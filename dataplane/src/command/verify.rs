@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::events::Run;
 use crate::index::ChunkIndex;
 use crate::limits;
-use crate::pipeline::pack::{decode_blob, BlobReader};
+use crate::pipeline::pack::{BlobDecoder, BlobReader};
 use crate::repo::Repository;
 use crate::runtime;
 use crate::store::{pack_name, ObjectKind, ObjectReader};
@@ -172,7 +172,7 @@ fn check_packs(
     read_data: bool,
 ) -> (Vec<PackDamage>, u64, u64) {
     let mut out = (vec![], 0, 0);
-    let mut decompressor = zstd::bulk::Decompressor::new().expect("zstd contexts can always be created");
+    let mut decoder = BlobDecoder::new(repo).expect("zstd contexts can always be created");
     let mut reader = BlobReader::new(repo, index).expect("zstd contexts can always be created");
     let (mut raw, mut stored) = (Vec::new(), Vec::new());
     for job in jobs.iter() {
@@ -209,7 +209,7 @@ fn check_packs(
                     _ => file
                         .read_at(e.offset(), &mut stored)
                         .map_err(|err| format!("cannot be read: {err}"))
-                        .and_then(|()| decode_blob(&mut decompressor, &stored, e, &mut raw))
+                        .and_then(|()| decoder.decode(&stored, e, &mut raw))
                         .and_then(|()| {
                             if repo.key.blob_id(&raw) == e.id {
                                 Ok(())

@@ -13,10 +13,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
-use wire::frame::{ErrorCode, Frame, FrameHeader, HEADER_LEN, MIN_VERSION, VERSION};
+use wire::frame::{ErrorCode, Frame, FrameHeader, WelcomeKeys, HEADER_LEN, MIN_VERSION, VERSION};
 use wire::pack::PackEntry;
-use wire::repo::{RepoConfig, Snapshot};
-use wire::{ChunkId, RepoKey};
+use wire::repo::RepoConfig;
+use wire::ChunkId;
 
 use crate::error::{Error, Result};
 use crate::limits;
@@ -41,7 +41,8 @@ pub(crate) struct Remote {
 pub(crate) struct Welcome {
     pub(crate) remote: Remote,
     pub(crate) config: RepoConfig,
-    pub(crate) key: RepoKey,
+    /// The key objects to open (or, from a receiver of protocol 1 or 2, the plaintext key).
+    pub(crate) keys: WelcomeKeys,
 }
 
 const SCRATCH_PREFIX: &str = "cbcr-session-";
@@ -96,15 +97,11 @@ impl Remote {
         let mut remote = Remote { runtime, endpoint, conn, session: 0, version: MIN_VERSION, addr, scratch };
         let client = crate::source::hostname();
         match remote.request(&Frame::Hello { min: MIN_VERSION, max: VERSION, client })? {
-            Frame::Welcome { version, session, config, key } => {
+            Frame::Welcome { version, session, config, keys } => {
                 let config = RepoConfig::decode(&config).map_err(|e| net(&remote.addr, "repository config", e))?;
-                let key = RepoKey::from_bytes(key);
-                if key.key_id() != config.key_id {
-                    return Err(Error::Integrity(format!("receiver {}: key does not match its config", remote.addr)));
-                }
                 remote.session = session;
                 remote.version = version;
-                Ok(Welcome { remote, config, key })
+                Ok(Welcome { remote, config, keys })
             }
             other => Err(remote.unexpected(&other)),
         }
@@ -174,30 +171,26 @@ impl Remote {
         Ok(HaveQuery { remote: self, recv, n, _send: send })
     }
 
-    /// Every snapshot record, oldest first.
-    pub(crate) fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
+    /// Every snapshot record, as stored (sealed in an encrypted repository).
+    pub(crate) fn snapshots(&self) -> Result<Vec<(ChunkId, Vec<u8>)>> {
         let mut out = vec![];
         self.runtime.block_on(async {
             let (_send, mut recv) = self.open(&Frame::ListSnapshots { session: self.session }, true).await?;
             while let Some(frame) = quic::read_frame(&mut recv).await.map_err(|e| self.stream_error(e))? {
                 match frame {
-                    Frame::SnapshotRecord { id, record } => {
-                        let snap =
-                            Snapshot::decode(&record).map_err(|e| net(&self.addr, &format!("snapshot {id}"), e))?;
-                        out.push((id, snap));
-                    }
+                    Frame::SnapshotRecord { id, record } => out.push((id, record)),
                     other => return Err(self.unexpected(&other)),
                 }
             }
             Ok(())
         })?;
-        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)
     }
 
-    /// Commits a snapshot; the receiver acknowledges once it and all it references are durable.
-    pub(crate) fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {
-        match self.request(&Frame::Commit { session: self.session, record: snapshot.encode(), fence: None })? {
+    /// Commits a snapshot record (sealed as stored); the receiver acknowledges once it and all
+    /// it references are durable.
+    pub(crate) fn commit(&self, record: &[u8]) -> Result<ChunkId> {
+        match self.request(&Frame::Commit { session: self.session, record: record.to_vec(), fence: None })? {
             Frame::Committed { id } => Ok(id),
             other => Err(self.unexpected(&other)),
         }

@@ -16,7 +16,7 @@ use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::metrics::{Stage, StageHistograms};
-use crate::repo::{BlobSource, NewBlobs, PackSeal, PackSink, Packer, Repository};
+use crate::repo::{BlobSource, NewBlobs, PackSeal, PackSink, Packer, Repository, Sealing};
 
 /// One pack being written.
 struct PackWriter {
@@ -153,6 +153,8 @@ struct Packing<'a> {
     pack_size: u64,
     compressor: zstd::bulk::Compressor<'static>,
     buf: Vec<u8>,
+    /// The envelope of the blob being packed, in an encrypted repository.
+    sealed: Vec<u8>,
     stats: WriteStats,
 }
 
@@ -176,6 +178,7 @@ impl<'a> BlobWriter<'a> {
                 pack_size,
                 compressor,
                 buf: Vec::new(),
+                sealed: Vec::new(),
                 stats: WriteStats::default(),
             },
         })
@@ -256,8 +259,10 @@ impl Packer for Packing<'_> {
         let compressed = self.compressor.compress_to_buffer(data, &mut self.buf).is_ok_and(|n| n < data.len());
         let written = Instant::now();
         self.stats.stages.record(Stage::Compress, written - started);
-        let (stored, compression) =
+        let (plain, compression) =
             if compressed { (&self.buf[..], Compression::Zstd) } else { (data, Compression::None) };
+        // Sealed under the blob's id, so a blob moved to another's place fails to open.
+        let stored = self.repo.sealing.seal(&id.0, plain, &mut self.sealed);
         if self.pack.is_none() {
             self.pack = Some(PackWriter::create(self.repo)?);
         }
@@ -283,15 +288,14 @@ impl Packer for Packing<'_> {
 pub struct BlobReader<'a> {
     repo: &'a Repository,
     source: Box<dyn BlobSource + 'a>,
-    decompressor: zstd::bulk::Decompressor<'static>,
+    decoder: BlobDecoder,
     stored: Vec<u8>,
 }
 
 impl<'a> BlobReader<'a> {
     pub fn new(repo: &'a Repository, index: &'a ChunkIndex) -> Result<Self> {
-        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
         let source = repo.backend.blob_source(index);
-        Ok(Self { repo, source, decompressor, stored: Vec::new() })
+        Ok(Self { repo, source, decoder: BlobDecoder::new(repo)?, stored: Vec::new() })
     }
 
     /// Announces the blobs about to be read, in order: a receiver streams them in one request
@@ -354,12 +358,17 @@ impl<'a> BlobReader<'a> {
         let start = out.len();
         let (entry, from) = self.source.read_stored(id, &mut self.stored)?;
         if entry.kind() != BlobKind::Delta {
-            check_blob(&mut self.decompressor, self.repo, &from, &self.stored, &entry, out, start)?;
+            self.decoder
+                .decode(&self.stored, &entry, out)
+                .map_err(|detail| Error::Integrity(format!("{from}: blob {} {detail}", entry.id)))?;
+            if self.repo.key.blob_id(&out[start..]) != entry.id {
+                return Err(Error::Integrity(format!("{from}: blob {id} does not match its id (data is corrupt)")));
+            }
             return Ok(0);
         }
         let integrity = |detail: String| Error::Integrity(format!("{from}: delta {id}: {detail}"));
         let mut raw = Vec::new();
-        decode_blob(&mut self.decompressor, &self.stored, &entry, &mut raw).map_err(integrity)?;
+        self.decoder.decode(&self.stored, &entry, &mut raw).map_err(integrity)?;
         let delta = BlockDelta::decode(&raw).map_err(|e| integrity(e.to_string()))?;
         if delta.depth >= below {
             return Err(integrity(format!(
@@ -379,43 +388,39 @@ impl<'a> BlobReader<'a> {
     }
 }
 
-/// Decodes a stored blob onto `out` and checks it against its id; errors name `from`.
-fn check_blob(
-    decompressor: &mut zstd::bulk::Decompressor<'static>,
-    repo: &Repository,
-    from: &str,
-    stored: &[u8],
-    e: &PackEntry,
-    out: &mut Vec<u8>,
-    start: usize,
-) -> Result<()> {
-    decode_blob(decompressor, stored, e, out)
-        .map_err(|detail| Error::Integrity(format!("{from}: blob {} {detail}", e.id)))?;
-    if repo.key.blob_id(&out[start..]) != e.id {
-        return Err(Error::Integrity(format!("{from}: blob {} does not match its id (data is corrupt)", e.id)));
-    }
-    Ok(())
+/// Turns a blob's stored bytes back into the blob: opens its envelope (in an encrypted
+/// repository, bound to its id), then decompresses it.
+pub(crate) struct BlobDecoder {
+    sealing: Arc<dyn Sealing>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    opened: Vec<u8>,
 }
 
-/// Turns stored bytes into the raw blob, appended to `out`; the error says what failed.
-pub(crate) fn decode_blob(
-    decompressor: &mut zstd::bulk::Decompressor<'static>,
-    stored: &[u8],
-    e: &PackEntry,
-    out: &mut Vec<u8>,
-) -> std::result::Result<(), String> {
-    match e.compression() {
-        Compression::None => out.extend_from_slice(stored),
-        Compression::Zstd => {
-            let start = out.len();
-            out.resize(start + e.raw_len() as usize, 0);
-            let n = decompressor
-                .decompress_to_buffer(stored, &mut out[start..])
-                .map_err(|err| format!("does not decompress: {err}"))?;
-            if n != e.raw_len() as usize {
-                return Err(format!("decompresses to {n} bytes, expected {}", e.raw_len()));
+impl BlobDecoder {
+    pub(crate) fn new(repo: &Repository) -> Result<Self> {
+        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+        Ok(Self { sealing: Arc::clone(&repo.sealing), decompressor, opened: Vec::new() })
+    }
+
+    /// Appends the raw blob of entry `e`, stored as `stored`, to `out`; the error says what
+    /// failed. Not checked against its id: callers hash what they need to.
+    pub(crate) fn decode(&mut self, stored: &[u8], e: &PackEntry, out: &mut Vec<u8>) -> std::result::Result<(), String> {
+        let plain = self.sealing.open("blob", &e.id.0, stored, &mut self.opened).map_err(|err| err.to_string())?;
+        match e.compression() {
+            Compression::None => out.extend_from_slice(plain),
+            Compression::Zstd => {
+                let start = out.len();
+                out.resize(start + e.raw_len() as usize, 0);
+                let n = self
+                    .decompressor
+                    .decompress_to_buffer(plain, &mut out[start..])
+                    .map_err(|err| format!("does not decompress: {err}"))?;
+                if n != e.raw_len() as usize {
+                    out.truncate(start);
+                    return Err(format!("decompresses to {n} bytes, expected {}", e.raw_len()));
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
 }

@@ -15,6 +15,7 @@ use wire::verify::VerifyReport;
 use wire::{BlobKind, ChunkId};
 
 use super::backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
+use super::keys::{Sealing, SNAPSHOT_AAD};
 use crate::error::{Error, IoContext, Result};
 use crate::fault;
 use crate::index::{self, ChunkIndex, KnownBlobs};
@@ -24,11 +25,12 @@ use crate::store::{pack_name, ObjectKind, ObjectReader, Store};
 /// A repository reached through its store.
 pub(crate) struct Direct {
     store: Arc<dyn Store>,
+    sealing: Arc<dyn Sealing>,
 }
 
 impl Direct {
-    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub(crate) fn new(store: Arc<dyn Store>, sealing: Arc<dyn Sealing>) -> Self {
+        Self { store, sealing }
     }
 }
 
@@ -40,16 +42,18 @@ impl Backend for Direct {
     fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
         let mut out = vec![];
         for object in self.store.list(ObjectKind::Snapshot)? {
-            out.push(load_snapshot(&*self.store, &object.name)?);
+            out.push(load_snapshot(&*self.store, &*self.sealing, &object.name)?);
         }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)
     }
 
     fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {
-        let bytes = snapshot.encode();
-        let id = ChunkId::of_file(&bytes);
-        self.store.put(ObjectKind::Snapshot, &id.to_hex(), &bytes)?;
+        let (plain, mut scratch) = (snapshot.encode(), Vec::new());
+        let bytes = self.sealing.seal(SNAPSHOT_AAD, &plain, &mut scratch);
+        // Named by the stored bytes, so anyone can check the object without the key.
+        let id = ChunkId::of_file(bytes);
+        self.store.put(ObjectKind::Snapshot, &id.to_hex(), bytes)?;
         Ok(id)
     }
 
@@ -85,8 +89,15 @@ impl Backend for Direct {
     }
 }
 
-/// The snapshot object `name`, checked against its name.
-pub(super) fn load_snapshot(store: &dyn Store, name: &str) -> Result<(ChunkId, Snapshot)> {
+/// The snapshot object `name`, checked against its name, opened and decoded.
+pub(super) fn load_snapshot(store: &dyn Store, sealing: &dyn Sealing, name: &str) -> Result<(ChunkId, Snapshot)> {
+    let (id, bytes) = stored_snapshot(store, name)?;
+    let path = PathBuf::from(format!("{}/{}", store.location(), ObjectKind::Snapshot.key(name)));
+    Ok((id, open_snapshot(sealing, &bytes).map_err(|e| Error::format(&path, e))?))
+}
+
+/// The snapshot object `name` as stored, checked against its name.
+pub(super) fn stored_snapshot(store: &dyn Store, name: &str) -> Result<(ChunkId, Vec<u8>)> {
     let path = PathBuf::from(format!("{}/{}", store.location(), ObjectKind::Snapshot.key(name)));
     let id = ChunkId::from_hex(name).map_err(|e| Error::format(&path, e))?;
     let bytes = store.get(ObjectKind::Snapshot, name)?.ok_or_else(|| Error::Io {
@@ -96,7 +107,13 @@ pub(super) fn load_snapshot(store: &dyn Store, name: &str) -> Result<(ChunkId, S
     if ChunkId::of_file(&bytes) != id {
         return Err(Error::format(&path, wire::Error::ChecksumMismatch { what: "snapshot" }));
     }
-    Ok((id, Snapshot::decode(&bytes).map_err(|e| Error::format(&path, e))?))
+    Ok((id, bytes))
+}
+
+/// A stored snapshot record, opened and decoded.
+pub(super) fn open_snapshot(sealing: &dyn Sealing, stored: &[u8]) -> wire::Result<Snapshot> {
+    let mut scratch = Vec::new();
+    Snapshot::decode(sealing.open("snapshot", SNAPSHOT_AAD, stored, &mut scratch)?)
 }
 
 /// Makes the complete, fsynced pack file `tmp` durable as pack `id`, then writes its index run

@@ -3,22 +3,28 @@
 
 mod backend;
 mod direct;
+mod keys;
 mod receiver;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use wire::repo::{KeyFile, RepoConfig, Snapshot};
+use wire::crypto::KeySlot;
+use wire::frame::WelcomeKeys;
+use wire::repo::{RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
 
 pub(crate) use backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
 pub(crate) use direct::{publish_pack, Direct, PackFiles};
+pub use keys::{PasswordSource, Secret};
+pub(crate) use keys::Sealing;
 pub(crate) use receiver::Receiver;
 
 use crate::error::{Error, Result};
 use crate::net::quic::TlsFiles;
 use crate::net::remote::Remote;
 use crate::store::{self, LocalDir, ObjectKind, Store, WriterClaim};
+use keys::Unlocked;
 
 /// An open repository: its config and key, its store, and the [`Backend`] its data goes
 /// through. Through a receiver the store is a private scratch directory standing in for the
@@ -29,14 +35,34 @@ pub struct Repository {
     pub config: RepoConfig,
     pub key: RepoKey,
     pub(crate) backend: Arc<dyn Backend>,
+    /// Seals blobs and snapshot records (plaintext for an unencrypted repository).
+    pub(crate) sealing: Arc<dyn Sealing>,
+    /// The password slot that opened it, if encrypted.
+    slot: Option<String>,
+}
+
+/// One password slot, as `cbcr key list` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SlotInfo {
+    pub name: String,
+    pub created: String,
+    pub label: String,
+    /// Whether this slot's password opened the repository now.
+    pub current: bool,
 }
 
 /// Held while a backup writes; released when dropped or when the process dies.
 pub type RepoLock = Box<dyn WriterClaim>;
 
 impl Repository {
-    /// Creates a repository in `store`, which must hold nothing yet.
-    pub fn init(store: Box<dyn Store>, segment_size: u64, chunker: wire::repo::ChunkerParams) -> Result<Self> {
+    /// Creates a repository in `store`, which must hold nothing yet: encrypted under `secret`,
+    /// or (with `None`, `init --insecure-no-encryption`) plaintext.
+    pub fn init(
+        store: Box<dyn Store>,
+        segment_size: u64,
+        chunker: wire::repo::ChunkerParams,
+        secret: Option<&[u8]>,
+    ) -> Result<Self> {
         let location = PathBuf::from(store.location());
         if store.get(ObjectKind::Config, "")?.is_some() {
             return Err(Error::AlreadyARepository(location));
@@ -44,71 +70,131 @@ impl Repository {
         if !store.is_empty()? {
             return Err(Error::NotARepository(location));
         }
-        let mut key = [0u8; 32];
-        getrandom::getrandom(&mut key)
-            .map_err(|e| Error::Io { path: location.clone(), source: std::io::Error::other(e.to_string()) })?;
-        let key = RepoKey::from_bytes(key);
-        let config = RepoConfig { version: wire::repo::VERSION, key_id: key.key_id(), chunker, segment_size };
+        let (unlocked, encryption, (key_name, key_bytes)) = keys::create(secret)?;
+        let config = RepoConfig {
+            version: wire::repo::CONFIG_VERSION,
+            key_id: unlocked.key.key_id(),
+            chunker,
+            segment_size,
+            encryption,
+        };
         config.validate().map_err(|e| Error::Usage(e.to_string()))?;
         store.create()?;
-        store.put(ObjectKind::Key, config.key_id.as_str(), &KeyFile::encode(&key))?;
+        store.put(ObjectKind::Key, &key_name, &key_bytes)?;
         // The config is written last: a store holds a repository once it has one.
         store.put(ObjectKind::Config, "", &config.encode())?;
-        Ok(Self::direct(store, config, key))
+        Ok(Self::direct(store, config, unlocked))
     }
 
-    /// Opens the repository in `store`.
-    pub fn open(store: Box<dyn Store>) -> Result<Self> {
+    /// Opens the repository in `store`; `password` is asked when it is encrypted.
+    pub fn open(store: Box<dyn Store>, password: PasswordSource<'_>) -> Result<Self> {
         let location = store.location();
         let Some(bytes) = store.get(ObjectKind::Config, "")? else {
             return Err(Error::NotARepository(location.into()));
         };
-        let at = |kind: ObjectKind, name: &str| PathBuf::from(format!("{location}/{}", kind.key(name)));
-        let config = RepoConfig::decode(&bytes).map_err(|e| Error::format(&at(ObjectKind::Config, ""), e))?;
-        let key_path = at(ObjectKind::Key, &config.key_id);
-        let key_bytes = store
-            .get(ObjectKind::Key, &config.key_id)?
-            .ok_or_else(|| Error::Integrity(format!("{}: the repository's key is missing", key_path.display())))?;
-        let key = KeyFile::decode(&key_bytes).map_err(|e| Error::format(&key_path, e))?;
-        if key.key_id() != config.key_id {
-            return Err(Error::Integrity(format!("{}: key does not match the repository config", key_path.display())));
-        }
-        Ok(Self::direct(store, config, key))
+        let config_path = PathBuf::from(format!("{location}/{}", ObjectKind::Config.key("")));
+        let config = RepoConfig::decode(&bytes).map_err(|e| Error::format(&config_path, e))?;
+        let objects = keys::key_objects(&*store, &config)?;
+        let unlocked = keys::unlock(&location, &config, objects, password)?;
+        Ok(Self::direct(store, config, unlocked))
     }
 
-    fn direct(store: Box<dyn Store>, config: RepoConfig, key: RepoKey) -> Self {
+    fn direct(store: Box<dyn Store>, config: RepoConfig, unlocked: Unlocked) -> Self {
         let store: Arc<dyn Store> = Arc::from(store);
-        Self { backend: Arc::new(Direct::new(Arc::clone(&store))), store, config, key }
+        let backend = Arc::new(Direct::new(Arc::clone(&store), Arc::clone(&unlocked.sealing)));
+        Self { backend, store, config, key: unlocked.key, sealing: unlocked.sealing, slot: unlocked.slot }
     }
 
     /// Opens `quic://HOST:PORT` (a session with that receiver), `s3://BUCKET/PREFIX`, or the
-    /// directory `spec`; with `init`, a repository with the defaults is created when there is
-    /// none (in an empty or missing directory, or an empty prefix).
-    pub fn open_spec(spec: &str, tls: Option<&TlsFiles>, init: bool) -> Result<Self> {
+    /// directory `spec`. With `init`, a repository with the defaults, encrypted under the
+    /// password, is created when there is none (in an empty or missing directory, or an empty
+    /// prefix).
+    pub fn open_spec(spec: &str, tls: Option<&TlsFiles>, init: bool, password: PasswordSource<'_>) -> Result<Self> {
         if !spec.starts_with("quic://") {
             let store = store::open(spec)?;
-            return if init { Self::open_or_init(store) } else { Self::open(store) };
+            return if init { Self::open_or_init(store, password) } else { Self::open(store, password) };
         }
         let tls = tls.ok_or_else(|| {
             Error::Usage(format!("{spec}: give --cert, --key and --ca (or CBCR_CERT, CBCR_KEY, CBCR_CA)"))
         })?;
         let welcome = Remote::connect(spec, tls)?;
+        let unlocked = match welcome.keys {
+            // A receiver of protocol version 1 or 2 serves only plaintext repositories.
+            WelcomeKeys::Raw(key) => keys::plaintext(RepoKey::from_bytes(key)),
+            WelcomeKeys::Objects(objects) => keys::unlock(spec, &welcome.config, objects, password)?,
+        };
+        if unlocked.key.key_id() != welcome.config.key_id {
+            return Err(Error::Integrity(format!("{spec}: the receiver's key does not match its config")));
+        }
         let scratch = LocalDir::new(&welcome.remote.scratch);
         scratch.create()?;
         Ok(Self {
             store: Arc::new(scratch),
             config: welcome.config,
-            key: welcome.key,
-            backend: Arc::new(Receiver::new(welcome.remote)),
+            key: unlocked.key,
+            backend: Arc::new(Receiver::new(welcome.remote, Arc::clone(&unlocked.sealing))),
+            sealing: unlocked.sealing,
+            slot: unlocked.slot,
         })
     }
 
-    /// Opens the repository in `store`, creating it with default parameters when it is empty.
-    pub fn open_or_init(store: Box<dyn Store>) -> Result<Self> {
+    /// Opens the repository in `store`, creating it with default parameters, encrypted under
+    /// the password, when it is empty.
+    pub fn open_or_init(store: Box<dyn Store>, password: PasswordSource<'_>) -> Result<Self> {
         if store.get(ObjectKind::Config, "")?.is_none() && store.is_empty()? {
-            return Self::init(store, 1 << 30, Default::default());
+            return Self::init(store, 1 << 30, Default::default(), Some(&password()?));
         }
-        Self::open(store)
+        Self::open(store, password)
+    }
+
+    /// The key objects a receiver hands a client: stored as they are, never opened.
+    pub fn key_objects(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        keys::key_objects(&*self.store, &self.config)
+    }
+
+    /// The password slots (empty for a plaintext repository), and which one opened it.
+    pub fn key_slots(&self) -> Result<Vec<SlotInfo>> {
+        let mut out = vec![];
+        if self.slot.is_none() {
+            return Ok(out);
+        }
+        for (name, bytes) in self.key_objects()? {
+            let path = PathBuf::from(format!("{}/{}", self.store.location(), ObjectKind::Key.key(&name)));
+            let slot = KeySlot::decode(&bytes).map_err(|e| Error::format(&path, e))?;
+            let current = self.slot.as_deref() == Some(&name);
+            out.push(SlotInfo { name, created: slot.created, label: slot.label, current });
+        }
+        Ok(out)
+    }
+
+    /// Adds a password slot for `secret`; returns its name.
+    pub fn add_key(&self, secret: &[u8]) -> Result<String> {
+        let (name, bytes) = self.sealing.new_slot(secret)?;
+        self.store.put(ObjectKind::Key, &name, &bytes)?;
+        Ok(name)
+    }
+
+    /// Removes password slot `name`; the slot that opened this repository and the last slot
+    /// are kept (removing them could lock everyone out).
+    pub fn remove_key(&self, name: &str) -> Result<()> {
+        let slots = self.key_slots()?;
+        match slots.iter().find(|s| s.name == name) {
+            None => Err(Error::NotFound(format!("no key slot {name:?} (see `cbcr key list`)"))),
+            Some(s) if s.current => Err(Error::Usage(format!(
+                "key slot {name} is the one this password opened; open with another slot's password to remove it (or use `cbcr key passwd`)"
+            ))),
+            Some(_) => self.store.delete(ObjectKind::Key, name),
+        }
+    }
+
+    /// Replaces the slot that opened the repository with one for `secret`; returns its name.
+    pub fn change_password(&self, secret: &[u8]) -> Result<String> {
+        // A plaintext repository has no slots: `add_key` says so.
+        let name = self.add_key(secret)?;
+        if let Some(old) = &self.slot {
+            self.store.delete(ObjectKind::Key, old)?;
+        }
+        Ok(name)
     }
 
     /// Where the repository is, for messages.
@@ -131,9 +217,24 @@ impl Repository {
         self.backend.snapshots()
     }
 
+    /// Every snapshot object of the store as stored (sealed if encrypted), checked against its
+    /// name, by name order.
+    pub fn stored_snapshots(&self) -> Result<Vec<(ChunkId, Vec<u8>)>> {
+        let mut out = vec![];
+        for object in self.store.list(ObjectKind::Snapshot)? {
+            out.push(direct::stored_snapshot(&*self.store, &object.name)?);
+        }
+        Ok(out)
+    }
+
+    /// A snapshot record as stored (a receiver's client sends it sealed), opened and decoded.
+    pub fn open_snapshot(&self, stored: &[u8]) -> wire::Result<Snapshot> {
+        direct::open_snapshot(&*self.sealing, stored)
+    }
+
     /// The snapshot object `name` in the store, checked against its name.
     pub fn load_snapshot(&self, name: &str) -> Result<(ChunkId, Snapshot)> {
-        direct::load_snapshot(&*self.store, name)
+        direct::load_snapshot(&*self.store, &*self.sealing, name)
     }
 
     /// Finds a snapshot by `latest`, a unique id prefix, or a full id.

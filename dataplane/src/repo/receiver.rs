@@ -11,6 +11,8 @@ use wire::verify::VerifyReport;
 use wire::{BlobKind, ChunkId};
 
 use super::backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
+use super::direct::open_snapshot;
+use super::keys::{Sealing, SNAPSHOT_AAD};
 use crate::error::{Error, Result};
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
@@ -19,11 +21,12 @@ use crate::net::remote::{BlobStream, HaveQuery, PackAck, PackUpload, Remote};
 /// A session with a receiver.
 pub(crate) struct Receiver {
     remote: Arc<Remote>,
+    sealing: Arc<dyn Sealing>,
 }
 
 impl Receiver {
-    pub(crate) fn new(remote: Remote) -> Self {
-        Self { remote: Arc::new(remote) }
+    pub(crate) fn new(remote: Remote, sealing: Arc<dyn Sealing>) -> Self {
+        Self { remote: Arc::new(remote), sealing }
     }
 }
 
@@ -33,11 +36,20 @@ impl Backend for Receiver {
     }
 
     fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
-        self.remote.snapshots()
+        let mut out = vec![];
+        for (id, record) in self.remote.snapshots()? {
+            let snapshot = open_snapshot(&*self.sealing, &record).map_err(|e| {
+                Error::Integrity(format!("receiver {}: snapshot {id}: {e}", self.remote.addr))
+            })?;
+            out.push((id, snapshot));
+        }
+        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(out)
     }
 
     fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {
-        self.remote.commit(snapshot)
+        let (plain, mut scratch) = (snapshot.encode(), Vec::new());
+        self.remote.commit(self.sealing.seal(SNAPSHOT_AAD, &plain, &mut scratch))
     }
 
     fn start_pack(&self) -> Result<Box<dyn PackSink>> {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
 use tracing::{info, warn};
-use wire::frame::{ErrorCode, Fence, Frame, MIN_VERSION, VERSION};
+use wire::frame::{ErrorCode, Fence, Frame, WelcomeKeys, KEY_OBJECTS_VERSION, MIN_VERSION, VERSION};
+use wire::repo::Encryption;
 use wire::index::IndexEntry;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::repo::Snapshot;
@@ -32,7 +33,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::net::quic::{self, StreamError, TlsFiles};
-use crate::repo::{publish_pack, PackFiles, RepoLock, Repository};
+use crate::repo::{publish_pack, PackFiles, RepoLock, Repository, Secret};
 
 /// How the receiver was asked to run.
 pub struct ReceiverOptions {
@@ -46,6 +47,9 @@ pub struct ReceiverOptions {
     pub cores: usize,
     /// How long in-flight sessions may take to finish after SIGTERM.
     pub grace: Duration,
+    /// The repository's password: needed to create an encrypted repository, and (in this
+    /// version) to serve one, since the receiver checks commits and verifies next to the data.
+    pub password: Option<Secret>,
 }
 
 /// The repository the receiver serves and what every session shares.
@@ -123,7 +127,15 @@ impl From<StreamError> for Refusal {
 
 /// Runs the receiver until SIGTERM or SIGINT; returns once in-flight sessions are done.
 pub fn run(opts: ReceiverOptions) -> Result<()> {
-    let repo = Repository::open_or_init(crate::store::open(&opts.repo)?)?;
+    let password = || {
+        opts.password.clone().ok_or_else(|| {
+            Error::Usage(format!(
+                "{}: an encrypted repository needs its password on the receiver (--password-file, CBCR_PASSWORD_FILE or CBCR_PASSWORD); an empty one is created encrypted under it",
+                opts.repo
+            ))
+        })
+    };
+    let repo = Repository::open_or_init(crate::store::open(&opts.repo)?, &password)?;
     // One receiver per repository; local backups wait for it like for any other writer.
     let lock = repo.lock()?;
     lock.clean_tmp()?;
@@ -343,8 +355,19 @@ async fn request(
         }
         store.metrics.sessions_total.inc();
         info!("session {id} from {peer}: client {client:?}, certificate {cert}, protocol version {version}");
-        let (config, key) = (store.repo.config.encode(), *store.repo.key.as_bytes());
-        return reply(send, &Frame::Welcome { version, session: id, config, key }, version).await;
+        let keys = if version >= KEY_OBJECTS_VERSION {
+            let s = Arc::clone(store);
+            WelcomeKeys::Objects(blocking(move || s.repo.key_objects()).await?)
+        } else if store.repo.config.encryption == Encryption::None {
+            WelcomeKeys::Raw(*store.repo.key.as_bytes())
+        } else {
+            return Err(Refusal(
+                ErrorCode::Version,
+                format!("this repository is encrypted: the client must speak protocol version {KEY_OBJECTS_VERSION} (upgrade cbcr)"),
+            ));
+        };
+        let config = store.repo.config.encode();
+        return reply(send, &Frame::Welcome { version, session: id, config, keys }, version).await;
     }
     let version = reply_version(session);
     match (frame.session(), session.get().map(|s| s.id)) {
@@ -369,14 +392,16 @@ async fn request(
         Frame::GetBlobs { ids, .. } => send_blobs(store, ids, send, version).await,
         Frame::ListSnapshots { .. } => {
             let s = Arc::clone(store);
-            for (id, snap) in blocking(move || s.repo.snapshots()).await? {
-                reply(send, &Frame::SnapshotRecord { id, record: snap.encode() }, version).await?;
+            for (id, record) in blocking(move || s.repo.stored_snapshots()).await? {
+                reply(send, &Frame::SnapshotRecord { id, record }, version).await?;
             }
             Ok(())
         }
         Frame::Commit { record, fence, .. } => {
-            let snapshot =
-                Snapshot::decode(&record).map_err(|e| Refusal(ErrorCode::BadFrame, format!("snapshot record: {e}")))?;
+            let snapshot = store
+                .repo
+                .open_snapshot(&record)
+                .map_err(|e| Refusal(ErrorCode::BadFrame, format!("snapshot record: {e}")))?;
             let s = Arc::clone(store);
             let id = match tokio::task::spawn_blocking(move || commit(&s, &snapshot, fence.as_ref())).await {
                 Ok(r) => r?,
