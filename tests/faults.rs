@@ -121,7 +121,7 @@ fn kill_9_from_outside_mid_backup_keeps_earlier_snapshots() {
     let mut snapshots = 1;
     let before = dir_size(&repo.join("packs"));
     for delay_ms in [20u64, 80, 200] {
-        let mut child = Command::new(cbcr_bin())
+        let mut child = cbcr_command()
             .args(["backup", "--repo", s(&repo), s(&src), "--cores", "1", "--pack-size", "4MiB"])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -307,7 +307,7 @@ fn bad_paths_and_bad_repositories_get_clear_errors() {
 
     ok(&["backup", "--init", "--repo", s(&repo), s(&src)]);
     let config = fs::read_to_string(repo.join("config")).unwrap();
-    fs::write(repo.join("config"), config.replace("\"version\": 1", "\"version\": 99")).unwrap();
+    fs::write(repo.join("config"), config.replace("\"version\": 2", "\"version\": 99")).unwrap();
     let newer = cbcr(&["snapshots", "--repo", s(&repo)]);
     assert_eq!(newer.status.code(), Some(UNSUPPORTED), "{}", text(&newer.stderr));
     assert!(text(&newer.stderr).contains("version 99"), "{}", text(&newer.stderr));
@@ -320,6 +320,7 @@ fn too_little_locked_memory_is_named_at_start() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     let out = Command::new("sh")
+        .env("CBCR_PASSWORD", PASSWORD)
         .arg("-c")
         .arg(format!(
             "ulimit -l 0 && exec {} backup --init --repo {} /etc/hostname",
@@ -348,6 +349,7 @@ fn unreadable_source_files_are_skipped_with_exit_3() {
     fs::write(src.join("secret"), b"no").unwrap();
     fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
     let out = Command::new("setpriv")
+        .env("CBCR_PASSWORD", PASSWORD)
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(cbcr_bin())
         .args(["backup", "--init", "--repo", s(&repo), s(&src), "--json"])
@@ -370,7 +372,7 @@ fn sigint_stops_a_backup_at_a_consistent_point_with_exit_130() {
     let mut data = vec![0u8; 192 << 20];
     rand::rngs::StdRng::seed_from_u64(12).fill_bytes(&mut data);
     fs::write(src.join("large.bin"), &data).unwrap();
-    let child = Command::new(cbcr_bin())
+    let child = cbcr_command()
         .args(["backup", "--repo", s(&repo), s(&src), "--cores", "1", "--pack-size", "4MiB", "--json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -399,7 +401,7 @@ fn sigint_stops_a_backup_at_a_consistent_point_with_exit_130() {
     assert!(stored + durable <= data.len() as u64 + (16 << 20), "{durable} B durable, then {stored} B stored");
 
     // Any other command exits at once with the same code.
-    let mut restore = Command::new(cbcr_bin())
+    let mut restore = cbcr_command()
         .args(["restore", "latest", "--repo", s(&repo), "--target", s(&tmp.path().join("out"))])
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -23,7 +23,7 @@ impl Receiver {
     }
 
     fn start_with(repo: &Path, pki: &Path, extra: &[&str]) -> Self {
-        Self::start_cmd(Command::new(cbcr_bin()), s(repo), pki, extra)
+        Self::start_cmd(cbcr_command(), s(repo), pki, extra)
     }
 
     /// A receiver started from `cmd` (a binary with its environment), serving `repo`.
@@ -75,7 +75,7 @@ fn client(args: &[&str], pki: &Path) -> Output {
 /// cbcr with the client certificate of `pki`, started in the background (stderr piped).
 fn client_child(args: &[&str], pki: &Path, stdout: Stdio) -> Child {
     let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
-    Command::new(cbcr_bin())
+    cbcr_command()
         .args(args)
         .args(["--cert", s(&cert), "--key", s(&key), "--ca", s(&ca)])
         .stdout(stdout)
@@ -451,6 +451,9 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
     let pki = pki(tmp.path());
     make_tree(&src, 4, 100_000);
+    // Plaintext, so that a hand-made snapshot record opens and reaches the receiver's checks
+    // (an encrypted repository refuses it as not authentic: the test below).
+    ok(&["init", "--insecure-no-encryption", "--repo", s(&repo)]);
     let receiver = Receiver::start(&repo, &pki);
     let (err, _) = raw_session(&receiver.addr, &pki, true, ALL_VERSIONS, |conn, _| async move {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
@@ -509,6 +512,7 @@ fn sigterm_lets_the_open_session_finish_and_the_receiver_speaks_sd_notify() {
     notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // As systemd does: WATCHDOG_PID names the service's own process (`exec` keeps the pid).
     let mut receiver = Command::new("sh")
+        .env("CBCR_PASSWORD", PASSWORD)
         .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", s(cbcr_bin())])
         .args(["receiver", "--listen", "127.0.0.1:0", "--repo", s(&repo), "--grace", "20s"])
         .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
@@ -651,6 +655,9 @@ fn protocol_versions_are_negotiated_and_fenced_commits_refused() {
     let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
     let pki = pki(tmp.path());
     make_tree(&src, 12, 100_000);
+    // Plaintext: a client of version 1 or 2 is served only a plaintext repository (it would
+    // need the key itself); an encrypted one refuses it (the test below).
+    ok(&["init", "--insecure-no-encryption", "--repo", s(&repo)]);
     let receiver = Receiver::start(&repo, &pki);
     client_ok(&["backup", "--repo", &receiver.url(), s(&src)], &pki);
     const { assert!(VERSION > MIN_VERSION, "the receiver speaks N and N+1") };
@@ -718,4 +725,40 @@ fn protocol_versions_are_negotiated_and_fenced_commits_refused() {
         }
     });
     assert!(err.is_none(), "{err:?}");
+}
+
+#[test]
+fn an_encrypted_repository_through_a_receiver_holds_no_plaintext_and_no_key_is_sent() {
+    use wire::frame::{WelcomeKeys, MIN_VERSION};
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, out) = (tmp.path().join("repo"), tmp.path().join("out"));
+    let pki = pki(tmp.path());
+    let src = marked_source(tmp.path());
+    let receiver = Receiver::start(&repo, &pki);
+    client_ok(&["backup", "--repo", &receiver.url(), s(&src)], &pki);
+    assert_eq!(markers_in(&repo), Vec::<String>::new());
+    client_ok(&["restore", "latest", "--repo", &receiver.url(), "--target", s(&out)], &pki);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+
+    // The Welcome carries the key slots as stored: wrapped, nothing a client could use
+    // without the password.
+    let (err, _) = raw_session(&receiver.addr, &pki, true, ALL_VERSIONS, |_, welcome| async move {
+        let Some(Frame::Welcome { keys: WelcomeKeys::Objects(objects), .. }) = welcome else { panic!("{welcome:?}") };
+        assert!(!objects.is_empty());
+        for (name, bytes) in objects {
+            let slot = wire::crypto::KeySlot::decode(&bytes).unwrap_or_else(|e| panic!("slot {name}: {e}"));
+            assert_eq!(slot.kdf.algorithm, "argon2id");
+        }
+    });
+    assert!(err.is_none(), "{err:?}");
+    // A client too old to open slots is refused, not handed a key.
+    let (err, _) = raw_session(&receiver.addr, &pki, true, (MIN_VERSION, MIN_VERSION), |_, welcome| async move {
+        assert!(matches!(welcome, Some(Frame::Error { code: ErrorCode::Version, .. })), "{welcome:?}");
+    });
+    assert!(err.is_none(), "{err:?}");
+    // The client opens the slots itself: a wrong password fails on the client (exit 16).
+    let (cert, key, ca) = (pki.join("client.crt"), pki.join("client.key"), pki.join("ca.crt"));
+    let env = [("CBCR_CERT", s(&cert)), ("CBCR_KEY", s(&key)), ("CBCR_CA", s(&ca)), ("CBCR_PASSWORD", "not it")];
+    let bad = cbcr_env(&["snapshots", "--repo", &receiver.url()], &env);
+    assert_eq!(bad.status.code(), Some(16), "{}", text(&bad.stderr));
 }

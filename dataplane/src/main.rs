@@ -450,7 +450,8 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         Command::Key(key) => {
             if repo_path()?.starts_with("quic://") {
                 return Err(Error::Usage(
-                    "key slots are managed on the repository's store (its directory or s3://), not through a receiver".into(),
+                    "key slots are managed on the repository's store (its directory or s3://), not through a receiver"
+                        .into(),
                 ));
             }
             let repo = open(false)?;

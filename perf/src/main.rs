@@ -110,6 +110,12 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // cbcr encrypts by default, as restic does: every cbcr this harness starts (and every
+    // repository it creates) gets this password unless the caller gave one. Set before any
+    // thread starts.
+    if ["CBCR_PASSWORD", "CBCR_PASSWORD_FILE", "CBCR_KEY_COMMAND"].iter().all(|v| std::env::var_os(v).is_none()) {
+        std::env::set_var("CBCR_PASSWORD", "perf");
+    }
     let cbcr = cli.cbcr.clone().unwrap_or_else(|| std::env::current_exe().expect("own path").with_file_name("cbcr"));
     ensure!(cbcr.exists(), "{} not found: `cargo build --release -p dataplane` or pass --cbcr", cbcr.display());
     std::fs::create_dir_all(&cli.out)?;

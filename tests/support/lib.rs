@@ -30,13 +30,23 @@ pub fn cbcr_bin() -> &'static Path {
 }
 
 /// Runs cbcr with `args`; the environment is cleared of cbcr's variables first.
+/// The password of every repository the tests create.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A `cbcr` command with the tests' password in its environment.
+pub fn cbcr_command() -> Command {
+    let mut cmd = Command::new(cbcr_bin());
+    cmd.env("CBCR_PASSWORD", PASSWORD);
+    cmd
+}
+
 pub fn cbcr(args: &[&str]) -> Output {
     cbcr_env(args, &[])
 }
 
 /// Runs cbcr with `args` and extra environment variables.
 pub fn cbcr_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(cbcr_bin());
+    let mut cmd = cbcr_command();
     cmd.args(args).env_remove("CBCR_REPO").env_remove("CBCR_FAULT").env_remove("CBCR_CORES");
     for (k, v) in env {
         cmd.env(k, v);
@@ -275,7 +285,7 @@ impl S3Server {
 
     /// `cbcr` with `args`, pointed at this server, not yet started.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(cbcr_bin());
+        let mut cmd = cbcr_command();
         cmd.args(args).env_remove("CBCR_REPO").env_remove("CBCR_FAULT").env_remove("CBCR_CORES");
         cmd.envs(self.env());
         cmd
@@ -381,4 +391,47 @@ impl<'a> Target<'a> {
             0
         }
     }
+}
+
+/// Strings planted in [`marked_source`]: in a directory name, a file name, compressible text
+/// and random bytes. None may appear in any object of an encrypted repository.
+pub const MARKERS: [&str; 4] = ["MARKDIR-7f3a9c", "MARKNAME-2d8e6b", "MARKTEXT-5b1e2d", "MARKRAND-9c4f1a"];
+
+/// A source under `dir` carrying [`MARKERS`]; returns its root.
+pub fn marked_source(dir: &Path) -> PathBuf {
+    let root = dir.join("marked");
+    let inner = root.join(MARKERS[0]);
+    fs::create_dir_all(&inner).unwrap();
+    fs::write(inner.join("notes.txt"), format!("{} customer row\n", MARKERS[2]).repeat(50_000)).unwrap();
+    // Random bytes do not compress, so they would be stored as they are without encryption.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut bytes = vec![0u8; 2 << 20];
+    rng.fill_bytes(&mut bytes);
+    for at in (0..bytes.len() - 64).step_by(4096) {
+        bytes[at..at + MARKERS[3].len()].copy_from_slice(MARKERS[3].as_bytes());
+    }
+    fs::write(inner.join(format!("{}.bin", MARKERS[1])), bytes).unwrap();
+    root
+}
+
+/// `file: marker` for every marker found in a file under `root`.
+pub fn markers_in(root: &Path) -> Vec<String> {
+    let mut found = vec![];
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let bytes = fs::read(&path).unwrap();
+            for marker in MARKERS {
+                if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                    found.push(format!("{}: {marker}", path.display()));
+                }
+            }
+        }
+    }
+    found
 }

@@ -589,7 +589,8 @@ mod tests {
         v1.extend_from_slice(b"db-17");
         let hello = Frame::decode(FrameKind::Hello, 1, &v1).unwrap();
         assert_eq!(hello, Frame::Hello { min: 1, max: 1, client: "db-17".into() });
-        let welcome = Frame::Welcome { version: 1, session: 7, config: b"{}".to_vec(), keys: WelcomeKeys::Raw([3; 32]) }.encode();
+        let welcome =
+            Frame::Welcome { version: 1, session: 7, config: b"{}".to_vec(), keys: WelcomeKeys::Raw([3; 32]) }.encode();
         assert_eq!(welcome.len(), HEADER_LEN + 8 + 32 + 4 + 2, "session, key, config: no version byte");
         assert_eq!(welcome[5], 1, "the header says the version agreed");
     }

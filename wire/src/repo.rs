@@ -210,11 +210,7 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(what: &'static str, bytes:
 }
 
 /// Reads only the version first, so a newer format is reported as such, not as a field error.
-pub(crate) fn check_version(
-    what: &'static str,
-    bytes: &[u8],
-    supported: std::ops::RangeInclusive<u32>,
-) -> Result<u32> {
+pub(crate) fn check_version(what: &'static str, bytes: &[u8], supported: std::ops::RangeInclusive<u32>) -> Result<u32> {
     #[derive(Deserialize)]
     struct Versioned {
         version: u32,

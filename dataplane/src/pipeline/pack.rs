@@ -404,7 +404,12 @@ impl BlobDecoder {
 
     /// Appends the raw blob of entry `e`, stored as `stored`, to `out`; the error says what
     /// failed. Not checked against its id: callers hash what they need to.
-    pub(crate) fn decode(&mut self, stored: &[u8], e: &PackEntry, out: &mut Vec<u8>) -> std::result::Result<(), String> {
+    pub(crate) fn decode(
+        &mut self,
+        stored: &[u8],
+        e: &PackEntry,
+        out: &mut Vec<u8>,
+    ) -> std::result::Result<(), String> {
         let plain = self.sealing.open("blob", &e.id.0, stored, &mut self.opened).map_err(|err| err.to_string())?;
         match e.compression() {
             Compression::None => out.extend_from_slice(plain),

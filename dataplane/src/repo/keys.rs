@@ -154,11 +154,11 @@ pub(crate) fn unlock(
     password: PasswordSource<'_>,
 ) -> Result<Unlocked> {
     let at = |name: &str| std::path::PathBuf::from(format!("{location}/{}", ObjectKind::Key.key(name)));
-    let mismatch = |name: &str| {
-        Error::Integrity(format!("{}: key does not match the repository config", at(name).display()))
-    };
+    let mismatch =
+        |name: &str| Error::Integrity(format!("{}: key does not match the repository config", at(name).display()));
     if config.encryption == Encryption::None {
-        let (name, bytes) = objects.into_iter().next().ok_or_else(|| Error::Integrity(format!("{location}: no key")))?;
+        let (name, bytes) =
+            objects.into_iter().next().ok_or_else(|| Error::Integrity(format!("{location}: no key")))?;
         let key = KeyFile::decode(&bytes).map_err(|e| Error::format(&at(&name), e))?;
         if key.key_id() != config.key_id {
             return Err(mismatch(&name));

@@ -16,8 +16,8 @@ use wire::{ChunkId, RepoKey};
 
 pub(crate) use backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
 pub(crate) use direct::{publish_pack, Direct, PackFiles};
-pub use keys::{PasswordSource, Secret};
 pub(crate) use keys::Sealing;
+pub use keys::{PasswordSource, Secret};
 pub(crate) use receiver::Receiver;
 
 use crate::error::{Error, Result};

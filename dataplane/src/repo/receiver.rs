@@ -38,9 +38,8 @@ impl Backend for Receiver {
     fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
         let mut out = vec![];
         for (id, record) in self.remote.snapshots()? {
-            let snapshot = open_snapshot(&*self.sealing, &record).map_err(|e| {
-                Error::Integrity(format!("receiver {}: snapshot {id}: {e}", self.remote.addr))
-            })?;
+            let snapshot = open_snapshot(&*self.sealing, &record)
+                .map_err(|e| Error::Integrity(format!("receiver {}: snapshot {id}: {e}", self.remote.addr)))?;
             out.push((id, snapshot));
         }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, RecvStream, SendStream};
 use tracing::{info, warn};
 use wire::frame::{ErrorCode, Fence, Frame, WelcomeKeys, KEY_OBJECTS_VERSION, MIN_VERSION, VERSION};
-use wire::repo::Encryption;
 use wire::index::IndexEntry;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
+use wire::repo::Encryption;
 use wire::repo::Snapshot;
 use wire::ChunkId;
 
