@@ -12,6 +12,9 @@ cargo build --release -p dataplane --bin cbcr
 cbcr=$PWD/target/release/cbcr
 rm -rf "$work" && mkdir -p "$work"
 export CBCR_REPO="$work/repo"
+# The repository is encrypted; a real one takes --password-file, CBCR_PASSWORD_FILE or
+# --key-command (a KMS or vault client) rather than a password in the environment.
+export CBCR_PASSWORD=${CBCR_PASSWORD:-demo password}
 if $quic; then
   $cbcr cert dev --out "$work/pki"
   $cbcr receiver --listen 127.0.0.1:0 --repo "$work/repo" \

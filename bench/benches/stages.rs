@@ -45,6 +45,21 @@ fn stages(c: &mut Criterion) {
                 .sum::<usize>()
         })
     });
+    // Sealing: what encryption at rest adds per stored byte (one envelope per blob).
+    let sealer = wire::crypto::DataKey::from_bytes([2; 32]).session([3; 16]);
+    let mut sealed = Vec::with_capacity(PIECE + wire::crypto::OVERHEAD);
+    g.bench_function("aes256gcm_seal_64k", |b| {
+        b.iter(|| {
+            data.chunks(PIECE)
+                .enumerate()
+                .map(|(n, p)| {
+                    sealed.clear();
+                    sealer.seal(n as u64, b"id", p, &mut sealed);
+                    sealed.len()
+                })
+                .sum::<usize>()
+        })
+    });
     g.bench_function("zero_check_64k", |b| {
         b.iter(|| data.chunks(PIECE).filter(|p| dataplane::pipeline::chunker::is_zero(p)).count())
     });

@@ -19,8 +19,10 @@ pub enum Encryption {
     /// Plaintext: every version-1 repository, and `init --insecure-no-encryption`.
     #[default]
     None,
-    /// Blobs and snapshot records in [`crate::crypto`] envelopes; the keys in password slots.
-    Xchacha20Poly1305,
+    /// Blobs and snapshot records in [`crate::crypto`] envelopes (AES-256-GCM under session
+    /// keys); the keys in password slots.
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
 }
 
 /// `REPO/config`: fixed at init, read at every open.
@@ -245,8 +247,8 @@ mod tests {
         let v1 = String::from_utf8(c.encode()).unwrap().replace(",\n  \"encryption\": \"none\"", "");
         assert!(!v1.contains("encryption"), "{v1}");
         assert_eq!(RepoConfig::decode(v1.as_bytes()).unwrap(), c);
-        let sealed = RepoConfig { version: CONFIG_VERSION, encryption: Encryption::Xchacha20Poly1305, ..config() };
-        assert!(String::from_utf8(sealed.encode()).unwrap().contains("\"xchacha20-poly1305\""));
+        let sealed = RepoConfig { version: CONFIG_VERSION, encryption: Encryption::Aes256Gcm, ..config() };
+        assert!(String::from_utf8(sealed.encode()).unwrap().contains("\"aes-256-gcm\""));
         assert_eq!(RepoConfig::decode(&sealed.encode()).unwrap(), sealed);
         let newer = String::from_utf8(c.encode()).unwrap().replace("\"version\": 1", "\"version\": 7");
         match RepoConfig::decode(newer.as_bytes()) {

@@ -16,7 +16,7 @@ use crate::fault;
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::metrics::{Stage, StageHistograms};
-use crate::repo::{BlobSource, NewBlobs, PackSeal, PackSink, Packer, Repository, Sealing};
+use crate::repo::{BlobSource, NewBlobs, OpenScratch, PackSeal, PackSink, Packer, Repository, Sealing};
 
 /// One pack being written.
 struct PackWriter {
@@ -393,13 +393,13 @@ impl<'a> BlobReader<'a> {
 pub(crate) struct BlobDecoder {
     sealing: Arc<dyn Sealing>,
     decompressor: zstd::bulk::Decompressor<'static>,
-    opened: Vec<u8>,
+    opened: OpenScratch,
 }
 
 impl BlobDecoder {
     pub(crate) fn new(repo: &Repository) -> Result<Self> {
         let decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-        Ok(Self { sealing: Arc::clone(&repo.sealing), decompressor, opened: Vec::new() })
+        Ok(Self { sealing: Arc::clone(&repo.sealing), decompressor, opened: OpenScratch::default() })
     }
 
     /// Appends the raw blob of entry `e`, stored as `stored`, to `out`; the error says what

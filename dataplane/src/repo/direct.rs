@@ -15,7 +15,7 @@ use wire::verify::VerifyReport;
 use wire::{BlobKind, ChunkId};
 
 use super::backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
-use super::keys::{Sealing, SNAPSHOT_AAD};
+use super::keys::{OpenScratch, Sealing, SNAPSHOT_AAD};
 use crate::error::{Error, IoContext, Result};
 use crate::fault;
 use crate::index::{self, ChunkIndex, KnownBlobs};
@@ -112,7 +112,7 @@ pub(super) fn stored_snapshot(store: &dyn Store, name: &str) -> Result<(ChunkId,
 
 /// A stored snapshot record, opened and decoded.
 pub(super) fn open_snapshot(sealing: &dyn Sealing, stored: &[u8]) -> wire::Result<Snapshot> {
-    let mut scratch = Vec::new();
+    let mut scratch = OpenScratch::default();
     Snapshot::decode(sealing.open("snapshot", SNAPSHOT_AAD, stored, &mut scratch)?)
 }
 

@@ -1,10 +1,11 @@
-//! A repository's keys: how its objects are sealed ([`Sealing`]: plaintext, or XChaCha20-Poly1305
+//! A repository's keys: how its objects are sealed ([`Sealing`]: plaintext, or AES-256-GCM
 //! envelopes), and the key objects under `keys/` they come from (password slots, or a
 //! plaintext repository's key file).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use wire::crypto::{KdfParams, KeySlot, MasterKeys, SALT_LEN};
+use wire::crypto::{salt_of, KdfParams, KeySlot, MasterKeys, SessionKey, SALT_LEN};
 use wire::repo::{Encryption, KeyFile, RepoConfig};
 use wire::RepoKey;
 
@@ -30,7 +31,7 @@ pub(crate) trait Sealing: Send + Sync {
         what: &'static str,
         aad: &[u8],
         stored: &'a [u8],
-        scratch: &'a mut Vec<u8>,
+        scratch: &'a mut OpenScratch,
     ) -> wire::Result<&'a [u8]>;
     /// A new password slot for these keys: its object name and bytes.
     fn new_slot(&self, secret: &[u8]) -> Result<(String, Vec<u8>)>;
@@ -44,7 +45,7 @@ impl Sealing for Plaintext {
         plain
     }
 
-    fn open<'a>(&self, _: &'static str, _: &[u8], stored: &'a [u8], _: &'a mut Vec<u8>) -> wire::Result<&'a [u8]> {
+    fn open<'a>(&self, _: &'static str, _: &[u8], stored: &'a [u8], _: &'a mut OpenScratch) -> wire::Result<&'a [u8]> {
         Ok(stored)
     }
 
@@ -53,12 +54,38 @@ impl Sealing for Plaintext {
     }
 }
 
-struct Sealed(MasterKeys);
+/// What one reader keeps between opens: the plaintext buffer, and the session keys of the
+/// envelopes opened last, most recent first (an incremental's blobs come from the sessions of
+/// a few backups, so deriving one is rare).
+#[derive(Default)]
+pub(crate) struct OpenScratch {
+    buf: Vec<u8>,
+    keys: Vec<SessionKey>,
+}
+
+/// Session keys one reader keeps: deriving one costs about as much as opening a few KiB.
+const SESSION_KEYS_KEPT: usize = 16;
+
+/// An encrypted repository's keys and this process's session: every object it seals is
+/// numbered by one counter under one session key drawn at open.
+struct Sealed {
+    master: MasterKeys,
+    session: SessionKey,
+    counter: AtomicU64,
+}
+
+impl Sealed {
+    fn new(master: MasterKeys) -> Self {
+        let session = master.data.session(random());
+        Self { master, session, counter: AtomicU64::new(0) }
+    }
+}
 
 impl Sealing for Sealed {
     fn seal<'a>(&self, aad: &[u8], plain: &'a [u8], scratch: &'a mut Vec<u8>) -> &'a [u8] {
         scratch.clear();
-        self.0.data.seal(random(), aad, plain, scratch);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.session.seal(n, aad, plain, scratch);
         scratch
     }
 
@@ -67,18 +94,36 @@ impl Sealing for Sealed {
         what: &'static str,
         aad: &[u8],
         stored: &'a [u8],
-        scratch: &'a mut Vec<u8>,
+        scratch: &'a mut OpenScratch,
     ) -> wire::Result<&'a [u8]> {
-        scratch.clear();
-        self.0.data.open(what, aad, stored, scratch)?;
-        Ok(scratch)
+        let salt = salt_of(stored).ok_or(wire::Error::Truncated {
+            what,
+            need: wire::crypto::OVERHEAD as u64,
+            have: stored.len() as u64,
+        })?;
+        let OpenScratch { buf, keys } = scratch;
+        buf.clear();
+        if salt == self.session.salt() {
+            self.session.open(what, aad, stored, buf)?;
+            return Ok(buf);
+        }
+        match keys.iter().position(|k| k.salt() == salt) {
+            Some(0) => {}
+            Some(at) => keys[..=at].rotate_right(1),
+            None => {
+                keys.truncate(SESSION_KEYS_KEPT - 1);
+                keys.insert(0, self.master.data.session(salt));
+            }
+        }
+        keys[0].open(what, aad, stored, buf)?;
+        Ok(buf)
     }
 
     fn new_slot(&self, secret: &[u8]) -> Result<(String, Vec<u8>)> {
         let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
         let label = format!("{user}@{}", crate::source::hostname());
-        let slot = KeySlot::wrap(&self.0, secret, KdfParams::DEFAULT, random::<SALT_LEN>(), random(), created, label)
+        let slot = KeySlot::wrap(&self.master, secret, KdfParams::DEFAULT, random::<SALT_LEN>(), created, label)
             .map_err(|e| Error::Internal(format!("wrapping the keys: {e}")))?;
         Ok((wire::id::to_hex(&random::<8>()), slot.encode()))
     }
@@ -110,10 +155,10 @@ pub(crate) fn create(secret: Option<&[u8]>) -> Result<(Unlocked, Encryption, (St
     let key = master.id.clone();
     match secret {
         Some(secret) => {
-            let sealed = Sealed(master);
+            let sealed = Sealed::new(master);
             let (name, bytes) = sealed.new_slot(secret)?;
             let unlocked = Unlocked { key, sealing: Arc::new(sealed), slot: Some(name.clone()) };
-            Ok((unlocked, Encryption::Xchacha20Poly1305, (name, bytes)))
+            Ok((unlocked, Encryption::Aes256Gcm, (name, bytes)))
         }
         None => {
             let object = (key.key_id(), KeyFile::encode(&key));
@@ -128,7 +173,7 @@ pub(crate) fn key_objects(store: &dyn Store, config: &RepoConfig) -> Result<Vec<
     let location = store.location();
     let names = match config.encryption {
         Encryption::None => vec![config.key_id.clone()],
-        Encryption::Xchacha20Poly1305 => store.list(ObjectKind::Key)?.into_iter().map(|o| o.name).collect(),
+        Encryption::Aes256Gcm => store.list(ObjectKind::Key)?.into_iter().map(|o| o.name).collect(),
     };
     let mut out = Vec::with_capacity(names.len());
     for name in names {
@@ -180,7 +225,7 @@ pub(crate) fn unlock(
         match slot.unwrap(&secret) {
             Ok(master) if master.id.key_id() == config.key_id => {
                 let key = master.id.clone();
-                return Ok(Unlocked { key, sealing: Arc::new(Sealed(master)), slot: Some(name.clone()) });
+                return Ok(Unlocked { key, sealing: Arc::new(Sealed::new(master)), slot: Some(name.clone()) });
             }
             Ok(_) => return Err(mismatch(name)),
             Err(wire::Error::Authentication { .. }) => {}

@@ -16,7 +16,7 @@ use wire::{ChunkId, RepoKey};
 
 pub(crate) use backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
 pub(crate) use direct::{publish_pack, Direct, PackFiles};
-pub(crate) use keys::Sealing;
+pub(crate) use keys::{OpenScratch, Sealing};
 pub use keys::{PasswordSource, Secret};
 pub(crate) use receiver::Receiver;
 
