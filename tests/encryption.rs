@@ -126,3 +126,22 @@ fn a_slot_of_another_repository_does_not_open_this_one_and_plaintext_has_no_slot
     assert_eq!(list.status.code(), Some(USAGE));
     assert!(text(&list.stderr).contains("not encrypted"), "{}", text(&list.stderr));
 }
+
+#[test]
+fn a_repository_of_the_format_before_encryption_stays_readable_and_writable_without_a_password() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    make_tree(&src, 5, 100_000);
+    ok(&["init", "--insecure-no-encryption", "--repo", s(&repo)]);
+    // As a cbcr before encryption wrote it: config version 1, no `encryption` field.
+    let config = fs::read_to_string(repo.join("config")).unwrap();
+    let v1 = config.replace("\"version\": 2", "\"version\": 1").replace(",\n  \"encryption\": \"none\"", "");
+    assert!(!v1.contains("encryption") && v1.contains("\"version\": 1"), "{v1}");
+    fs::write(repo.join("config"), v1).unwrap();
+    for args in [&["backup", "--repo", s(&repo), s(&src)][..], &["snapshots", "--repo", s(&repo)]] {
+        let out = with_password(None, args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    assert!(with_password(None, &["restore", "latest", "--repo", s(&repo), "--target", s(&out)]).status.success());
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+}
