@@ -762,3 +762,48 @@ fn an_encrypted_repository_through_a_receiver_holds_no_plaintext_and_no_key_is_s
     let bad = cbcr_env(&["snapshots", "--repo", &receiver.url()], &env);
     assert_eq!(bad.status.code(), Some(16), "{}", text(&bad.stderr));
 }
+
+#[test]
+fn the_receiver_writes_an_audit_trail_as_json_lines() {
+    let (tmp, src, repo, pki) = random_source(4 << 20, 21);
+    let log_path = tmp.path().join("receiver.log");
+    let mut receiver = cbcr_command()
+        .args(["receiver", "--listen", "127.0.0.1:0", "--repo", s(&repo), "--log-format", "json"])
+        .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
+        .args(["--ca", s(&pki.join("ca.crt"))])
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(receiver.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let url = format!("quic://{addr}");
+    let backup = last_json(&client_ok(&["backup", "--repo", &url, s(&src), "--json"], &pki));
+    client_ok(&["restore", "latest", "--repo", &url, "--target", s(&tmp.path().join("out"))], &pki);
+    client_ok(&["verify", "--repo", &url], &pki);
+    let (err, _) = raw_session(&addr, &pki, true, ALL_VERSIONS, |conn, _| async move {
+        send_raw(&conn, b"not a frame at all", true).await;
+    });
+    assert!(err.is_none(), "{err:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: no preconditions; the receiver is our child.
+    unsafe { libc::kill(receiver.id() as i32, libc::SIGTERM) };
+    assert!(receiver.wait().unwrap().success());
+
+    let log = fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let audit: Vec<&serde_json::Value> = lines.iter().filter(|l| l["target"] == "audit").collect();
+    let events = |name: &str| audit.iter().filter(|l| l["fields"]["event"] == name).collect::<Vec<_>>();
+    let sessions = events("session");
+    assert!(sessions.len() >= 4, "a session for each client and the raw one: {log}");
+    let cert = sessions[0]["fields"]["cert"].as_str().unwrap().to_owned();
+    assert_eq!(cert.len(), 16, "a certificate fingerprint: {cert}");
+    for event in ["commit", "read", "list", "verify", "refused"] {
+        let found = events(event);
+        assert!(!found.is_empty(), "no {event} event in {log}");
+        assert!(found.iter().all(|e| e["fields"]["cert"] == cert.as_str()), "{event} names the certificate: {found:?}");
+    }
+    assert_eq!(events("commit")[0]["fields"]["snapshot"], backup["snapshot_id"]);
+}

@@ -159,6 +159,10 @@ enum Command {
         /// After SIGTERM, how long open sessions may take to finish.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
+        /// `json`: the log (and its audit events: sessions, commits, reads, lists, verifies,
+        /// refusals, each with the client's certificate) as JSON lines on stderr.
+        #[arg(long, default_value = "text", env = "CBCR_LOG_FORMAT", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// Certificates for QUIC.
     #[command(subcommand)]
@@ -241,11 +245,13 @@ fn main() -> ProcessExit {
     let cli = Cli::parse();
     // A daemon says who connected and what was committed; a command only what went wrong.
     let level = if matches!(cli.command, Command::Receiver { .. }) { "info" } else { "warn" };
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match &cli.command {
+        Command::Receiver { log_format, .. } if log_format == "json" => log.json().init(),
+        _ => log.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
     let reporter = std::sync::Arc::new(Reporter::new(cli.global.json, cli.global.quiet, !cli.global.no_progress));
     let code = match on_sigint(&cli.command).and_then(|cancel| run(cli, &reporter, cancel)) {
         Ok(code) => code,
@@ -442,7 +448,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
-        Command::Receiver { listen, metrics, grace } => {
+        Command::Receiver { listen, metrics, grace, .. } => {
             let opts = receiver_options(g.repo, tls, listen, metrics, grace, cores, password.given()?)?;
             dataplane::command::receiver::run(opts)?;
             Ok(ExitCode::Ok)

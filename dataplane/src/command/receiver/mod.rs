@@ -269,7 +269,7 @@ async fn connection(store: Arc<Served>, conn: Connection) {
             Ok(s) => s,
             Err(e) => {
                 if let Some(s) = session.get() {
-                    info!("session {} from {peer} ended: {e}", s.id);
+                    info!(target: "audit", event = "session_end", session = s.id, %peer, cert = %cert, "session {} from {peer} ended: {e}", s.id);
                 }
                 break;
             }
@@ -305,7 +305,9 @@ async fn stream(
         }
         Err(Refusal(code, message)) => {
             store.metrics.errors.inc();
-            warn!("{peer} (session {:?}, cert {cert}): {stage}: {message}", session.get().map(|s| s.id));
+            // Session 0: the request came before any session.
+            let id = session.get().map_or(0, |s| s.id);
+            warn!(target: "audit", event = "refused", session = id, %peer, cert = %cert, stage, code = ?code, "{peer} (session {id}, cert {cert}): {stage}: {message}");
             let _ = quic::write_frame(&mut send, &Frame::Error { code, message }, reply_version(&session)).await;
             let _ = send.finish();
             let _ = recv.stop(0u32.into());
@@ -354,7 +356,7 @@ async fn request(
             return Err(Refusal(ErrorCode::BadFrame, "this connection already has a session".into()));
         }
         store.metrics.sessions_total.inc();
-        info!("session {id} from {peer}: client {client:?}, certificate {cert}, protocol version {version}");
+        info!(target: "audit", event = "session", session = id, %peer, cert, client = client.as_str(), version, "session {id} from {peer}: client {client:?}, certificate {cert}, protocol version {version}");
         let keys = if version >= KEY_OBJECTS_VERSION {
             let s = Arc::clone(store);
             WelcomeKeys::Objects(blocking(move || s.repo.key_objects()).await?)
@@ -389,8 +391,14 @@ async fn request(
             let id = receive_pack(store, recv).await?;
             reply(send, &Frame::PackStored { id }, version).await
         }
-        Frame::GetBlobs { ids, .. } => send_blobs(store, ids, send, version).await,
+        Frame::GetBlobs { ids, .. } => {
+            let session = session.get().map_or(0, |s| s.id);
+            info!(target: "audit", event = "read", session, %peer, cert, blobs = ids.len(), "session {session} ({cert}): reads {} blobs", ids.len());
+            send_blobs(store, ids, send, version).await
+        }
         Frame::ListSnapshots { .. } => {
+            let session = session.get().map_or(0, |s| s.id);
+            info!(target: "audit", event = "list", session, %peer, cert, "session {session} ({cert}): lists snapshots");
             let s = Arc::clone(store);
             for (id, record) in blocking(move || s.repo.stored_snapshots()).await? {
                 reply(send, &Frame::SnapshotRecord { id, record }, version).await?;
@@ -408,10 +416,13 @@ async fn request(
                 Err(e) => return Err(Refusal(ErrorCode::Other, format!("commit failed: {e}"))),
             };
             store.metrics.commits.inc();
-            info!("session {:?}: committed snapshot {id}", session.get().map(|s| s.id));
+            let session = session.get().map_or(0, |s| s.id);
+            info!(target: "audit", event = "commit", session, %peer, cert, snapshot = %id, "session {session} ({cert}): committed snapshot {id}");
             reply(send, &Frame::Committed { id }, version).await
         }
         Frame::Verify { read_data, .. } => {
+            let session = session.get().map_or(0, |s| s.id);
+            info!(target: "audit", event = "verify", session, %peer, cert, read_data, "session {session} ({cert}): verify");
             let s = Arc::clone(store);
             let (damaged, report) = blocking(move || {
                 let r =
