@@ -491,7 +491,7 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
             parent: None,
             stats: Default::default(),
         };
-        let commit = Frame::Commit { session: 1, record: snap.encode(), fence: None };
+        let commit = Frame::Commit { session: 1, record: snap.encode(), fence: None, root: None };
         let reply = send_raw(&conn, &commit.encode(), true).await;
         assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::Incomplete, .. })), "{reply:?}");
     });
@@ -704,7 +704,7 @@ fn protocol_versions_are_negotiated_and_fenced_commits_refused() {
         let Some(Frame::Welcome { version: VERSION, session, .. }) = welcome else { panic!("{welcome:?}") };
         let commit = |job: &str, token| {
             let fence = Some(Fence { job: job.into(), token });
-            Frame::Commit { session, record: record.clone(), fence }.encode()
+            Frame::Commit { session, record: record.clone(), fence, root: None }.encode()
         };
         for (job, token, accepted) in [
             ("db1", 5, true),
@@ -806,4 +806,41 @@ fn the_receiver_writes_an_audit_trail_as_json_lines() {
         assert!(found.iter().all(|e| e["fields"]["cert"] == cert.as_str()), "{event} names the certificate: {found:?}");
     }
     assert_eq!(events("commit")[0]["fields"]["snapshot"], backup["snapshot_id"]);
+}
+
+#[test]
+fn a_receiver_without_the_password_serves_sealed_objects_and_never_opens_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, empty, out) = (tmp.path().join("repo"), tmp.path().join("empty"), tmp.path().join("out"));
+    let pki = pki(tmp.path());
+    let src = marked_source(tmp.path());
+    // Created on the store by someone who has the password; the receiver never gets it.
+    ok(&["init", "--repo", s(&repo)]);
+    let keyless = || {
+        let mut cmd = cbcr_command();
+        cmd.env_remove("CBCR_PASSWORD");
+        cmd
+    };
+    let receiver = Receiver::start_cmd(keyless(), s(&repo), &pki, &[]);
+    let first = last_json(&client_ok(&["backup", "--repo", &receiver.url(), s(&src), "--json"], &pki));
+    let second = last_json(&client_ok(&["backup", "--repo", &receiver.url(), s(&src), "--json"], &pki));
+    assert_eq!(second["parent"], first["snapshot_id"], "the parent is found through the keyless receiver");
+    assert_eq!(second["bytes_new"], 0);
+    client_ok(&["restore", "latest", "--repo", &receiver.url(), "--target", s(&out)], &pki);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+    assert_eq!(markers_in(&repo), Vec::<String>::new());
+    // Verify needs the keys: refused with the way to do it, which works on the store.
+    let verify = client(&["verify", "--repo", &receiver.url()], &pki);
+    assert!(!verify.status.success());
+    assert!(text(&verify.stderr).contains("holds no key"), "{}", text(&verify.stderr));
+    ok(&["verify", "--read-data", "--repo", s(&repo)]);
+    // Nothing to encrypt under: a keyless receiver does not create a repository.
+    let refused = keyless()
+        .args(["receiver", "--listen", "127.0.0.1:0", "--repo", s(&empty)])
+        .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
+        .args(["--ca", s(&pki.join("ca.crt"))])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("cbcr init"), "{}", text(&refused.stderr));
 }

@@ -19,7 +19,8 @@
 //!
 //! Versions: 1, the first; 2, a `Hello` may carry the lowest version after the client name, and
 //! a `Commit` may carry a job name and fencing token; 3, a `Welcome` carries the repository's
-//! key objects as stored (password slots: the client opens them), never a key.
+//! key objects as stored (password slots: the client opens them), never a key, and a `Commit`
+//! may name its root tree in the clear (a receiver that holds no key cannot open the record).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -198,7 +199,9 @@ pub enum Frame {
     SnapshotRecord { id: ChunkId, record: Vec<u8> },
     /// Commit this snapshot record: acknowledged only once everything it references is durable.
     /// With a fence (version 2 on), refused when a higher token was accepted for the same job.
-    Commit { session: u64, record: Vec<u8>, fence: Option<Fence> },
+    /// `root`, from version 3: the snapshot's root tree, for a receiver that cannot open
+    /// `record` (sealed) to check that it is stored.
+    Commit { session: u64, record: Vec<u8>, fence: Option<Fence>, root: Option<ChunkId> },
     /// The snapshot's id.
     Committed { id: ChunkId },
     /// Check the repository where it lives.
@@ -360,7 +363,7 @@ impl Frame {
                 out.extend_from_slice(&id.0);
                 out.extend_from_slice(record);
             }
-            Frame::Commit { session, record, fence } => {
+            Frame::Commit { session, record, fence, root } => {
                 out.extend_from_slice(&session.to_le_bytes());
                 if version >= FENCE_VERSION {
                     out.push(u8::from(fence.is_some()));
@@ -370,6 +373,14 @@ impl Frame {
                     }
                 } else {
                     assert!(fence.is_none(), "a fenced commit needs protocol version {FENCE_VERSION}");
+                }
+                if version >= KEY_OBJECTS_VERSION {
+                    out.push(u8::from(root.is_some()));
+                    if let Some(root) = root {
+                        out.extend_from_slice(&root.0);
+                    }
+                } else {
+                    assert!(root.is_none(), "a commit names its root from protocol version {KEY_OBJECTS_VERSION}");
                 }
                 out.extend_from_slice(record);
             }
@@ -467,7 +478,9 @@ impl Frame {
                 } else {
                     None
                 };
-                Frame::Commit { session, fence, record: r.bytes(r.remaining())?.to_vec() }
+                let root =
+                    if version >= KEY_OBJECTS_VERSION && flag(&mut r)? { Some(ChunkId(r.array()?)) } else { None };
+                Frame::Commit { session, fence, root, record: r.bytes(r.remaining())?.to_vec() }
             }
             FrameKind::Verify => {
                 let session = r.u64()?;
@@ -549,6 +562,9 @@ mod tests {
             if version < FENCE_VERSION && matches!(frame, Frame::Commit { fence: Some(_), .. }) {
                 continue;
             }
+            if version < KEY_OBJECTS_VERSION && matches!(frame, Frame::Commit { root: Some(_), .. }) {
+                continue;
+            }
             if matches!(frame, Frame::Welcome { version: v, .. } if v != version) {
                 continue;
             }
@@ -597,7 +613,7 @@ mod tests {
 
     #[test]
     fn a_version_1_commit_has_no_fence() {
-        let commit = Frame::Commit { session: 3, record: b"{}".to_vec(), fence: None };
+        let commit = Frame::Commit { session: 3, record: b"{}".to_vec(), fence: None, root: None };
         let v1 = commit.encode_in(1);
         assert_eq!(v1.len(), HEADER_LEN + 8 + 2, "session and record only");
         assert_eq!(Frame::decode(FrameKind::Commit, 1, &v1[HEADER_LEN..]).unwrap(), commit);
@@ -624,8 +640,14 @@ mod tests {
             Frame::Blob { entry, stored: b"abc".to_vec() },
             Frame::ListSnapshots { session: 9 },
             Frame::SnapshotRecord { id, record: b"{\"a\":1}".to_vec() },
-            Frame::Commit { session: 9, record: b"{}".to_vec(), fence: None },
-            Frame::Commit { session: 9, record: b"{}".to_vec(), fence: Some(Fence { job: "db1/7".into(), token: 42 }) },
+            Frame::Commit { session: 9, record: b"{}".to_vec(), fence: None, root: None },
+            Frame::Commit {
+                session: 9,
+                record: b"{}".to_vec(),
+                fence: Some(Fence { job: "db1/7".into(), token: 42 }),
+                root: None,
+            },
+            Frame::Commit { session: 9, record: b"sealed".to_vec(), fence: None, root: Some(id) },
             Frame::Committed { id },
             Frame::Verify { session: 9, read_data: true },
             Frame::VerifyReport { damaged: false, report: b"{}".to_vec() },

@@ -13,7 +13,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
-use wire::frame::{ErrorCode, Frame, FrameHeader, WelcomeKeys, HEADER_LEN, MIN_VERSION, VERSION};
+use wire::frame::{ErrorCode, Frame, FrameHeader, WelcomeKeys, HEADER_LEN, KEY_OBJECTS_VERSION, MIN_VERSION, VERSION};
 use wire::pack::PackEntry;
 use wire::repo::RepoConfig;
 use wire::ChunkId;
@@ -189,8 +189,10 @@ impl Remote {
 
     /// Commits a snapshot record (sealed as stored); the receiver acknowledges once it and all
     /// it references are durable.
-    pub(crate) fn commit(&self, record: &[u8]) -> Result<ChunkId> {
-        match self.request(&Frame::Commit { session: self.session, record: record.to_vec(), fence: None })? {
+    pub(crate) fn commit(&self, record: &[u8], root: ChunkId) -> Result<ChunkId> {
+        // Named in the clear for a receiver that cannot open the record (protocol 3 on).
+        let root = (self.version >= KEY_OBJECTS_VERSION).then_some(root);
+        match self.request(&Frame::Commit { session: self.session, record: record.to_vec(), fence: None, root })? {
             Frame::Committed { id } => Ok(id),
             other => Err(self.unexpected(&other)),
         }

@@ -262,7 +262,7 @@ impl Packer for Packing<'_> {
         let (plain, compression) =
             if compressed { (&self.buf[..], Compression::Zstd) } else { (data, Compression::None) };
         // Sealed under the blob's id, so a blob moved to another's place fails to open.
-        let stored = self.repo.sealing.seal(&id.0, plain, &mut self.sealed);
+        let stored = self.repo.sealing.seal(&id.0, plain, &mut self.sealed)?;
         if self.pack.is_none() {
             self.pack = Some(PackWriter::create(self.repo)?);
         }

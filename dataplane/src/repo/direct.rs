@@ -50,11 +50,7 @@ impl Backend for Direct {
 
     fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {
         let (plain, mut scratch) = (snapshot.encode(), Vec::new());
-        let bytes = self.sealing.seal(SNAPSHOT_AAD, &plain, &mut scratch);
-        // Named by the stored bytes, so anyone can check the object without the key.
-        let id = ChunkId::of_file(bytes);
-        self.store.put(ObjectKind::Snapshot, &id.to_hex(), bytes)?;
-        Ok(id)
+        put_snapshot_record(&*self.store, self.sealing.seal(SNAPSHOT_AAD, &plain, &mut scratch)?)
     }
 
     fn start_pack(&self) -> Result<Box<dyn PackSink>> {
@@ -87,6 +83,14 @@ impl Backend for Direct {
     fn verify_in_place(&self, _read_data: bool) -> Result<Option<VerifyReport>> {
         Ok(None)
     }
+}
+
+/// Stores a snapshot record as it is to be stored (sealed, in an encrypted repository): named by
+/// its bytes, so anyone can check the object without the key. The commit.
+pub(super) fn put_snapshot_record(store: &dyn Store, stored: &[u8]) -> Result<ChunkId> {
+    let id = ChunkId::of_file(stored);
+    store.put(ObjectKind::Snapshot, &id.to_hex(), stored)?;
+    Ok(id)
 }
 
 /// The snapshot object `name`, checked against its name, opened and decoded.

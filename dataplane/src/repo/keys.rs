@@ -24,7 +24,7 @@ pub(crate) const SNAPSHOT_AAD: &[u8] = b"cbcr snapshot";
 /// How objects whose content comes from a source (blobs, snapshot records) are stored.
 pub(crate) trait Sealing: Send + Sync {
     /// The stored form of `plain`: `plain` itself, or its envelope written into `scratch`.
-    fn seal<'a>(&self, aad: &[u8], plain: &'a [u8], scratch: &'a mut Vec<u8>) -> &'a [u8];
+    fn seal<'a>(&self, aad: &[u8], plain: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8]>;
     /// The plaintext of `stored`: itself, or opened into `scratch`; `what` names it in errors.
     fn open<'a>(
         &self,
@@ -35,14 +35,17 @@ pub(crate) trait Sealing: Send + Sync {
     ) -> wire::Result<&'a [u8]>;
     /// A new password slot for these keys: its object name and bytes.
     fn new_slot(&self, secret: &[u8]) -> Result<(String, Vec<u8>)>;
+    /// Whether objects can be opened here (a receiver serving an encrypted repository without
+    /// its password cannot).
+    fn holds_keys(&self) -> bool;
 }
 
 /// Version-1 repositories and `init --insecure-no-encryption`.
 struct Plaintext;
 
 impl Sealing for Plaintext {
-    fn seal<'a>(&self, _aad: &[u8], plain: &'a [u8], _scratch: &'a mut Vec<u8>) -> &'a [u8] {
-        plain
+    fn seal<'a>(&self, _aad: &[u8], plain: &'a [u8], _scratch: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+        Ok(plain)
     }
 
     fn open<'a>(&self, _: &'static str, _: &[u8], stored: &'a [u8], _: &'a mut OpenScratch) -> wire::Result<&'a [u8]> {
@@ -52,6 +55,40 @@ impl Sealing for Plaintext {
     fn new_slot(&self, _secret: &[u8]) -> Result<(String, Vec<u8>)> {
         Err(Error::Usage("this repository is not encrypted (created with --insecure-no-encryption, or by a cbcr before encryption): it has no password slots".into()))
     }
+
+    fn holds_keys(&self) -> bool {
+        true
+    }
+}
+
+/// An encrypted repository opened without its password: a receiver that stores and serves
+/// sealed objects as they are and never opens one.
+struct Locked;
+
+const LOCKED: &str = "this process holds no key for the encrypted repository (a receiver started without its password)";
+
+impl Sealing for Locked {
+    fn seal<'a>(&self, _aad: &[u8], _plain: &'a [u8], _scratch: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+        Err(Error::Usage(LOCKED.into()))
+    }
+
+    fn open<'a>(&self, what: &'static str, _: &[u8], _: &'a [u8], _: &'a mut OpenScratch) -> wire::Result<&'a [u8]> {
+        Err(wire::Error::Corrupt { what, detail: LOCKED.into() })
+    }
+
+    fn new_slot(&self, _secret: &[u8]) -> Result<(String, Vec<u8>)> {
+        Err(Error::Usage(LOCKED.into()))
+    }
+
+    fn holds_keys(&self) -> bool {
+        false
+    }
+}
+
+/// The keys of an encrypted repository opened without its password: none. Its id key is never
+/// used (such a repository writes no blob and verifies nothing), so it is zero.
+pub(crate) fn locked() -> Unlocked {
+    Unlocked { key: RepoKey::from_bytes([0; 32]), sealing: Arc::new(Locked), slot: None }
 }
 
 /// What one reader keeps between opens: the plaintext buffer, and the session keys of the
@@ -82,11 +119,11 @@ impl Sealed {
 }
 
 impl Sealing for Sealed {
-    fn seal<'a>(&self, aad: &[u8], plain: &'a [u8], scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    fn seal<'a>(&self, aad: &[u8], plain: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8]> {
         scratch.clear();
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         self.session.seal(n, aad, plain, scratch);
-        scratch
+        Ok(scratch)
     }
 
     fn open<'a>(
@@ -126,6 +163,10 @@ impl Sealing for Sealed {
         let slot = KeySlot::wrap(&self.master, secret, KdfParams::DEFAULT, random::<SALT_LEN>(), created, label)
             .map_err(|e| Error::Internal(format!("wrapping the keys: {e}")))?;
         Ok((wire::id::to_hex(&random::<8>()), slot.encode()))
+    }
+
+    fn holds_keys(&self) -> bool {
+        true
     }
 }
 

@@ -138,6 +138,39 @@ impl Repository {
         })
     }
 
+    /// Opens the repository in `store` to serve it: with `password`, as [`Self::open_or_init`];
+    /// without one, an encrypted repository is opened locked (its objects are stored and served
+    /// as they are, none is opened), and an empty store is an error (nothing to encrypt under).
+    pub fn open_to_serve(store: Box<dyn Store>, password: Option<&[u8]>) -> Result<Self> {
+        if let Some(secret) = password {
+            return Self::open_or_init(store, &|| Ok(secret.to_vec()));
+        }
+        let location = store.location();
+        let Some(bytes) = store.get(ObjectKind::Config, "")? else {
+            return Err(Error::Usage(format!(
+                "{location}: no repository yet; create it with `cbcr init` (which encrypts it under a password), or give the receiver the password to create it"
+            )));
+        };
+        let config_path = PathBuf::from(format!("{location}/{}", ObjectKind::Config.key("")));
+        let config = RepoConfig::decode(&bytes).map_err(|e| Error::format(&config_path, e))?;
+        let objects = keys::key_objects(&*store, &config)?;
+        let unlocked = match config.encryption {
+            wire::repo::Encryption::None => keys::unlock(&location, &config, objects, &|| Ok(vec![]))?,
+            wire::repo::Encryption::Aes256Gcm => keys::locked(),
+        };
+        Ok(Self::direct(store, config, unlocked))
+    }
+
+    /// Whether this process can open the repository's objects (not a locked receiver's).
+    pub fn holds_keys(&self) -> bool {
+        self.sealing.holds_keys()
+    }
+
+    /// Commits a snapshot record exactly as a client sealed it (a receiver's commit).
+    pub fn commit_record(&self, stored: &[u8]) -> Result<ChunkId> {
+        direct::put_snapshot_record(&*self.store, stored)
+    }
+
     /// Opens the repository in `store`, creating it with default parameters, encrypted under
     /// the password, when it is empty.
     pub fn open_or_init(store: Box<dyn Store>, password: PasswordSource<'_>) -> Result<Self> {

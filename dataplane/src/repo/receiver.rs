@@ -48,7 +48,7 @@ impl Backend for Receiver {
 
     fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {
         let (plain, mut scratch) = (snapshot.encode(), Vec::new());
-        self.remote.commit(self.sealing.seal(SNAPSHOT_AAD, &plain, &mut scratch))
+        self.remote.commit(self.sealing.seal(SNAPSHOT_AAD, &plain, &mut scratch)?, snapshot.tree_id())
     }
 
     fn start_pack(&self) -> Result<Box<dyn PackSink>> {

@@ -26,7 +26,6 @@ use wire::frame::{ErrorCode, Fence, Frame, WelcomeKeys, KEY_OBJECTS_VERSION, MIN
 use wire::index::IndexEntry;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::repo::Encryption;
-use wire::repo::Snapshot;
 use wire::ChunkId;
 
 use crate::error::{Error, IoContext, Result};
@@ -127,15 +126,10 @@ impl From<StreamError> for Refusal {
 
 /// Runs the receiver until SIGTERM or SIGINT; returns once in-flight sessions are done.
 pub fn run(opts: ReceiverOptions) -> Result<()> {
-    let password = || {
-        opts.password.clone().ok_or_else(|| {
-            Error::Usage(format!(
-                "{}: an encrypted repository needs its password on the receiver (--password-file, CBCR_PASSWORD_FILE or CBCR_PASSWORD); an empty one is created encrypted under it",
-                opts.repo
-            ))
-        })
-    };
-    let repo = Repository::open_or_init(crate::store::open(&opts.repo)?, &password)?;
+    let repo = Repository::open_to_serve(crate::store::open(&opts.repo)?, opts.password.as_deref())?;
+    if !repo.holds_keys() {
+        info!("serving {} without its key: objects are stored and served sealed; verify runs on the store", opts.repo);
+    }
     // One receiver per repository; local backups wait for it like for any other writer.
     let lock = repo.lock()?;
     lock.clean_tmp()?;
@@ -405,13 +399,21 @@ async fn request(
             }
             Ok(())
         }
-        Frame::Commit { record, fence, .. } => {
-            let snapshot = store
-                .repo
-                .open_snapshot(&record)
-                .map_err(|e| Refusal(ErrorCode::BadFrame, format!("snapshot record: {e}")))?;
+        Frame::Commit { record, fence, root, .. } => {
+            let bad = |m: String| Refusal(ErrorCode::BadFrame, format!("snapshot record: {m}"));
+            // A receiver with the key checks the record itself; one without trusts the root
+            // named beside it (the record is the client's own, sealed).
+            let root = if store.repo.holds_keys() {
+                let tree = store.repo.open_snapshot(&record).map_err(|e| bad(e.to_string()))?.tree_id();
+                if root.is_some_and(|r| r != tree) {
+                    return Err(bad(format!("names root {} beside a record of root {tree}", root.unwrap_or_default())));
+                }
+                tree
+            } else {
+                root.ok_or_else(|| bad("sealed, and the commit names no root tree (protocol 3 does)".into()))?
+            };
             let s = Arc::clone(store);
-            let id = match tokio::task::spawn_blocking(move || commit(&s, &snapshot, fence.as_ref())).await {
+            let id = match tokio::task::spawn_blocking(move || commit(&s, &record, root, fence.as_ref())).await {
                 Ok(r) => r?,
                 Err(e) => return Err(Refusal(ErrorCode::Other, format!("commit failed: {e}"))),
             };
@@ -423,6 +425,12 @@ async fn request(
         Frame::Verify { read_data, .. } => {
             let session = session.get().map_or(0, |s| s.id);
             info!(target: "audit", event = "verify", session, %peer, cert, read_data, "session {session} ({cert}): verify");
+            if !store.repo.holds_keys() {
+                return Err(Refusal(
+                    ErrorCode::Other,
+                    "this receiver holds no key for the repository: run `cbcr verify` on its store (the directory or s3:// it serves) with the password, or start the receiver with the password".into(),
+                ));
+            }
             let s = Arc::clone(store);
             let (damaged, report) = blocking(move || {
                 let r =
@@ -446,8 +454,7 @@ async fn reply(send: &mut SendStream, frame: &Frame, version: u8) -> Result<(), 
 /// was durable before it was acknowledged, and the client commits after its last
 /// acknowledgement, so everything below the root is durable too. A fenced commit is refused
 /// when a higher token was accepted for its job (a writer that lost its claim).
-fn commit(store: &Served, snapshot: &Snapshot, fence: Option<&Fence>) -> Result<ChunkId, Refusal> {
-    let root = snapshot.tree_id();
+fn commit(store: &Served, record: &[u8], root: ChunkId, fence: Option<&Fence>) -> Result<ChunkId, Refusal> {
     if store.find(&root)?.is_none() {
         return Err(Refusal(ErrorCode::Incomplete, format!("snapshot's root tree {root} is not stored here")));
     }
@@ -463,7 +470,7 @@ fn commit(store: &Served, snapshot: &Snapshot, fence: Option<&Fence>) -> Result<
             ));
         }
     }
-    let id = store.repo.commit_snapshot(snapshot)?;
+    let id = store.repo.commit_record(record)?;
     if let Some(Fence { job, token }) = fence {
         let highest = fences.entry(job.clone()).or_default();
         *highest = (*highest).max(*token);
