@@ -105,11 +105,10 @@ impl Tree {
             *count = 0;
         };
         let (mut pieces, mut body, mut count, mut node) = (vec![], Vec::new(), 0u32, Vec::new());
-        for n in self.nodes.iter() {
+        for (at, n) in self.nodes.iter().enumerate() {
             node.clear();
             encode_node(n, &mut node);
             if HEADER_LEN + node.len() > max_len {
-                let at = self.nodes.iter().position(|m| m.name == n.name).expect("a node of the tree");
                 return Err(self.nodes.swap_remove(at));
             }
             if HEADER_LEN + body.len() + node.len() > max_len || count == limits::MAX_TREE_NODES {

@@ -268,7 +268,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
     let mut phase = run.phase("backup", Some(Arc::clone(&board)));
     let progress = Arc::clone(&phase.progress);
     // A delta needs the parent's block: one read from local packs, but a round trip to a
-    // receiver, so backups through one store changed blocks whole.
+    // receiver, so backups through a receiver store changed blocks whole.
     let deltas = (opts.delta_chain > 0 && !repo.backend.reads_round_trip()).then_some(opts.delta_chain);
     let shared = Arc::new(Shared {
         repo,

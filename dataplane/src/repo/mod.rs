@@ -54,6 +54,13 @@ pub struct SlotInfo {
 /// Held while a backup writes; released when dropped or when the process dies.
 pub type RepoLock = Box<dyn WriterClaim>;
 
+/// The store's config, decoded, or `None` when it holds no repository.
+fn read_config(store: &dyn Store) -> Result<Option<RepoConfig>> {
+    let Some(bytes) = store.get(ObjectKind::Config, "")? else { return Ok(None) };
+    let path = PathBuf::from(format!("{}/{}", store.location(), ObjectKind::Config.key("")));
+    RepoConfig::decode(&bytes).map(Some).map_err(|e| Error::format(&path, e))
+}
+
 impl Repository {
     /// Creates a repository in `store`, which must hold nothing yet: encrypted under `secret`,
     /// or (with `None`, `init --insecure-no-encryption`) plaintext.
@@ -89,11 +96,7 @@ impl Repository {
     /// Opens the repository in `store`; `password` is asked when it is encrypted.
     pub fn open(store: Box<dyn Store>, password: PasswordSource<'_>) -> Result<Self> {
         let location = store.location();
-        let Some(bytes) = store.get(ObjectKind::Config, "")? else {
-            return Err(Error::NotARepository(location.into()));
-        };
-        let config_path = PathBuf::from(format!("{location}/{}", ObjectKind::Config.key("")));
-        let config = RepoConfig::decode(&bytes).map_err(|e| Error::format(&config_path, e))?;
+        let config = read_config(&*store)?.ok_or_else(|| Error::NotARepository(location.clone().into()))?;
         let objects = keys::key_objects(&*store, &config)?;
         let unlocked = keys::unlock(&location, &config, objects, password)?;
         Ok(Self::direct(store, config, unlocked))
@@ -145,20 +148,17 @@ impl Repository {
         if let Some(secret) = password {
             return Self::open_or_init(store, &|| Ok(secret.to_vec()));
         }
-        let location = store.location();
-        let Some(bytes) = store.get(ObjectKind::Config, "")? else {
+        let Some(config) = read_config(&*store)? else {
             return Err(Error::Usage(format!(
-                "{location}: no repository yet; create it with `cbcr init` (which encrypts it under a password), or give the receiver the password to create it"
+                "{}: no repository yet; create it with `cbcr init` (which encrypts it under a password), or give the receiver the password to create it",
+                store.location()
             )));
         };
-        let config_path = PathBuf::from(format!("{location}/{}", ObjectKind::Config.key("")));
-        let config = RepoConfig::decode(&bytes).map_err(|e| Error::format(&config_path, e))?;
-        let objects = keys::key_objects(&*store, &config)?;
-        let unlocked = match config.encryption {
-            wire::repo::Encryption::None => keys::unlock(&location, &config, objects, &|| Ok(vec![]))?,
-            wire::repo::Encryption::Aes256Gcm => keys::locked(),
-        };
-        Ok(Self::direct(store, config, unlocked))
+        if config.encryption == wire::repo::Encryption::None {
+            // Plaintext: opened as any command opens it; no password is asked.
+            return Self::open(store, &|| Ok(vec![]));
+        }
+        Ok(Self::direct(store, config, keys::locked()))
     }
 
     /// Whether this process can open the repository's objects (not a locked receiver's).
