@@ -11,11 +11,8 @@ use cbcr_tests::*;
 use rand::{RngCore, SeedableRng};
 use wire::frame::{ErrorCode, Frame, FrameHeader, HEADER_LEN};
 
-/// A receiver process, killed when dropped.
-struct Receiver {
-    child: Child,
-    addr: String,
-}
+/// A receiver of one repository, killed when dropped.
+struct Receiver(ReceiverProcess);
 
 impl Receiver {
     fn start(repo: &Path, pki: &Path) -> Self {
@@ -28,35 +25,30 @@ impl Receiver {
 
     /// A receiver started from `cmd` (a binary with its environment), serving `repo`.
     fn start_cmd(mut cmd: Command, repo: &str, pki: &Path, extra: &[&str]) -> Self {
-        let mut child = cmd
-            .args(["receiver", "--listen", "127.0.0.1:0", "--repo", repo, "--grace", "5s"])
-            .args(extra)
-            .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
-            .args(["--ca", s(&pki.join("ca.crt"))])
-            .env_remove("CBCR_REPO")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("receiver said {line:?}"));
-        Self { addr: addr.to_owned(), child }
+        let args: Vec<&str> = ["--repo", repo, "--grace", "5s"].into_iter().chain(extra.iter().copied()).collect();
+        cmd.stderr(Stdio::null());
+        Self(ReceiverProcess::start(cmd, pki, &args))
     }
 
     fn url(&self) -> String {
-        format!("quic://{}", self.addr)
+        self.0.url("")
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.kill();
     }
 }
 
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.kill();
+impl std::ops::Deref for Receiver {
+    type Target = ReceiverProcess;
+    fn deref(&self) -> &ReceiverProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Receiver {
+    fn deref_mut(&mut self) -> &mut ReceiverProcess {
+        &mut self.0
     }
 }
 
@@ -345,7 +337,7 @@ fn clients_without_a_valid_certificate_are_refused_at_the_handshake() {
 
     // An expired client certificate signed by the right CA.
     let expired = tmp.path().join("expired");
-    dataplane::net::quic::write_dev_pki(&expired, true).unwrap();
+    dataplane::net::pki::write_dev_pki(&expired, true).unwrap();
     let expired_receiver = Receiver::start(&tmp.path().join("repo2"), &expired);
     let refused = client(&["snapshots", "--repo", &expired_receiver.url()], &expired);
     assert_eq!(refused.status.code(), Some(15), "{}", text(&refused.stderr));
@@ -409,7 +401,7 @@ where
         // TLS 1.3 clients learn of a refused certificate only on their first use of the connection.
         let probe = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            let hello = Frame::Hello { min, max, client: "probe".into() };
+            let hello = Frame::Hello { min, max, client: "probe".into(), repository: String::new() };
             send.write_all(&hello.encode_in(min.clamp(wire::frame::MIN_VERSION, wire::frame::VERSION)))
                 .await
                 .map_err(|e| e.to_string())?;

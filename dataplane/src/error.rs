@@ -28,6 +28,8 @@ pub enum ExitCode {
     Network = 15,
     /// The password (or the key command's secret) opens no key slot of the repository.
     WrongPassword = 16,
+    /// A receiver's policy does not let this client's certificate do what was asked.
+    Denied = 17,
     Interrupted = 130,
 }
 
@@ -71,6 +73,9 @@ pub enum Error {
     Interrupted,
     #[error("network: {0}")]
     Network(String),
+    /// A receiver's policy refused the request for this client's certificate.
+    #[error("denied: {0}; ask the receiver's operator for a grant in its policy file")]
+    Denied(String),
     /// The other side speaks no protocol version this cbcr speaks.
     #[error("protocol: {0}; upgrade the older side")]
     Protocol(String),
@@ -94,6 +99,7 @@ impl Error {
             Error::NoSpace(_) => ExitCode::NoSpace,
             Error::Network(_) | Error::ObjectStore { .. } => ExitCode::Network,
             Error::Usage(_) => ExitCode::Usage,
+            Error::Denied(_) => ExitCode::Denied,
             Error::Interrupted => ExitCode::Interrupted,
             _ => ExitCode::Fatal,
         }

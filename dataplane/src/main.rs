@@ -9,7 +9,7 @@ use std::process::ExitCode as ProcessExit;
 
 use clap::{Args, Parser, Subcommand};
 use dataplane::command::backup::{backup, BackupOptions, Chunking, ChunkingRules};
-use dataplane::command::receiver::ReceiverOptions;
+use dataplane::command::receiver::{ReceiverOptions, Serves};
 use dataplane::command::restore::{restore, Destination, RestoreOptions};
 use dataplane::command::verify::{describe, verify};
 use dataplane::error::{Error, ExitCode};
@@ -120,6 +120,13 @@ enum Command {
     },
     /// List snapshots.
     Snapshots,
+    /// Remove snapshots by id or unique id prefix (their data stays until a gc). Through a
+    /// receiver, its policy must allow `forget`.
+    Forget {
+        /// Snapshot ids or unique id prefixes.
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+    },
     /// List the files of a snapshot.
     Ls {
         /// Snapshot id, id prefix, or `latest`.
@@ -148,8 +155,17 @@ enum Command {
         #[arg(long, default_value = "latest", requires = "against")]
         snapshot: String,
     },
-    /// Serve a repository to clients over QUIC (the storage-host daemon; --repo is a directory).
+    /// Serve repositories to clients over QUIC (the storage-host daemon): --repo (a directory or
+    /// s3://), or the repositories and grants of --policy.
     Receiver {
+        /// A policy file (TOML): the repositories served by name (quic://HOST:PORT/NAME) and
+        /// what each client certificate may do on them; re-read on SIGHUP.
+        #[arg(long, env = "CBCR_POLICY", conflicts_with = "repo")]
+        policy: Option<PathBuf>,
+        /// A certificate revocation list (PEM, as `cert revoke` writes it): clients it names are
+        /// refused at the handshake; re-read on SIGHUP.
+        #[arg(long, env = "CBCR_CRL")]
+        crl: Option<PathBuf>,
         /// UDP address to listen on.
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: std::net::SocketAddr,
@@ -160,7 +176,8 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
         /// `json`: the log (and its audit events: sessions, commits, reads, lists, verifies,
-        /// refusals, each with the client's certificate) as JSON lines on stderr.
+        /// forgets, refusals, policy reloads, each with the client's certificate and identity)
+        /// as JSON lines on stderr.
         #[arg(long, default_value = "text", env = "CBCR_LOG_FORMAT", value_parser = ["text", "json"])]
         log_format: String,
     },
@@ -218,6 +235,22 @@ enum CertCommand {
         /// Directory to write ca.crt, receiver.crt/.key and client.crt/.key into.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Issue a client certificate NAME (its CN and DNS name: the identity a receiver's policy
+    /// grants to), signed by the CA of --pki: writes NAME.crt and NAME.key there.
+    Issue {
+        name: String,
+        /// The PKI directory (ca.crt and ca.key, as `cert dev` writes them).
+        #[arg(long)]
+        pki: PathBuf,
+    },
+    /// Revoke the certificate NAME.crt of --pki: rewrites crl.pem there (give it to receivers
+    /// with --crl, then SIGHUP them).
+    Revoke {
+        name: String,
+        /// The PKI directory (ca.crt and ca.key, as `cert dev` writes them).
+        #[arg(long)]
+        pki: PathBuf,
     },
 }
 
@@ -409,6 +442,24 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
+        Command::Forget { snapshots } => {
+            let repo = open(false)?;
+            let mut ids = vec![];
+            for spec in &snapshots {
+                if spec == "latest" {
+                    return Err(Error::Usage("forget takes snapshot ids, not latest".into()));
+                }
+                ids.push(repo.find_snapshot(spec)?.0);
+            }
+            let gone = repo.forget(&ids)?;
+            for id in &gone {
+                reporter.json(json!({"type": "forgotten", "id": id.to_hex()}));
+                if !g.quiet && !g.json {
+                    println!("removed snapshot {}", id.short());
+                }
+            }
+            Ok(ExitCode::Ok)
+        }
         Command::Ls { snapshot } => {
             let repo = open(false)?;
             let (_, snap) = repo.find_snapshot(&snapshot)?;
@@ -448,8 +499,25 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
-        Command::Receiver { listen, metrics, grace, .. } => {
-            let opts = receiver_options(g.repo, tls, listen, metrics, grace, cores, password.given()?)?;
+        Command::Receiver { listen, metrics, grace, policy, crl, .. } => {
+            let serves = match policy {
+                Some(file) => Serves::Policy(file),
+                None => {
+                    let repo = g.repo.ok_or_else(|| {
+                        Error::Usage(
+                            "give the receiver its repository with --repo, or its repositories with --policy".into(),
+                        )
+                    })?;
+                    if repo.starts_with("quic://") {
+                        return Err(Error::Usage("a receiver serves a local directory or s3://, not quic://".into()));
+                    }
+                    Serves::One { repo, password: password.given()? }
+                }
+            };
+            let tls = tls.ok_or_else(|| {
+                Error::Usage("a receiver needs --cert, --key and --ca (mutual TLS is mandatory)".into())
+            })?;
+            let opts = ReceiverOptions { listen, serves, tls, crl, metrics, cores, grace };
             dataplane::command::receiver::run(opts)?;
             Ok(ExitCode::Ok)
         }
@@ -499,8 +567,27 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
+        Command::Cert(CertCommand::Issue { name, pki }) => {
+            let (cert, key) = dataplane::net::pki::issue(&pki, &name)?;
+            reporter.json(json!({"type": "cert_issued", "name": name, "cert": cert, "key": key}));
+            if !g.quiet && !g.json {
+                println!("wrote {} and {}", cert.display(), key.display());
+            }
+            Ok(ExitCode::Ok)
+        }
+        Command::Cert(CertCommand::Revoke { name, pki }) => {
+            let crl = dataplane::net::pki::revoke(&pki, &name)?;
+            reporter.json(json!({"type": "cert_revoked", "name": name, "crl": crl}));
+            if !g.quiet && !g.json {
+                println!(
+                    "revoked {name}: wrote {} (receivers given it with --crl read it again on SIGHUP)",
+                    crl.display()
+                );
+            }
+            Ok(ExitCode::Ok)
+        }
         Command::Cert(CertCommand::Dev { out }) => {
-            dataplane::net::quic::write_dev_pki(&out, false)?;
+            dataplane::net::pki::write_dev_pki(&out, false)?;
             reporter.json(json!({"type": "cert", "dir": out}));
             if !g.quiet && !g.json {
                 println!(
@@ -545,24 +632,6 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             Ok(if report.damage.is_empty() { ExitCode::Ok } else { ExitCode::Integrity })
         }
     }
-}
-
-fn receiver_options(
-    repo: Option<String>,
-    tls: Option<TlsFiles>,
-    listen: std::net::SocketAddr,
-    metrics: Option<std::net::SocketAddr>,
-    grace: std::time::Duration,
-    cores: usize,
-    password: Option<Vec<u8>>,
-) -> Result<ReceiverOptions, Error> {
-    let repo = repo.ok_or_else(|| Error::Usage("give the receiver its repository with --repo".into()))?;
-    if repo.starts_with("quic://") {
-        return Err(Error::Usage("a receiver serves a local directory or s3://, not quic://".into()));
-    }
-    let tls =
-        tls.ok_or_else(|| Error::Usage("a receiver needs --cert, --key and --ca (mutual TLS is mandatory)".into()))?;
-    Ok(ReceiverOptions { listen, repo, tls, metrics, cores, grace, password })
 }
 
 fn list_tree(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use dataplane::error::Error;
-use dataplane::repo::Secret;
+use dataplane::repo::{first_line, Secret};
 
 /// The places one secret may come from, as the command line and environment give them.
 pub(crate) struct Sources {
@@ -74,14 +74,4 @@ fn from_command(cmd: &str) -> Result<Secret, Error> {
         return Err(Error::Usage(format!("key command {cmd:?} failed ({})", out.status)));
     }
     Ok(first_line(out.stdout))
-}
-
-fn first_line(mut bytes: Vec<u8>) -> Secret {
-    if let Some(end) = bytes.iter().position(|&b| b == b'\n') {
-        bytes.truncate(end);
-    }
-    if bytes.last() == Some(&b'\r') {
-        bytes.pop();
-    }
-    bytes
 }

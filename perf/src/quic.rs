@@ -226,7 +226,7 @@ fn raw_stream(pki: &Path, bytes: u64) -> Result<(f64, f64)> {
     let client_rt = dataplane::net::quic::runtime(1)?;
     let server = {
         let _guard = server_rt.enter();
-        quinn::Endpoint::server(dataplane::net::quic::server_config(&files("receiver"))?, "127.0.0.1:0".parse()?)?
+        quinn::Endpoint::server(dataplane::net::quic::server_config(&files("receiver"), None)?, "127.0.0.1:0".parse()?)?
     };
     let addr = server.local_addr()?;
     let sink = server_rt.spawn(async move {

@@ -2,9 +2,10 @@
 //! restored trees with their originals.
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use rand::{RngCore, SeedableRng};
@@ -228,7 +229,7 @@ pub fn prerequisite(what: &str, available: bool) -> bool {
 
 /// A real S3 server (`s3s-fs`) on 127.0.0.1 serving a private directory; stopped when dropped.
 pub struct S3Server {
-    child: std::process::Child,
+    child: Child,
     root: tempfile::TempDir,
     endpoint: String,
 }
@@ -245,8 +246,8 @@ impl S3Server {
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
             .arg(root.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn();
         let Ok(child) = child else {
             prerequisite("s3s-fs (cargo install s3s-fs --locked --features binary --version 0.14.1)", false);
@@ -434,4 +435,57 @@ pub fn markers_in(root: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// A `cbcr receiver` on 127.0.0.1 (a free port) with the receiver certificate of `pki`,
+/// killed when dropped.
+pub struct ReceiverProcess {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl ReceiverProcess {
+    /// Starts `cmd` (a cbcr command with its environment and where its stderr goes) as a
+    /// receiver with `args` (what it serves: `--repo` or `--policy`, and more); returns once it
+    /// listens.
+    pub fn start(mut cmd: Command, pki: &Path, args: &[&str]) -> Self {
+        let mut child = cmd
+            .args(["receiver", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .args(["--cert", s(&pki.join("receiver.crt")), "--key", s(&pki.join("receiver.key"))])
+            .args(["--ca", s(&pki.join("ca.crt"))])
+            .env_remove("CBCR_REPO")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("receiver said {line:?}"));
+        Self { addr: addr.to_owned(), child }
+    }
+
+    /// `quic://ADDR`, or `quic://ADDR/NAME` for a repository named by a policy.
+    pub fn url(&self, name: &str) -> String {
+        match name {
+            "" => format!("quic://{}", self.addr),
+            name => format!("quic://{}/{name}", self.addr),
+        }
+    }
+
+    /// Sends the receiver `signal` (SIGHUP: reload; SIGTERM: stop).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: no preconditions; the receiver is our child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ReceiverProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

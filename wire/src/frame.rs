@@ -20,7 +20,9 @@
 //! Versions: 1, the first; 2, a `Hello` may carry the lowest version after the client name, and
 //! a `Commit` may carry a job name and fencing token; 3, a `Welcome` carries the repository's
 //! key objects as stored (password slots: the client opens them), never a key, and a `Commit`
-//! may name its root tree in the clear (a receiver that holds no key cannot open the record).
+//! may name its root tree in the clear (a receiver that holds no key cannot open the record);
+//! 4, a `Hello` may name the repository (one receiver serves several), a `SnapshotRecord` says
+//! whether the session may take it as a parent, and a client may `Forget` snapshots.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -29,13 +31,15 @@ use crate::pack::{PackEntry, ENTRY_LEN};
 use crate::{limits, ChunkId, Error, Result};
 
 /// The newest protocol version this cbcr speaks.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// The oldest protocol version this cbcr still speaks.
 pub const MIN_VERSION: u8 = 1;
 /// The first version whose `Commit` carries a [`Fence`].
 pub const FENCE_VERSION: u8 = 2;
 /// The first version whose `Welcome` carries key objects instead of a key.
 pub const KEY_OBJECTS_VERSION: u8 = 3;
+/// The first version of named repositories, snapshot ownership and `Forget`.
+pub const TENANT_VERSION: u8 = 4;
 /// Most key objects one `Welcome` carries.
 pub const MAX_KEY_OBJECTS: u32 = 256;
 /// ALPN token of the cbcr protocol.
@@ -74,6 +78,8 @@ pub enum FrameKind {
     Verify = 13,
     VerifyReport = 14,
     Error = 15,
+    Forget = 16,
+    Forgotten = 17,
 }
 
 impl FrameKind {
@@ -95,6 +101,8 @@ impl FrameKind {
             13 => Verify,
             14 => VerifyReport,
             15 => Error,
+            16 => Forget,
+            17 => Forgotten,
             _ => return Err(corrupt(format!("unknown frame kind {v}"))),
         })
     }
@@ -106,7 +114,7 @@ impl FrameKind {
         match self {
             Hello | PutPack | PackStored | ListSnapshots | Committed | Verify | Error => 64 << 10,
             Welcome => 1 << 20,
-            Have | GetBlobs => ids,
+            Have | GetBlobs | Forget | Forgotten => ids,
             HaveReply => 12 + limits::MAX_BATCH_IDS.div_ceil(8),
             Blob => ENTRY_LEN as u32 + limits::MAX_STORED_BLOB_SIZE,
             SnapshotRecord | Commit | VerifyReport => limits::MAX_RECORD_LEN,
@@ -140,6 +148,8 @@ pub enum ErrorCode {
     NoSpace = 10,
     /// A fenced commit's token is lower than one already accepted for its job.
     Fenced = 11,
+    /// The receiver's policy does not let this client's identity do this.
+    Denied = 12,
 }
 
 impl ErrorCode {
@@ -156,6 +166,7 @@ impl ErrorCode {
             8 => ShuttingDown,
             10 => NoSpace,
             11 => Fenced,
+            12 => Denied,
             _ => Other,
         }
     }
@@ -176,8 +187,9 @@ pub enum WelcomeKeys {
 pub enum Frame {
     /// Client -> receiver, first on a connection: the protocol versions it speaks (`min..=max`)
     /// and who the client says it is (its certificate is what authenticates it; the name is
-    /// for logs).
-    Hello { min: u8, max: u8, client: String },
+    /// for logs); from version 4, the repository it asks for by name (empty: the receiver's
+    /// only one).
+    Hello { min: u8, max: u8, client: String, repository: String },
     /// Receiver -> client: the session, and the repository's config and keys. `version` is the
     /// version agreed on: the frame's own header version.
     Welcome { version: u8, session: u64, config: Vec<u8>, keys: WelcomeKeys },
@@ -195,8 +207,9 @@ pub enum Frame {
     Blob { entry: PackEntry, stored: Vec<u8> },
     /// Send every snapshot record.
     ListSnapshots { session: u64 },
-    /// One snapshot record (its id and its JSON).
-    SnapshotRecord { id: ChunkId, record: Vec<u8> },
+    /// One snapshot record (its id and its stored bytes). `ours` (version 4; always true
+    /// before): written by an identity this session may write as, so it may be a parent.
+    SnapshotRecord { id: ChunkId, record: Vec<u8>, ours: bool },
     /// Commit this snapshot record: acknowledged only once everything it references is durable.
     /// With a fence (version 2 on), refused when a higher token was accepted for the same job.
     /// `root`, from version 3: the snapshot's root tree, for a receiver that cannot open
@@ -210,6 +223,10 @@ pub enum Frame {
     VerifyReport { damaged: bool, report: Vec<u8> },
     /// The request failed.
     Error { code: ErrorCode, message: String },
+    /// Version 4: remove these snapshots (their data stays until a gc).
+    Forget { session: u64, ids: Vec<ChunkId> },
+    /// The snapshots of a `Forget` that were there and are now gone.
+    Forgotten { ids: Vec<ChunkId> },
 }
 
 /// A commit's claim to be the current writer of a job: a receiver refuses a token lower than
@@ -249,6 +266,8 @@ impl Frame {
             Frame::Verify { .. } => FrameKind::Verify,
             Frame::VerifyReport { .. } => FrameKind::VerifyReport,
             Frame::Error { .. } => FrameKind::Error,
+            Frame::Forget { .. } => FrameKind::Forget,
+            Frame::Forgotten { .. } => FrameKind::Forgotten,
         }
     }
 
@@ -260,7 +279,8 @@ impl Frame {
             | Frame::GetBlobs { session, .. }
             | Frame::ListSnapshots { session }
             | Frame::Commit { session, .. }
-            | Frame::Verify { session, .. } => Some(*session),
+            | Frame::Verify { session, .. }
+            | Frame::Forget { session, .. } => Some(*session),
             _ => None,
         }
     }
@@ -314,10 +334,14 @@ impl Frame {
         }
         let mut out = vec![0u8; HEADER_LEN];
         match self {
-            Frame::Hello { min, max, client } => {
+            Frame::Hello { min, max, client, repository } => {
                 out.push(*max);
                 put_bytes(&mut out, client.as_bytes());
                 out.push(*min);
+                // Only when named: a receiver before version 4 refuses trailing bytes.
+                if !repository.is_empty() {
+                    put_bytes(&mut out, repository.as_bytes());
+                }
             }
             Frame::Welcome { version: agreed, session, config, keys } => {
                 assert_eq!(*agreed, version, "a Welcome is sent in the version it agrees on");
@@ -340,12 +364,16 @@ impl Frame {
                     }
                 }
             }
-            Frame::Have { session, ids } | Frame::GetBlobs { session, ids } => {
-                out.extend_from_slice(&session.to_le_bytes());
-                out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
-                for id in ids {
-                    out.extend_from_slice(&id.0);
+            Frame::Have { session, ids } | Frame::GetBlobs { session, ids } | Frame::Forget { session, ids } => {
+                if matches!(self, Frame::Forget { .. }) {
+                    assert!(version >= TENANT_VERSION, "Forget needs protocol version {TENANT_VERSION}");
                 }
+                out.extend_from_slice(&session.to_le_bytes());
+                put_ids(&mut out, ids);
+            }
+            Frame::Forgotten { ids } => {
+                assert!(version >= TENANT_VERSION, "Forgotten needs protocol version {TENANT_VERSION}");
+                put_ids(&mut out, ids);
             }
             Frame::HaveReply { present } => {
                 out.extend_from_slice(&(present.len() as u32).to_le_bytes());
@@ -359,8 +387,13 @@ impl Frame {
             Frame::PackStored { id } | Frame::Committed { id } => out.extend_from_slice(&id.0),
             Frame::Blob { .. } => unreachable!("encoded above"),
             Frame::ListSnapshots { session } => out.extend_from_slice(&session.to_le_bytes()),
-            Frame::SnapshotRecord { id, record } => {
+            Frame::SnapshotRecord { id, record, ours } => {
                 out.extend_from_slice(&id.0);
+                if version >= TENANT_VERSION {
+                    out.push(u8::from(*ours));
+                } else {
+                    assert!(*ours, "a snapshot that is not the session's needs protocol version {TENANT_VERSION}");
+                }
                 out.extend_from_slice(record);
             }
             Frame::Commit { session, record, fence, root } => {
@@ -422,7 +455,9 @@ impl Frame {
                 let client = utf8(get_bytes(&mut r)?, "client name")?;
                 // Version 1's Hello ends here: it speaks only its own version.
                 let min = if r.remaining() > 0 { r.u8()? } else { max };
-                Frame::Hello { min, max, client }
+                let repository =
+                    if r.remaining() > 0 { utf8(get_bytes(&mut r)?, "repository name")? } else { String::new() };
+                Frame::Hello { min, max, client, repository }
             }
             FrameKind::Welcome if version < KEY_OBJECTS_VERSION => {
                 let session = r.u64()?;
@@ -440,16 +475,19 @@ impl Frame {
                 }
                 Frame::Welcome { version, session, config, keys: WelcomeKeys::Objects(objects) }
             }
-            FrameKind::Have | FrameKind::GetBlobs => {
+            FrameKind::Forget | FrameKind::Forgotten if version < TENANT_VERSION => {
+                return Err(corrupt(format!("{kind:?} frames begin with protocol version {TENANT_VERSION}")))
+            }
+            FrameKind::Have | FrameKind::GetBlobs | FrameKind::Forget => {
                 let session = r.u64()?;
-                let n = r.count(limits::MAX_BATCH_IDS, 32)?;
-                let ids = (0..n).map(|_| r.array().map(ChunkId)).collect::<Result<Vec<_>>>()?;
-                if kind == FrameKind::Have {
-                    Frame::Have { session, ids }
-                } else {
-                    Frame::GetBlobs { session, ids }
+                let ids = get_ids(&mut r)?;
+                match kind {
+                    FrameKind::Have => Frame::Have { session, ids },
+                    FrameKind::GetBlobs => Frame::GetBlobs { session, ids },
+                    _ => Frame::Forget { session, ids },
                 }
             }
+            FrameKind::Forgotten => Frame::Forgotten { ids: get_ids(&mut r)? },
             FrameKind::HaveReply => {
                 let n = r.u32()?;
                 if n > limits::MAX_BATCH_IDS {
@@ -468,7 +506,8 @@ impl Frame {
             FrameKind::ListSnapshots => Frame::ListSnapshots { session: r.u64()? },
             FrameKind::SnapshotRecord => {
                 let id = ChunkId(r.array()?);
-                Frame::SnapshotRecord { id, record: r.bytes(r.remaining())?.to_vec() }
+                let ours = version < TENANT_VERSION || flag(&mut r)?;
+                Frame::SnapshotRecord { id, ours, record: r.bytes(r.remaining())?.to_vec() }
             }
             FrameKind::Commit => {
                 let session = r.u64()?;
@@ -539,6 +578,18 @@ fn get_bytes<'a>(r: &mut Reader<'a>) -> Result<&'a [u8]> {
     r.bytes(n)
 }
 
+fn put_ids(out: &mut Vec<u8>, ids: &[ChunkId]) {
+    out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+    for id in ids {
+        out.extend_from_slice(&id.0);
+    }
+}
+
+fn get_ids(r: &mut Reader<'_>) -> Result<Vec<ChunkId>> {
+    let n = r.count(limits::MAX_BATCH_IDS, 32)?;
+    (0..n).map(|_| r.array().map(ChunkId)).collect()
+}
+
 fn flag(r: &mut Reader<'_>) -> Result<bool> {
     match r.u8()? {
         0 => Ok(false),
@@ -566,6 +617,12 @@ mod tests {
                 continue;
             }
             if matches!(frame, Frame::Welcome { version: v, .. } if v != version) {
+                continue;
+            }
+            let tenant_only = matches!(frame, Frame::Forget { .. } | Frame::Forgotten { .. })
+                || matches!(frame, Frame::SnapshotRecord { ours: false, .. })
+                || matches!(&frame, Frame::Hello { repository, .. } if !repository.is_empty());
+            if version < TENANT_VERSION && tenant_only {
                 continue;
             }
             let bytes = frame.encode_in(version);
@@ -604,11 +661,18 @@ mod tests {
         v1.extend_from_slice(&5u32.to_le_bytes());
         v1.extend_from_slice(b"db-17");
         let hello = Frame::decode(FrameKind::Hello, 1, &v1).unwrap();
-        assert_eq!(hello, Frame::Hello { min: 1, max: 1, client: "db-17".into() });
+        assert_eq!(hello, Frame::Hello { min: 1, max: 1, client: "db-17".into(), repository: String::new() });
         let welcome =
             Frame::Welcome { version: 1, session: 7, config: b"{}".to_vec(), keys: WelcomeKeys::Raw([3; 32]) }.encode();
         assert_eq!(welcome.len(), HEADER_LEN + 8 + 32 + 4 + 2, "session, key, config: no version byte");
         assert_eq!(welcome[5], 1, "the header says the version agreed");
+    }
+
+    #[test]
+    fn forget_is_refused_before_version_4() {
+        let f = Frame::Forget { session: 1, ids: vec![] }.encode();
+        let err = Frame::decode(FrameKind::Forget, 3, &f[HEADER_LEN..]).unwrap_err().to_string();
+        assert!(err.contains("protocol version 4"), "{err}");
     }
 
     #[test]
@@ -624,7 +688,8 @@ mod tests {
         let id = ChunkId([7; 32]);
         let entry = PackEntry::new(id, 16, 3, 3, BlobKind::Data, Compression::None);
         for frame in [
-            Frame::Hello { min: 1, max: 7, client: "db-17".into() },
+            Frame::Hello { min: 1, max: 7, client: "db-17".into(), repository: String::new() },
+            Frame::Hello { min: 1, max: 7, client: "db-17".into(), repository: "tenant-a".into() },
             Frame::Welcome { version: 1, session: 9, config: b"{}".to_vec(), keys: WelcomeKeys::Raw([1; 32]) },
             Frame::Welcome {
                 version: 3,
@@ -639,7 +704,10 @@ mod tests {
             Frame::GetBlobs { session: 9, ids: vec![id] },
             Frame::Blob { entry, stored: b"abc".to_vec() },
             Frame::ListSnapshots { session: 9 },
-            Frame::SnapshotRecord { id, record: b"{\"a\":1}".to_vec() },
+            Frame::SnapshotRecord { id, record: b"{\"a\":1}".to_vec(), ours: true },
+            Frame::SnapshotRecord { id, record: b"sealed".to_vec(), ours: false },
+            Frame::Forget { session: 9, ids: vec![id, ChunkId([3; 32])] },
+            Frame::Forgotten { ids: vec![id] },
             Frame::Commit { session: 9, record: b"{}".to_vec(), fence: None, root: None },
             Frame::Commit {
                 session: 9,
@@ -681,7 +749,7 @@ mod tests {
             if let Ok((kind, version, _)) = FrameHeader::decode(&header) {
                 let _ = Frame::decode(kind, version, &payload);
             }
-            for kind in 1..=15u8 {
+            for kind in 1..=17u8 {
                 for version in MIN_VERSION..=VERSION {
                     let _ = Frame::decode(FrameKind::from_u8(kind).unwrap(), version, &payload);
                 }

@@ -225,10 +225,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         None => paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
     };
     let host = crate::source::hostname();
-    let parent = match &opts.parent {
-        Some(spec) => Some(repo.find_snapshot(spec)?),
-        None => repo.snapshots()?.into_iter().rev().find(|(_, s)| s.host == host && s.paths == path_strings),
-    };
+    let parent = repo.find_parent(opts.parent.as_deref(), &host, &path_strings)?;
     for chunking in opts.chunking.all() {
         let (Chunking::Auto { chunk } | Chunking::Pages { chunk, .. }, Some(page)) = (chunking, chunking.page_size())
         else {

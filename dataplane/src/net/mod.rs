@@ -1,5 +1,6 @@
-//! The network: QUIC with mutual TLS and the protocol's frames on streams, and the client side
-//! of a `quic://` repository.
+//! The network: QUIC with mutual TLS and the protocol's frames on streams, certificates, and the
+//! client side of a `quic://` repository.
 
+pub mod pki;
 pub mod quic;
 pub(crate) mod remote;

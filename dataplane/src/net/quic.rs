@@ -1,5 +1,6 @@
 //! The QUIC transport shared by the client ([`crate::net::remote`]) and the receiver
-//! ([`crate::command::receiver`]): mutual TLS from PEM files, the development PKI, and frames on streams.
+//! ([`crate::command::receiver`]): mutual TLS from PEM files (and a revocation list), and frames on
+//! streams.
 //!
 //! quinn needs `Send` futures and glommio tasks are not `Send`, so the endpoint lives on its own
 //! tokio runtime; data-plane threads enter it with `block_on` (the design's "own runtime thread").
@@ -11,7 +12,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, SendStream};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use wire::frame::{Frame, FrameHeader, HEADER_LEN};
 
 use crate::error::{Error, IoContext, Result};
@@ -65,12 +66,22 @@ fn transport() -> quinn::TransportConfig {
     t
 }
 
-/// Receiver side: our certificate, and a client certificate signed by the CA is mandatory.
-pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig> {
+/// Receiver side: our certificate, and a client certificate signed by the CA is mandatory;
+/// with `crl`, one whose serial that revocation list names is refused at the handshake.
+pub fn server_config(files: &TlsFiles, crl: Option<&Path>) -> Result<quinn::ServerConfig> {
     let (certs, key, roots) = load(files)?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| tls_error(&files.ca, e))?;
+    let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if let Some(crl) = crl {
+        let crls = CertificateRevocationListDer::pem_slice_iter(&std::fs::read(crl).at(crl)?)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| tls_error(crl, e))?;
+        if crls.is_empty() {
+            return Err(tls_error(crl, "no revocation list in this file"));
+        }
+        // The CA is the trust anchor itself: only client certificates can be revoked.
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = builder.build().map_err(|e| tls_error(crl.unwrap_or(&files.ca), e))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Usage(e.to_string()))?
@@ -155,47 +166,4 @@ pub async fn write_frame(
     version: u8,
 ) -> std::result::Result<(), quinn::WriteError> {
     send.write_all(&frame.encode_in(version)).await
-}
-
-/// Writes a development PKI into `out`: `ca.crt`/`ca.key`, `receiver.crt`/`.key` (for
-/// `localhost` and 127.0.0.1) and `client.crt`/`.key`. With `expired_client`, the client
-/// certificate's validity ended yesterday (to check that receivers refuse it).
-pub fn write_dev_pki(out: &Path, expired_client: bool) -> Result<()> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let gen = |e: rcgen::Error| Error::Internal(format!("certificate generation: {e}"));
-    std::fs::create_dir_all(out).at(out)?;
-    let now = time::OffsetDateTime::now_utc();
-    let ca_key = KeyPair::generate().map_err(gen)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
-    ca_params.distinguished_name.push(DnType::CommonName, "cbcr development CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params.not_before = now - time::Duration::days(1);
-    ca_params.not_after = now + time::Duration::days(3650);
-    let ca = ca_params.self_signed(&ca_key).map_err(gen)?;
-    let leaf = |name: &str, sans: Vec<String>, expired: bool| -> Result<(String, String)> {
-        let key = KeyPair::generate().map_err(gen)?;
-        let mut params = CertificateParams::new(sans).map_err(gen)?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.not_before = now - time::Duration::days(if expired { 30 } else { 1 });
-        params.not_after = if expired { now - time::Duration::days(1) } else { now + time::Duration::days(825) };
-        let cert = params.signed_by(&key, &ca, &ca_key).map_err(gen)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    };
-    let receiver = leaf("cbcr receiver", vec!["localhost".into(), "127.0.0.1".into()], false)?;
-    let client = leaf("cbcr client", vec!["cbcr-client".into()], expired_client)?;
-    let write = |name: &str, text: &str, mode: u32| -> Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = out.join(name);
-        let _ = std::fs::remove_file(&path);
-        let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(mode).open(&path).at(&path)?;
-        f.write_all(text.as_bytes()).at(&path)
-    };
-    write("ca.crt", &ca.pem(), 0o644)?;
-    write("ca.key", &ca_key.serialize_pem(), 0o600)?;
-    write("receiver.crt", &receiver.0, 0o644)?;
-    write("receiver.key", &receiver.1, 0o600)?;
-    write("client.crt", &client.0, 0o644)?;
-    write("client.key", &client.1, 0o600)
 }

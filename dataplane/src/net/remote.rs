@@ -1,4 +1,4 @@
-//! The client side of a `quic://HOST:PORT` repository: one QUIC connection (one session) to a
+//! The client side of a `quic://HOST:PORT[/NAME]` repository: one QUIC connection (one session) to a
 //! receiver, used by every thread of a command through blocking calls.
 //!
 //! Each request is one bidirectional stream: a frame out, the reply frames back. A pack streams
@@ -13,7 +13,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
-use wire::frame::{ErrorCode, Frame, FrameHeader, WelcomeKeys, HEADER_LEN, KEY_OBJECTS_VERSION, MIN_VERSION, VERSION};
+use wire::frame::{
+    ErrorCode, Frame, FrameHeader, WelcomeKeys, HEADER_LEN, KEY_OBJECTS_VERSION, MIN_VERSION, TENANT_VERSION, VERSION,
+};
 use wire::pack::PackEntry;
 use wire::repo::RepoConfig;
 use wire::ChunkId;
@@ -32,6 +34,8 @@ pub(crate) struct Remote {
     version: u8,
     /// `HOST:PORT` as given, for messages.
     pub(crate) addr: String,
+    /// The repository asked for by name (empty: the receiver's only one).
+    pub(crate) repository: String,
     /// A private directory standing in for the repository's root on this side (the commands'
     /// lock and an empty local index; packs go straight to the receiver); removed at the end.
     pub(crate) scratch: std::path::PathBuf,
@@ -64,18 +68,26 @@ fn refused(addr: &str, code: ErrorCode, message: String) -> Error {
         ErrorCode::Incomplete => Error::Integrity(format!("receiver {addr}: {message}")),
         // The receiver's message repeats the advice NoSpace gives; its path is of no use here.
         ErrorCode::NoSpace => Error::NoSpace(format!("receiver {addr}").into()),
+        ErrorCode::Denied => Error::Denied(format!("receiver {addr}: {message}")),
         _ => Error::Network(format!("receiver {addr} refused: {message}")),
     }
 }
 
 impl Remote {
-    /// Connects to `quic://HOST:PORT`, authenticates both ways and opens a session.
+    /// Connects to `quic://HOST:PORT[/NAME]`, authenticates both ways and opens a session with
+    /// the receiver's repository NAME (or its only one).
     pub(crate) fn connect(url: &str, tls: &TlsFiles) -> Result<Welcome> {
-        let addr = url
+        let rest = url
             .strip_prefix("quic://")
-            .ok_or_else(|| Error::Usage(format!("{url}: a remote repository is quic://HOST:PORT")))?
-            .trim_end_matches('/')
-            .to_owned();
+            .ok_or_else(|| Error::Usage(format!("{url}: a remote repository is quic://HOST:PORT[/NAME]")))?
+            .trim_end_matches('/');
+        let (addr, repository) = match rest.split_once('/') {
+            Some((addr, name)) => (addr.to_owned(), name.to_owned()),
+            None => (rest.to_owned(), String::new()),
+        };
+        if repository.contains('/') {
+            return Err(Error::Usage(format!("{url}: a repository name has no '/' (quic://HOST:PORT/NAME)")));
+        }
         let host = addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(&addr).to_owned();
         let socket: SocketAddr = addr
             .to_socket_addrs()
@@ -94,9 +106,11 @@ impl Remote {
         })?;
         // A killed client's scratch directory is removed by the next one.
         let scratch = crate::store::scratch_dir(SCRATCH_PREFIX, conn.stable_id() as u64);
-        let mut remote = Remote { runtime, endpoint, conn, session: 0, version: MIN_VERSION, addr, scratch };
+        let mut remote =
+            Remote { runtime, endpoint, conn, session: 0, version: MIN_VERSION, addr, repository, scratch };
         let client = crate::source::hostname();
-        match remote.request(&Frame::Hello { min: MIN_VERSION, max: VERSION, client })? {
+        let hello = Frame::Hello { min: MIN_VERSION, max: VERSION, client, repository: remote.repository.clone() };
+        match remote.request(&hello)? {
             Frame::Welcome { version, session, config, keys } => {
                 let config = RepoConfig::decode(&config).map_err(|e| net(&remote.addr, "repository config", e))?;
                 remote.session = session;
@@ -171,20 +185,39 @@ impl Remote {
         Ok(HaveQuery { remote: self, recv, n, _send: send })
     }
 
-    /// Every snapshot record, as stored (sealed in an encrypted repository).
-    pub(crate) fn snapshots(&self) -> Result<Vec<(ChunkId, Vec<u8>)>> {
+    /// Every snapshot record, as stored (sealed in an encrypted repository), and whether this
+    /// session may take it as a parent.
+    pub(crate) fn snapshots(&self) -> Result<Vec<(ChunkId, Vec<u8>, bool)>> {
         let mut out = vec![];
         self.runtime.block_on(async {
             let (_send, mut recv) = self.open(&Frame::ListSnapshots { session: self.session }, true).await?;
             while let Some(frame) = quic::read_frame(&mut recv).await.map_err(|e| self.stream_error(e))? {
                 match frame {
-                    Frame::SnapshotRecord { id, record } => out.push((id, record)),
+                    Frame::SnapshotRecord { id, record, ours } => out.push((id, record, ours)),
                     other => return Err(self.unexpected(&other)),
                 }
             }
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Removes snapshots; returns those the receiver had.
+    pub(crate) fn forget(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        if self.version < TENANT_VERSION {
+            return Err(Error::Protocol(format!(
+                "receiver {}: forgetting through a receiver needs protocol version {TENANT_VERSION}, it speaks {}",
+                self.addr, self.version
+            )));
+        }
+        let mut gone = vec![];
+        for batch in ids.chunks(wire::limits::MAX_BATCH_IDS as usize) {
+            match self.request(&Frame::Forget { session: self.session, ids: batch.to_vec() })? {
+                Frame::Forgotten { ids } => gone.extend(ids),
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+        Ok(gone)
     }
 
     /// Commits a snapshot record (sealed as stored); the receiver acknowledges once it and all

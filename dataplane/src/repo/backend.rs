@@ -24,6 +24,12 @@ pub(crate) trait Backend: Send + Sync {
     /// The last step of a backup: the snapshot becomes visible only now, after everything it
     /// references is durable.
     fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId>;
+    /// The snapshots a backup may take as its parent, oldest first: through a receiver with a
+    /// policy, only those of writers this client may write as (no other tenant makes its
+    /// `latest`).
+    fn parent_candidates(&self) -> Result<Vec<(ChunkId, Snapshot)>>;
+    /// Removes snapshots (their data stays until a gc); returns those that were there.
+    fn forget(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>>;
     /// Starts a new pack; its bytes go to the sink as a core writes them.
     fn start_pack(&self) -> Result<Box<dyn PackSink>>;
     /// One writer's way of deciding which of the blobs it claimed the repository still lacks.

@@ -53,6 +53,29 @@ impl Backend for Direct {
         put_snapshot_record(&*self.store, self.sealing.seal(SNAPSHOT_AAD, &plain, &mut scratch)?)
     }
 
+    fn parent_candidates(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
+        // Whoever reads the store itself is its owner: every snapshot may be a parent.
+        self.snapshots()
+    }
+
+    fn forget(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        let writers = self.store.list(ObjectKind::Writer)?;
+        let mut gone = vec![];
+        for id in ids {
+            let name = id.to_hex();
+            if self.store.get(ObjectKind::Snapshot, &name)?.is_none() {
+                continue;
+            }
+            self.store.delete(ObjectKind::Snapshot, &name)?;
+            // After the snapshot: a writer record without its snapshot names nothing.
+            for w in writers.iter().filter(|w| w.name.strip_prefix(&name).is_some_and(|rest| rest.starts_with('_'))) {
+                self.store.delete(ObjectKind::Writer, &w.name)?;
+            }
+            gone.push(*id);
+        }
+        Ok(gone)
+    }
+
     fn start_pack(&self) -> Result<Box<dyn PackSink>> {
         let tmp = self.store.tmp_path("pack");
         let file = OpenOptions::new().create_new(true).write(true).open(&tmp).at(&tmp)?;

@@ -15,6 +15,17 @@ use crate::store::{ObjectKind, Store};
 /// A password, or a key command's secret.
 pub type Secret = Vec<u8>;
 
+/// A password file's secret: its first line, without the line end.
+pub fn first_line(mut bytes: Vec<u8>) -> Secret {
+    if let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+        bytes.truncate(end);
+    }
+    if bytes.last() == Some(&b'\r') {
+        bytes.pop();
+    }
+    bytes
+}
+
 /// Asked for the secret only when a repository needs one (an encrypted one).
 pub type PasswordSource<'a> = &'a dyn Fn() -> Result<Secret>;
 

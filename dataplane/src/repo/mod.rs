@@ -16,8 +16,8 @@ use wire::{ChunkId, RepoKey};
 
 pub(crate) use backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
 pub(crate) use direct::{publish_pack, Direct, PackFiles};
+pub use keys::{first_line, PasswordSource, Secret};
 pub(crate) use keys::{OpenScratch, Sealing};
-pub use keys::{PasswordSource, Secret};
 pub(crate) use receiver::Receiver;
 
 use crate::error::{Error, Result};
@@ -166,9 +166,33 @@ impl Repository {
         self.sealing.holds_keys()
     }
 
-    /// Commits a snapshot record exactly as a client sealed it (a receiver's commit).
-    pub fn commit_record(&self, stored: &[u8]) -> Result<ChunkId> {
+    /// Commits a snapshot record exactly as a client sealed it (a receiver's commit). Its
+    /// `writer` (the receiver's policy's name for the client) is recorded first: a snapshot
+    /// committed under a policy never lacks one.
+    pub fn commit_record(&self, stored: &[u8], writer: Option<&str>) -> Result<ChunkId> {
+        if let Some(writer) = writer {
+            let id = ChunkId::of_file(stored);
+            self.store.put(ObjectKind::Writer, &format!("{}_{writer}", id.to_hex()), b"")?;
+        }
         direct::put_snapshot_record(&*self.store, stored)
+    }
+
+    /// The writer of each snapshot committed under a receiver's policy. Names that are not a
+    /// snapshot id and a writer are ignored (a stray file decides nothing).
+    pub fn snapshot_writers(&self) -> Result<std::collections::HashMap<ChunkId, String>> {
+        let mut out = std::collections::HashMap::new();
+        for object in self.store.list(ObjectKind::Writer)? {
+            let Some((id, writer)) = object.name.split_once('_') else { continue };
+            if let (Ok(id), false) = (ChunkId::from_hex(id), writer.is_empty()) {
+                out.insert(id, writer.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes snapshots (their data stays until a gc); returns those that were there.
+    pub fn forget(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        self.backend.forget(ids)
     }
 
     /// Opens the repository in `store`, creating it with default parameters, encrypted under
@@ -272,15 +296,36 @@ impl Repository {
 
     /// Finds a snapshot by `latest`, a unique id prefix, or a full id.
     pub fn find_snapshot(&self, spec: &str) -> Result<(ChunkId, Snapshot)> {
-        let all = self.snapshots()?;
-        if spec == "latest" {
-            return all.into_iter().last().ok_or_else(|| Error::NotFound("the repository has no snapshots".into()));
+        find_in(self.snapshots()?, spec)
+    }
+
+    /// The parent a backup of `host` and `paths` compares against: `spec` if given, else the
+    /// latest with the same host and paths; only among the snapshots it may take as parents.
+    pub fn find_parent(&self, spec: Option<&str>, host: &str, paths: &[String]) -> Result<Option<(ChunkId, Snapshot)>> {
+        let candidates = self.backend.parent_candidates()?;
+        let Some(spec) = spec else {
+            return Ok(candidates.into_iter().rev().find(|(_, s)| s.host == host && s.paths == paths));
+        };
+        match find_in(candidates, spec) {
+            Err(Error::NotFound(_)) if spec != "latest" && self.find_snapshot(spec).is_ok() => {
+                Err(Error::Denied(format!(
+                    "--parent {spec}: that snapshot was committed by an identity this client may not write as (the receiver's policy, writes_as), so it cannot be this backup's parent"
+                )))
+            }
+            found => found.map(Some),
         }
-        let mut matches = all.into_iter().filter(|(id, _)| id.to_hex().starts_with(&spec.to_lowercase()));
-        match (matches.next(), matches.next()) {
-            (Some(m), None) if !spec.is_empty() => Ok(m),
-            (Some(_), Some(_)) => Err(Error::NotFound(format!("snapshot id prefix {spec:?} is ambiguous"))),
-            _ => Err(Error::NotFound(format!("no snapshot matches {spec:?}"))),
-        }
+    }
+}
+
+/// The snapshot of `all` that `spec` names: `latest`, a unique id prefix, or a full id.
+fn find_in(all: Vec<(ChunkId, Snapshot)>, spec: &str) -> Result<(ChunkId, Snapshot)> {
+    if spec == "latest" {
+        return all.into_iter().last().ok_or_else(|| Error::NotFound("the repository has no snapshots".into()));
+    }
+    let mut matches = all.into_iter().filter(|(id, _)| id.to_hex().starts_with(&spec.to_lowercase()));
+    match (matches.next(), matches.next()) {
+        (Some(m), None) if !spec.is_empty() => Ok(m),
+        (Some(_), Some(_)) => Err(Error::NotFound(format!("snapshot id prefix {spec:?} is ambiguous"))),
+        _ => Err(Error::NotFound(format!("no snapshot matches {spec:?}"))),
     }
 }

@@ -30,20 +30,42 @@ impl Receiver {
     }
 }
 
-impl Backend for Receiver {
-    fn location(&self) -> String {
-        format!("quic://{}", self.remote.addr)
-    }
-
-    fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
+impl Receiver {
+    /// The receiver's snapshots, opened, oldest first; with `ours_only`, those it says this
+    /// session may take as a parent.
+    fn listed(&self, ours_only: bool) -> Result<Vec<(ChunkId, Snapshot)>> {
         let mut out = vec![];
-        for (id, record) in self.remote.snapshots()? {
+        for (id, record, ours) in self.remote.snapshots()? {
+            if ours_only && !ours {
+                continue;
+            }
             let snapshot = open_snapshot(&*self.sealing, &record)
                 .map_err(|e| Error::Integrity(format!("receiver {}: snapshot {id}: {e}", self.remote.addr)))?;
             out.push((id, snapshot));
         }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)
+    }
+}
+
+impl Backend for Receiver {
+    fn location(&self) -> String {
+        match self.remote.repository.as_str() {
+            "" => format!("quic://{}", self.remote.addr),
+            name => format!("quic://{}/{name}", self.remote.addr),
+        }
+    }
+
+    fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
+        self.listed(false)
+    }
+
+    fn parent_candidates(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
+        self.listed(true)
+    }
+
+    fn forget(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        self.remote.forget(ids)
     }
 
     fn commit(&self, snapshot: &Snapshot) -> Result<ChunkId> {

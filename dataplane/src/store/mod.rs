@@ -29,6 +29,9 @@ pub enum ObjectKind {
     Pack,
     Index,
     Snapshot,
+    /// Who committed a snapshot through a receiver's policy: `writers/<snapshot id>_<writer>`,
+    /// empty (the name says it all, so one listing finds every writer).
+    Writer,
 }
 
 impl ObjectKind {
@@ -40,6 +43,7 @@ impl ObjectKind {
             ObjectKind::Pack => format!("packs/{}/{name}", name.get(..2).unwrap_or("__")),
             ObjectKind::Index => format!("index/{name}"),
             ObjectKind::Snapshot => format!("snapshots/{name}"),
+            ObjectKind::Writer => format!("writers/{name}"),
         }
     }
 
@@ -51,6 +55,7 @@ impl ObjectKind {
             ObjectKind::Pack => "packs",
             ObjectKind::Index => "index",
             ObjectKind::Snapshot => "snapshots",
+            ObjectKind::Writer => "writers",
         }
     }
 }

@@ -1,28 +1,34 @@
 //! `cbcr receiver`: the storage-host daemon. It serves many sessions at once over QUIC with
-//! mutual TLS and stores what they send in an ordinary local repository.
+//! mutual TLS and stores what they send in ordinary repositories: one, or the several of a
+//! policy file, each client limited to what its certificate's grants allow.
 //!
 //! No global lock on the data path: each session's packs arrive on their own streams and are
 //! written and fsynced concurrently; only the last step (rename into `packs/`, write the index
-//! run, add it to the in-memory index) is serialised, as is the snapshot commit. A session that
-//! misbehaves (garbage frames, a pack that does not match its id, a disconnect mid-pack) loses
-//! its stream or its connection; the others go on, and nothing it half-sent becomes visible.
+//! run, add it to the in-memory index) is serialised per repository, as is the snapshot commit.
+//! A session that misbehaves (garbage frames, a pack that does not match its id, a disconnect
+//! mid-pack) loses its stream or its connection; the others go on, and nothing it half-sent
+//! becomes visible.
 
 mod metrics;
 mod notify;
+mod policy;
 
 use metrics::Metrics;
 use notify::Notifier;
+use policy::{Access, Denied, Op, Policy};
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
 use tracing::{info, warn};
-use wire::frame::{ErrorCode, Fence, Frame, WelcomeKeys, KEY_OBJECTS_VERSION, MIN_VERSION, VERSION};
+use wire::frame::{ErrorCode, Fence, Frame, WelcomeKeys, KEY_OBJECTS_VERSION, MIN_VERSION, TENANT_VERSION, VERSION};
 use wire::index::IndexEntry;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::repo::Encryption;
@@ -32,34 +38,42 @@ use crate::error::{Error, IoContext, Result};
 use crate::index::{ChunkIndex, KnownBlobs};
 use crate::limits;
 use crate::net::quic::{self, StreamError, TlsFiles};
-use crate::repo::{publish_pack, PackFiles, RepoLock, Repository, Secret};
+use crate::repo::{first_line, publish_pack, PackFiles, RepoLock, Repository, Secret};
+
+/// What a receiver serves.
+pub enum Serves {
+    /// One repository (a directory or `s3://BUCKET/PREFIX`, created when there is none and a
+    /// password is given); every client the CA signed may do everything.
+    One { repo: String, password: Option<Secret> },
+    /// The repositories a policy file names (`quic://HOST:PORT/NAME`), each client only what
+    /// its certificate's grants allow; the file is re-read on SIGHUP.
+    Policy(PathBuf),
+}
 
 /// How the receiver was asked to run.
 pub struct ReceiverOptions {
     pub listen: SocketAddr,
-    /// A directory or `s3://BUCKET/PREFIX`; a repository is created there when there is none.
-    pub repo: String,
+    pub serves: Serves,
     pub tls: TlsFiles,
+    /// A revocation list (PEM): a client certificate it names is refused at the handshake.
+    /// Re-read on SIGHUP.
+    pub crl: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
     /// Cores a `verify` request may use.
     pub cores: usize,
     /// How long in-flight sessions may take to finish after SIGTERM.
     pub grace: Duration,
-    /// The repository's password: needed to create an encrypted repository, and (in this
-    /// version) to serve one, since the receiver checks commits and verifies next to the data.
-    pub password: Option<Secret>,
 }
 
-/// The repository the receiver serves and what every session shares.
+/// One repository the receiver serves and what its sessions share.
 struct Served {
     repo: Repository,
     known: KnownBlobs,
     /// Serialises the steps that change what is indexed or committed.
     publish: Mutex<()>,
-    next_session: AtomicU64,
     /// The highest fencing token accepted per job (kept in memory: a restart forgets them).
-    fences: Mutex<std::collections::HashMap<String, u64>>,
+    fences: Mutex<HashMap<String, u64>>,
     /// When the index last looked for runs other receivers of a shared store wrote.
     refreshed: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
@@ -68,6 +82,28 @@ struct Served {
 }
 
 impl Served {
+    /// Opens the repository in `spec` to serve it, holding its writer's claim.
+    fn open(spec: &str, password: Option<&[u8]>, metrics: &Arc<Metrics>, cores: usize) -> Result<Self> {
+        let repo = Repository::open_to_serve(crate::store::open(spec)?, password)?;
+        if !repo.holds_keys() {
+            info!("serving {spec} without its key: objects are stored and served sealed; verify runs on the store");
+        }
+        // One receiver per repository; local backups wait for it like for any other writer.
+        let lock = repo.lock()?;
+        lock.clean_tmp()?;
+        let index = ChunkIndex::load(&*repo.store)?;
+        Ok(Served {
+            repo,
+            known: KnownBlobs::new(index),
+            publish: Mutex::new(()),
+            refreshed: Mutex::new(None),
+            fences: Mutex::default(),
+            metrics: Arc::clone(metrics),
+            cores,
+            _lock: lock,
+        })
+    }
+
     fn index(&self) -> &ChunkIndex {
         self.known.index()
     }
@@ -96,6 +132,109 @@ impl Served {
     }
 }
 
+/// What every connection shares: the repositories by name, and who may do what on them.
+struct Host {
+    /// By the name clients give (`""` for [`Serves::One`]'s).
+    served: RwLock<HashMap<String, Arc<Served>>>,
+    /// `None`: one repository, every certified client may do everything.
+    policy: RwLock<Option<Arc<Policy>>>,
+    next_session: AtomicU64,
+    metrics: Arc<Metrics>,
+    cores: usize,
+}
+
+impl Host {
+    fn start(serves: &Serves, cores: usize) -> Result<Self> {
+        let host = Host {
+            served: RwLock::default(),
+            policy: RwLock::default(),
+            next_session: AtomicU64::new(1),
+            metrics: Arc::default(),
+            cores,
+        };
+        match serves {
+            Serves::One { repo, password } => {
+                let served = Served::open(repo, password.as_deref(), &host.metrics, cores)?;
+                host.served.write().expect("no panics while holding it").insert(String::new(), Arc::new(served));
+            }
+            Serves::Policy(path) => host.load_policy(path)?,
+        }
+        Ok(host)
+    }
+
+    /// Reads the policy file, opens every repository it names that is not open yet, and
+    /// only then puts it in force: a policy that fails leaves the last good one in force.
+    fn load_policy(&self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        let policy = Policy::parse(&text).map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+        let mut opened = vec![];
+        for (name, entry) in policy.repositories() {
+            if self.served.read().expect("no panics while holding it").contains_key(name) {
+                continue;
+            }
+            let password = match &entry.password_file {
+                Some(file) => Some(first_line(std::fs::read(file).at(file)?)),
+                None => None,
+            };
+            let served = Served::open(&entry.store, password.as_deref(), &self.metrics, self.cores)
+                .map_err(|e| Error::Usage(format!("{}: repository {name:?}: {e}", path.display())))?;
+            opened.push((name.clone(), Arc::new(served)));
+        }
+        let mut served = self.served.write().expect("no panics while holding it");
+        served.extend(opened);
+        let grants = policy.repositories().len();
+        *self.policy.write().expect("no panics while holding it") = Some(Arc::new(policy));
+        info!(target: "audit", event = "policy", file = %path.display(), repositories = grants, "policy {} in force: {grants} repositories", path.display());
+        Ok(())
+    }
+
+    fn policy(&self) -> Option<Arc<Policy>> {
+        self.policy.read().expect("no panics while holding it").clone()
+    }
+
+    /// The repository a session asks for, if this certificate may use it at all.
+    fn choose(&self, names: &[String], repository: &str) -> Result<Arc<Served>, Refusal> {
+        match (self.policy(), repository) {
+            (None, "") => {}
+            (None, name) => {
+                return Err(Refusal(
+                    ErrorCode::NotFound,
+                    format!("no repository {name:?}: this receiver serves one repository, at quic://HOST:PORT"),
+                ))
+            }
+            (Some(policy), "") => {
+                let granted = policy.granted(names).join(", ");
+                return Err(Refusal(
+                    ErrorCode::Denied,
+                    format!(
+                        "this receiver serves several repositories: name one, quic://HOST:PORT/NAME (this certificate has grants on: {})",
+                        if granted.is_empty() { "none" } else { &granted }
+                    ),
+                ));
+            }
+            (Some(policy), name) => {
+                policy.access(names, name).map_err(Refusal::from)?;
+            }
+        }
+        let served = self.served.read().expect("no panics while holding it");
+        served
+            .get(repository)
+            .cloned()
+            .ok_or_else(|| Refusal(ErrorCode::Storage, format!("repository {repository:?} is not open")))
+    }
+
+    /// What the session may do now (the policy in force, re-read on SIGHUP, decides each
+    /// request), if it may do one of `ops`.
+    fn allow(&self, names: &[String], repository: &str, ops: &[Op]) -> Result<Access, Refusal> {
+        let Some(policy) = self.policy() else { return Ok(Access::unrestricted()) };
+        let access = policy.access(names, repository)?;
+        match ops.iter().find(|op| access.allow.contains(op)) {
+            Some(_) => Ok(access),
+            None => Err(policy::check(&access, ops[0], names, repository).expect_err("none allowed").into()),
+        }
+    }
+}
+
 /// A request that failed: what the client is told.
 struct Refusal(ErrorCode, String);
 
@@ -109,6 +248,12 @@ impl From<Error> for Refusal {
             _ => ErrorCode::Storage,
         };
         Refusal(code, e.to_string())
+    }
+}
+
+impl From<Denied> for Refusal {
+    fn from(e: Denied) -> Self {
+        Refusal(ErrorCode::Denied, e.to_string())
     }
 }
 
@@ -126,31 +271,34 @@ impl From<StreamError> for Refusal {
 
 /// Runs the receiver until SIGTERM or SIGINT; returns once in-flight sessions are done.
 pub fn run(opts: ReceiverOptions) -> Result<()> {
-    let repo = Repository::open_to_serve(crate::store::open(&opts.repo)?, opts.password.as_deref())?;
-    if !repo.holds_keys() {
-        info!("serving {} without its key: objects are stored and served sealed; verify runs on the store", opts.repo);
-    }
-    // One receiver per repository; local backups wait for it like for any other writer.
-    let lock = repo.lock()?;
-    lock.clean_tmp()?;
-    let index = ChunkIndex::load(&*repo.store)?;
-    let store = Arc::new(Served {
-        repo,
-        known: KnownBlobs::new(index),
-        publish: Mutex::new(()),
-        next_session: AtomicU64::new(1),
-        refreshed: Mutex::new(None),
-        fences: Mutex::default(),
-        metrics: Arc::default(),
-        cores: opts.cores,
-        _lock: lock,
-    });
-    let server = quic::server_config(&opts.tls)?;
+    let host = Arc::new(Host::start(&opts.serves, opts.cores)?);
+    let server = quic::server_config(&opts.tls, opts.crl.as_deref())?;
     let runtime = quic::runtime(2)?;
-    runtime.block_on(serve(store, server, &opts))
+    runtime.block_on(serve(host, server, &opts))
 }
 
-async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverOptions) -> Result<()> {
+/// SIGHUP: the policy file and the revocation list again. Whatever fails to load leaves what
+/// was in force, and says so.
+fn reload(host: &Host, endpoint: &quinn::Endpoint, opts: &ReceiverOptions) {
+    if let Serves::Policy(path) = &opts.serves {
+        if let Err(e) = host.load_policy(path) {
+            warn!(target: "audit", event = "policy_refused", file = %path.display(), "policy not reloaded, the last good one stays in force: {e}");
+        }
+    }
+    if let Some(crl) = &opts.crl {
+        match quic::server_config(&opts.tls, Some(crl)) {
+            Ok(config) => {
+                endpoint.set_server_config(Some(config));
+                info!(target: "audit", event = "crl", file = %crl.display(), "revocation list {} in force", crl.display());
+            }
+            Err(e) => {
+                warn!(target: "audit", event = "crl_refused", file = %crl.display(), "revocation list not reloaded, the last good one stays in force: {e}")
+            }
+        }
+    }
+}
+
+async fn serve(host: Arc<Host>, server: quinn::ServerConfig, opts: &ReceiverOptions) -> Result<()> {
     let endpoint = quinn::Endpoint::server(server, opts.listen)
         .map_err(|e| Error::Network(format!("cannot listen on {}: {e}", opts.listen)))?;
     let local = endpoint.local_addr().map_err(|e| Error::Network(e.to_string()))?;
@@ -159,15 +307,25 @@ async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverO
             .await
             .map_err(|e| Error::Network(format!("cannot serve metrics on {addr}: {e}")))?;
         info!("metrics on http://{}/metrics", listener.local_addr().map_err(|e| Error::Network(e.to_string()))?);
-        tokio::spawn(metrics::serve(listener, Arc::clone(&store.metrics)));
+        tokio::spawn(metrics::serve(listener, Arc::clone(&host.metrics)));
     }
-    info!("receiver listening on {local}, repository {}", store.repo.location());
+    let names: Vec<String> = {
+        let served = host.served.read().expect("no panics while holding it");
+        let mut names: Vec<String> = served
+            .iter()
+            .map(|(n, s)| if n.is_empty() { s.repo.location() } else { format!("{n}={}", s.repo.location()) })
+            .collect();
+        names.sort();
+        names
+    };
+    info!("receiver listening on {local}, serving {}", names.join(", "));
     // Printed for scripts that start the receiver on port 0.
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
     let mut notifier = Notifier::start();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::Network(e.to_string()))?;
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(|e| Error::Network(e.to_string()));
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
     // Connections being served; the shutdown waits for them.
     let sessions = Arc::new(AtomicU64::new(0));
     loop {
@@ -175,23 +333,30 @@ async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverO
             i = endpoint.accept() => match i { Some(i) => i, None => break },
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = hangup.recv() => {
+                let h = Arc::clone(&host);
+                let e = endpoint.clone();
+                // Opening a new repository reads its index: off the accept loop.
+                tokio::task::block_in_place(|| reload(&h, &e, opts));
+                continue;
+            }
         };
-        if store.metrics.sessions_active.get() >= limits::RECEIVER_SESSIONS as i64 {
-            store.metrics.sessions_refused.inc();
+        if host.metrics.sessions_active.get() >= limits::RECEIVER_SESSIONS as i64 {
+            host.metrics.sessions_refused.inc();
             warn!("refusing {}: {} sessions open", incoming.remote_address(), limits::RECEIVER_SESSIONS);
             incoming.refuse();
             continue;
         }
-        let store = Arc::clone(&store);
+        let host = Arc::clone(&host);
         sessions.fetch_add(1, Ordering::AcqRel);
         let done = Arc::clone(&sessions);
         tokio::spawn(async move {
             let peer = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => connection(store, conn).await,
+                Ok(conn) => connection(host, conn).await,
                 Err(e) => {
-                    store.metrics.sessions_refused.inc();
-                    warn!("{peer}: handshake failed: {e}");
+                    host.metrics.sessions_refused.inc();
+                    warn!(target: "audit", event = "handshake_refused", %peer, "{peer}: handshake failed: {e}");
                 }
             }
             done.fetch_sub(1, Ordering::AcqRel);
@@ -215,35 +380,44 @@ async fn serve(store: Arc<Served>, server: quinn::ServerConfig, opts: &ReceiverO
     endpoint.close((ErrorCode::ShuttingDown as u32).into(), b"receiver shutting down");
     endpoint.wait_idle().await;
     // Commits merged nothing on the way: one merge now leaves one run for the next start.
-    let s = Arc::clone(&store);
-    let merged = tokio::task::spawn_blocking(move || {
-        let _g = s.publish.lock().expect("no panics while holding it");
-        s.index().compact_all(&*s.repo.store)
-    })
-    .await
-    .expect("the merge does not panic");
-    if let Err(e) = merged {
-        warn!("index runs not merged at shutdown: {e}");
+    let all: Vec<Arc<Served>> = host.served.read().expect("no panics while holding it").values().cloned().collect();
+    for s in all {
+        let merged = tokio::task::spawn_blocking(move || {
+            let _g = s.publish.lock().expect("no panics while holding it");
+            s.index().compact_all(&*s.repo.store).map_err(|e| (s.repo.location(), e))
+        })
+        .await
+        .expect("the merge does not panic");
+        if let Err((location, e)) = merged {
+            warn!("{location}: index runs not merged at shutdown: {e}");
+        }
     }
     notifier.finish();
     info!("receiver stopped");
     Ok(())
 }
 
-/// Who the client is: its certificate's fingerprint (the CA vouched for it).
-fn identity(conn: &Connection) -> String {
-    conn.peer_identity()
+/// Who the client is: its certificate's fingerprint (the CA vouched for it) and the names its
+/// policy grants go to.
+fn identity(conn: &Connection) -> (String, Vec<String>) {
+    let Some(cert) = conn
+        .peer_identity()
         .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-        .and_then(|certs| certs.first().map(|c| blake3::hash(c.as_ref()).to_hex()[..16].to_string()))
-        .unwrap_or_else(|| "unknown".into())
+        .and_then(|certs| certs.first().cloned())
+    else {
+        return ("unknown".into(), vec![]);
+    };
+    (blake3::hash(cert.as_ref()).to_hex()[..16].to_string(), crate::net::pki::certificate_names(cert.as_ref()))
 }
 
 /// A connection's session, once its `Hello` was answered.
-#[derive(Clone, Copy, Debug)]
 struct Session {
     id: u64,
     /// The protocol version agreed on: every reply is in it.
     version: u8,
+    /// The repository's name, as the policy knows it.
+    name: String,
+    served: Arc<Served>,
 }
 
 type SessionCell = std::sync::OnceLock<Session>;
@@ -253,33 +427,43 @@ fn reply_version(session: &SessionCell) -> u8 {
     session.get().map_or(MIN_VERSION, |s| s.version)
 }
 
-async fn connection(store: Arc<Served>, conn: Connection) {
-    let peer = conn.remote_address();
-    let cert = identity(&conn);
+/// Who is on the other end of a connection, as the audit names it.
+struct Peer {
+    addr: SocketAddr,
+    /// The certificate's fingerprint.
+    cert: String,
+    /// The certificate's names (what grants go to), joined, for logs.
+    identity: String,
+    names: Vec<String>,
+}
+
+async fn connection(host: Arc<Host>, conn: Connection) {
+    let (cert, names) = identity(&conn);
+    let peer = Arc::new(Peer { addr: conn.remote_address(), cert, identity: names.join(","), names });
     let session = Arc::new(SessionCell::new());
-    store.metrics.sessions_active.inc();
+    host.metrics.sessions_active.inc();
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => {
                 if let Some(s) = session.get() {
-                    info!(target: "audit", event = "session_end", session = s.id, %peer, cert = %cert, "session {} from {peer} ended: {e}", s.id);
+                    let p = &peer;
+                    info!(target: "audit", event = "session_end", session = s.id, peer = %p.addr, cert = %p.cert, identity = %p.identity, "session {} from {} ended: {e}", s.id, p.addr);
                 }
                 break;
             }
         };
-        let (store, session, cert) = (Arc::clone(&store), Arc::clone(&session), cert.clone());
-        tokio::spawn(async move { stream(store, session, peer, cert, send, recv).await });
+        let (host, session, peer) = (Arc::clone(&host), Arc::clone(&session), Arc::clone(&peer));
+        tokio::spawn(async move { stream(host, session, peer, send, recv).await });
     }
-    store.metrics.sessions_active.dec();
+    host.metrics.sessions_active.dec();
 }
 
 /// One request on one stream.
 async fn stream(
-    store: Arc<Served>,
+    host: Arc<Host>,
     session: Arc<SessionCell>,
-    peer: SocketAddr,
-    cert: String,
+    peer: Arc<Peer>,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
@@ -287,21 +471,23 @@ async fn stream(
     let (stage, result) = match quic::read_frame(&mut recv).await {
         Ok(Some(frame)) => {
             let stage = stage_name(&frame);
-            (stage, request(&store, &session, peer, &cert, frame, &mut send, &mut recv).await)
+            (stage, request(&host, &session, &peer, frame, &mut send, &mut recv).await)
         }
         Ok(None) => return,
         Err(e) => ("frame", Err(e.into())),
     };
-    store.metrics.observe(stage, started.elapsed());
+    host.metrics.observe(stage, started.elapsed());
     match result {
         Ok(()) => {
             let _ = send.finish();
         }
         Err(Refusal(code, message)) => {
-            store.metrics.errors.inc();
+            host.metrics.errors.inc();
             // Session 0: the request came before any session.
             let id = session.get().map_or(0, |s| s.id);
-            warn!(target: "audit", event = "refused", session = id, %peer, cert = %cert, stage, code = ?code, "{peer} (session {id}, cert {cert}): {stage}: {message}");
+            let repository = session.get().map_or("", |s| s.name.as_str());
+            let p = &peer;
+            warn!(target: "audit", event = "refused", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository, stage, code = ?code, "{} (session {id}, {}): {stage}: {message}", p.addr, p.identity);
             let _ = quic::write_frame(&mut send, &Frame::Error { code, message }, reply_version(&session)).await;
             let _ = send.finish();
             let _ = recv.stop(0u32.into());
@@ -318,6 +504,7 @@ fn stage_name(frame: &Frame) -> &'static str {
         Frame::ListSnapshots { .. } => "snapshots",
         Frame::Commit { .. } => "commit",
         Frame::Verify { .. } => "verify",
+        Frame::Forget { .. } => "forget",
         _ => "unexpected",
     }
 }
@@ -329,52 +516,76 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     }
 }
 
-async fn request(
-    store: &Arc<Served>,
+/// The session's answer to a `Hello`.
+async fn hello(
+    host: &Host,
     session: &SessionCell,
-    peer: SocketAddr,
-    cert: &str,
+    peer: &Peer,
+    frame: &Frame,
+    send: &mut SendStream,
+) -> Result<(), Refusal> {
+    let Frame::Hello { min, max, client, repository } = frame else { unreachable!("called for a Hello") };
+    let version = wire::frame::agree(*min, *max).ok_or_else(|| {
+        Refusal(
+            ErrorCode::Version,
+            format!(
+                "the client speaks protocol versions {min} to {max}; this receiver speaks {MIN_VERSION} to {VERSION}"
+            ),
+        )
+    })?;
+    let served = host.choose(&peer.names, repository)?;
+    if host.policy().is_some() && version < TENANT_VERSION {
+        return Err(Refusal(
+            ErrorCode::Version,
+            format!("this receiver serves repositories under a policy: the client must speak protocol version {TENANT_VERSION} (upgrade cbcr)"),
+        ));
+    }
+    let keys = if version >= KEY_OBJECTS_VERSION {
+        let s = Arc::clone(&served);
+        WelcomeKeys::Objects(blocking(move || s.repo.key_objects()).await?)
+    } else if served.repo.config.encryption == Encryption::None {
+        WelcomeKeys::Raw(*served.repo.key.as_bytes())
+    } else {
+        return Err(Refusal(
+            ErrorCode::Version,
+            format!("this repository is encrypted: the client must speak protocol version {KEY_OBJECTS_VERSION} (upgrade cbcr)"),
+        ));
+    };
+    let config = served.repo.config.encode();
+    let id = host.next_session.fetch_add(1, Ordering::Relaxed);
+    if session.set(Session { id, version, name: repository.clone(), served }).is_err() {
+        return Err(Refusal(ErrorCode::BadFrame, "this connection already has a session".into()));
+    }
+    host.metrics.sessions_total.inc();
+    let p = peer;
+    info!(target: "audit", event = "session", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = repository.as_str(), client = client.as_str(), version, "session {id} from {}: client {client:?}, certificate {} ({}), repository {repository:?}, protocol version {version}", p.addr, p.cert, p.identity);
+    reply(send, &Frame::Welcome { version, session: id, config, keys }, version).await
+}
+
+async fn request(
+    host: &Host,
+    session: &SessionCell,
+    peer: &Peer,
     frame: Frame,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), Refusal> {
-    if let Frame::Hello { min, max, client } = &frame {
-        let version = wire::frame::agree(*min, *max).ok_or_else(|| {
-            Refusal(
-                ErrorCode::Version,
-                format!("the client speaks protocol versions {min} to {max}; this receiver speaks {MIN_VERSION} to {VERSION}"),
-            )
-        })?;
-        let id = store.next_session.fetch_add(1, Ordering::Relaxed);
-        if session.set(Session { id, version }).is_err() {
-            return Err(Refusal(ErrorCode::BadFrame, "this connection already has a session".into()));
-        }
-        store.metrics.sessions_total.inc();
-        info!(target: "audit", event = "session", session = id, %peer, cert, client = client.as_str(), version, "session {id} from {peer}: client {client:?}, certificate {cert}, protocol version {version}");
-        let keys = if version >= KEY_OBJECTS_VERSION {
-            let s = Arc::clone(store);
-            WelcomeKeys::Objects(blocking(move || s.repo.key_objects()).await?)
-        } else if store.repo.config.encryption == Encryption::None {
-            WelcomeKeys::Raw(*store.repo.key.as_bytes())
-        } else {
-            return Err(Refusal(
-                ErrorCode::Version,
-                format!("this repository is encrypted: the client must speak protocol version {KEY_OBJECTS_VERSION} (upgrade cbcr)"),
-            ));
-        };
-        let config = store.repo.config.encode();
-        return reply(send, &Frame::Welcome { version, session: id, config, keys }, version).await;
+    if let Frame::Hello { .. } = &frame {
+        return hello(host, session, peer, &frame, send).await;
     }
-    let version = reply_version(session);
-    match (frame.session(), session.get().map(|s| s.id)) {
-        (Some(asked), Some(ours)) if asked == ours => {}
+    let s = match (frame.session(), session.get()) {
+        (Some(asked), Some(ours)) if asked == ours.id => ours,
         (Some(asked), _) => {
             return Err(Refusal(ErrorCode::UnknownSession, format!("no session {asked} on this connection")))
         }
         (None, _) => return Err(Refusal(ErrorCode::BadFrame, format!("a {:?} frame is not a request", frame.kind()))),
-    }
+    };
+    let (version, store, id) = (s.version, &s.served, s.id);
+    let allow = |ops: &[Op]| host.allow(&peer.names, &s.name, ops);
+    let p = peer;
     match frame {
         Frame::Have { ids, .. } => {
+            allow(&[Op::Backup])?;
             store.metrics.have_ids.inc_by(ids.len() as u64);
             let s = Arc::clone(store);
             let present =
@@ -382,24 +593,33 @@ async fn request(
             reply(send, &Frame::HaveReply { present }, version).await
         }
         Frame::PutPack { .. } => {
+            allow(&[Op::Backup])?;
             let id = receive_pack(store, recv).await?;
             reply(send, &Frame::PackStored { id }, version).await
         }
         Frame::GetBlobs { ids, .. } => {
-            let session = session.get().map_or(0, |s| s.id);
-            info!(target: "audit", event = "read", session, %peer, cert, blobs = ids.len(), "session {session} ({cert}): reads {} blobs", ids.len());
+            // A backup reads its parent's trees and chunk lists.
+            allow(&[Op::Restore, Op::Backup])?;
+            info!(target: "audit", event = "read", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = s.name.as_str(), blobs = ids.len(), "session {id} ({}): reads {} blobs", p.identity, ids.len());
             send_blobs(store, ids, send, version).await
         }
         Frame::ListSnapshots { .. } => {
-            let session = session.get().map_or(0, |s| s.id);
-            info!(target: "audit", event = "list", session, %peer, cert, "session {session} ({cert}): lists snapshots");
-            let s = Arc::clone(store);
-            for (id, record) in blocking(move || s.repo.stored_snapshots()).await? {
-                reply(send, &Frame::SnapshotRecord { id, record }, version).await?;
+            let access = allow(&[Op::List, Op::Backup, Op::Restore])?;
+            info!(target: "audit", event = "list", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = s.name.as_str(), "session {id} ({}): lists snapshots", p.identity);
+            let (st, restricted) = (Arc::clone(store), access.restricted());
+            let (listed, writers) = blocking(move || {
+                let writers = if restricted { st.repo.snapshot_writers()? } else { HashMap::new() };
+                Ok((st.repo.stored_snapshots()?, writers))
+            })
+            .await?;
+            for (snapshot, record) in listed {
+                let ours = access.may_parent(writers.get(&snapshot).map(String::as_str));
+                reply(send, &Frame::SnapshotRecord { id: snapshot, record, ours }, version).await?;
             }
             Ok(())
         }
         Frame::Commit { record, fence, root, .. } => {
+            let access = allow(&[Op::Backup])?;
             let bad = |m: String| Refusal(ErrorCode::BadFrame, format!("snapshot record: {m}"));
             // A receiver with the key checks the record itself; one without trusts the root
             // named beside it (the record is the client's own, sealed).
@@ -412,29 +632,46 @@ async fn request(
             } else {
                 root.ok_or_else(|| bad("sealed, and the commit names no root tree (protocol 3 does)".into()))?
             };
-            let s = Arc::clone(store);
-            let id = match tokio::task::spawn_blocking(move || commit(&s, &record, root, fence.as_ref())).await {
+            let st = Arc::clone(store);
+            let writer = access.writer().map(str::to_owned);
+            let snapshot = match tokio::task::spawn_blocking(move || {
+                commit(&st, &record, root, fence.as_ref(), writer.as_deref())
+            })
+            .await
+            {
                 Ok(r) => r?,
                 Err(e) => return Err(Refusal(ErrorCode::Other, format!("commit failed: {e}"))),
             };
             store.metrics.commits.inc();
-            let session = session.get().map_or(0, |s| s.id);
-            info!(target: "audit", event = "commit", session, %peer, cert, snapshot = %id, "session {session} ({cert}): committed snapshot {id}");
-            reply(send, &Frame::Committed { id }, version).await
+            info!(target: "audit", event = "commit", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = s.name.as_str(), writer = access.writer().unwrap_or(""), snapshot = %snapshot, "session {id} ({}): committed snapshot {snapshot}", p.identity);
+            reply(send, &Frame::Committed { id: snapshot }, version).await
+        }
+        Frame::Forget { ids, .. } => {
+            allow(&[Op::Forget])?;
+            let st = Arc::clone(store);
+            let gone = blocking(move || {
+                let _g = st.publish.lock().expect("no panics while holding it");
+                st.repo.forget(&ids)
+            })
+            .await?;
+            for snapshot in &gone {
+                info!(target: "audit", event = "forget", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = s.name.as_str(), snapshot = %snapshot, "session {id} ({}): forgot snapshot {snapshot}", p.identity);
+            }
+            reply(send, &Frame::Forgotten { ids: gone }, version).await
         }
         Frame::Verify { read_data, .. } => {
-            let session = session.get().map_or(0, |s| s.id);
-            info!(target: "audit", event = "verify", session, %peer, cert, read_data, "session {session} ({cert}): verify");
+            allow(&[Op::Verify])?;
+            info!(target: "audit", event = "verify", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = s.name.as_str(), read_data, "session {id} ({}): verify", p.identity);
             if !store.repo.holds_keys() {
                 return Err(Refusal(
                     ErrorCode::Other,
-                    "this receiver holds no key for the repository: run `cbcr verify` on its store (the directory or s3:// it serves) with the password, or start the receiver with the password".into(),
+                    "this receiver holds no key for the repository: run `cbcr verify` on its store (the directory or s3:// it serves) with the password, or give the receiver the password".into(),
                 ));
             }
-            let s = Arc::clone(store);
+            let st = Arc::clone(store);
             let (damaged, report) = blocking(move || {
                 let r =
-                    crate::command::verify::verify(s.repo.clone(), read_data, s.cores, &crate::events::Run::quiet())?;
+                    crate::command::verify::verify(st.repo.clone(), read_data, st.cores, &crate::events::Run::quiet())?;
                 Ok((!r.damage.is_empty(), serde_json::to_vec(&r).expect("a report serialises")))
             })
             .await?;
@@ -453,8 +690,15 @@ async fn reply(send: &mut SendStream, frame: &Frame, version: u8) -> Result<(), 
 /// A snapshot is committed only when its root tree is indexed here: every pack the client sent
 /// was durable before it was acknowledged, and the client commits after its last
 /// acknowledgement, so everything below the root is durable too. A fenced commit is refused
-/// when a higher token was accepted for its job (a writer that lost its claim).
-fn commit(store: &Served, record: &[u8], root: ChunkId, fence: Option<&Fence>) -> Result<ChunkId, Refusal> {
+/// when a higher token was accepted for its job (a writer that lost its claim). Under a
+/// policy, `writer` is who the snapshot is recorded as committed by.
+fn commit(
+    store: &Served,
+    record: &[u8],
+    root: ChunkId,
+    fence: Option<&Fence>,
+    writer: Option<&str>,
+) -> Result<ChunkId, Refusal> {
     if store.find(&root)?.is_none() {
         return Err(Refusal(ErrorCode::Incomplete, format!("snapshot's root tree {root} is not stored here")));
     }
@@ -470,7 +714,7 @@ fn commit(store: &Served, record: &[u8], root: ChunkId, fence: Option<&Fence>) -
             ));
         }
     }
-    let id = store.repo.commit_record(record)?;
+    let id = store.repo.commit_record(record, writer)?;
     if let Some(Fence { job, token }) = fence {
         let highest = fences.entry(job.clone()).or_default();
         *highest = (*highest).max(*token);
@@ -546,13 +790,7 @@ impl From<Error> for PackRejected {
     }
 }
 
-fn store_pack(
-    store: &Served,
-    id: ChunkId,
-    file: std::fs::File,
-    len: u64,
-    tmp: &std::path::Path,
-) -> Result<(), PackRejected> {
+fn store_pack(store: &Served, id: ChunkId, file: std::fs::File, len: u64, tmp: &Path) -> Result<(), PackRejected> {
     let result = check_and_publish(store, id, &file, len, tmp);
     if result.is_err() {
         let _ = std::fs::remove_file(tmp);
@@ -565,7 +803,7 @@ fn check_and_publish(
     id: ChunkId,
     file: &std::fs::File,
     len: u64,
-    tmp: &std::path::Path,
+    tmp: &Path,
 ) -> Result<(), PackRejected> {
     let bad = |e: wire::Error| PackRejected::Bad(format!("pack {id}: {e}"));
     if len < (HEADER_LEN + FOOTER_LEN) as u64 {
