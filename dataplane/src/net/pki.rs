@@ -178,6 +178,33 @@ pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf> {
 mod tests {
     use super::*;
 
+    fn client_der() -> Vec<u8> {
+        static DER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        DER.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            write_dev_pki(dir.path(), false).unwrap();
+            let pem = std::fs::read(dir.path().join("client.crt")).unwrap();
+            x509_parser::pem::parse_x509_pem(&pem).unwrap().1.contents
+        })
+        .clone()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_has_no_names(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            proptest::prop_assert!(certificate_names(&bytes).is_empty());
+        }
+
+        #[test]
+        fn a_damaged_certificate_never_panics(at in 0usize..2000, flip in 1u8..=255, cut in 0usize..2000) {
+            let mut der = client_der();
+            let at = at % der.len();
+            der[at] ^= flip;
+            der.truncate(cut.max(1));
+            let _ = certificate_names(&der);
+        }
+    }
+
     #[test]
     fn issued_certificates_are_known_by_their_name_and_revocations_accumulate() {
         let dir = tempfile::tempdir().unwrap();

@@ -335,6 +335,18 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_or_is_refused_without_a_panic(text in "(\\[|\\]|[a-z_.\"= \n\\[\\],]){0,200}") {
+            let _ = Policy::parse(&text);
+        }
+
+        #[test]
+        fn a_policy_cut_anywhere_parses_or_is_refused(cut in 0usize..1000) {
+            let _ = Policy::parse(&TWO_TENANTS[..cut.min(TWO_TENANTS.len())]);
+        }
+    }
+
     #[test]
     fn an_empty_policy_allows_nothing() {
         let p = Policy::parse("").unwrap();
