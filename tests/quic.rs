@@ -461,6 +461,32 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         let reply = send_raw(&conn, &huge, true).await;
         assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::BadFrame, .. })), "{reply:?}");
+        // A reply kind (a blob, up to 64 MiB) is no request: refused from its header alone,
+        // the payload never sent, nothing allocated for it.
+        let mut blob = Frame::ListSnapshots { session: 1 }.encode();
+        blob[..4].copy_from_slice(&(60u32 << 20).to_le_bytes());
+        blob[4] = wire::frame::FrameKind::Blob as u8;
+        let reply = send_raw(&conn, &blob[..HEADER_LEN], true).await;
+        assert!(
+            matches!(&reply, Some(Frame::Error { code: ErrorCode::BadFrame, message }) if message.contains("not a request")),
+            "{reply:?}"
+        );
+        // A pack that lists one blob twice (it once panicked the receiver under its publish
+        // lock, failing every later pack): refused for this stream, the receiver fine after.
+        let mut dup = wire::pack::PackHeader::encode().to_vec();
+        let id = wire::ChunkId([5; 32]);
+        let entry = |at: u64| wire::pack::PackEntry::new(id, at, 3, 3, wire::BlobKind::Data, wire::Compression::None);
+        let entries = [entry(dup.len() as u64), entry(dup.len() as u64 + 3)];
+        dup.extend_from_slice(b"abcdef");
+        let off = dup.len() as u64;
+        dup.extend(wire::pack::encode_trailer(&entries, off));
+        let mut put = Frame::PutPack { session: 1 }.encode();
+        put.extend(dup);
+        let reply = send_raw(&conn, &put, true).await;
+        assert!(
+            matches!(&reply, Some(Frame::Error { code: ErrorCode::BadPack, message }) if message.contains("listed twice")),
+            "{reply:?}"
+        );
         // A request for a session this connection never opened.
         let reply = send_raw(&conn, &Frame::Have { session: 4242, ids: vec![] }.encode(), true).await;
         assert!(matches!(reply, Some(Frame::Error { code: ErrorCode::UnknownSession, .. })), "{reply:?}");
@@ -835,4 +861,59 @@ fn a_receiver_without_the_password_serves_sealed_objects_and_never_opens_one() {
         .unwrap();
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
     assert!(text(&refused.stderr).contains("cbcr init"), "{}", text(&refused.stderr));
+}
+
+#[test]
+fn one_certificate_cannot_take_every_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let pki = pki(tmp.path());
+    ok(&["init", "--repo", s(&repo)]);
+    ok(&["cert", "issue", "other-host", "--pki", s(&pki)]);
+    let receiver = Receiver::start(&repo, &pki);
+    let per_identity = dataplane::limits::RECEIVER_SESSIONS_PER_IDENTITY;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let files = |name: &str| dataplane::net::quic::TlsFiles {
+            cert: pki.join(format!("{name}.crt")),
+            key: pki.join(format!("{name}.key")),
+            ca: pki.join("ca.crt"),
+        };
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(dataplane::net::quic::client_config(&files("client")).unwrap());
+        let hello = Frame::Hello { min: 1, max: wire::frame::VERSION, client: "hog".into(), repository: String::new() };
+        let say_hello = |conn: quinn::Connection| {
+            let hello = hello.encode();
+            async move {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                send.write_all(&hello).await.map_err(|e| e.to_string())?;
+                send.finish().map_err(|e| e.to_string())?;
+                recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
+            }
+        };
+        let addr: std::net::SocketAddr = receiver.addr.parse().unwrap();
+        let mut held = vec![];
+        for _ in 0..per_identity {
+            let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+            let reply = say_hello(conn.clone()).await.unwrap();
+            assert!(matches!(decode_reply(&reply), Some(Frame::Welcome { .. })));
+            held.push(conn);
+        }
+        let extra = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        assert!(say_hello(extra.clone()).await.is_err(), "a session past the share of one certificate");
+        let reason = extra.close_reason().map(|r| r.to_string()).unwrap_or_default();
+        assert!(reason.contains("too many sessions open for this client certificate"), "{reason}");
+        // Another identity still gets in while the first holds its share.
+        let other = endpoint
+            .connect_with(dataplane::net::quic::client_config(&files("other-host")).unwrap(), addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(matches!(decode_reply(&say_hello(other).await.unwrap()), Some(Frame::Welcome { .. })));
+        // A closed session gives its slot back.
+        held.pop().unwrap().close(0u32.into(), b"");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        assert!(matches!(decode_reply(&say_hello(again).await.unwrap()), Some(Frame::Welcome { .. })));
+    });
 }

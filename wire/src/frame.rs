@@ -107,6 +107,12 @@ impl FrameKind {
         })
     }
 
+    /// Whether a client sends it to a receiver (the rest are replies).
+    pub fn is_request(self) -> bool {
+        use FrameKind::*;
+        matches!(self, Hello | Have | PutPack | GetBlobs | ListSnapshots | Commit | Verify | Forget)
+    }
+
     /// Largest payload a frame of this kind may have.
     pub fn max_len(self) -> u32 {
         use FrameKind::*;

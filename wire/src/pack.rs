@@ -224,6 +224,12 @@ pub fn parse_entries(loc: &TrailerLocation, bytes: &[u8]) -> Result<Vec<PackEntr
     for e in &entries {
         e.validate(loc.entries_offset)?;
     }
+    // A writer stores a blob once per pack; a second entry for one id is a forged pack.
+    let mut ids: Vec<ChunkId> = entries.iter().map(|e| e.id).collect();
+    ids.sort_unstable();
+    if let Some(twice) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::Corrupt { what: "pack entries", detail: format!("blob {} is listed twice", twice[0]) });
+    }
     Ok(entries)
 }
 
@@ -282,6 +288,19 @@ mod tests {
         let off = pack.len() as u64;
         pack.extend(encode_trailer(&entries, off));
         pack
+    }
+
+    #[test]
+    fn a_pack_listing_one_blob_twice_is_refused() {
+        let mut pack = PackHeader::encode().to_vec();
+        let id = ChunkId([9; 32]);
+        let entry = |at: usize| PackEntry::new(id, at as u64, 3, 3, BlobKind::Data, Compression::None);
+        let entries = vec![entry(pack.len()), entry(pack.len() + 3)];
+        pack.extend_from_slice(b"abcdef");
+        let off = pack.len() as u64;
+        pack.extend(encode_trailer(&entries, off));
+        let err = parse_pack(&pack).unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, SendStream};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use wire::frame::{Frame, FrameHeader, HEADER_LEN};
+use wire::frame::{Frame, FrameHeader, FrameKind, HEADER_LEN};
 
 use crate::error::{Error, IoContext, Result};
 use crate::limits;
@@ -134,6 +134,15 @@ pub enum StreamError {
 
 /// Reads one frame; `None` when the stream ended cleanly before it.
 pub async fn read_frame(recv: &mut RecvStream) -> std::result::Result<Option<Frame>, StreamError> {
+    match read_header(recv).await? {
+        None => Ok(None),
+        Some(header) => read_payload(recv, header).await.map(Some),
+    }
+}
+
+/// A frame's kind, protocol version and payload length, checked against the kind's bound
+/// (nothing is allocated yet); `None` when the stream ended cleanly before it.
+pub async fn read_header(recv: &mut RecvStream) -> std::result::Result<Option<(FrameKind, u8, u32)>, StreamError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read(&mut header[..1]).await.map_err(|e| StreamError::Read(e.to_string()))? {
         None => return Ok(None),
@@ -141,10 +150,17 @@ pub async fn read_frame(recv: &mut RecvStream) -> std::result::Result<Option<Fra
         Some(_) => {}
     }
     read_exact(recv, &mut header[1..]).await?;
-    let (kind, version, len) = FrameHeader::decode(&header)?;
+    Ok(Some(FrameHeader::decode(&header)?))
+}
+
+/// The payload of the frame `header` announced, decoded.
+pub async fn read_payload(
+    recv: &mut RecvStream,
+    (kind, version, len): (FrameKind, u8, u32),
+) -> std::result::Result<Frame, StreamError> {
     let mut payload = vec![0u8; len as usize];
     read_exact(recv, &mut payload).await?;
-    Ok(Some(Frame::decode(kind, version, &payload)?))
+    Ok(Frame::decode(kind, version, &payload)?)
 }
 
 /// Reads one frame that must be there.

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
@@ -64,6 +64,20 @@ pub struct ReceiverOptions {
     pub cores: usize,
     /// How long in-flight sessions may take to finish after SIGTERM.
     pub grace: Duration,
+}
+
+// A request that panics (a bug) fails alone: the state these guard stays consistent at every
+// step, so a lock it held is taken again rather than failing every later request.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One repository the receiver serves and what its sessions share.
@@ -115,14 +129,14 @@ impl Served {
             return Ok(Some(found));
         }
         {
-            let mut refreshed = self.refreshed.lock().expect("no panics while holding it");
+            let mut refreshed = lock(&self.refreshed);
             if refreshed.is_some_and(|at| at.elapsed() < limits::INDEX_REFRESH_INTERVAL) {
                 return Ok(None);
             }
             *refreshed = Some(Instant::now());
         }
         let added = {
-            let _g = self.publish.lock().expect("no panics while holding it");
+            let _g = lock(&self.publish);
             self.index().refresh(&*self.repo.store)?
         };
         if added > 0 {
@@ -139,6 +153,8 @@ struct Host {
     /// `None`: one repository, every certified client may do everything.
     policy: RwLock<Option<Arc<Policy>>>,
     next_session: AtomicU64,
+    /// Open sessions per client certificate (its fingerprint).
+    sessions_per_cert: Mutex<HashMap<String, usize>>,
     metrics: Arc<Metrics>,
     cores: usize,
 }
@@ -149,13 +165,14 @@ impl Host {
             served: RwLock::default(),
             policy: RwLock::default(),
             next_session: AtomicU64::new(1),
+            sessions_per_cert: Mutex::default(),
             metrics: Arc::default(),
             cores,
         };
         match serves {
             Serves::One { repo, password } => {
                 let served = Served::open(repo, password.as_deref(), &host.metrics, cores)?;
-                host.served.write().expect("no panics while holding it").insert(String::new(), Arc::new(served));
+                write(&host.served).insert(String::new(), Arc::new(served));
             }
             Serves::Policy(path) => host.load_policy(path)?,
         }
@@ -169,7 +186,7 @@ impl Host {
         let policy = Policy::parse(&text).map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
         let mut opened = vec![];
         for (name, entry) in policy.repositories() {
-            if self.served.read().expect("no panics while holding it").contains_key(name) {
+            if read(&self.served).contains_key(name) {
                 continue;
             }
             let password = match &entry.password_file {
@@ -180,16 +197,16 @@ impl Host {
                 .map_err(|e| Error::Usage(format!("{}: repository {name:?}: {e}", path.display())))?;
             opened.push((name.clone(), Arc::new(served)));
         }
-        let mut served = self.served.write().expect("no panics while holding it");
+        let mut served = write(&self.served);
         served.extend(opened);
         let grants = policy.repositories().len();
-        *self.policy.write().expect("no panics while holding it") = Some(Arc::new(policy));
+        *write(&self.policy) = Some(Arc::new(policy));
         info!(target: "audit", event = "policy", file = %path.display(), repositories = grants, "policy {} in force: {grants} repositories", path.display());
         Ok(())
     }
 
     fn policy(&self) -> Option<Arc<Policy>> {
-        self.policy.read().expect("no panics while holding it").clone()
+        read(&self.policy).clone()
     }
 
     /// The repository a session asks for, if this certificate may use it at all.
@@ -216,7 +233,7 @@ impl Host {
                 policy.access(names, name).map_err(Refusal::from)?;
             }
         }
-        let served = self.served.read().expect("no panics while holding it");
+        let served = read(&self.served);
         served
             .get(repository)
             .cloned()
@@ -310,7 +327,7 @@ async fn serve(host: Arc<Host>, server: quinn::ServerConfig, opts: &ReceiverOpti
         tokio::spawn(metrics::serve(listener, Arc::clone(&host.metrics)));
     }
     let names: Vec<String> = {
-        let served = host.served.read().expect("no panics while holding it");
+        let served = read(&host.served);
         let mut names: Vec<String> = served
             .iter()
             .map(|(n, s)| if n.is_empty() { s.repo.location() } else { format!("{n}={}", s.repo.location()) })
@@ -380,10 +397,10 @@ async fn serve(host: Arc<Host>, server: quinn::ServerConfig, opts: &ReceiverOpti
     endpoint.close((ErrorCode::ShuttingDown as u32).into(), b"receiver shutting down");
     endpoint.wait_idle().await;
     // Commits merged nothing on the way: one merge now leaves one run for the next start.
-    let all: Vec<Arc<Served>> = host.served.read().expect("no panics while holding it").values().cloned().collect();
+    let all: Vec<Arc<Served>> = read(&host.served).values().cloned().collect();
     for s in all {
         let merged = tokio::task::spawn_blocking(move || {
-            let _g = s.publish.lock().expect("no panics while holding it");
+            let _g = lock(&s.publish);
             s.index().compact_all(&*s.repo.store).map_err(|e| (s.repo.location(), e))
         })
         .await
@@ -437,26 +454,103 @@ struct Peer {
     names: Vec<String>,
 }
 
+/// Counts a certificate's open sessions while it lives.
+struct IdentitySlot<'a> {
+    host: &'a Host,
+    cert: String,
+}
+
+impl Drop for IdentitySlot<'_> {
+    fn drop(&mut self) {
+        let mut open = lock(&self.host.sessions_per_cert);
+        if let Some(n) = open.get_mut(&self.cert) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.cert);
+            }
+        }
+    }
+}
+
+/// A request being served on a connection: the connection is not idle while one lives.
+struct InFlight(Arc<AtomicU64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn connection(host: Arc<Host>, conn: Connection) {
     let (cert, names) = identity(&conn);
     let peer = Arc::new(Peer { addr: conn.remote_address(), cert, identity: names.join(","), names });
+    let p = &peer;
+    let _slot = {
+        let mut open = lock(&host.sessions_per_cert);
+        let n = open.entry(p.cert.clone()).or_default();
+        if *n >= limits::RECEIVER_SESSIONS_PER_IDENTITY {
+            drop(open);
+            host.metrics.sessions_refused.inc();
+            warn!(target: "audit", event = "refused", session = 0, peer = %p.addr, cert = %p.cert, identity = %p.identity, stage = "session", "{} ({}): {} sessions of this certificate are open already", p.addr, p.identity, limits::RECEIVER_SESSIONS_PER_IDENTITY);
+            conn.close((ErrorCode::Denied as u32).into(), b"too many sessions open for this client certificate");
+            return;
+        }
+        *n += 1;
+        IdentitySlot { host: &host, cert: p.cert.clone() }
+    };
     let session = Arc::new(SessionCell::new());
+    // Bytes of requests this connection holds in memory (see `limits::RECEIVER_CONNECTION_BUFFER`).
+    let budget = Arc::new(tokio::sync::Semaphore::new(limits::RECEIVER_CONNECTION_BUFFER));
+    let in_flight = Arc::new(AtomicU64::new(0));
     host.metrics.sessions_active.inc();
     loop {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
+        let accepted = tokio::time::timeout(limits::RECEIVER_IDLE_SESSION, conn.accept_bi()).await;
+        let (send, recv) = match accepted {
+            Ok(Ok(s)) => s,
+            Err(_) if in_flight.load(Ordering::Acquire) > 0 => continue,
+            Err(_) => {
+                let id = session.get().map_or(0, |s| s.id);
+                info!(target: "audit", event = "session_end", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, "session {id} from {}: idle for {:?}, closed", p.addr, limits::RECEIVER_IDLE_SESSION);
+                conn.close((ErrorCode::Other as u32).into(), b"idle session closed by the receiver");
+                break;
+            }
+            Ok(Err(e)) => {
                 if let Some(s) = session.get() {
-                    let p = &peer;
                     info!(target: "audit", event = "session_end", session = s.id, peer = %p.addr, cert = %p.cert, identity = %p.identity, "session {} from {} ended: {e}", s.id, p.addr);
                 }
                 break;
             }
         };
-        let (host, session, peer) = (Arc::clone(&host), Arc::clone(&session), Arc::clone(&peer));
-        tokio::spawn(async move { stream(host, session, peer, send, recv).await });
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(Arc::clone(&in_flight));
+        let (host, session, peer, budget) =
+            (Arc::clone(&host), Arc::clone(&session), Arc::clone(&peer), Arc::clone(&budget));
+        tokio::spawn(async move {
+            stream(host, session, peer, &budget, send, recv).await;
+            drop(guard);
+        });
     }
     host.metrics.sessions_active.dec();
+}
+
+/// Reads a stream's request: a request kind (checked from the header, before anything is
+/// allocated) whose payload, and for a pack the piece it is received through, fits in the
+/// connection's budget (waited for).
+async fn read_request<'b>(
+    recv: &mut RecvStream,
+    budget: &'b tokio::sync::Semaphore,
+) -> Result<Option<(Frame, tokio::sync::SemaphorePermit<'b>)>, Refusal> {
+    let Some((kind, version, len)) = quic::read_header(recv).await? else { return Ok(None) };
+    if !kind.is_request() {
+        return Err(Refusal(ErrorCode::BadFrame, format!("a {kind:?} frame is not a request")));
+    }
+    let need = len as usize + if kind == wire::frame::FrameKind::PutPack { limits::PACK_SEND_PIECE } else { 0 };
+    let permit = budget
+        .acquire_many(need as u32)
+        .await
+        .map_err(|_| Refusal(ErrorCode::Other, "the connection is closing".into()))?;
+    let frame = quic::read_payload(recv, (kind, version, len)).await?;
+    Ok(Some((frame, permit)))
 }
 
 /// One request on one stream.
@@ -464,17 +558,18 @@ async fn stream(
     host: Arc<Host>,
     session: Arc<SessionCell>,
     peer: Arc<Peer>,
+    budget: &tokio::sync::Semaphore,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
     let started = Instant::now();
-    let (stage, result) = match quic::read_frame(&mut recv).await {
-        Ok(Some(frame)) => {
+    let (stage, result) = match read_request(&mut recv, budget).await {
+        Ok(Some((frame, _permit))) => {
             let stage = stage_name(&frame);
             (stage, request(&host, &session, &peer, frame, &mut send, &mut recv).await)
         }
         Ok(None) => return,
-        Err(e) => ("frame", Err(e.into())),
+        Err(e) => ("frame", Err(e)),
     };
     host.metrics.observe(stage, started.elapsed());
     match result {
@@ -650,7 +745,7 @@ async fn request(
             allow(&[Op::Forget])?;
             let st = Arc::clone(store);
             let gone = blocking(move || {
-                let _g = st.publish.lock().expect("no panics while holding it");
+                let _g = lock(&st.publish);
                 st.repo.forget(&ids)
             })
             .await?;
@@ -702,8 +797,8 @@ fn commit(
     if store.find(&root)?.is_none() {
         return Err(Refusal(ErrorCode::Incomplete, format!("snapshot's root tree {root} is not stored here")));
     }
-    let _g = store.publish.lock().expect("no panics while holding it");
-    let mut fences = store.fences.lock().expect("no panics while holding it");
+    let _g = lock(&store.publish);
+    let mut fences = lock(&store.fences);
     if let Some(Fence { job, token }) = fence {
         if let Some(highest) = fences.get(job).filter(|h| *h > token) {
             return Err(Refusal(
@@ -819,7 +914,7 @@ fn check_and_publish(
     file.read_exact_at(&mut entries, loc.entries_offset).at(tmp)?;
     let entries: Vec<PackEntry> = parse_entries(&loc, &entries).map_err(bad)?;
     file.sync_all().at(tmp)?;
-    let _g = store.publish.lock().expect("no panics while holding it");
+    let _g = lock(&store.publish);
     publish_pack(&*store.repo.store, &store.known, tmp, &id, &entries)?;
     Ok(())
 }
