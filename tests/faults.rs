@@ -444,3 +444,52 @@ fn bad_option_values_and_missing_arguments_are_usage_errors_with_exit_2() {
     assert!(text(&no_repo.stderr).contains("--repo"), "{}", text(&no_repo.stderr));
     assert_eq!(snapshot_count(&repo), 0);
 }
+
+#[test]
+fn stray_files_and_a_bad_record_block_nothing_and_verify_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    make_tree(&src, 31, 200_000);
+    // Plaintext, so the test can write a record as a buggy or hostile writer would.
+    ok(&["init", "--insecure-no-encryption", "--repo", s(&repo)]);
+    let first = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    let id = first["snapshot_id"].as_str().unwrap().to_owned();
+    // What operators and editors leave behind.
+    fs::write(repo.join("snapshots/notahash"), b"x").unwrap();
+    fs::write(repo.join("index/README"), b"notes").unwrap();
+    fs::write(repo.join("packs/README"), b"notes").unwrap();
+    fs::create_dir_all(repo.join("tmp/left-by-someone/deeper")).unwrap();
+    fs::write(repo.join("tmp/left-by-someone/deeper/file"), b"x").unwrap();
+    // A record under its right name whose time holds a non-ASCII byte (it made `snapshots`
+    // panic for everyone).
+    let good = fs::read_to_string(repo.join("snapshots").join(&id)).unwrap();
+    let time = last_json(&ok(&["snapshots", "--repo", s(&repo), "--json"]))["time"].as_str().unwrap().to_owned();
+    let forged = good.replacen(&time, &format!("{}\u{e9}{}", &time[..15], &time[16..]), 1);
+    assert_ne!(forged, good);
+    let forged_id = wire::ChunkId::of_file(forged.as_bytes()).to_hex();
+    fs::write(repo.join("snapshots").join(&forged_id), &forged).unwrap();
+
+    let listed = ok(&["snapshots", "--repo", s(&repo), "--json"]);
+    let ids: Vec<String> = text(&listed.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "snapshot")
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, vec![id.clone()], "the good snapshot only");
+    let warned = text(&listed.stderr);
+    assert!(warned.contains("notahash") && warned.contains(&forged_id[..16]), "{warned}");
+    ok(&["restore", &id, "--repo", s(&repo), "--target", s(&out)]);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+    let second = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    assert_eq!(second["parent"].as_str(), Some(id.as_str()));
+    assert!(!repo.join("tmp/left-by-someone").exists(), "a backup clears tmp/, directories too");
+    // Verify names the forged record as damage and the strays as what they are.
+    let verify = cbcr(&["verify", "--repo", s(&repo)]);
+    assert_eq!(verify.status.code(), Some(13), "{}", text(&verify.stderr));
+    let said = text(&verify.stderr);
+    assert!(said.contains(&forged_id) && said.contains("RFC 3339"), "{said}");
+    for stray in ["snapshots: notahash", "index: README", "packs: README"] {
+        assert!(said.contains(stray), "{stray} not named: {said}");
+    }
+}

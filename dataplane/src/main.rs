@@ -433,7 +433,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                     println!(
                         "{}  {}  {}  {}  {}",
                         id.short(),
-                        &s.time[..19.min(s.time.len())],
+                        s.time.get(..19).unwrap_or(&s.time),
                         s.host,
                         dataplane::human_size(s.stats.bytes_total),
                         s.paths.join(" ")
@@ -600,6 +600,14 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         Command::Verify { read_data, .. } => {
             let repo = open(false)?;
             let report = verify(repo, read_data, cores, &run)?;
+            for stray in &report.strays {
+                reporter.json(json!({"type": "warning", "path": stray, "message": "not a cbcr object: skipped by every command; move it out of the repository"}));
+                if !g.json {
+                    eprintln!(
+                        "warning: {stray}: not a cbcr object (skipped by every command); move it out of the repository"
+                    );
+                }
+            }
             for d in &report.damage {
                 reporter.json(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
                 if !g.json {

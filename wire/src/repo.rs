@@ -164,6 +164,34 @@ pub struct SnapshotStats {
     pub duration_s: f64,
 }
 
+/// Longest host name a snapshot records.
+pub const MAX_SNAPSHOT_TEXT: usize = 255;
+/// Most source paths one snapshot records.
+pub const MAX_SNAPSHOT_PATHS: usize = 1 << 16;
+
+/// Whether `t` is a time as snapshots record it: `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, fields in
+/// range (ASCII only, so it sorts as time and can be cut at any byte).
+fn is_utc_time(t: &str) -> bool {
+    let b = t.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let digits = b.get(r)?;
+        digits.iter().all(u8::is_ascii_digit).then(|| digits.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
+    };
+    let fields = (|| {
+        let (month, day, hour, min, sec) = (num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+        num(0..4)?;
+        let seps = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+        let seps_ok = seps.iter().all(|&(i, c)| b.get(i) == Some(&c));
+        Some(seps_ok && (1..=12).contains(&month) && (1..=31).contains(&day) && hour < 24 && min < 60 && sec <= 60)
+    })();
+    let tail = match b.get(19..) {
+        Some([b'.', rest @ .., b'Z']) => !rest.is_empty() && rest.len() <= 9 && rest.iter().all(u8::is_ascii_digit),
+        Some([b'Z']) => true,
+        _ => false,
+    };
+    fields == Some(true) && tail
+}
+
 /// `REPO/snapshots/<id>`; the id is the BLAKE3 of these bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,6 +219,25 @@ impl Snapshot {
         ChunkId::from_hex(&s.tree)?;
         if let Some(p) = &s.parent {
             ChunkId::from_hex(p)?;
+        }
+        let bad = |detail: String| Error::Corrupt { what: "snapshot", detail };
+        if !is_utc_time(&s.time) {
+            return Err(bad(format!("time {:?} is not an RFC 3339 UTC time", s.time)));
+        }
+        if s.host.len() > MAX_SNAPSHOT_TEXT || s.host.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "host {:?} is longer than {MAX_SNAPSHOT_TEXT} bytes or holds control characters",
+                s.host
+            )));
+        }
+        if s.paths.is_empty() || s.paths.len() > MAX_SNAPSHOT_PATHS {
+            return Err(bad(format!("{} source paths (1 to {MAX_SNAPSHOT_PATHS})", s.paths.len())));
+        }
+        if let Some(p) = s.paths.iter().find(|p| p.is_empty() || p.len() > 4096 || p.contains('\0')) {
+            return Err(bad(format!("source path {p:?} is empty, longer than 4096 bytes or holds a NUL")));
+        }
+        if !(s.stats.duration_s.is_finite() && s.stats.duration_s >= 0.0) {
+            return Err(bad(format!("duration {} s", s.stats.duration_s)));
         }
         Ok(s)
     }
@@ -236,6 +283,48 @@ mod tests {
             chunker: ChunkerParams::default(),
             segment_size: 1 << 30,
             encryption: Encryption::None,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            version: VERSION,
+            time: "2026-12-02T06:31:46.123456Z".into(),
+            host: "db17".into(),
+            paths: vec!["/var/lib/postgresql".into()],
+            tree: ChunkId([3; 32]).to_hex(),
+            parent: None,
+            stats: SnapshotStats::default(),
+        }
+    }
+
+    #[test]
+    fn snapshot_fields_out_of_range_are_refused_by_name() {
+        assert_eq!(Snapshot::decode(&snapshot().encode()).unwrap(), snapshot());
+        let whole = Snapshot { time: "2026-12-02T06:31:46Z".into(), ..snapshot() };
+        assert_eq!(Snapshot::decode(&whole.encode()).unwrap(), whole);
+        let cases = [
+            (Snapshot { time: "2026-12-02T06:3\u{e9}:46Z".into(), ..snapshot() }, "not an RFC 3339"),
+            (Snapshot { time: "2026-13-02T06:31:46Z".into(), ..snapshot() }, "not an RFC 3339"),
+            (Snapshot { time: "2026-12-02T06:31:46".into(), ..snapshot() }, "not an RFC 3339"),
+            (Snapshot { time: "2026-12-02T06:31:46.Z".into(), ..snapshot() }, "not an RFC 3339"),
+            (Snapshot { time: "".into(), ..snapshot() }, "not an RFC 3339"),
+            (Snapshot { host: "a\nb".into(), ..snapshot() }, "control characters"),
+            (Snapshot { host: "h".repeat(300), ..snapshot() }, "longer than 255"),
+            (Snapshot { paths: vec![], ..snapshot() }, "0 source paths"),
+            (Snapshot { paths: vec!["/a\0b".into()], ..snapshot() }, "NUL"),
+            (Snapshot { stats: SnapshotStats { duration_s: -1.0, ..Default::default() }, ..snapshot() }, "duration"),
+        ];
+        for (bad, says) in cases {
+            let err = Snapshot::decode(&bad.encode()).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_time_string_decodes_or_is_refused(time in "\\PC{0,40}") {
+            let _ = Snapshot::decode(&Snapshot { time, ..snapshot() }.encode());
         }
     }
 

@@ -21,4 +21,7 @@ pub struct VerifyReport {
     /// Packs no index run names: left by an interrupted backup, harmless.
     pub unindexed_packs: u64,
     pub damage: Vec<Damage>,
+    /// Files in the repository's folders that are no cbcr object (other commands skip them).
+    #[serde(default)]
+    pub strays: Vec<String>,
 }

@@ -46,7 +46,16 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
     })?);
     let mut snapshots = vec![];
     let at = |kind: ObjectKind, name: &str| format!("{}/{}", repo.store.location(), kind.key(name));
-    for object in repo.store.list(ObjectKind::Snapshot)? {
+    for kind in [ObjectKind::Snapshot, ObjectKind::Index, ObjectKind::Pack] {
+        let listed = repo.store.list(kind)?;
+        report.strays.extend(
+            listed
+                .iter()
+                .filter(|o| !crate::store::is_object_name(kind, &o.name))
+                .map(|o| crate::store::stray_name(&*repo.store, kind, &o.name)),
+        );
+    }
+    for object in crate::store::list_objects(&*repo.store, ObjectKind::Snapshot)? {
         match repo.load_snapshot(&object.name) {
             Ok(s) => snapshots.push(s),
             Err(e) => report.damage.push(Damage {
@@ -63,18 +72,11 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
     let mut by_pack: HashMap<ChunkId, u64> = HashMap::new();
     index.for_each(|e| *by_pack.entry(e.pack).or_default() += 1)?;
     let mut jobs = vec![];
-    for object in repo.store.list(ObjectKind::Pack)? {
-        match object.name.strip_suffix(".pack").map(ChunkId::from_hex) {
-            Some(Ok(id)) => {
-                let indexed = by_pack.remove(&id).unwrap_or_default();
-                report.unindexed_packs += u64::from(indexed == 0);
-                jobs.push(PackJob { id, len: object.len, indexed });
-            }
-            _ => report.damage.push(Damage {
-                kind: "pack".into(),
-                name: at(ObjectKind::Pack, &object.name),
-                detail: "not a pack file name".into(),
-            }),
+    for object in crate::store::list_objects(&*repo.store, ObjectKind::Pack)? {
+        if let Some(Ok(id)) = object.name.strip_suffix(".pack").map(ChunkId::from_hex) {
+            let indexed = by_pack.remove(&id).unwrap_or_default();
+            report.unindexed_packs += u64::from(indexed == 0);
+            jobs.push(PackJob { id, len: object.len, indexed });
         }
     }
     let mut damaged_blobs: HashSet<ChunkId> = HashSet::new();

@@ -229,7 +229,7 @@ impl ChunkIndex {
     }
 
     fn try_load(store: &dyn Store, damaged: &mut impl FnMut(&Path, Error) -> Result<()>) -> Result<Self> {
-        let runs = store.list(ObjectKind::Index)?;
+        let runs = crate::store::list_objects(store, ObjectKind::Index)?;
         let total: u64 = runs.iter().map(|r| r.len / ENTRY_LEN as u64).sum();
         let mut state = State { filter: Filter::with_capacity(total + total / 4), ..State::default() };
         for object in &runs {
@@ -332,7 +332,9 @@ impl ChunkIndex {
     pub fn refresh(&self, store: &dyn Store) -> Result<usize> {
         let covered: HashSet<String> = self.state().runs.iter().flat_map(|r| r.covers.iter().cloned()).collect();
         let mut added = 0;
-        for object in store.list(ObjectKind::Index)?.into_iter().filter(|o| !covered.contains(&o.name)) {
+        for object in
+            crate::store::list_objects(store, ObjectKind::Index)?.into_iter().filter(|o| !covered.contains(&o.name))
+        {
             let path = match store.index_run(&object.name) {
                 // Merged away by its writer since the listing: its entries are in the merge.
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,

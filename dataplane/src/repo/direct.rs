@@ -20,7 +20,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fault;
 use crate::index::{self, ChunkIndex, KnownBlobs};
 use crate::limits;
-use crate::store::{pack_name, ObjectKind, ObjectReader, Store};
+use crate::store::{list_objects, pack_name, ObjectKind, ObjectReader, Store};
 
 /// A repository reached through its store.
 pub(crate) struct Direct {
@@ -41,8 +41,12 @@ impl Backend for Direct {
 
     fn snapshots(&self) -> Result<Vec<(ChunkId, Snapshot)>> {
         let mut out = vec![];
-        for object in self.store.list(ObjectKind::Snapshot)? {
-            out.push(load_snapshot(&*self.store, &*self.sealing, &object.name)?);
+        for object in list_objects(&*self.store, ObjectKind::Snapshot)? {
+            // A damaged record hides only itself (verify names it as damage).
+            match load_snapshot(&*self.store, &*self.sealing, &object.name) {
+                Ok(s) => out.push(s),
+                Err(e) => tracing::warn!("{e}; this snapshot is left out (`cbcr verify` reports it)"),
+            }
         }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)

@@ -39,9 +39,14 @@ impl Receiver {
             if ours_only && !ours {
                 continue;
             }
-            let snapshot = open_snapshot(&*self.sealing, &record)
-                .map_err(|e| Error::Integrity(format!("receiver {}: snapshot {id}: {e}", self.remote.addr)))?;
-            out.push((id, snapshot));
+            match open_snapshot(&*self.sealing, &record) {
+                Ok(snapshot) => out.push((id, snapshot)),
+                // A damaged or forged record hides only itself.
+                Err(e) => tracing::warn!(
+                    "receiver {}: snapshot {id}: {e}; this snapshot is left out (`cbcr verify` reports it)",
+                    self.remote.addr
+                ),
+            }
         }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)

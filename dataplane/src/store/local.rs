@@ -69,8 +69,14 @@ impl ObjectReader for LocalObject {
 /// Removes every file in `dir` (what interrupted writers left); safe only under the claim.
 pub(super) fn clean_dir(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).at(dir)? {
-        let path = entry.at(dir)?.path();
-        fs::remove_file(&path).at(&path)?;
+        let entry = entry.at(dir)?;
+        let path = entry.path();
+        // Writers leave files; whatever else is there (a directory someone made) goes too.
+        if entry.file_type().at(&path)?.is_dir() {
+            fs::remove_dir_all(&path).at(&path)?;
+        } else {
+            fs::remove_file(&path).at(&path)?;
+        }
     }
     Ok(())
 }

@@ -135,6 +135,37 @@ pub fn pack_name(id: &ChunkId) -> String {
     format!("{}.pack", id.to_hex())
 }
 
+/// Whether `name` is one cbcr gives an object of `kind` (`<id>.pack`, `<id>.idx`, `<id>`).
+pub fn is_object_name(kind: ObjectKind, name: &str) -> bool {
+    let id = match kind {
+        ObjectKind::Pack => name.strip_suffix(".pack"),
+        ObjectKind::Index => name.strip_suffix(".idx"),
+        ObjectKind::Snapshot => Some(name),
+        ObjectKind::Config | ObjectKind::Key | ObjectKind::Writer => return true,
+    };
+    id.is_some_and(|id| ChunkId::from_hex(id).is_ok())
+}
+
+/// A stray file as messages name it: its folder and name (packs may sit in a fan-out folder).
+pub fn stray_name(store: &dyn Store, kind: ObjectKind, name: &str) -> String {
+    format!("{}/{}: {name}", store.location(), kind.dir())
+}
+
+/// The objects of `kind` that cbcr wrote. Anything else in their folder (a stray file, an
+/// editor's backup) is skipped with a warning naming it: it never blocks a command (`verify`
+/// reports it).
+pub fn list_objects(store: &dyn Store, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+    let (ours, strays): (Vec<ObjectInfo>, Vec<ObjectInfo>) =
+        store.list(kind)?.into_iter().partition(|o| is_object_name(kind, &o.name));
+    for stray in strays {
+        tracing::warn!(
+            "{}: not a cbcr object name; skipped (move it out of the repository)",
+            stray_name(store, kind, &stray.name)
+        );
+    }
+    Ok(ours)
+}
+
 /// The object name of the index run whose bytes hash to `id`.
 pub fn index_run_name(id: &ChunkId) -> String {
     format!("{}.idx", id.to_hex())
