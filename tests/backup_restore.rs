@@ -465,3 +465,40 @@ fn a_directory_too_large_for_one_tree_blob_backs_up_restores_and_verifies() {
     assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
     ok(&["verify", "--repo", s(&repo), "--read-data"]);
 }
+
+#[test]
+fn restore_never_writes_through_a_symlink_out_of_its_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, target, elsewhere) =
+        (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("target"), tmp.path().join("elsewhere"));
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/inner.txt"), b"inner").unwrap();
+    fs::write(src.join("top.txt"), b"top").unwrap();
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::write(elsewhere.join("victim"), b"untouched").unwrap();
+    ok(&["init", "--repo", s(&repo)]);
+    ok(&["backup", "--repo", s(&repo), s(&src)]);
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&target)]);
+    // Plant links where the snapshot has a directory and a file: an earlier restore (or
+    // someone with access to the target) left them.
+    let restored = target.join(src.strip_prefix("/").unwrap());
+    fs::remove_dir_all(restored.join("d")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, restored.join("d")).unwrap();
+    fs::remove_file(restored.join("top.txt")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("victim"), restored.join("top.txt")).unwrap();
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&target)]);
+    assert_eq!(fs::read(elsewhere.join("victim")).unwrap(), b"untouched");
+    assert!(!elsewhere.join("inner.txt").exists(), "written through the directory link");
+    assert!(fs::symlink_metadata(restored.join("d")).unwrap().is_dir(), "the link was replaced by a directory");
+    assert_same_tree(&src, &restored);
+    // A directory where the snapshot has a file is refused by name, not merged into.
+    fs::remove_file(restored.join("top.txt")).unwrap();
+    fs::create_dir(restored.join("top.txt")).unwrap();
+    let out = cbcr(&["restore", "latest", "--repo", s(&repo), "--target", s(&target)]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("top.txt: a directory is where the snapshot has a file"),
+        "{}",
+        text(&out.stderr)
+    );
+}
