@@ -5,6 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::Command;
 
 use cbcr_tests::*;
@@ -422,12 +423,14 @@ fn bad_option_values_and_missing_arguments_are_usage_errors_with_exit_2() {
     // The repository's default 1 GiB segments in 512-byte page chunks would be 2 M chunks, more
     // than one chunk list holds: refused before anything is read.
     ok(&["init", "--repo", s(&repo)]);
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["backup", s(&src), "--chunking", "pages:512", "--page-chunk", "512"], "chunk list"),
         (&["backup", s(&src), "--pack-size", "0"], "--pack-size"),
         (&["backup", s(&src), "--pack-size", "4GiB"], "--pack-size"),
         (&["backup", s(&src), "--cores", "4096"], "--cores"),
-        (&["init", "--segment-size", "1"], "segment size"),
+        (&["init", "--segment-size", "1"], "--segment-size 1"),
+        // Accepted once, and then every default backup of a database file failed.
+        (&["init", "--segment-size", "100KiB"], "multiple of 64.0 KiB"),
         (&["init", "--chunk-avg", "0"], "chunk sizes"),
         (&["init", "--segment-size", "64GiB", "--chunk-min", "64", "--chunk-avg", "256"], "chunk list"),
         (&["backup", s(&src), "--compression-level", "99"], "--compression-level"),
@@ -438,6 +441,13 @@ fn bad_option_values_and_missing_arguments_are_usage_errors_with_exit_2() {
         let out = cbcr(&[args, &["--repo", s(target)]].concat());
         assert_eq!(out.status.code(), Some(USAGE), "{args:?}: {}", text(&out.stderr));
         assert!(text(&out.stderr).contains(says), "{args:?}: {}", text(&out.stderr));
+    }
+    // One slash missing: a URL with a typo, not a local directory to create.
+    for typo in ["quic:/127.0.0.1:7443", "s3:bucket/prefix"] {
+        let out = cbcr(&["init", "--repo", typo]);
+        assert_eq!(out.status.code(), Some(USAGE), "{typo}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("a repository URL is"), "{}", text(&out.stderr));
+        assert!(!Path::new(typo).exists());
     }
     let no_repo = cbcr(&["snapshots"]);
     assert_eq!(no_repo.status.code(), Some(USAGE), "{}", text(&no_repo.stderr));

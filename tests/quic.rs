@@ -917,3 +917,16 @@ fn one_certificate_cannot_take_every_session() {
         assert!(matches!(decode_reply(&say_hello(again).await.unwrap()), Some(Frame::Welcome { .. })));
     });
 }
+
+#[test]
+fn a_receiver_that_does_not_answer_is_reported_as_unreachable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path());
+    // A UDP port nobody serves: bound here and kept silent.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let url = format!("quic://{}", silent.local_addr().unwrap());
+    let out = client(&["snapshots", "--repo", &url], &pki);
+    assert_eq!(out.status.code(), Some(15), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("no answer") && !err.contains("handshake"), "{err}");
+}

@@ -111,7 +111,7 @@ enum Command {
         #[arg(long, value_parser = parse_chunking)]
         chunking: Vec<(Option<PathBuf>, ChunkingArg)>,
         /// Length of a page chunk: a multiple of the page size.
-        #[arg(long, default_value = "64KiB", value_parser = dataplane::parse_size)]
+        #[arg(long, default_value_t = limits::DEFAULT_PAGE_CHUNK, value_parser = dataplane::parse_size)]
         page_chunk: u64,
         /// A changed page chunk is stored as a delta (its changed pages XOR the parent's) on
         /// top of at most this many deltas, else whole again; 0: always whole.
@@ -349,6 +349,13 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             } else {
                 Some(password.read(true)?)
             };
+            if !a.segment_size.is_multiple_of(limits::DEFAULT_PAGE_CHUNK) {
+                return Err(Error::Usage(format!(
+                    "--segment-size {}: must be a multiple of {} (backup's default --page-chunk), or every default backup of a database file fails",
+                    a.segment_size,
+                    dataplane::human_size(limits::DEFAULT_PAGE_CHUNK)
+                )));
+            }
             let store = dataplane::store::open(&repo_path()?)?;
             let repo = Repository::init(store, a.segment_size, chunker, secret.as_deref())?;
             reporter.json(json!({"type": "init", "repo": repo.location(), "config": repo.config}));

@@ -101,7 +101,14 @@ impl Remote {
             let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| net(&addr, "cannot open a UDP socket", e))?;
             endpoint.set_default_client_config(config);
             let connecting = endpoint.connect(socket, &host).map_err(|e| net(&addr, "cannot connect", e))?;
-            let conn = connecting.await.map_err(|e| net(&addr, "handshake failed", e))?;
+            let conn = connecting.await.map_err(|e| match e {
+                quinn::ConnectionError::TimedOut => net(
+                    &addr,
+                    "no answer",
+                    "the receiver is not running there, or UDP to that port is blocked (nothing came back within the idle timeout)",
+                ),
+                e => net(&addr, "handshake failed", e),
+            })?;
             Ok::<_, Error>((endpoint, conn))
         })?;
         // A killed client's scratch directory is removed by the next one.

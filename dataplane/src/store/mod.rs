@@ -173,6 +173,14 @@ pub fn index_run_name(id: &ChunkId) -> String {
 
 /// Opens the store a `--repo` value names: `s3://BUCKET/PREFIX`, or a local directory.
 pub fn open(spec: &str) -> Result<Box<dyn Store>> {
+    // `quic:/h:p` or `s3:bucket` is a URL with a typo, not a directory to create.
+    if let Some(scheme) =
+        ["quic:", "s3:"].into_iter().find(|s| spec.starts_with(s) && !spec[s.len()..].starts_with("//"))
+    {
+        return Err(crate::error::Error::Usage(format!(
+            "{spec}: a repository URL is {scheme}//...; for a local directory of that name, write ./{spec}"
+        )));
+    }
     match spec.strip_prefix("s3://") {
         Some(rest) => Ok(Box::new(S3Store::open(rest)?)),
         None => Ok(Box::new(LocalDir::new(Path::new(spec)))),
