@@ -48,7 +48,7 @@ fn kill_9_at_seeded_points_in_an_s3_repository_leaves_it_consistent() {
 /// Kills backups into `repo` at the seeded crash points; after each kill the repository
 /// verifies, the earlier snapshot restores, and the next backup stores only what the killed one
 /// had not made durable.
-fn kill_9_at_seeded_points(repo: &Target, tmp: &std::path::Path, seeds: std::ops::Range<u64>) {
+fn kill_9_at_seeded_points(repo: &Target, tmp: &Path, seeds: std::ops::Range<u64>) {
     let src = tmp.join("src");
     repo.init_small();
     make_tree(&src, 10, 2 << 20);
@@ -157,7 +157,7 @@ fn a_flipped_bit_in_a_pack_object_on_s3_is_caught_by_verify_and_restore() {
     a_flipped_bit_in_a_pack_is_caught(&Target::s3(&server, "flip", "repo"), tmp.path());
 }
 
-fn a_flipped_bit_in_a_pack_is_caught(repo: &Target, tmp: &std::path::Path) {
+fn a_flipped_bit_in_a_pack_is_caught(repo: &Target, tmp: &Path) {
     let src = tmp.join("src");
     repo.init_small();
     fs::create_dir(&src).unwrap();
