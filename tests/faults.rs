@@ -503,3 +503,75 @@ fn stray_files_and_a_bad_record_block_nothing_and_verify_names_them() {
         assert!(said.contains(stray), "{stray} not named: {said}");
     }
 }
+
+/// The index is a cache: lost or damaged runs are rebuilt from the packs by `repair index`.
+fn the_index_is_rebuilt_from_the_packs(repo: &Target, tmp: &Path) {
+    let (src, out) = (tmp.join("src"), tmp.join("out"));
+    repo.init_small();
+    make_tree(&src, 41, 2 << 20);
+    repo.ok(&["backup", s(&src), "--pack-size", "256KiB"]);
+    fs::write(src.join("more.bin"), vec![7u8; 300_000]).unwrap();
+    repo.ok(&["backup", s(&src), "--pack-size", "256KiB"]);
+    let index = repo.files().join("index");
+    // Every run deleted (the only way out once one is damaged): restores need the index, and
+    // say which command rebuilds it.
+    for run in fs::read_dir(&index).unwrap().flatten() {
+        fs::remove_file(run.path()).unwrap();
+    }
+    let lost = repo.cbcr(&["restore", "latest", "--target", s(&out)]);
+    assert_eq!(lost.status.code(), Some(INTEGRITY), "{}", text(&lost.stderr));
+    assert!(text(&lost.stderr).contains("cbcr repair index"), "{}", text(&lost.stderr));
+    let repaired = last_json(&repo.ok(&["repair", "index", "--json"]));
+    assert!(repaired["packs"].as_u64().unwrap() >= 2 && repaired["damaged_packs"] == 0, "{repaired}");
+    let _ = fs::remove_dir_all(&out);
+    repo.ok(&["restore", "latest", "--target", s(&out)]);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+    repo.ok(&["verify", "--read-data"]);
+    // Deduplication works again at once: an unchanged source stores nothing new.
+    let again = last_json(&repo.ok(&["backup", s(&src), "--json"]));
+    assert_eq!(again["bytes_new"], 0, "{again}");
+    // A damaged run: named, with the fix; the fix replaces it.
+    let run = fs::read_dir(&index).unwrap().flatten().next().unwrap().path();
+    let mut bytes = fs::read(&run).unwrap();
+    bytes[30] ^= 1;
+    fs::write(&run, &bytes).unwrap();
+    let damaged = repo.cbcr(&["snapshots"]);
+    let restore = repo.cbcr(&["restore", "latest", "--target", s(&tmp.join("o2"))]);
+    assert_eq!(restore.status.code(), Some(INTEGRITY), "{}", text(&restore.stderr));
+    assert!(text(&restore.stderr).contains("cbcr repair index"), "{}", text(&restore.stderr));
+    assert!(damaged.status.success(), "listing snapshots needs no index: {}", text(&damaged.stderr));
+    repo.ok(&["repair", "index"]);
+    repo.ok(&["verify"]);
+}
+
+#[test]
+fn lost_or_damaged_index_runs_are_rebuilt_from_the_packs() {
+    let tmp = tempfile::tempdir().unwrap();
+    the_index_is_rebuilt_from_the_packs(&Target::local(&tmp.path().join("repo")), tmp.path());
+}
+
+#[test]
+fn lost_index_runs_of_an_s3_repository_are_rebuilt_from_the_packs() {
+    let Some(server) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    the_index_is_rebuilt_from_the_packs(&Target::s3(&server, "repair", "db1"), tmp.path());
+}
+
+#[test]
+fn repair_index_names_a_pack_whose_trailer_is_damaged_and_indexes_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    init_small(&repo);
+    make_tree(&src, 42, 2 << 20);
+    ok(&["backup", "--repo", s(&repo), s(&src), "--pack-size", "256KiB"]);
+    let pack = packs(&repo).into_iter().next().unwrap();
+    let len = fs::metadata(&pack).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&pack).unwrap().set_len(len - 10).unwrap();
+    let out = cbcr(&["repair", "index", "--repo", s(&repo), "--json"]);
+    assert_eq!(out.status.code(), Some(INTEGRITY), "{}", text(&out.stderr));
+    let name = pack.file_name().unwrap().to_str().unwrap();
+    assert!(text(&out.stdout).contains(name), "{}", text(&out.stdout));
+    let summary = last_json(&out);
+    assert_eq!(summary["damaged_packs"], 1);
+    assert!(summary["packs"].as_u64().unwrap() >= 1, "{summary}");
+}

@@ -106,6 +106,8 @@ pub const MAX_CORES: usize = 1024;
 pub const IO_MEMORY_PER_CORE: usize = 1 << 20;
 /// zstd level used when none is given (the design's default).
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+/// Index entries `repair index` holds before it writes them as one run (88 bytes each).
+pub const REPAIR_RUN_ENTRIES: usize = 1 << 18;
 /// `backup --page-chunk`'s default: a repository's segments must be a multiple of it.
 pub const DEFAULT_PAGE_CHUNK: u64 = 64 << 10;
 /// Longest chain of block deltas a backup builds before storing a block whole again.

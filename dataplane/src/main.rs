@@ -187,6 +187,15 @@ enum Command {
     /// The password slots of an encrypted repository (on its store: a directory or s3://).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Rebuild what can be rebuilt (on the repository's store: a directory or s3://).
+    #[command(subcommand)]
+    Repair(RepairCommand),
+}
+
+#[derive(Subcommand)]
+enum RepairCommand {
+    /// Rebuild the index from the packs' trailers (after index runs were lost or damaged).
+    Index,
 }
 
 #[derive(Subcommand)]
@@ -573,6 +582,29 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 }
             }
             Ok(ExitCode::Ok)
+        }
+        Command::Repair(RepairCommand::Index) => {
+            let repo = open(false)?;
+            let report = dataplane::command::repair::repair_index(&repo, &run)?;
+            for (pack, detail) in &report.damaged {
+                reporter.json(json!({"type": "damage", "kind": "pack", "name": pack, "detail": detail}));
+                if !g.json {
+                    eprintln!(
+                        "damaged pack {pack}: {detail}; its blobs are not indexed (the next backup stores them again)"
+                    );
+                }
+            }
+            reporter.json(json!({"type": "repair_summary", "packs": report.packs, "blobs": report.blobs, "damaged_packs": report.damaged.len(), "runs_written": report.runs_written, "runs_removed": report.runs_removed}));
+            if !g.quiet && !g.json {
+                println!(
+                    "index rebuilt from {} packs: {} blobs indexed, {} damaged packs left out, {} old index runs replaced",
+                    report.packs,
+                    report.blobs,
+                    report.damaged.len(),
+                    report.runs_removed
+                );
+            }
+            Ok(if report.damaged.is_empty() { ExitCode::Ok } else { ExitCode::Integrity })
         }
         Command::Cert(CertCommand::Issue { name, pki }) => {
             let (cert, key) = dataplane::net::pki::issue(&pki, &name)?;

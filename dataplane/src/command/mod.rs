@@ -3,5 +3,6 @@
 
 pub mod backup;
 pub mod receiver;
+pub mod repair;
 pub mod restore;
 pub mod verify;

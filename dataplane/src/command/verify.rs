@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use wire::index::IndexEntry;
-use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
+use wire::pack::PackEntry;
 use wire::tree::{ChunkList, NodeKind, Tree};
 use wire::{BlobKind, ChunkId};
 
@@ -21,9 +21,9 @@ use crate::events::Run;
 use crate::index::ChunkIndex;
 use crate::limits;
 use crate::pipeline::pack::{BlobDecoder, BlobReader};
-use crate::repo::Repository;
+use crate::repo::{read_trailer, Repository};
 use crate::runtime;
-use crate::store::{pack_name, ObjectKind, ObjectReader};
+use crate::store::{ObjectKind, ObjectReader};
 
 pub use wire::verify::{Damage, VerifyReport};
 
@@ -182,7 +182,7 @@ fn check_packs(
         let pack_damage = |detail: String| {
             (Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, indexed_in(index, &job.id, |_| true))
         };
-        let (file, entries) = match read_trailer(repo, &job.id) {
+        let (file, entries) = match read_trailer(&*repo.store, &job.id) {
             Ok(found) => found,
             Err(detail) => {
                 out.0.push(pack_damage(detail));
@@ -249,27 +249,6 @@ fn check_packs(
         }
     }
     out
-}
-
-/// The open pack and its entries, from its header and trailer.
-fn read_trailer(
-    repo: &Repository,
-    id: &ChunkId,
-) -> std::result::Result<(Box<dyn ObjectReader>, Vec<PackEntry>), String> {
-    let file = repo.store.open(ObjectKind::Pack, &pack_name(id)).map_err(|e| e.to_string())?;
-    let len = file.size();
-    if len < (HEADER_LEN + FOOTER_LEN) as u64 {
-        return Err(format!("truncated to {len} bytes"));
-    }
-    let mut header = [0u8; HEADER_LEN];
-    file.read_at(0, &mut header).map_err(|e| e.to_string())?;
-    PackHeader::check(&header).map_err(|e| e.to_string())?;
-    let mut footer = [0u8; FOOTER_LEN];
-    file.read_at(len - FOOTER_LEN as u64, &mut footer).map_err(|e| e.to_string())?;
-    let loc = parse_footer(&footer, len).map_err(|e| e.to_string())?;
-    let mut entries = vec![0u8; loc.entries_len()];
-    file.read_at(loc.entries_offset, &mut entries).map_err(|e| e.to_string())?;
-    Ok((file, parse_entries(&loc, &entries).map_err(|e| e.to_string())?))
 }
 
 /// BLAKE3 of a whole object, read in pieces of `limits::VERIFY_READ_BUFFER`; and its length.

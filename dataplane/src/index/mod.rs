@@ -211,7 +211,12 @@ pub struct ChunkIndex {
 impl ChunkIndex {
     /// Opens every index run of the repository; a run that fails to validate is an error naming it.
     pub fn load(store: &dyn Store) -> Result<Self> {
-        Self::load_checked(store, |_, e| Err(e))
+        Self::load_checked(store, |path, e| {
+            Err(Error::Integrity(format!(
+                "index run {}: {e}; the index is rebuilt from the packs with `cbcr repair index`",
+                path.display()
+            )))
+        })
     }
 
     /// Opens every index run; `damaged` decides whether a run that fails to validate stops the

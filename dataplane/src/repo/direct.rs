@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use wire::index::{encode_sorted, IndexEntry};
-use wire::pack::PackEntry;
+use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::repo::Snapshot;
 use wire::verify::VerifyReport;
 use wire::{BlobKind, ChunkId};
@@ -244,7 +244,7 @@ impl BlobSource for LocalBlobs<'_> {
     fn prefetch(&mut self, _ids: Vec<ChunkId>) {}
 
     fn read_stored(&mut self, id: &ChunkId, stored: &mut Vec<u8>) -> Result<(PackEntry, String)> {
-        let entry = self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index")))?;
+        let entry = self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index (if index runs were lost or damaged, `cbcr repair index` rebuilds them from the packs)")))?;
         let e = entry.entry;
         stored.resize(e.stored_len() as usize, 0);
         self.packs.read_at(self.store, &entry.pack, e.offset(), stored).map_err(|err| match err {
@@ -257,4 +257,25 @@ impl BlobSource for LocalBlobs<'_> {
         })?;
         Ok((e, format!("pack {}", entry.pack)))
     }
+}
+
+/// The open pack and its entries, from its header and trailer.
+pub(crate) fn read_trailer(
+    store: &dyn Store,
+    id: &ChunkId,
+) -> std::result::Result<(Box<dyn ObjectReader>, Vec<PackEntry>), String> {
+    let file = store.open(ObjectKind::Pack, &pack_name(id)).map_err(|e| e.to_string())?;
+    let len = file.size();
+    if len < (HEADER_LEN + FOOTER_LEN) as u64 {
+        return Err(format!("truncated to {len} bytes"));
+    }
+    let mut header = [0u8; HEADER_LEN];
+    file.read_at(0, &mut header).map_err(|e| e.to_string())?;
+    PackHeader::check(&header).map_err(|e| e.to_string())?;
+    let mut footer = [0u8; FOOTER_LEN];
+    file.read_at(len - FOOTER_LEN as u64, &mut footer).map_err(|e| e.to_string())?;
+    let loc = parse_footer(&footer, len).map_err(|e| e.to_string())?;
+    let mut entries = vec![0u8; loc.entries_len()];
+    file.read_at(loc.entries_offset, &mut entries).map_err(|e| e.to_string())?;
+    Ok((file, parse_entries(&loc, &entries).map_err(|e| e.to_string())?))
 }

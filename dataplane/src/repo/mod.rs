@@ -15,7 +15,7 @@ use wire::repo::{RepoConfig, Snapshot};
 use wire::{ChunkId, RepoKey};
 
 pub(crate) use backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
-pub(crate) use direct::{publish_pack, Direct, PackFiles};
+pub(crate) use direct::{publish_pack, read_trailer, Direct, PackFiles};
 pub use keys::{first_line, PasswordSource, Secret};
 pub(crate) use keys::{OpenScratch, Sealing};
 pub(crate) use receiver::Receiver;
