@@ -575,3 +575,39 @@ fn repair_index_names_a_pack_whose_trailer_is_damaged_and_indexes_the_rest() {
     assert_eq!(summary["damaged_packs"], 1);
     assert!(summary["packs"].as_u64().unwrap() >= 1, "{summary}");
 }
+
+#[test]
+fn repair_packs_takes_damaged_blobs_out_so_the_next_backup_stores_them_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    // Plaintext and uncompressed-looking data, so a flipped byte lands in a known blob.
+    ok(&["init", "--insecure-no-encryption", "--repo", s(&repo)]);
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(43);
+    let mut data = vec![0u8; 3 << 20];
+    rng.fill_bytes(&mut data);
+    fs::write(src.join("data.bin"), &data).unwrap();
+    let first = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    // A flipped byte in the middle of the pack's body: its trailer still parses.
+    let pack = packs(&repo).into_iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    fs::write(&pack, &bytes).unwrap();
+    // Before the repair a new backup of a changed file would deduplicate against the damage.
+    let repaired = cbcr(&["repair", "packs", "--repo", s(&repo)]);
+    assert_eq!(repaired.status.code(), Some(INTEGRITY), "{}", text(&repaired.stderr));
+    let said = text(&repaired.stderr) + &text(&repaired.stdout);
+    assert!(said.contains("data.bin"), "the file that used the damaged blob is named: {said}");
+    assert!(said.contains("back up the files named above again"), "{said}");
+    // The next backup stores the blob again (it is no longer indexed), and both snapshots
+    // restore and verify: the old one's blob is the same id, stored anew.
+    let second = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    assert!(second["bytes_new"].as_u64().unwrap() > 0, "{second}");
+    let first_id = first["snapshot_id"].as_str().unwrap();
+    ok(&["restore", first_id, "--repo", s(&repo), "--target", s(&out)]);
+    assert_eq!(fs::read(out.join(src.strip_prefix("/").unwrap()).join("data.bin")).unwrap(), data);
+    // The damaged copy is still in its pack: --read-data names it, nothing uses it.
+    let verify = cbcr(&["verify", "--repo", s(&repo)]);
+    assert!(verify.status.success(), "{}", text(&verify.stderr));
+}

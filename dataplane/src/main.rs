@@ -196,6 +196,9 @@ enum Command {
 enum RepairCommand {
     /// Rebuild the index from the packs' trailers (after index runs were lost or damaged).
     Index,
+    /// Read every blob, and rebuild the index without the damaged ones (the next backup of the
+    /// files that use them stores them again).
+    Packs,
 }
 
 #[derive(Subcommand)]
@@ -583,9 +586,27 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
-        Command::Repair(RepairCommand::Index) => {
+        Command::Repair(which) => {
             let repo = open(false)?;
-            let report = dataplane::command::repair::repair_index(&repo, &run)?;
+            let report = match which {
+                RepairCommand::Index => dataplane::command::repair::repair_index(&repo, &run)?,
+                RepairCommand::Packs => {
+                    let (found, report) = dataplane::command::repair::repair_packs(&repo, cores, &run)?;
+                    for d in found.damage.iter().filter(|d| d.kind == "file" || d.kind == "blob") {
+                        reporter.json(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
+                        if !g.json {
+                            eprintln!("{}", describe(d));
+                        }
+                    }
+                    if !g.quiet && !g.json && report.blobs_left_out > 0 {
+                        println!(
+                            "{} damaged blobs taken out of the index: back up the files named above again to store them anew",
+                            report.blobs_left_out
+                        );
+                    }
+                    report
+                }
+            };
             for (pack, detail) in &report.damaged {
                 reporter.json(json!({"type": "damage", "kind": "pack", "name": pack, "detail": detail}));
                 if !g.json {
@@ -594,7 +615,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                     );
                 }
             }
-            reporter.json(json!({"type": "repair_summary", "packs": report.packs, "blobs": report.blobs, "damaged_packs": report.damaged.len(), "runs_written": report.runs_written, "runs_removed": report.runs_removed}));
+            reporter.json(json!({"type": "repair_summary", "packs": report.packs, "blobs": report.blobs, "damaged_packs": report.damaged.len(), "blobs_left_out": report.blobs_left_out, "runs_written": report.runs_written, "runs_removed": report.runs_removed}));
             if !g.quiet && !g.json {
                 println!(
                     "index rebuilt from {} packs: {} blobs indexed, {} damaged packs left out, {} old index runs replaced",
@@ -604,7 +625,8 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                     report.runs_removed
                 );
             }
-            Ok(if report.damaged.is_empty() { ExitCode::Ok } else { ExitCode::Integrity })
+            let clean = report.damaged.is_empty() && report.blobs_left_out == 0;
+            Ok(if clean { ExitCode::Ok } else { ExitCode::Integrity })
         }
         Command::Cert(CertCommand::Issue { name, pki }) => {
             let (cert, key) = dataplane::net::pki::issue(&pki, &name)?;

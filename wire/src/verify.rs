@@ -24,4 +24,8 @@ pub struct VerifyReport {
     /// Files in the repository's folders that are no cbcr object (other commands skip them).
     #[serde(default)]
     pub strays: Vec<String>,
+    /// Chunk lists (hex ids) that name a damaged or missing chunk: the files they describe
+    /// cannot be restored whole, and a backup must not reuse them.
+    #[serde(default)]
+    pub damaged_lists: Vec<String>,
 }

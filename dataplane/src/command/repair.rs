@@ -1,5 +1,8 @@
 //! `cbcr repair index`: the index is a cache of what the packs say about themselves. This
 //! rebuilds it from every pack's trailer, so losing or damaging index runs loses nothing.
+//! `cbcr repair packs`: the same rebuild, leaving out the blobs `verify --read-data` finds
+//! damaged, so the next backup of the files that use them stores them again instead of
+//! deduplicating against the damage (and the snapshots that used them restore again once it has).
 //!
 //! Streamed: trailers are read one pack at a time and their entries written out as sorted runs
 //! of at most [`limits::REPAIR_RUN_ENTRIES`], so memory is bounded whatever the repository's
@@ -10,8 +13,10 @@
 use std::collections::HashSet;
 
 use wire::index::{encode_sorted, IndexEntry};
+use wire::verify::VerifyReport;
 use wire::ChunkId;
 
+use crate::command::verify::verify;
 use crate::error::{Error, Result};
 use crate::events::Run;
 use crate::index::{self, ChunkIndex};
@@ -32,10 +37,38 @@ pub struct RepairReport {
     /// Index runs written and removed.
     pub runs_written: u64,
     pub runs_removed: u64,
+    /// Blobs found damaged and not indexed (`repair packs`).
+    pub blobs_left_out: u64,
 }
 
 /// Rebuilds the index of `repo` from its packs' trailers (holding the writer's claim).
 pub fn repair_index(repo: &Repository, run: &Run) -> Result<RepairReport> {
+    let lock = claim(repo)?;
+    let report = rebuild(repo, run, &HashSet::new());
+    drop(lock);
+    report
+}
+
+/// Verifies every blob (`verify --read-data` on `cores`) and rebuilds the index without the
+/// damaged ones, holding the writer's claim throughout so no backup deduplicates against them
+/// meanwhile. Returns what verify found (the snapshots and files that use them) and the rebuild.
+pub fn repair_packs(repo: &Repository, cores: usize, run: &Run) -> Result<(VerifyReport, RepairReport)> {
+    let lock = claim(repo)?;
+    let found = verify(repo.clone(), true, cores, run)?;
+    // The damaged blobs, and the chunk lists that name them: a backup reuses an unchanged
+    // file's lists as they are, so only a list gone from the index makes it read the file again.
+    let blobs = found.damage.iter().filter(|d| d.kind == "blob").map(|d| d.name.as_str());
+    let damaged: HashSet<ChunkId> = blobs
+        .chain(found.damaged_lists.iter().map(String::as_str))
+        .filter_map(|id| ChunkId::from_hex(id).ok())
+        .collect();
+    let mut report = rebuild(repo, run, &damaged)?;
+    report.blobs_left_out = damaged.len() as u64;
+    drop(lock);
+    Ok((found, report))
+}
+
+fn claim(repo: &Repository) -> Result<crate::repo::RepoLock> {
     if repo.location().starts_with("quic://") {
         return Err(Error::Usage(
             "repair runs on the repository's store (its directory or s3://), not through a receiver: stop the receiver first"
@@ -44,6 +77,11 @@ pub fn repair_index(repo: &Repository, run: &Run) -> Result<RepairReport> {
     }
     let lock = repo.lock()?;
     lock.clean_tmp()?;
+    Ok(lock)
+}
+
+/// Writes the index anew from the trailers, without the blobs in `left_out`.
+fn rebuild(repo: &Repository, run: &Run, left_out: &HashSet<ChunkId>) -> Result<RepairReport> {
     let store = &*repo.store;
     // Listed before the packs: see the module's comment.
     let old: Vec<String> = store.list(ObjectKind::Index)?.into_iter().map(|o| o.name).collect();
@@ -75,8 +113,10 @@ pub fn repair_index(repo: &Repository, run: &Run) -> Result<RepairReport> {
         match read_trailer(store, &pack) {
             Ok((_, entries)) => {
                 report.packs += 1;
-                report.blobs += entries.len() as u64;
-                batch.extend(entries.into_iter().map(|entry| IndexEntry { pack, entry }));
+                let kept = entries.into_iter().filter(|e| !left_out.contains(&e.id));
+                let before = batch.len();
+                batch.extend(kept.map(|entry| IndexEntry { pack, entry }));
+                report.blobs += (batch.len() - before) as u64;
                 if batch.len() >= limits::REPAIR_RUN_ENTRIES {
                     flush(&mut batch, &mut report)?;
                 }

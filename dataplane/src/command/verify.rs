@@ -117,7 +117,7 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
 
     // Snapshots: every tree, chunk list and chunk they reference. Trees are walked here; the
     // chunk lists, one index lookup per chunk, are checked on `cores` threads.
-    let found = std::thread::scope(|scope| -> Result<Vec<Damage>> {
+    let (found, lists) = std::thread::scope(|scope| -> Result<(Vec<Damage>, HashSet<ChunkId>)> {
         let (jobs, job_rx) = bounded::<(usize, ChunkId)>(limits::VERIFY_LIST_BATCH);
         let (result_tx, results) = bounded(limits::VERIFY_LIST_BATCH);
         for _ in 0..cores {
@@ -139,14 +139,17 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
             lists: ListChecker { jobs, results },
             clean_trees: HashSet::new(),
             found: vec![],
+            damaged_lists: HashSet::new(),
         };
         for (id, snap) in &snapshots {
             walk.tree(&snap.tree_id(), &id.short(), Path::new("/"));
         }
         // Dropping the walk closes the job queue, which ends the threads.
-        Ok(walk.found)
+        Ok((walk.found, walk.damaged_lists))
     })?;
     report.damage.extend(found);
+    report.damaged_lists = lists.iter().map(ChunkId::to_hex).collect();
+    report.damaged_lists.sort();
     Ok(report)
 }
 
@@ -272,6 +275,8 @@ struct SnapshotWalk<'a> {
     lists: ListChecker,
     clean_trees: HashSet<ChunkId>,
     found: Vec<Damage>,
+    /// Chunk lists that name a damaged or missing chunk.
+    damaged_lists: HashSet<ChunkId>,
 }
 
 /// The way to the threads that check chunk lists.
@@ -381,6 +386,9 @@ impl SnapshotWalk<'_> {
                 NodeKind::File { segments } => {
                     // Take all of this file's results, so the next file starts at its own.
                     let mine: Vec<_> = checked.by_ref().take(segments.len()).collect();
+                    for (list, _) in segments.iter().zip(&mine).filter(|(_, c)| c.is_err()) {
+                        self.damaged_lists.insert(*list);
+                    }
                     let first_damage = mine.into_iter().find_map(|c| c.err());
                     if let Some(detail) = first_damage {
                         self.damage_file(snap, &child, detail);
