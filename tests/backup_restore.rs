@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use cbcr_tests::*;
 use rand::{Rng, SeedableRng};
@@ -501,4 +502,34 @@ fn restore_never_writes_through_a_symlink_out_of_its_target() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn mtimes_round_trip_to_the_end_of_the_format_and_are_clamped_beyond() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    fs::create_dir_all(&src).unwrap();
+    // 2262-04-11: the last second 64-bit nanoseconds hold; 2300: past it; 1970 - 100 years.
+    let cases = [("late", 9_223_372_035, 999_999_999), ("past", 10_413_792_000, 0), ("early", -3_155_760_000, 5)];
+    for (name, secs, nanos) in cases {
+        let path = src.join(name);
+        fs::write(&path, name).unwrap();
+        filetime::set_file_mtime(&path, filetime::FileTime::from_unix_time(secs, nanos)).unwrap();
+    }
+    ok(&["init", "--repo", s(&repo)]);
+    ok(&["backup", "--repo", s(&repo), s(&src)]);
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    let restored = out.join(src.strip_prefix("/").unwrap());
+    let mtime = |dir: &Path, name: &str| {
+        let md = fs::metadata(dir.join(name)).unwrap();
+        (md.mtime(), md.mtime_nsec())
+    };
+    // As the source's file system holds them (some clamp early times to 32 bits themselves).
+    assert_eq!(mtime(&src, "late"), (9_223_372_035, 999_999_999), "this file system holds 2262");
+    assert_eq!(mtime(&restored, "late"), mtime(&src, "late"), "the end of the range, exactly");
+    assert_eq!(mtime(&restored, "early"), mtime(&src, "early"));
+    if mtime(&src, "past").0 == 10_413_792_000 {
+        // Clamped to the range's end, not wrapped to 1901.
+        assert_eq!(mtime(&restored, "past"), (9_223_372_036, 854_775_807));
+    }
 }

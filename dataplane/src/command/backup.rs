@@ -1174,6 +1174,12 @@ fn unchanged(old: &Metadata, new: &Metadata) -> bool {
     old.size == new.size && old.mtime_ns == new.mtime_ns && old.ctime_ns == new.ctime_ns && old.inode == new.inode
 }
 
+/// Nanoseconds since the epoch in the format's 64 bits (1677 to 2262); a time outside is
+/// stored as the nearest end of that range rather than wrapped (2300 read back as 1901).
+fn time_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
 /// Tree metadata from `lstat`.
 pub fn metadata(md: &FsMetadata) -> Metadata {
     Metadata {
@@ -1181,8 +1187,8 @@ pub fn metadata(md: &FsMetadata) -> Metadata {
         uid: md.uid(),
         gid: md.gid(),
         size: if md.is_file() { md.len() } else { 0 },
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        mtime_ns: time_ns(md.mtime(), md.mtime_nsec()),
+        ctime_ns: time_ns(md.ctime(), md.ctime_nsec()),
         inode: md.ino(),
         dev: md.dev(),
     }
