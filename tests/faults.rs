@@ -611,3 +611,23 @@ fn repair_packs_takes_damaged_blobs_out_so_the_next_backup_stores_them_again() {
     let verify = cbcr(&["verify", "--repo", s(&repo)]);
     assert!(verify.status.success(), "{}", text(&verify.stderr));
 }
+
+#[test]
+fn fifos_and_sockets_are_counted_as_left_out_with_exit_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("kept.txt"), b"kept").unwrap();
+    let fifo = std::ffi::CString::new(src.join("pipe").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let _socket = std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
+    ok(&["init", "--repo", s(&repo)]);
+    let out = cbcr(&["backup", "--repo", s(&repo), s(&src), "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let summary = last_json(&out);
+    assert_eq!(summary["files_skipped"], 2, "{summary}");
+    let warnings = text(&out.stdout);
+    assert!(warnings.contains("a FIFO") && warnings.contains("a socket"), "{warnings}");
+    assert_eq!(snapshot_count(&repo), 1, "the rest is committed");
+}

@@ -835,7 +835,18 @@ impl Walker<'_> {
                 Err(e) => self.skip(path, &e.to_string()),
             }
         } else {
-            self.run.warn(path, "not a regular file, directory or symlink: left out");
+            // Counted, so the backup says it is not whole (exit 3) instead of dropping them quietly.
+            use std::os::unix::fs::FileTypeExt;
+            let kind = if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_socket() {
+                "a socket"
+            } else if ft.is_block_device() || ft.is_char_device() {
+                "a device node"
+            } else {
+                "not a regular file, directory or symlink"
+            };
+            self.skip(path, &format!("{kind}: not recorded by this version, left out"));
         }
         Ok(())
     }
