@@ -473,18 +473,31 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
         );
         // A pack that lists one blob twice (it once panicked the receiver under its publish
         // lock, failing every later pack): refused for this stream, the receiver fine after.
-        let mut dup = wire::pack::PackHeader::encode().to_vec();
-        let id = wire::ChunkId([5; 32]);
-        let entry = |at: u64| wire::pack::PackEntry::new(id, at, 3, 3, wire::BlobKind::Data, wire::Compression::None);
-        let entries = [entry(dup.len() as u64), entry(dup.len() as u64 + 3)];
-        dup.extend_from_slice(b"abcdef");
-        let off = dup.len() as u64;
-        dup.extend(wire::pack::encode_trailer(&entries, off));
-        let mut put = Frame::PutPack { session: 1 }.encode();
-        put.extend(dup);
-        let reply = send_raw(&conn, &put, true).await;
+        let pack_of = |ids: &[wire::ChunkId]| {
+            let mut pack = wire::pack::PackHeader::encode().to_vec();
+            let mut entries = vec![];
+            for id in ids {
+                let at = pack.len() as u64;
+                entries.push(wire::pack::PackEntry::new(*id, at, 3, 3, wire::BlobKind::Data, wire::Compression::None));
+                pack.extend_from_slice(b"abc");
+            }
+            let off = pack.len() as u64;
+            pack.extend(wire::pack::encode_trailer(&entries, off));
+            let mut put = Frame::PutPack { session: 1 }.encode();
+            put.extend(pack);
+            put
+        };
+        let (five, six) = (wire::ChunkId([5; 32]), wire::ChunkId([6; 32]));
+        let reply = send_raw(&conn, &pack_of(&[five, five]), true).await;
         assert!(
             matches!(&reply, Some(Frame::Error { code: ErrorCode::BadPack, message }) if message.contains("listed twice")),
+            "{reply:?}"
+        );
+        // Garbage under the id of data another client has not backed up yet: a receiver that
+        // holds the key (here: a plaintext repository) hashes every blob it is sent.
+        let reply = send_raw(&conn, &pack_of(&[six]), true).await;
+        assert!(
+            matches!(&reply, Some(Frame::Error { code: ErrorCode::BadPack, message }) if message.contains("does not match its id")),
             "{reply:?}"
         );
         // A request for a session this connection never opened.

@@ -913,9 +913,40 @@ fn check_and_publish(
     let mut entries = vec![0u8; loc.entries_len()];
     file.read_exact_at(&mut entries, loc.entries_offset).at(tmp)?;
     let entries: Vec<PackEntry> = parse_entries(&loc, &entries).map_err(bad)?;
+    if store.repo.holds_keys() {
+        check_blobs(store, id, file, &entries, tmp)?;
+    }
     file.sync_all().at(tmp)?;
     let _g = lock(&store.publish);
     publish_pack(&*store.repo.store, &store.known, tmp, &id, &entries)?;
+    Ok(())
+}
+
+/// A receiver that holds the repository's key (plaintext, or given the password) checks every
+/// blob a client sends: it opens, decompresses, and its content hashes to its id. Without
+/// this a client could store garbage under the id of data another client has not backed up
+/// yet, and that client's backup would deduplicate against it. A block delta decodes but is
+/// not hashed (that needs its base; clients send none through a receiver).
+fn check_blobs(
+    store: &Served,
+    id: ChunkId,
+    file: &std::fs::File,
+    entries: &[PackEntry],
+    tmp: &Path,
+) -> Result<(), PackRejected> {
+    let mut decoder = crate::pipeline::pack::BlobDecoder::new(&store.repo)?;
+    let (mut stored, mut raw) = (Vec::new(), Vec::new());
+    for e in entries {
+        stored.resize(e.stored_len() as usize, 0);
+        file.read_exact_at(&mut stored, e.offset()).at(tmp)?;
+        raw.clear();
+        decoder
+            .decode(&stored, e, &mut raw)
+            .map_err(|why| PackRejected::Bad(format!("pack {id}: blob {}: {why}", e.id)))?;
+        if e.kind() != wire::BlobKind::Delta && store.repo.key.blob_id(&raw) != e.id {
+            return Err(PackRejected::Bad(format!("pack {id}: blob {}: its content does not match its id", e.id)));
+        }
+    }
     Ok(())
 }
 
