@@ -122,8 +122,9 @@ fn two_tenants_on_one_receiver_are_kept_apart_by_its_policy() {
     let mut cmd = cbcr_command();
     cmd.env_remove("CBCR_PASSWORD").stderr(fs::File::create(&log).unwrap());
     let crl = pki.join("crl.pem");
-    let receiver =
-        ReceiverProcess::start(cmd, &pki, &["--policy", s(&policy), "--crl", s(&crl), "--log-format", "json"]);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let args = ["--policy", s(&policy), "--crl", s(&crl), "--log-format", "json", "--metrics", &metrics];
+    let receiver = ReceiverProcess::start(cmd, &pki, &args);
     let (url_a, url_b) = (receiver.url("a"), receiver.url("b"));
     let src = marked_source(tmp.path());
 
@@ -202,6 +203,20 @@ fn two_tenants_on_one_receiver_are_kept_apart_by_its_policy() {
         assert!(Instant::now() < deadline, "the new grant never took effect: {}", text(&out.stderr));
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // The metrics name who was refused.
+    let page = {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&metrics).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut page = String::new();
+        conn.read_to_string(&mut page).unwrap();
+        page
+    };
+    let refused = page.lines().find(|l| {
+        l.starts_with("cbcr_receiver_refused_total{") && l.contains("identity=\"stranger\"") && l.contains("Denied")
+    });
+    assert!(refused.is_some_and(|l| !l.ends_with(" 0")), "{page}");
 
     // Storage sees ciphertext only; the audit trail names who did what.
     assert_eq!(markers_in(&a), Vec::<String>::new());

@@ -19,6 +19,14 @@ pub(super) struct StageLabel {
 
 type Latency = Family<StageLabel, Histogram, fn() -> Histogram>;
 
+/// Who was refused and why: the certificate's names (as the audit trail gives them) and the
+/// error code. Bounded by the certificates the CA issued.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct RefusedLabel {
+    pub(super) identity: String,
+    pub(super) code: String,
+}
+
 pub(super) struct Metrics {
     registry: Registry,
     pub(super) bytes_received: Counter,
@@ -30,6 +38,7 @@ pub(super) struct Metrics {
     pub(super) errors: Counter,
     pub(super) have_ids: Counter,
     pub(super) blobs_sent: Counter,
+    pub(super) refused: Family<RefusedLabel, Counter>,
     latency: Latency,
 }
 
@@ -54,6 +63,12 @@ impl Default for Metrics {
         let errors = counter(&mut registry, "errors", "Requests that failed.");
         let have_ids = counter(&mut registry, "have_ids", "Chunk ids asked about.");
         let blobs_sent = counter(&mut registry, "blobs_sent", "Blobs sent to restoring clients.");
+        let refused = Family::<RefusedLabel, Counter>::default();
+        registry.register(
+            "refused",
+            "Requests and sessions refused, by client identity and error code.",
+            refused.clone(),
+        );
         let sessions_active = Gauge::default();
         registry.register("sessions_active", "Sessions open now.", sessions_active.clone());
         let latency = Latency::new_with_constructor(latency_histogram);
@@ -69,12 +84,19 @@ impl Default for Metrics {
             errors,
             have_ids,
             blobs_sent,
+            refused,
             latency,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a refusal of the certificate known as `identity`.
+    pub(super) fn refused(&self, identity: &str, code: wire::frame::ErrorCode) {
+        let identity = if identity.is_empty() { "(no name)".to_owned() } else { identity.to_owned() };
+        self.refused.get_or_create(&RefusedLabel { identity, code: format!("{code:?}") }).inc();
+    }
+
     pub(super) fn observe(&self, stage: &'static str, took: Duration) {
         self.latency.get_or_create(&StageLabel { stage }).observe(took.as_secs_f64());
     }

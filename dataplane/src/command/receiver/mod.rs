@@ -491,6 +491,7 @@ async fn connection(host: Arc<Host>, conn: Connection) {
         if *n >= limits::RECEIVER_SESSIONS_PER_IDENTITY {
             drop(open);
             host.metrics.sessions_refused.inc();
+            host.metrics.refused(&p.identity, ErrorCode::Denied);
             warn!(target: "audit", event = "refused", session = 0, peer = %p.addr, cert = %p.cert, identity = %p.identity, stage = "session", "{} ({}): {} sessions of this certificate are open already", p.addr, p.identity, limits::RECEIVER_SESSIONS_PER_IDENTITY);
             conn.close((ErrorCode::Denied as u32).into(), b"too many sessions open for this client certificate");
             return;
@@ -578,6 +579,7 @@ async fn stream(
         }
         Err(Refusal(code, message)) => {
             host.metrics.errors.inc();
+            host.metrics.refused(&peer.identity, code);
             // Session 0: the request came before any session.
             let id = session.get().map_or(0, |s| s.id);
             let repository = session.get().map_or("", |s| s.name.as_str());
