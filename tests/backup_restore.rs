@@ -533,3 +533,24 @@ fn mtimes_round_trip_to_the_end_of_the_format_and_are_clamped_beyond() {
         assert_eq!(mtime(&restored, "past"), (9_223_372_036, 854_775_807));
     }
 }
+
+#[test]
+fn forget_removes_the_snapshots_named_and_keeps_their_data_for_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    make_tree(&src, 51, 200_000);
+    ok(&["init", "--repo", s(&repo)]);
+    let first = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    let second = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    let first_id = first["snapshot_id"].as_str().unwrap();
+    let refused = cbcr(&["forget", "latest", "--repo", s(&repo)]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    let gone = last_json(&ok(&["forget", &first_id[..12], "--repo", s(&repo), "--json"]));
+    assert_eq!(gone["id"].as_str(), Some(first_id));
+    assert_eq!(snapshot_count(&repo), 1);
+    let missing = cbcr(&["forget", first_id, "--repo", s(&repo)]);
+    assert!(!missing.status.success() && text(&missing.stderr).contains("no snapshot matches"));
+    ok(&["restore", second["snapshot_id"].as_str().unwrap(), "--repo", s(&repo), "--target", s(&out)]);
+    assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
+    ok(&["verify", "--read-data", "--repo", s(&repo)]);
+}

@@ -20,7 +20,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fault;
 use crate::index::{self, ChunkIndex, KnownBlobs};
 use crate::limits;
-use crate::store::{list_objects, pack_name, ObjectKind, ObjectReader, Store};
+use crate::store::{list_objects, pack_name, parse_writer_name, ObjectKind, ObjectReader, Store};
 
 /// A repository reached through its store.
 pub(crate) struct Direct {
@@ -72,7 +72,7 @@ impl Backend for Direct {
             }
             self.store.delete(ObjectKind::Snapshot, &name)?;
             // After the snapshot: a writer record without its snapshot names nothing.
-            for w in writers.iter().filter(|w| w.name.strip_prefix(&name).is_some_and(|rest| rest.starts_with('_'))) {
+            for w in writers.iter().filter(|w| parse_writer_name(&w.name).is_some_and(|(of, _)| of == *id)) {
                 self.store.delete(ObjectKind::Writer, &w.name)?;
             }
             gone.push(*id);

@@ -171,8 +171,7 @@ impl Repository {
     /// committed under a policy never lacks one.
     pub fn commit_record(&self, stored: &[u8], writer: Option<&str>) -> Result<ChunkId> {
         if let Some(writer) = writer {
-            let id = ChunkId::of_file(stored);
-            self.store.put(ObjectKind::Writer, &format!("{}_{writer}", id.to_hex()), b"")?;
+            self.store.put(ObjectKind::Writer, &store::writer_name(&ChunkId::of_file(stored), writer), b"")?;
         }
         direct::put_snapshot_record(&*self.store, stored)
     }
@@ -182,8 +181,7 @@ impl Repository {
     pub fn snapshot_writers(&self) -> Result<std::collections::HashMap<ChunkId, String>> {
         let mut out = std::collections::HashMap::new();
         for object in self.store.list(ObjectKind::Writer)? {
-            let Some((id, writer)) = object.name.split_once('_') else { continue };
-            if let (Ok(id), false) = (ChunkId::from_hex(id), writer.is_empty()) {
+            if let Some((id, writer)) = store::parse_writer_name(&object.name) {
                 out.insert(id, writer.to_owned());
             }
         }

@@ -146,6 +146,17 @@ pub fn is_object_name(kind: ObjectKind, name: &str) -> bool {
     id.is_some_and(|id| ChunkId::from_hex(id).is_ok())
 }
 
+/// The name of the writer record of snapshot `id` committed by `writer`.
+pub fn writer_name(id: &ChunkId, writer: &str) -> String {
+    format!("{}_{writer}", id.to_hex())
+}
+
+/// The snapshot and writer a writer record's name gives, if it is one.
+pub fn parse_writer_name(name: &str) -> Option<(ChunkId, &str)> {
+    let (id, writer) = name.split_once('_')?;
+    Some((ChunkId::from_hex(id).ok()?, writer)).filter(|(_, w)| !w.is_empty())
+}
+
 /// A stray file as messages name it: its folder and name (packs may sit in a fan-out folder).
 pub fn stray_name(store: &dyn Store, kind: ObjectKind, name: &str) -> String {
     format!("{}/{}: {name}", store.location(), kind.dir())

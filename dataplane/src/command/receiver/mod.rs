@@ -245,9 +245,10 @@ impl Host {
     fn allow(&self, names: &[String], repository: &str, ops: &[Op]) -> Result<Access, Refusal> {
         let Some(policy) = self.policy() else { return Ok(Access::unrestricted()) };
         let access = policy.access(names, repository)?;
-        match ops.iter().find(|op| access.allow.contains(op)) {
-            Some(_) => Ok(access),
-            None => Err(policy::check(&access, ops[0], names, repository).expect_err("none allowed").into()),
+        if ops.iter().any(|op| access.allow.contains(op)) {
+            Ok(access)
+        } else {
+            Err(policy::not_allowed(&access, ops[0], names, repository).into())
         }
     }
 }
@@ -613,16 +614,23 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     }
 }
 
+/// What a client's `Hello` says.
+struct Hello<'f> {
+    min: u8,
+    max: u8,
+    client: &'f str,
+    repository: &'f str,
+}
+
 /// The session's answer to a `Hello`.
 async fn hello(
     host: &Host,
     session: &SessionCell,
     peer: &Peer,
-    frame: &Frame,
+    Hello { min, max, client, repository }: Hello<'_>,
     send: &mut SendStream,
 ) -> Result<(), Refusal> {
-    let Frame::Hello { min, max, client, repository } = frame else { unreachable!("called for a Hello") };
-    let version = wire::frame::agree(*min, *max).ok_or_else(|| {
+    let version = wire::frame::agree(min, max).ok_or_else(|| {
         Refusal(
             ErrorCode::Version,
             format!(
@@ -650,12 +658,12 @@ async fn hello(
     };
     let config = served.repo.config.encode();
     let id = host.next_session.fetch_add(1, Ordering::Relaxed);
-    if session.set(Session { id, version, name: repository.clone(), served }).is_err() {
+    if session.set(Session { id, version, name: repository.to_owned(), served }).is_err() {
         return Err(Refusal(ErrorCode::BadFrame, "this connection already has a session".into()));
     }
     host.metrics.sessions_total.inc();
     let p = peer;
-    info!(target: "audit", event = "session", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = repository.as_str(), client = client.as_str(), version, "session {id} from {}: client {client:?}, certificate {} ({}), repository {repository:?}, protocol version {version}", p.addr, p.cert, p.identity);
+    info!(target: "audit", event = "session", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository, client, version, "session {id} from {}: client {client:?}, certificate {} ({}), repository {repository:?}, protocol version {version}", p.addr, p.cert, p.identity);
     reply(send, &Frame::Welcome { version, session: id, config, keys }, version).await
 }
 
@@ -667,8 +675,8 @@ async fn request(
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), Refusal> {
-    if let Frame::Hello { .. } = &frame {
-        return hello(host, session, peer, &frame, send).await;
+    if let Frame::Hello { min, max, client, repository } = &frame {
+        return hello(host, session, peer, Hello { min: *min, max: *max, client, repository }, send).await;
     }
     let s = match (frame.session(), session.get()) {
         (Some(asked), Some(ours)) if asked == ours.id => ours,

@@ -229,18 +229,15 @@ impl Policy {
     }
 }
 
-/// `access` allows `op`, or the refusal that says what it does allow.
-pub(super) fn check(access: &Access, op: Op, identities: &[String], repository: &str) -> Result<(), Denied> {
-    if access.allow.contains(&op) {
-        return Ok(());
-    }
+/// The refusal of `op`, which `access` does not allow, saying what it does allow.
+pub(super) fn not_allowed(access: &Access, op: Op, identities: &[String], repository: &str) -> Denied {
     let allowed = access.allow.iter().map(|o| format!("{o:?}").to_lowercase()).collect::<Vec<_>>().join(", ");
-    Err(Denied::NotAllowed {
+    Denied::NotAllowed {
         identities: names(identities),
         repository: repository.to_owned(),
         op,
         allowed: if allowed.is_empty() { "nothing".into() } else { allowed },
-    })
+    }
 }
 
 fn names(identities: &[String]) -> String {
@@ -288,8 +285,8 @@ mod tests {
         let p = Policy::parse(TWO_TENANTS).unwrap();
         assert_eq!(p.repositories()["b"].password_file.as_deref(), Some(std::path::Path::new("/etc/cbcr/b.pass")));
         let db1 = p.access(&ids(&["db1.a"]), "a").unwrap();
-        assert!(check(&db1, Op::Backup, &ids(&["db1.a"]), "a").is_ok());
-        let err = check(&db1, Op::Forget, &ids(&["db1.a"]), "a").unwrap_err().to_string();
+        assert!(db1.allow.contains(&Op::Backup) && !db1.allow.contains(&Op::Forget));
+        let err = not_allowed(&db1, Op::Forget, &ids(&["db1.a"]), "a").to_string();
         assert!(err.contains("may not Forget") && err.contains("backup, restore, list"), "{err}");
         assert_eq!(db1.writer(), Some("db1.a"), "writes as itself by default");
         assert!(matches!(p.access(&ids(&["db1.a"]), "b"), Err(Denied::NoGrant { .. })), "tenant a's host on b");
