@@ -1,4 +1,7 @@
-//! A bounds-checked cursor for the variable-length encodings (trees, chunk lists).
+//! A bounds-checked cursor for the variable-length encodings (trees, chunk lists), and the JSON
+//! helpers of the records (config, snapshots, key slots).
+
+use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
@@ -94,4 +97,32 @@ pub(crate) fn preamble(out: &mut Vec<u8>, magic: &[u8; 4], version: u16) {
     out.extend_from_slice(magic);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
+}
+
+/// A JSON record (config, snapshot, key slot) as stored: pretty, one trailing newline.
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(v).expect("plain structs always serialize");
+    out.push(b'\n');
+    out
+}
+
+pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt { what, detail: e.to_string() })
+}
+
+/// Reads only the version first, so a newer format is reported as such, not as a field error.
+pub(crate) fn check_version(
+    what: &'static str,
+    bytes: &[u8],
+    supported: std::ops::RangeInclusive<u32>,
+) -> Result<u32, Error> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let v: Versioned = from_json(what, bytes)?;
+    if !supported.contains(&v.version) {
+        return Err(Error::UnsupportedVersion { what, found: v.version, supported: *supported.end() });
+    }
+    Ok(v.version)
 }

@@ -233,12 +233,12 @@ impl KeySlot {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        crate::repo::to_json(self)
+        crate::codec::to_json(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        crate::repo::check_version("key slot", bytes, SLOT_VERSION..=SLOT_VERSION)?;
-        let slot: Self = crate::repo::from_json("key slot", bytes)?;
+        crate::codec::check_version("key slot", bytes, SLOT_VERSION..=SLOT_VERSION)?;
+        let slot: Self = crate::codec::from_json("key slot", bytes)?;
         let corrupt = |detail: &str| Error::Corrupt { what: "key slot", detail: detail.into() };
         if slot.kdf.algorithm != "argon2id" {
             return Err(corrupt(&format!("unknown KDF {:?}", slot.kdf.algorithm)));

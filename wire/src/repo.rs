@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{check_version, from_json, to_json};
 use crate::{limits, ChunkId, Error, RepoKey, Result};
 
 /// Format version of the key file and snapshot records, and the oldest config version read.
@@ -246,29 +247,6 @@ impl Snapshot {
     pub fn tree_id(&self) -> ChunkId {
         ChunkId::from_hex(&self.tree).unwrap_or_default()
     }
-}
-
-pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = serde_json::to_vec_pretty(v).expect("plain structs always serialize");
-    out.push(b'\n');
-    out
-}
-
-pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt { what, detail: e.to_string() })
-}
-
-/// Reads only the version first, so a newer format is reported as such, not as a field error.
-pub(crate) fn check_version(what: &'static str, bytes: &[u8], supported: std::ops::RangeInclusive<u32>) -> Result<u32> {
-    #[derive(Deserialize)]
-    struct Versioned {
-        version: u32,
-    }
-    let v: Versioned = from_json(what, bytes)?;
-    if !supported.contains(&v.version) {
-        return Err(Error::UnsupportedVersion { what, found: v.version, supported: *supported.end() });
-    }
-    Ok(v.version)
 }
 
 #[cfg(test)]
