@@ -82,16 +82,6 @@ fn client_ok(args: &[&str], pki: &Path) -> Output {
     out
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
-    let mut page = String::new();
-    conn.read_to_string(&mut page).unwrap();
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-    page
-}
-
 /// Half-received packs in the receiver's `tmp/`, once it has seen the client go: at once when
 /// the client's close arrives, else at the QUIC idle timeout (15 s, `limits.rs`).
 fn partial_packs(repo: &Path) -> usize {

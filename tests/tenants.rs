@@ -205,14 +205,7 @@ fn two_tenants_on_one_receiver_are_kept_apart_by_its_policy() {
     }
 
     // The metrics name who was refused.
-    let page = {
-        use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect(&metrics).unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut page = String::new();
-        conn.read_to_string(&mut page).unwrap();
-        page
-    };
+    let page = http_get(&metrics, "/metrics");
     let refused = page.lines().find(|l| {
         l.starts_with("cbcr_receiver_refused_total{") && l.contains("identity=\"stranger\"") && l.contains("Denied")
     });

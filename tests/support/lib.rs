@@ -489,3 +489,15 @@ impl Drop for ReceiverProcess {
         self.kill();
     }
 }
+
+/// `GET path` from the HTTP server at `addr` (a receiver's `--metrics`); the whole response,
+/// which must be a 200.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut page = String::new();
+    conn.read_to_string(&mut page).unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    page
+}
