@@ -3,13 +3,26 @@
 //! `CBCR_FAULT=NAME:N` makes the process SIGKILL itself the N-th time it passes the point called
 //! NAME. The test suite uses it to stop a backup at exact places in chunking, pack writing and
 //! the commit, then checks that the repository is consistent. Unset, a point costs one load.
+//! The `store-` points stand before and after every change to the store by any command (index
+//! merges, forget, repair included): the power-loss sweep kills there.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// The points a backup passes, in the order of the commit protocol.
-pub(crate) const POINTS: &[&str] =
-    &["segment", "pack-write", "pack-seal", "index-write", "index-merge", "snapshot-write", "snapshot-rename"];
+pub(crate) const POINTS: &[&str] = &[
+    "segment",
+    "pack-write",
+    "pack-seal",
+    "index-write",
+    "index-merge",
+    "snapshot-write",
+    "snapshot-rename",
+    // Before and after every call that changes the store, whatever the command (the power-loss
+    // sweep; see `store::crash`).
+    "store-write",
+    "store-written",
+];
 
 struct Armed {
     name: String,
@@ -26,6 +39,11 @@ fn armed() -> Option<&'static Armed> {
             Some(Armed { name: name.to_owned(), at: at.parse().ok()?, hits: AtomicU64::new(0) })
         })
         .as_ref()
+}
+
+/// Whether a store crash point is armed: only then is the store wrapped to pass them.
+pub(crate) fn armed_in_store() -> bool {
+    armed().is_some_and(|a| a.name.starts_with("store-"))
 }
 
 /// Passes the crash point `name`.

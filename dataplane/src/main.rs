@@ -142,6 +142,10 @@ enum Command {
         /// Restore only this snapshot path and what is below it (repeatable).
         #[arg(long)]
         include: Vec<PathBuf>,
+        /// fsync every restored file and directory before exiting 0, so the restore survives a
+        /// power loss (slower; a restore without it is durable once the kernel writes it back).
+        #[arg(long)]
+        fsync: bool,
     },
     /// Check the repository; exit 13 when anything is damaged.
     Verify {
@@ -487,9 +491,9 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             list_tree(&mut reader, &snap.tree_id(), Path::new("/"), reporter, g.json)?;
             Ok(ExitCode::Ok)
         }
-        Command::Restore { snapshot, target, include } => {
+        Command::Restore { snapshot, target, include, fsync } => {
             let repo = open(false)?;
-            let opts = RestoreOptions { dest: Destination::Dir(target.clone()), include, cores };
+            let opts = RestoreOptions { dest: Destination::Dir(target.clone()), include, cores, fsync };
             let stats = restore(repo, &snapshot, &opts, &run)?;
             reporter.json(json!({"type": "restore_summary", "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "target": target}));
             if !g.quiet && !g.json {
@@ -505,7 +509,12 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         }
         Command::Verify { against: Some(url), snapshot, .. } => {
             let repo = open(false)?;
-            let opts = RestoreOptions { dest: Destination::Compare(SynthSpec::parse(&url)?), include: vec![], cores };
+            let opts = RestoreOptions {
+                dest: Destination::Compare(SynthSpec::parse(&url)?),
+                include: vec![],
+                cores,
+                fsync: false,
+            };
             let stats = restore(repo, &snapshot, &opts, &run)?;
             reporter
                 .json(json!({"type": "compare_summary", "files": stats.files, "bytes": stats.bytes, "source": url}));

@@ -48,6 +48,9 @@ pub struct RestoreOptions {
     /// Restore only these snapshot paths (and what is below them); empty means everything.
     pub include: Vec<PathBuf>,
     pub cores: usize,
+    /// fsync every restored file and directory before returning, so a restore that returned
+    /// survives a power loss (a database about to be started on it needs that).
+    pub fsync: bool,
 }
 
 /// What a restore did.
@@ -86,6 +89,7 @@ struct Shared {
     index: ChunkIndex,
     first_error: Mutex<Option<Error>>,
     progress: Arc<Progress>,
+    fsync: bool,
 }
 
 /// Restores `snapshot` (a spec: `latest`, an id or a prefix) into `opts.target`.
@@ -112,7 +116,7 @@ pub fn restore(repo: Repository, snapshot: &str, opts: &RestoreOptions, run: &Ru
     let mut phase = run.phase(if expected.is_some() { "compare" } else { "restore" }, None);
     let progress = Arc::clone(&phase.progress);
     progress.set_total(snap.stats.bytes_total);
-    let shared = Arc::new(Shared { repo, index, first_error: Mutex::new(None), progress });
+    let shared = Arc::new(Shared { repo, index, first_error: Mutex::new(None), progress, fsync: opts.fsync });
     // Deep enough that a core finds a whole batch queued.
     let (job_tx, job_rx) = bounded::<SegmentJob>(opts.cores * limits::RESTORE_BATCH_SEGMENTS);
     let cores = {
@@ -143,6 +147,16 @@ pub fn restore(repo: Repository, snapshot: &str, opts: &RestoreOptions, run: &Ru
     }
     for (path, meta) in dirs.iter().rev() {
         set_metadata(path, meta, false)?;
+        if opts.fsync {
+            // Makes the entries of the files, links and directories made in it durable.
+            sync_path(path)?;
+        }
+    }
+    if opts.fsync {
+        sync_path(&target)?;
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_path(parent)?;
+        }
     }
     Ok(RestoreStats { bytes, ..stats })
 }
@@ -183,7 +197,7 @@ fn run_core(shared: &Shared, jobs: &Receiver<SegmentJob>) -> u64 {
         };
         reader.prefetch(lists.iter().flat_map(|l| l.chunks.iter().filter(|c| !c.zero).map(|c| c.id)).collect());
         for (job, list) in batch.iter().zip(&lists) {
-            match restore_segment(&mut reader, job, list, &mut buf, &mut generated) {
+            match restore_segment(&mut reader, job, list, shared.fsync, &mut buf, &mut generated) {
                 Ok(n) => {
                     bytes += n;
                     shared.progress.add(n, 0);
@@ -215,11 +229,13 @@ fn record(shared: &Shared, e: Error) {
 /// Writes one segment of one file at its offset; sets the file's metadata if it was the last.
 /// Chunks are decompressed straight into `buf` and written in runs of up to
 /// [`limits::RESTORE_WRITE_BUFFER`]: cores writing the same file contend for its inode lock once
-/// per run, not once per chunk.
+/// per run, not once per chunk. With `fsync`, the core that finishes a file fsyncs it (which
+/// flushes what every core wrote to it).
 fn restore_segment(
     reader: &mut BlobReader<'_>,
     job: &SegmentJob,
     list: &ChunkList,
+    fsync: bool,
     buf: &mut Vec<u8>,
     generated: &mut Vec<u8>,
 ) -> Result<u64> {
@@ -285,9 +301,13 @@ fn restore_segment(
         offset += u64::from(c.len);
     }
     flush(buf, run_start, 0)?;
-    drop(file);
-    if job.file.segments_left.fetch_sub(1, Ordering::AcqRel) == 1 && job.file.expected.is_none() {
-        set_metadata(path, &job.file.meta, false)?;
+    if job.file.segments_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if let Some(file) = &file {
+            set_metadata(path, &job.file.meta, false)?;
+            if fsync {
+                file.sync_all().at(path)?;
+            }
+        }
     }
     Ok(list.len_bytes())
 }
@@ -406,7 +426,13 @@ impl RestoreWalk<'_> {
                 self.stats.files += 1;
                 self.shared.progress.add(0, 1);
                 if segments.is_empty() {
-                    return if writing { set_metadata(dest, &node.meta, false) } else { Ok(()) };
+                    if writing {
+                        set_metadata(dest, &node.meta, false)?;
+                        if self.shared.fsync {
+                            sync_path(dest)?;
+                        }
+                    }
+                    return Ok(());
                 }
                 let target = Arc::new(FileTarget {
                     path: if writing { dest.to_owned() } else { at.to_owned() },
@@ -469,6 +495,11 @@ fn clear_way(dest: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).at(dest),
     }
+}
+
+/// fsync a restored file or directory by path (a directory: the entries made in it).
+fn sync_path(path: &Path) -> Result<()> {
+    fs::File::open(path).and_then(|f| f.sync_all()).at(path)
 }
 
 /// Sets mode, owner (when running as root) and times. `symlink`: of the link itself.

@@ -99,9 +99,30 @@ impl Store for LocalDir {
     }
 
     fn create(&self) -> Result<()> {
+        // The highest directory of the root's path that does not exist yet: the entries of
+        // everything made below it are synced, so a power loss right after `init` cannot take
+        // the repository's directories away again.
+        let mut first_new = None;
+        let mut at = Some(self.root.as_path());
+        while let Some(dir) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            first_new = Some(dir);
+            at = dir.parent();
+        }
         for dir in DIRS {
             let path = self.root.join(dir);
             fs::create_dir_all(&path).at(&path)?;
+        }
+        sync_dir(&self.root)?;
+        if let Some(top) = first_new {
+            let mut dir = self.root.as_path();
+            loop {
+                let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                sync_dir(parent)?;
+                if dir == top {
+                    break;
+                }
+                dir = parent;
+            }
         }
         Ok(())
     }

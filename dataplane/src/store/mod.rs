@@ -9,6 +9,7 @@
 //! rule). Every store also has a private local work directory: files being written (`tmp/`) and
 //! the index runs searched in place (`index/`).
 
+mod crash;
 mod local;
 mod s3;
 
@@ -192,10 +193,11 @@ pub fn open(spec: &str) -> Result<Box<dyn Store>> {
             "{spec}: a repository URL is {scheme}//...; for a local directory of that name, write ./{spec}"
         )));
     }
-    match spec.strip_prefix("s3://") {
-        Some(rest) => Ok(Box::new(S3Store::open(rest)?)),
-        None => Ok(Box::new(LocalDir::new(Path::new(spec)))),
-    }
+    let store: Box<dyn Store> = match spec.strip_prefix("s3://") {
+        Some(rest) => Box::new(S3Store::open(rest)?),
+        None => Box::new(LocalDir::new(Path::new(spec))),
+    };
+    Ok(if crate::fault::armed_in_store() { Box::new(crash::CrashPoints(store)) } else { store })
 }
 
 /// A fresh name in `work/tmp/` for a file being written: `WHAT-<16 hex digits>`.

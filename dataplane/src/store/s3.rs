@@ -346,7 +346,9 @@ impl Store for S3Store {
             source: io::Error::new(io::ErrorKind::NotFound, "no such object"),
         })?;
         let tmp = super::tmp_path(&self.work, "fetch");
-        fs::write(&tmp, &bytes).at(&tmp)?;
+        // Synced before the rename: after a power loss the kept copy is whole or absent (an
+        // absent one is fetched again), never a name with lost data under it.
+        fs::write(&tmp, &bytes).and_then(|_| fs::File::open(&tmp)?.sync_all()).at(&tmp)?;
         fs::rename(&tmp, &kept).at(&kept)?;
         Ok(kept)
     }
