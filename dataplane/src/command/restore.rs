@@ -33,6 +33,7 @@ use crate::pipeline::pack::BlobReader;
 use crate::repo::Repository;
 use crate::runtime;
 use crate::source::synth::{self, SynthFile, SynthSpec};
+use crate::store::sync_path;
 
 /// Where restored bytes go.
 pub enum Destination {
@@ -495,11 +496,6 @@ fn clear_way(dest: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).at(dest),
     }
-}
-
-/// fsync a restored file or directory by path (a directory: the entries made in it).
-fn sync_path(path: &Path) -> Result<()> {
-    fs::File::open(path).and_then(|f| f.sync_all()).at(path)
 }
 
 /// Sets mode, owner (when running as root) and times. `symlink`: of the link itself.

@@ -618,11 +618,7 @@ pub fn publish_run(store: &dyn Store, tmp: &Path, id: &ChunkId) -> Result<PathBu
 pub fn write_run(store: &dyn Store, bytes: &[u8]) -> Result<PathBuf> {
     let id = ChunkId::of_file(bytes);
     let tmp = store.tmp_path("index");
-    let written = std::fs::write(&tmp, bytes).and_then(|_| File::open(&tmp)?.sync_all()).at(&tmp);
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    crate::store::write_synced(&tmp, bytes)?;
     publish_run(store, &tmp, &id)
 }
 

@@ -45,10 +45,7 @@ impl LocalDir {
     }
 }
 
-/// fsync a directory, making renames and creations in it durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
-}
+use super::sync_path as sync_dir;
 
 struct LocalObject {
     file: File,

@@ -200,6 +200,22 @@ pub fn open(spec: &str) -> Result<Box<dyn Store>> {
     Ok(if crate::fault::armed_in_store() { Box::new(crash::CrashPoints(store)) } else { store })
 }
 
+/// fsync a file or directory by path (a directory: making the entries made in it durable).
+pub(crate) fn sync_path(path: &Path) -> Result<()> {
+    use crate::error::IoContext;
+    std::fs::File::open(path).and_then(|f| f.sync_all()).at(path)
+}
+
+/// Writes `bytes` as the file `path` and fsyncs it; a failed write leaves no file.
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use crate::error::IoContext;
+    let written = std::fs::write(path, bytes).and_then(|_| std::fs::File::open(path)?.sync_all()).at(path);
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
+}
+
 /// A fresh name in `work/tmp/` for a file being written: `WHAT-<16 hex digits>`.
 pub(crate) fn tmp_path(work: &Path, what: &str) -> PathBuf {
     let mut r = [0u8; 8];

@@ -348,7 +348,7 @@ impl Store for S3Store {
         let tmp = super::tmp_path(&self.work, "fetch");
         // Synced before the rename: after a power loss the kept copy is whole or absent (an
         // absent one is fetched again), never a name with lost data under it.
-        fs::write(&tmp, &bytes).and_then(|_| fs::File::open(&tmp)?.sync_all()).at(&tmp)?;
+        super::write_synced(&tmp, &bytes)?;
         fs::rename(&tmp, &kept).at(&kept)?;
         Ok(kept)
     }
