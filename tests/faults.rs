@@ -480,12 +480,7 @@ fn stray_files_and_a_bad_record_block_nothing_and_verify_names_them() {
     fs::write(repo.join("snapshots").join(&forged_id), &forged).unwrap();
 
     let listed = ok(&["snapshots", "--repo", s(&repo), "--json"]);
-    let ids: Vec<String> = text(&listed.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "snapshot")
-        .map(|v| v["id"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = snapshot_ids(&listed);
     assert_eq!(ids, vec![id.clone()], "the good snapshot only");
     let warned = text(&listed.stderr);
     assert!(warned.contains("notahash") && warned.contains(&forged_id[..16]), "{warned}");
@@ -659,7 +654,7 @@ fn power_loss_at_seeded_store_changes_leaves_every_earlier_snapshot_restorable()
             rng.fill_bytes(&mut data);
             fs::write(src.join(format!("new{f}.bin")), &data).unwrap();
         }
-        let before: Vec<String> = snapshot_ids(&repo);
+        let before = snapshot_ids(&repo.ok(&["snapshots", "--json"]));
         // One seed in four cuts a forget of the latest snapshot (never the first) instead: its
         // one change is the deletion; a backup of these files makes about 14.
         let forgetting = seed % 4 == 3 && before.len() > 1;
@@ -677,7 +672,7 @@ fn power_loss_at_seeded_store_changes_leaves_every_earlier_snapshot_restorable()
         forgets += usize::from(killed && forgetting);
         tear_tmp(&repo_dir.join("tmp"), &mut rng);
 
-        let after = snapshot_ids(&repo);
+        let after = snapshot_ids(&repo.ok(&["snapshots", "--json"]));
         let kept = before.iter().filter(|id| after.contains(id)).count();
         if forgetting {
             assert!(after.len() == before.len() || after.len() + 1 == before.len(), "seed {seed} ({fault})");
@@ -707,16 +702,6 @@ fn power_loss_at_seeded_store_changes_leaves_every_earlier_snapshot_restorable()
     assert!(cut as u64 >= seeds * 3 / 4 && forgets as u64 >= seeds / 8, "{cut} cuts, {forgets} of them in a forget");
     repo.ok(&["restore", "latest", "--target", s(&tmp.path().join("last")), "--fsync"]);
     assert_same_tree(&src, &tmp.path().join("last").join(src.strip_prefix("/").unwrap()));
-}
-
-/// The ids of the repository's snapshots.
-fn snapshot_ids(repo: &Target) -> Vec<String> {
-    let out = repo.ok(&["snapshots", "--json"]);
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["id"].as_str().map(str::to_owned))
-        .collect()
 }
 
 /// What a power loss leaves of files nobody synced yet: each cut to a seeded length.

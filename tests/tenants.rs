@@ -77,15 +77,6 @@ fn wait_for_log(log: &Path, needle: &str) {
     }
 }
 
-fn snapshot_ids(listing: &Output) -> Vec<String> {
-    text(&listing.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "snapshot")
-        .map(|v| v["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[test]
 fn two_tenants_on_one_receiver_are_kept_apart_by_its_policy() {
     let tmp = tempfile::tempdir().unwrap();

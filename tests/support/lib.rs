@@ -394,6 +394,16 @@ impl<'a> Target<'a> {
     }
 }
 
+/// The snapshot ids a `snapshots --json` listing prints, in its order.
+pub fn snapshot_ids(listing: &Output) -> Vec<String> {
+    text(&listing.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "snapshot")
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Strings planted in [`marked_source`]: in a directory name, a file name, compressible text
 /// and random bytes. None may appear in any object of an encrypted repository.
 pub const MARKERS: [&str; 4] = ["MARKDIR-7f3a9c", "MARKNAME-2d8e6b", "MARKTEXT-5b1e2d", "MARKRAND-9c4f1a"];
