@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cbcr_tests::*;
@@ -605,6 +605,168 @@ fn repair_packs_takes_damaged_blobs_out_so_the_next_backup_stores_them_again() {
     // The damaged copy is still in its pack: --read-data names it, nothing uses it.
     let verify = cbcr(&["verify", "--repo", s(&repo)]);
     assert!(verify.status.success(), "{}", text(&verify.stderr));
+}
+
+/// A 3 MiB random file backed up into one pack, a byte of which is then flipped, and
+/// `verify --read-data` run on it: returns the source file's bytes and the first backup.
+fn backup_then_damage_then_verify(src: &Path, repo: &Path, seed: u64) -> (Vec<u8>, serde_json::Value) {
+    ok(&["init", "--insecure-no-encryption", "--repo", s(repo)]);
+    fs::create_dir_all(src).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; 3 << 20];
+    rng.fill_bytes(&mut data);
+    fs::write(src.join("data.bin"), &data).unwrap();
+    let first = last_json(&ok(&["backup", "--repo", s(repo), s(src), "--json"]));
+    let pack = packs(repo).into_iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    fs::write(&pack, &bytes).unwrap();
+    let found = cbcr(&["verify", "--read-data", "--repo", s(repo)]);
+    assert_eq!(found.status.code(), Some(INTEGRITY), "{}", text(&found.stderr));
+    assert!(text(&found.stdout).contains("recorded the damaged blobs in"), "{}", text(&found.stdout));
+    assert_eq!(fs::read_dir(repo.join("damaged")).unwrap().count(), 1);
+    (data, first)
+}
+
+#[test]
+fn damage_verify_found_is_never_deduplicated_against_even_before_a_repair() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    let (data, first) = backup_then_damage_then_verify(&src, &repo, 44);
+    // No repair yet: the file did not change, and still the backup reads it and stores the
+    // damaged blob again instead of reusing the chunk lists that name it (into other packs
+    // than before: a smaller pack size).
+    let second = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--pack-size", "1MiB", "--json"]));
+    assert!(second["bytes_new"].as_u64().unwrap() > 0, "{second}");
+    assert!(second["bytes_read"].as_u64().unwrap() >= data.len() as u64, "{second}");
+    // Both snapshots restore: lookups pass over the damaged copy to the new one.
+    for snapshot in [first["snapshot_id"].as_str().unwrap(), second["snapshot_id"].as_str().unwrap()] {
+        let _ = fs::remove_dir_all(&out);
+        ok(&["restore", snapshot, "--repo", s(&repo), "--target", s(&out)]);
+        assert_eq!(fs::read(out.join(src.strip_prefix("/").unwrap()).join("data.bin")).unwrap(), data);
+    }
+    let verify = cbcr(&["verify", "--repo", s(&repo)]);
+    assert!(verify.status.success(), "{}", text(&verify.stderr));
+    assert_eq!(fs::read_dir(repo.join("damaged")).unwrap().count(), 1, "the damaged copy is still in its pack");
+    // The repair takes the damaged copy out of the index and removes the record.
+    let repaired = last_json(&cbcr(&["repair", "packs", "--repo", s(&repo), "--json"]));
+    assert!(repaired["damage_records_removed"].as_u64().unwrap() >= 1, "{repaired}");
+    assert_eq!(fs::read_dir(repo.join("damaged")).unwrap().count(), 0);
+    let verify = cbcr(&["verify", "--repo", s(&repo)]);
+    assert!(verify.status.success(), "{}", text(&verify.stderr));
+}
+
+/// A pack's name is the hash of its bytes: a backup that stores the same blobs in the same
+/// order writes the damaged pack whole again, and the record of its damage goes with it.
+#[test]
+fn a_backup_that_writes_a_damaged_pack_again_heals_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("src"), tmp.path().join("repo"));
+    backup_then_damage_then_verify(&src, &repo, 46);
+    ok(&["backup", "--repo", s(&repo), s(&src)]);
+    assert_eq!(fs::read_dir(repo.join("damaged")).unwrap().count(), 0);
+    let verify = cbcr(&["verify", "--read-data", "--repo", s(&repo)]);
+    assert!(verify.status.success(), "{}", text(&verify.stderr));
+}
+
+/// `repair snapshots` on a repository that lost a pack: lost chunks become holes at their
+/// offsets, the rest restores byte for byte, and the repaired snapshot is never a parent.
+#[test]
+fn repair_snapshots_turns_lost_chunks_into_holes_and_keeps_every_other_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    ok(&[
+        "init",
+        "--insecure-no-encryption",
+        "--repo",
+        s(&repo),
+        "--segment-size",
+        "1MiB",
+        "--chunk-min",
+        "4KiB",
+        "--chunk-avg",
+        "16KiB",
+        "--chunk-max",
+        "64KiB",
+    ]);
+    make_tree(&src, 45, 3 << 20);
+    let original = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--pack-size", "256KiB", "--json"]));
+    let original_id = original["snapshot_id"].as_str().unwrap().to_string();
+    // The largest pack holds file content (directory trees are written last, into a small one).
+    let lost = packs(&repo).into_iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    fs::remove_file(&lost).unwrap();
+    ok(&["repair", "index", "--repo", s(&repo)]);
+    let broken = cbcr(&["verify", "--repo", s(&repo)]);
+    assert_eq!(broken.status.code(), Some(INTEGRITY), "{}", text(&broken.stderr));
+
+    let dry = cbcr(&["repair", "snapshots", "--dry-run", "--repo", s(&repo), "--json"]);
+    assert_eq!(dry.status.code(), Some(INTEGRITY), "a dry run repairs nothing: {}", text(&dry.stderr));
+    assert_eq!(snapshot_count(&repo), 1);
+    let planned = last_json(&dry);
+    assert_eq!(planned["original"], original_id.as_str(), "{planned}");
+    assert!(planned["repaired"].is_null(), "{planned}");
+
+    let fixed = cbcr(&["repair", "snapshots", "--forget", "--repo", s(&repo), "--json"]);
+    assert!(fixed.status.success(), "{}", text(&fixed.stderr));
+    let fixed = last_json(&fixed);
+    assert_eq!(fixed["forgotten"], true, "{fixed}");
+    let repaired_id = fixed["repaired"].as_str().unwrap().to_string();
+    let named: Vec<String> =
+        fixed["files"].as_array().unwrap().iter().map(|f| f[0].as_str().unwrap().to_string()).collect();
+    assert!(!named.is_empty() || !fixed["dirs"].as_array().unwrap().is_empty(), "{fixed}");
+    let listing = last_json(&ok(&["snapshots", "--repo", s(&repo), "--json"]));
+    assert_eq!(listing["id"], repaired_id.as_str());
+    assert_eq!(listing["repaired"]["original"], original_id.as_str(), "{listing}");
+    assert!(cbcr(&["verify", "--repo", s(&repo)]).status.success(), "the repaired snapshot verifies");
+
+    let restore = ok(&["restore", &repaired_id, "--repo", s(&repo), "--target", s(&out)]);
+    assert!(text(&restore.stderr).contains("made by `cbcr repair snapshots`"), "{}", text(&restore.stderr));
+    // Every file keeps its size; a file not named is whole; a named one differs only in zeros.
+    let restored_root = out.join(src.strip_prefix("/").unwrap());
+    let mut differing = 0;
+    for entry in walkdir(&src) {
+        let rel = entry.strip_prefix(&src).unwrap();
+        let (want, got) = (fs::read(&entry).unwrap(), fs::read(restored_root.join(rel)));
+        let Ok(got) = got else {
+            let dir_named = fixed["dirs"].as_array().unwrap().iter().any(|d| entry.starts_with(d.as_str().unwrap()));
+            assert!(dir_named, "{} is gone but no lost directory holds it", entry.display());
+            continue;
+        };
+        assert_eq!(got.len(), want.len(), "{}", entry.display());
+        if got != want {
+            differing += 1;
+            assert!(named.iter().any(|n| Path::new(n) == entry), "{} differs but is not named", entry.display());
+            assert!(got.iter().zip(&want).all(|(g, w)| g == w || *g == 0), "{}: only zeros are new", entry.display());
+        }
+    }
+    assert!(differing > 0 || !fixed["dirs"].as_array().unwrap().is_empty(), "a lost pack changed something");
+
+    // The next backup does not take the repaired snapshot as its parent: it reads every file,
+    // stores what was lost again, and restores whole.
+    let next = last_json(&ok(&["backup", "--repo", s(&repo), s(&src), "--json"]));
+    assert!(next["bytes_new"].as_u64().unwrap() > 0, "{next}");
+    let refused = cbcr(&["backup", "--repo", s(&repo), s(&src), "--parent", &repaired_id]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("repair snapshots"), "{}", text(&refused.stderr));
+    let whole = tmp.path().join("whole");
+    ok(&["restore", next["snapshot_id"].as_str().unwrap(), "--repo", s(&repo), "--target", s(&whole)]);
+    assert_same_tree(&src, &whole.join(src.strip_prefix("/").unwrap()));
+}
+
+/// The regular files under `dir`.
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut files = vec![];
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            files.extend(walkdir(&entry.path()));
+        } else if kind.is_file() {
+            files.push(entry.path());
+        }
+    }
+    files
 }
 
 #[test]

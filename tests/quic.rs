@@ -511,6 +511,7 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
             tree: wire::ChunkId([9; 32]).to_hex(),
             parent: None,
             stats: Default::default(),
+            repaired: None,
         };
         let commit = Frame::Commit { session: 1, record: snap.encode(), fence: None, root: None };
         let reply = send_raw(&conn, &commit.encode(), true).await;

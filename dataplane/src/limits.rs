@@ -108,6 +108,9 @@ pub const IO_MEMORY_PER_CORE: usize = 1 << 20;
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
 /// Index entries `repair index` holds before it writes them as one run (88 bytes each).
 pub const REPAIR_RUN_ENTRIES: usize = 1 << 18;
+/// Chunks `repair snapshots` remembers as looked up (about 50 bytes each) before it forgets
+/// them all and looks chunks up again.
+pub const REPAIR_CHUNKS_REMEMBERED: usize = 1 << 20;
 /// `backup --page-chunk`'s default: a repository's segments must be a multiple of it.
 pub const DEFAULT_PAGE_CHUNK: u64 = 64 << 10;
 /// Longest chain of block deltas a backup builds before storing a block whole again.

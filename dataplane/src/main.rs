@@ -203,6 +203,18 @@ enum RepairCommand {
     /// Read every blob, and rebuild the index without the damaged ones (the next backup of the
     /// files that use them stores them again).
     Packs,
+    /// Write new snapshots in place of those that reference lost data: lost chunks restore as
+    /// zeros at their offsets, lost directories as empty ones (run `repair packs` first).
+    Snapshots {
+        /// The snapshots to look at (ids, prefixes or `latest`); default: all.
+        snapshots: Vec<String>,
+        /// Report what would change; store and commit nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Remove each original once the snapshot that replaces it is committed.
+        #[arg(long)]
+        forget: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -451,10 +463,17 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             let repo = open(false)?;
             for (id, s) in repo.snapshots()? {
                 if g.json {
-                    reporter.json(json!({"type": "snapshot", "id": id.to_hex(), "time": s.time, "host": s.host, "paths": s.paths, "parent": s.parent, "tree": s.tree, "stats": s.stats}));
+                    reporter.json(json!({"type": "snapshot", "id": id.to_hex(), "time": s.time, "host": s.host, "paths": s.paths, "parent": s.parent, "tree": s.tree, "stats": s.stats, "repaired": s.repaired}));
                 } else {
+                    let repaired = s.repaired.as_ref().map_or(String::new(), |r| {
+                        format!(
+                            "  (repaired from {}: {} files with holes)",
+                            r.original.get(..8).unwrap_or_default(),
+                            r.files
+                        )
+                    });
                     println!(
-                        "{}  {}  {}  {}  {}",
+                        "{}  {}  {}  {}  {}{repaired}",
                         id.short(),
                         s.time.get(..19).unwrap_or(&s.time),
                         s.host,
@@ -595,10 +614,51 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
+        Command::Repair(RepairCommand::Snapshots { snapshots, dry_run, forget }) => {
+            let repo = open(false)?;
+            let opts = dataplane::command::repair_snapshots::RepairSnapshotsOptions { snapshots, dry_run, forget };
+            let found = dataplane::command::repair_snapshots::repair_snapshots(&repo, &opts, &run)?;
+            for r in &found {
+                reporter.json(json!({"type": "snapshot_repaired", "original": r.original, "repaired": r.repaired, "files": r.files, "dirs": r.dirs, "root_lost": r.root_lost, "forgotten": r.forgotten}));
+                if !g.json {
+                    for line in dataplane::command::repair_snapshots::describe(r) {
+                        eprintln!("{line}");
+                    }
+                }
+                if !g.quiet && !g.json {
+                    let short = r.original.get(..8).unwrap_or_default();
+                    match (&r.repaired, r.root_lost) {
+                        (_, true) => println!(
+                            "snapshot {short}: its root tree is lost, nothing to keep{}",
+                            if r.forgotten { "; removed" } else { "" }
+                        ),
+                        (Some(new), _) => println!(
+                            "snapshot {short}: repaired as {} ({} files, {} directories){}",
+                            new.get(..8).unwrap_or_default(),
+                            r.files.len(),
+                            r.dirs.len(),
+                            if r.forgotten { "; the original removed" } else { "" }
+                        ),
+                        (None, _) => println!(
+                            "snapshot {short}: would be repaired ({} files, {} directories)",
+                            r.files.len(),
+                            r.dirs.len()
+                        ),
+                    }
+                }
+            }
+            if !g.quiet && !g.json && found.is_empty() {
+                println!("no snapshot references lost data");
+            }
+            // Done when every damaged snapshot was replaced (or, root lost, removed).
+            let done = found.iter().all(|r| r.repaired.is_some() || (r.root_lost && r.forgotten));
+            Ok(if done { ExitCode::Ok } else { ExitCode::Integrity })
+        }
         Command::Repair(which) => {
             let repo = open(false)?;
             let report = match which {
                 RepairCommand::Index => dataplane::command::repair::repair_index(&repo, &run)?,
+                RepairCommand::Snapshots { .. } => unreachable!("matched above"),
                 RepairCommand::Packs => {
                     let (found, report) = dataplane::command::repair::repair_packs(&repo, cores, &run)?;
                     for d in found.damage.iter().filter(|d| d.kind == "file" || d.kind == "blob") {
@@ -624,7 +684,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                     );
                 }
             }
-            reporter.json(json!({"type": "repair_summary", "packs": report.packs, "blobs": report.blobs, "damaged_packs": report.damaged.len(), "blobs_left_out": report.blobs_left_out, "runs_written": report.runs_written, "runs_removed": report.runs_removed}));
+            reporter.json(json!({"type": "repair_summary", "packs": report.packs, "blobs": report.blobs, "damaged_packs": report.damaged.len(), "blobs_left_out": report.blobs_left_out, "runs_written": report.runs_written, "runs_removed": report.runs_removed, "damage_records_removed": report.records_removed}));
             if !g.quiet && !g.json {
                 println!(
                     "index rebuilt from {} packs: {} blobs indexed, {} damaged packs left out, {} old index runs replaced",
@@ -687,6 +747,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             reporter.json(json!({
                 "type": "verify_summary", "snapshots": report.snapshots, "packs": report.packs, "blobs_read": report.blobs,
                 "bytes_read": report.bytes_read, "unindexed_packs": report.unindexed_packs, "damaged": report.damage.len(),
+                "damaged_recorded": report.damaged_recorded,
             }));
             if !g.quiet && !g.json {
                 println!(
@@ -704,6 +765,12 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                     println!(
                         "note: {} packs are not indexed (left by an interrupted backup; harmless)",
                         report.unindexed_packs
+                    );
+                }
+                if let Some(at) = &report.damaged_recorded {
+                    println!(
+                        "recorded the damaged blobs in {at}: no backup deduplicates against them and the next backup of their files stores them again; \
+                         `cbcr repair packs` takes them out of the index, `cbcr repair snapshots` rewrites snapshots that cannot get them back"
                     );
                 }
             }

@@ -207,6 +207,23 @@ pub struct Snapshot {
     pub tree: String,
     pub parent: Option<String>,
     pub stats: SnapshotStats,
+    /// Set when `repair snapshots` made this snapshot from a damaged one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<Repaired>,
+}
+
+/// What `repair snapshots` changed to make a snapshot from a damaged one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repaired {
+    /// The damaged snapshot's id (hex).
+    pub original: String,
+    /// Files whose lost chunks now restore as zeros (holes), at their offsets.
+    pub files: u64,
+    /// Directories whose tree was lost, now empty.
+    pub dirs: u64,
+    /// Bytes that restore as zeros instead of the data that was lost.
+    pub bytes_lost: u64,
 }
 
 impl Snapshot {
@@ -220,6 +237,9 @@ impl Snapshot {
         ChunkId::from_hex(&s.tree)?;
         if let Some(p) = &s.parent {
             ChunkId::from_hex(p)?;
+        }
+        if let Some(r) = &s.repaired {
+            ChunkId::from_hex(&r.original)?;
         }
         let bad = |detail: String| Error::Corrupt { what: "snapshot", detail };
         if !is_utc_time(&s.time) {
@@ -273,6 +293,7 @@ mod tests {
             tree: ChunkId([3; 32]).to_hex(),
             parent: None,
             stats: SnapshotStats::default(),
+            repaired: None,
         }
     }
 
@@ -281,6 +302,13 @@ mod tests {
         assert_eq!(Snapshot::decode(&snapshot().encode()).unwrap(), snapshot());
         let whole = Snapshot { time: "2026-12-02T06:31:46Z".into(), ..snapshot() };
         assert_eq!(Snapshot::decode(&whole.encode()).unwrap(), whole);
+        // A snapshot that was never repaired encodes as before the field existed (its id too).
+        assert!(!String::from_utf8(snapshot().encode()).unwrap().contains("repaired"));
+        let repaired = Repaired { original: ChunkId([7; 32]).to_hex(), files: 2, dirs: 1, bytes_lost: 65536 };
+        let fixed = Snapshot { repaired: Some(repaired.clone()), ..snapshot() };
+        assert_eq!(Snapshot::decode(&fixed.encode()).unwrap(), fixed);
+        let bad_original = Snapshot { repaired: Some(Repaired { original: "zz".into(), ..repaired }), ..snapshot() };
+        assert!(Snapshot::decode(&bad_original.encode()).is_err());
         let cases = [
             (Snapshot { time: "2026-12-02T06:3\u{e9}:46Z".into(), ..snapshot() }, "not an RFC 3339"),
             (Snapshot { time: "2026-13-02T06:31:46Z".into(), ..snapshot() }, "not an RFC 3339"),

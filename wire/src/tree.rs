@@ -296,6 +296,34 @@ const FLAG_ZERO: u32 = 1;
 const CHUNK_REF_LEN: usize = 40;
 
 impl ChunkList {
+    /// A segment of `len` bytes that restores as zeros (a hole): what `repair snapshots` puts
+    /// in the place of a chunk list that was lost.
+    pub fn holes(len: u64) -> Self {
+        let max = u64::from(limits::MAX_BLOB_SIZE);
+        let chunks = (0..len.div_ceil(max))
+            .map(|i| ChunkRef { id: ChunkId::default(), len: (len - i * max).min(max) as u32, zero: true })
+            .collect();
+        Self { chunks }
+    }
+
+    /// This list with every chunk `lost` says is lost made a hole of the same length, so the
+    /// file keeps its size and every other byte its offset; and the bytes made holes.
+    pub fn with_holes_for(&self, mut lost: impl FnMut(&ChunkRef) -> bool) -> (Self, u64) {
+        let mut bytes = 0;
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|c| {
+                if c.zero || !lost(c) {
+                    return *c;
+                }
+                bytes += u64::from(c.len);
+                ChunkRef { id: ChunkId::default(), len: c.len, zero: true }
+            })
+            .collect();
+        (Self { chunks }, bytes)
+    }
+
     /// Encodes the list.
     pub fn encode(&self) -> Vec<u8> {
         assert!(self.chunks.len() <= limits::MAX_CHUNK_LIST_ENTRIES as usize);
@@ -436,6 +464,28 @@ mod tests {
         fn chunk_list_round_trips(chunks in proptest::collection::vec((proptest::array::uniform32(any::<u8>()), 1u32..1 << 20, any::<bool>()), 0..50)) {
             let list = ChunkList { chunks: chunks.into_iter().map(|(id, len, zero)| ChunkRef { id: ChunkId(id), len, zero }).collect() };
             prop_assert_eq!(ChunkList::decode(&list.encode()).unwrap(), list);
+        }
+
+        #[test]
+        fn holes_keep_every_length_and_offset(lens in proptest::collection::vec(1u32..100_000, 0..40), lost in any::<u64>(), len in 0u64..(1 << 30)) {
+            let list = ChunkList { chunks: lens.iter().enumerate().map(|(i, &len)| ChunkRef { id: ChunkId([i as u8 + 1; 32]), len, zero: i % 7 == 3 }).collect() };
+            let mut i = 0;
+            let (fixed, bytes) = list.with_holes_for(|_| { i += 1; lost >> (i % 64) & 1 == 1 });
+            prop_assert_eq!(fixed.chunks.len(), list.chunks.len());
+            let mut made = 0;
+            for (a, b) in list.chunks.iter().zip(&fixed.chunks) {
+                prop_assert_eq!(a.len, b.len);
+                if a != b {
+                    prop_assert!(b.zero && b.id == ChunkId::default() && !a.zero);
+                    made += u64::from(a.len);
+                }
+            }
+            prop_assert_eq!(made, bytes);
+            prop_assert_eq!(ChunkList::decode(&fixed.encode()).unwrap(), fixed);
+            let holes = ChunkList::holes(len);
+            prop_assert_eq!(holes.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>(), len);
+            prop_assert!(holes.chunks.iter().all(|c| c.zero));
+            prop_assert_eq!(ChunkList::decode(&holes.encode()).unwrap(), holes);
         }
 
         #[test]

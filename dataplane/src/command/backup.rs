@@ -350,6 +350,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         tree: root.to_hex(),
         parent: parent.map(|(id, _)| id.to_hex()),
         stats,
+        repaired: None,
     };
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
     // The snapshot stands on its own: a merge that fails only leaves more runs to read.

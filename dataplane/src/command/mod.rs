@@ -4,5 +4,6 @@
 pub mod backup;
 pub mod receiver;
 pub mod repair;
+pub mod repair_snapshots;
 pub mod restore;
 pub mod verify;

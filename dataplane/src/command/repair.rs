@@ -1,8 +1,10 @@
 //! `cbcr repair index`: the index is a cache of what the packs say about themselves. This
 //! rebuilds it from every pack's trailer, so losing or damaging index runs loses nothing.
-//! `cbcr repair packs`: the same rebuild, leaving out the blobs `verify --read-data` finds
-//! damaged, so the next backup of the files that use them stores them again instead of
-//! deduplicating against the damage (and the snapshots that used them restore again once it has).
+//! `cbcr repair packs`: the same rebuild, leaving out the copies of blobs that `verify
+//! --read-data` finds damaged (and those earlier verifies recorded in `damaged/`), then removing
+//! those records: the index no longer names the damage. Until then the records alone keep
+//! backups from deduplicating against it; either way the next backup of the files that use
+//! them stores them again (and the snapshots that used them restore again once it has).
 //!
 //! Streamed: trailers are read one pack at a time and their entries written out as sorted runs
 //! of at most [`limits::REPAIR_RUN_ENTRIES`], so memory is bounded whatever the repository's
@@ -16,7 +18,7 @@ use wire::index::{encode_sorted, IndexEntry};
 use wire::verify::VerifyReport;
 use wire::ChunkId;
 
-use crate::command::verify::verify;
+use crate::command::verify::verify_here;
 use crate::error::{Error, Result};
 use crate::events::Run;
 use crate::index::{self, ChunkIndex};
@@ -37,13 +39,17 @@ pub struct RepairReport {
     /// Index runs written and removed.
     pub runs_written: u64,
     pub runs_removed: u64,
-    /// Blobs found damaged and not indexed (`repair packs`).
+    /// Copies of blobs found damaged and not indexed (`repair packs`).
     pub blobs_left_out: u64,
+    /// Damaged-blob records removed (`repair packs`: the index now leaves their copies out).
+    pub records_removed: u64,
 }
 
 /// Rebuilds the index of `repo` from its packs' trailers (holding the writer's claim).
 pub fn repair_index(repo: &Repository, run: &Run) -> Result<RepairReport> {
     let lock = claim(repo)?;
+    // The damaged-blob records stay: the rebuilt index names those copies again, and the
+    // records keep lookups passing over them.
     let report = rebuild(repo, run, &HashSet::new());
     drop(lock);
     report
@@ -54,21 +60,25 @@ pub fn repair_index(repo: &Repository, run: &Run) -> Result<RepairReport> {
 /// meanwhile. Returns what verify found (the snapshots and files that use them) and the rebuild.
 pub fn repair_packs(repo: &Repository, cores: usize, run: &Run) -> Result<(VerifyReport, RepairReport)> {
     let lock = claim(repo)?;
-    let found = verify(repo.clone(), true, cores, run)?;
-    // The damaged blobs, and the chunk lists that name them: a backup reuses an unchanged
-    // file's lists as they are, so only a list gone from the index makes it read the file again.
-    let blobs = found.damage.iter().filter(|d| d.kind == "blob").map(|d| d.name.as_str());
-    let damaged: HashSet<ChunkId> = blobs
-        .chain(found.damaged_lists.iter().map(String::as_str))
-        .filter_map(|id| ChunkId::from_hex(id).ok())
-        .collect();
+    // What this full read finds damaged (the blobs, and every copy of the chunk lists that
+    // name them: a backup reuses an unchanged file's lists as they are, so only a list gone
+    // from the index makes it read the file again) supersedes what earlier verifies recorded:
+    // a backup may have written a damaged pack whole again since.
+    let (found, copies) = verify_here(repo.clone(), true, cores, run)?;
+    let records = list_objects(&*repo.store, ObjectKind::Damaged)?;
+    let damaged: HashSet<(ChunkId, ChunkId)> = copies.into_iter().collect();
     let mut report = rebuild(repo, run, &damaged)?;
     report.blobs_left_out = damaged.len() as u64;
+    for record in &records {
+        repo.store.delete(ObjectKind::Damaged, &record.name)?;
+        report.records_removed += 1;
+    }
     drop(lock);
     Ok((found, report))
 }
 
-fn claim(repo: &Repository) -> Result<crate::repo::RepoLock> {
+/// The writer's claim a repair holds; refused through a receiver.
+pub(crate) fn claim(repo: &Repository) -> Result<crate::repo::RepoLock> {
     if repo.location().starts_with("quic://") {
         return Err(Error::Usage(
             "repair runs on the repository's store (its directory or s3://), not through a receiver: stop the receiver first"
@@ -80,8 +90,8 @@ fn claim(repo: &Repository) -> Result<crate::repo::RepoLock> {
     Ok(lock)
 }
 
-/// Writes the index anew from the trailers, without the blobs in `left_out`.
-fn rebuild(repo: &Repository, run: &Run, left_out: &HashSet<ChunkId>) -> Result<RepairReport> {
+/// Writes the index anew from the trailers, without the copies (blob, pack) in `left_out`.
+fn rebuild(repo: &Repository, run: &Run, left_out: &HashSet<(ChunkId, ChunkId)>) -> Result<RepairReport> {
     let store = &*repo.store;
     // Listed before the packs: see the module's comment.
     let old: Vec<String> = store.list(ObjectKind::Index)?.into_iter().map(|o| o.name).collect();
@@ -89,14 +99,16 @@ fn rebuild(repo: &Repository, run: &Run, left_out: &HashSet<ChunkId>) -> Result<
     let mut phase = run.phase("repair", None);
     phase.progress.set_total(packs.iter().map(|p| p.len).sum());
     let mut report = RepairReport::default();
+    // Of two copies of a blob, a run keeps one: not one an earlier verify recorded damaged.
+    let recorded: HashSet<(ChunkId, ChunkId)> = index::damaged_copies(store)?.into_iter().collect();
     let mut written: HashSet<String> = HashSet::new();
     let mut batch: Vec<IndexEntry> = Vec::new();
     let mut flush = |batch: &mut Vec<IndexEntry>, report: &mut RepairReport| -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        batch.sort_unstable_by_key(|e| e.id());
-        // A blob stored twice (two writers at once) is indexed once per run.
+        batch.sort_unstable_by_key(|e| (e.id(), recorded.contains(&(e.id(), e.pack))));
+        // A blob stored twice (two writers at once, or again after damage) is indexed once per run.
         batch.dedup_by_key(|e| e.id());
         let path = index::write_run(store, &encode_sorted(batch))?;
         written.insert(path.file_name().unwrap_or_default().to_string_lossy().into_owned());
@@ -113,7 +125,7 @@ fn rebuild(repo: &Repository, run: &Run, left_out: &HashSet<ChunkId>) -> Result<
         match read_trailer(store, &pack) {
             Ok((_, entries)) => {
                 report.packs += 1;
-                let kept = entries.into_iter().filter(|e| !left_out.contains(&e.id));
+                let kept = entries.into_iter().filter(|e| !left_out.contains(&(e.id, pack)));
                 let before = batch.len();
                 batch.extend(kept.map(|entry| IndexEntry { pack, entry }));
                 report.blobs += (batch.len() - before) as u64;

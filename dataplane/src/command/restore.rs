@@ -95,7 +95,19 @@ struct Shared {
 
 /// Restores `snapshot` (a spec: `latest`, an id or a prefix) into `opts.target`.
 pub fn restore(repo: Repository, snapshot: &str, opts: &RestoreOptions, run: &Run) -> Result<RestoreStats> {
-    let (_, snap) = repo.find_snapshot(snapshot)?;
+    let (id, snap) = repo.find_snapshot(snapshot)?;
+    if let Some(r) = &snap.repaired {
+        run.warn(
+            Path::new(&format!("snapshot {}", id.short())),
+            &format!(
+                "made by `cbcr repair snapshots` from {}: {} files restore with zeros where {} were lost, {} directories empty",
+                r.original.get(..8).unwrap_or_default(),
+                r.files,
+                crate::human_size(r.bytes_lost),
+                r.dirs
+            ),
+        );
+    }
     let index = ChunkIndex::load(&*repo.store)?;
     let mut reader = BlobReader::new(&repo, &index)?;
     for inc in &opts.include {

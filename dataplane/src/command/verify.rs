@@ -39,6 +39,17 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
     if let Some(report) = repo.backend.verify_in_place(read_data)? {
         return Ok(report);
     }
+    verify_here(repo, read_data, cores, run).map(|(report, _)| report)
+}
+
+/// Verifies `repo` from here; returns the report and the damaged copies (blob, pack) found,
+/// which it also records in the repository.
+pub(crate) fn verify_here(
+    repo: Repository,
+    read_data: bool,
+    cores: usize,
+    run: &Run,
+) -> Result<(VerifyReport, Vec<(ChunkId, ChunkId)>)> {
     let mut report = VerifyReport::default();
     let index = Arc::new(ChunkIndex::load_checked(&*repo.store, |path, e| {
         report.damage.push(Damage { kind: "index".into(), name: path.display().to_string(), detail: e.to_string() });
@@ -46,7 +57,7 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
     })?);
     let mut snapshots = vec![];
     let at = |kind: ObjectKind, name: &str| format!("{}/{}", repo.store.location(), kind.key(name));
-    for kind in [ObjectKind::Snapshot, ObjectKind::Index, ObjectKind::Pack] {
+    for kind in [ObjectKind::Snapshot, ObjectKind::Index, ObjectKind::Pack, ObjectKind::Damaged] {
         let listed = repo.store.list(kind)?;
         report.strays.extend(
             listed
@@ -80,13 +91,17 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
         }
     }
     let mut damaged_blobs: HashSet<ChunkId> = HashSet::new();
+    // The same, with the pack of each copy: what the damaged-blob list records.
+    let mut copies: Vec<(ChunkId, ChunkId)> = vec![];
     for (pack, count) in by_pack {
         report.damage.push(Damage {
             kind: "pack".into(),
             name: pack.to_hex(),
             detail: format!("missing, {count} blobs lost"),
         });
-        damaged_blobs.extend(indexed_in(&index, &pack, |_| true));
+        let lost = indexed_in(&index, &pack, |_| true);
+        copies.extend(lost.iter().map(|id| (*id, pack)));
+        damaged_blobs.extend(lost);
     }
     report.packs = jobs.len() as u64;
     let mut phase = run.phase(if read_data { "verify (read data)" } else { "verify" }, None);
@@ -108,12 +123,27 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
     for (damage, blobs, bytes) in workers.join()? {
         report.blobs += blobs;
         report.bytes_read += bytes;
-        for (d, ids) in damage {
+        for (d, pack, ids) in damage {
+            copies.extend(ids.iter().map(|id| (*id, pack)));
             damaged_blobs.extend(ids);
             report.damage.push(d);
         }
     }
     phase.finish();
+    // A blob is lost to the snapshots only when no copy of it is good (a backup may have
+    // stored a damaged one again, in another pack).
+    let mut bad_packs: HashMap<ChunkId, Vec<ChunkId>> = HashMap::new();
+    for (id, pack) in &copies {
+        bad_packs.entry(*id).or_default().push(*pack);
+    }
+    let mut lost = HashSet::new();
+    for id in damaged_blobs {
+        let bad = &bad_packs.get(&id).map_or(&[][..], Vec::as_slice);
+        if !index.has_good_copy(&id, |pack| bad.contains(pack))? {
+            lost.insert(id);
+        }
+    }
+    let damaged_blobs = lost;
 
     // Snapshots: every tree, chunk list and chunk they reference. Trees are walked here; the
     // chunk lists, one index lookup per chunk, are checked on `cores` threads.
@@ -150,7 +180,27 @@ pub fn verify(repo: Repository, read_data: bool, cores: usize, run: &Run) -> Res
     report.damage.extend(found);
     report.damaged_lists = lists.iter().map(ChunkId::to_hex).collect();
     report.damaged_lists.sort();
-    Ok(report)
+    // A backup reuses an unchanged file's chunk lists as they are: every copy of a list that
+    // names damage is recorded too, so the file is read and its lost chunks stored again.
+    for list in &lists {
+        copies.extend(index.packs_of(list)?.into_iter().map(|pack| (*list, pack)));
+    }
+    if !copies.is_empty() {
+        report.damaged_recorded = record_damage(&repo, copies.clone(), run);
+    }
+    Ok((report, copies))
+}
+
+/// Writes the damaged-blob list; a repository verify cannot write to (read-only) only warns.
+fn record_damage(repo: &Repository, copies: Vec<(ChunkId, ChunkId)>, run: &Run) -> Option<String> {
+    match crate::index::write_damaged(&*repo.store, wire::verify::DamagedBlobs { copies }) {
+        Ok(name) => Some(format!("{}/{}", repo.store.location(), ObjectKind::Damaged.key(&name))),
+        Err(e) => {
+            let at = format!("{}/{}", repo.store.location(), ObjectKind::Damaged.dir());
+            run.warn(Path::new(&at), &format!("the damage found is not recorded ({e}): backups may still deduplicate against it until `cbcr repair packs`"));
+            None
+        }
+    }
 }
 
 /// The blobs the index places in `pack` that `keep` selects; a scan of the whole index, for
@@ -166,7 +216,8 @@ fn indexed_in(index: &ChunkIndex, pack: &ChunkId, keep: impl Fn(&IndexEntry) -> 
     ids
 }
 
-type PackDamage = (Damage, Vec<ChunkId>);
+/// Damage, the pack it is in, and the blobs of that pack it loses.
+type PackDamage = (Damage, ChunkId, Vec<ChunkId>);
 
 /// One core's share of the packs: returns damage (with the blobs it loses), blobs checked and
 /// bytes read.
@@ -183,7 +234,11 @@ fn check_packs(
     for job in jobs.iter() {
         // The blobs a damaged pack loses are looked up only when it is damaged.
         let pack_damage = |detail: String| {
-            (Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, indexed_in(index, &job.id, |_| true))
+            (
+                Damage { kind: "pack".into(), name: job.id.to_hex(), detail },
+                job.id,
+                indexed_in(index, &job.id, |_| true),
+            )
         };
         let (file, entries) = match read_trailer(&*repo.store, &job.id) {
             Ok(found) => found,
@@ -227,6 +282,7 @@ fn check_packs(
                     let name = e.id.to_hex();
                     out.0.push((
                         Damage { kind: "blob".into(), name, detail: format!("in pack {}: {detail}", job.id) },
+                        job.id,
                         vec![e.id],
                     ));
                 }
@@ -246,7 +302,7 @@ fn check_packs(
                     !in_pack.contains(&(i.entry.id, i.entry.offset(), i.entry.stored_len()))
                 });
                 let detail = format!("{} indexed blobs are not where the index says", disagree.len());
-                out.0.push((Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, disagree));
+                out.0.push((Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, job.id, disagree));
             }
             Ok(_) => {}
         }
@@ -317,6 +373,9 @@ fn check_list(
             return Err(format!("chunk {} is damaged", c.id));
         }
         if !index.contains(&c.id).map_err(|e| e.to_string())? {
+            if index.has_damaged_copy(&c.id) {
+                return Err(format!("chunk {} is damaged (recorded by an earlier verify)", c.id));
+            }
             return Err(format!("chunk {} is missing", c.id));
         }
     }

@@ -157,6 +157,40 @@ impl Run {
     }
 }
 
+/// Every copy recorded in the repository's damaged-blob lists (`REPO/damaged/`). A list that
+/// cannot be read is skipped with a warning: it only keeps backups from deduplicating against
+/// damage that `verify` finds again.
+pub fn damaged_copies(store: &dyn Store) -> Result<Vec<(ChunkId, ChunkId)>> {
+    let mut copies = vec![];
+    for object in crate::store::list_objects(store, ObjectKind::Damaged)? {
+        if let Some(list) = read_damaged(store, &object.name) {
+            copies.extend(list.copies);
+        }
+    }
+    Ok(copies)
+}
+
+/// Damaged-blob list `name`, or `None` (with a warning) when it cannot be read.
+fn read_damaged(store: &dyn Store, name: &str) -> Option<wire::verify::DamagedBlobs> {
+    let at = || format!("{}/{}", store.location(), ObjectKind::Damaged.key(name));
+    let read = store.get(ObjectKind::Damaged, name).and_then(|bytes| {
+        let bytes = bytes.unwrap_or_default();
+        if ChunkId::of_file(&bytes).to_hex() != name {
+            return Err(Error::Integrity(format!("{}: content does not match its name", at())));
+        }
+        wire::verify::DamagedBlobs::decode(&bytes).map_err(|e| Error::Integrity(format!("{}: {e}", at())))
+    });
+    read.map_err(|e| tracing::warn!("{e}; skipped (`cbcr verify` records the damage it finds again)")).ok()
+}
+
+/// Writes damaged-blob list `list` (named by the hash of its bytes); returns the name.
+pub fn write_damaged(store: &dyn Store, list: wire::verify::DamagedBlobs) -> Result<String> {
+    let bytes = list.encode();
+    let name = ChunkId::of_file(&bytes).to_hex();
+    store.put(ObjectKind::Damaged, &name, &bytes)?;
+    Ok(name)
+}
+
 /// Reads run `file` from the start, validating it, and calls `each` with every entry in order.
 /// Returns the entry count.
 fn stream(path: &Path, file: &File, mut each: impl FnMut(u32, &IndexEntry)) -> Result<u32> {
@@ -194,6 +228,9 @@ fn stream(path: &Path, file: &File, mut each: impl FnMut(u32, &IndexEntry)) -> R
     Ok(count)
 }
 
+/// Blob id -> the packs whose copy of it `verify` found damaged.
+type DamagedCopies = std::collections::HashMap<ChunkId, Vec<ChunkId>, IdBuild>;
+
 #[derive(Default)]
 struct State {
     /// Largest first.
@@ -201,6 +238,8 @@ struct State {
     filter: Filter,
     /// Entries of all runs, duplicates included: what the filter was sized against.
     entries: u64,
+    /// Copies `verify` found damaged (blob id -> their packs): lookups pass over them.
+    damaged: DamagedCopies,
 }
 
 /// Blob id -> where it is stored.
@@ -253,7 +292,10 @@ impl ChunkIndex {
             }
         }
         state.runs.sort_by_key(|r| std::cmp::Reverse(r.count));
-        tracing::info!(blobs = state.entries, runs = state.runs.len(), "index opened");
+        for (blob, pack) in damaged_copies(store)? {
+            state.damaged.entry(blob).or_default().push(pack);
+        }
+        tracing::info!(blobs = state.entries, runs = state.runs.len(), damaged = state.damaged.len(), "index opened");
         Ok(Self { state: RwLock::new(state) })
     }
 
@@ -263,25 +305,94 @@ impl ChunkIndex {
 
     /// Where blob `id` is stored.
     pub fn get(&self, id: &ChunkId) -> Result<Option<IndexEntry>> {
-        self.find(id, |_| true)
+        self.find(id, |_, damaged| !damaged)
     }
 
     /// The entry for blob `id` in pack `pack`, if the index has one (it may name other packs too).
     pub fn get_in_pack(&self, id: &ChunkId, pack: &ChunkId) -> Result<Option<IndexEntry>> {
-        self.find(id, |e| e.pack == *pack)
+        self.find(id, |e, _| e.pack == *pack)
     }
 
-    fn find(&self, id: &ChunkId, mut accept: impl FnMut(&IndexEntry) -> bool) -> Result<Option<IndexEntry>> {
+    /// The first entry for `id` that `accept` takes, given each entry and whether `verify` found
+    /// that copy damaged.
+    fn find(&self, id: &ChunkId, mut accept: impl FnMut(&IndexEntry, bool) -> bool) -> Result<Option<IndexEntry>> {
         let state = self.state();
         if !state.filter.may_contain(id) {
             return Ok(None);
         }
+        let damaged = state.damaged.get(id).map_or(&[][..], Vec::as_slice);
         for run in &state.runs {
-            if let Some(e) = run.find(id, &mut accept)? {
+            if let Some(e) = run.find(id, |e| accept(e, damaged.contains(&e.pack)))? {
                 return Ok(Some(e));
             }
         }
         Ok(None)
+    }
+
+    /// Whether `verify` found a copy of blob `id` damaged (lookups pass over such copies).
+    pub fn has_damaged_copy(&self, id: &ChunkId) -> bool {
+        self.state().damaged.contains_key(id)
+    }
+
+    /// How many blob copies `verify` found damaged.
+    pub fn damaged_copies(&self) -> usize {
+        self.state().damaged.values().map(Vec::len).sum()
+    }
+
+    /// Whether blob `id` has a copy that no `verify` found damaged and that `bad` (given its
+    /// pack) does not rule out.
+    pub fn has_good_copy(&self, id: &ChunkId, bad: impl Fn(&ChunkId) -> bool) -> Result<bool> {
+        Ok(self.find(id, |e, damaged| !damaged && !bad(&e.pack))?.is_some())
+    }
+
+    /// Pack `pack` was just written whole. A pack's name is the hash of its content, so a
+    /// backup that stores the same blobs in the same order makes the same pack again, in the
+    /// place of a damaged one: the copies recorded damaged in it are good again, here and in
+    /// the repository's damaged-blob lists.
+    pub fn pack_rewritten(&self, store: &dyn Store, pack: &ChunkId) -> Result<()> {
+        if self.state().damaged.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut state = self.state.write().expect("no thread panics while holding the index");
+            let before = state.damaged.values().map(Vec::len).sum::<usize>();
+            state.damaged.retain(|_, packs| {
+                packs.retain(|p| p != pack);
+                !packs.is_empty()
+            });
+            if state.damaged.values().map(Vec::len).sum::<usize>() == before {
+                return Ok(());
+            }
+        }
+        for object in crate::store::list_objects(store, ObjectKind::Damaged)? {
+            let Some(mut list) = read_damaged(store, &object.name) else { continue };
+            let before = list.copies.len();
+            list.copies.retain(|(_, p)| p != pack);
+            if list.copies.len() == before {
+                continue;
+            }
+            // The shorter list is durable before the longer one goes.
+            if !list.copies.is_empty() {
+                write_damaged(store, list)?;
+            }
+            store.delete(ObjectKind::Damaged, &object.name)?;
+        }
+        Ok(())
+    }
+
+    /// The packs holding a copy of blob `id` (damaged copies too).
+    pub fn packs_of(&self, id: &ChunkId) -> Result<Vec<ChunkId>> {
+        let mut packs = vec![];
+        let state = self.state();
+        for run in &state.runs {
+            run.find(id, |e| {
+                if !packs.contains(&e.pack) {
+                    packs.push(e.pack);
+                }
+                false
+            })?;
+        }
+        Ok(packs)
     }
 
     /// Whether the membership filter lets `id` through: `false` means absent for sure, `true`
@@ -376,7 +487,8 @@ impl ChunkIndex {
             };
             // In `tmp/`, without fsync: the durable runs it covers stay in `index/` until
             // `compact_all` replaces them all, so a crash loses nothing.
-            let merged = write_merged(store, &group, false)?;
+            let damaged = self.state().damaged.clone();
+            let merged = write_merged(store, &group, &damaged, false)?;
             self.swap(&group, merged);
             for run in group.iter().filter(|r| r.scratch) {
                 let _ = std::fs::remove_file(&run.path);
@@ -399,7 +511,8 @@ impl ChunkIndex {
         if runs.is_empty() || durable || count > u64::from(wire::limits::MAX_INDEX_ENTRIES) {
             return Ok(());
         }
-        let merged = write_merged(store, &runs, true)?;
+        let damaged = self.state().damaged.clone();
+        let merged = write_merged(store, &runs, &damaged, true)?;
         let keep = merged.path.clone();
         self.swap(&runs, merged);
         fault::point("index-merge");
@@ -494,7 +607,7 @@ fn merge(runs: &[Arc<Run>], mut each: impl FnMut(&IndexEntry)) -> Result<u64> {
 /// Writes the merge of `runs` as one new run, keeping the first place of a blob stored twice:
 /// durable in `index/`, or a scratch file in `tmp/`. Two passes, because the header (hashed
 /// first) holds the count.
-fn write_merged(store: &dyn Store, runs: &[Arc<Run>], durable: bool) -> Result<Run> {
+fn write_merged(store: &dyn Store, runs: &[Arc<Run>], damaged: &DamagedCopies, durable: bool) -> Result<Run> {
     let mut last = None;
     let mut count = 0u32;
     merge(runs, |e| {
@@ -518,22 +631,39 @@ fn write_merged(store: &dyn Store, runs: &[Arc<Run>], durable: bool) -> Result<R
         }
     };
     put(&encoder.header(), &mut out);
-    let (mut last, mut written) = (None, 0usize);
+    let mut written = 0usize;
     let mut batch = Vec::with_capacity(STREAM_BLOCK);
-    merge(runs, |e| {
-        if last != Some(e.id()) {
-            if written.is_multiple_of(STRIDE) {
-                fences.push(prefix(&e.id()));
+    let mut emit = |e: IndexEntry, out: &mut BufWriter<&File>| {
+        if written.is_multiple_of(STRIDE) {
+            fences.push(prefix(&e.id()));
+        }
+        batch.push(e);
+        if batch.len() == STREAM_BLOCK {
+            put(encoder.entries(&batch), out);
+            batch.clear();
+        }
+        written += 1;
+    };
+    // A run holds one entry per blob: of several copies, one that no verify found damaged (a
+    // backup stored it again because the other was).
+    let is_damaged =
+        |e: &IndexEntry| !damaged.is_empty() && damaged.get(&e.id()).is_some_and(|packs| packs.contains(&e.pack));
+    let mut pending: Option<IndexEntry> = None;
+    merge(runs, |e| match &mut pending {
+        Some(p) if p.id() == e.id() => {
+            if is_damaged(p) && !is_damaged(e) {
+                *p = *e;
             }
-            batch.push(*e);
-            if batch.len() == STREAM_BLOCK {
-                put(encoder.entries(&batch), &mut out);
-                batch.clear();
+        }
+        _ => {
+            if let Some(p) = pending.replace(*e) {
+                emit(p, &mut out);
             }
-            written += 1;
-            last = Some(e.id());
         }
     })?;
+    if let Some(p) = pending {
+        emit(p, &mut out);
+    }
     put(encoder.entries(&batch), &mut out);
     put(&encoder.finish(), &mut out);
     if let Some(e) = failed {
@@ -661,6 +791,41 @@ mod tests {
         let path = write_run(repo, &encode_run(run.to_vec())).unwrap();
         known.sealed(&path, run).unwrap();
         known.index().compact(repo).unwrap();
+    }
+
+    #[test]
+    fn copies_verify_found_damaged_are_passed_over_merged_away_and_healed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(tmp.path());
+        let (bad, good) = (ChunkId([1; 32]), ChunkId([2; 32]));
+        // Blobs 0..10 in pack 1; 0..5 of them stored again in pack 2, after verify recorded
+        // that pack 1's copies of 0..3 are damaged.
+        write_run(&repo, &encode_run(run(1, 0, 10))).unwrap();
+        let damaged = (0..3).map(|n| (id(n), bad)).collect();
+        write_damaged(&repo, wire::verify::DamagedBlobs { copies: damaged }).unwrap();
+        let known = KnownBlobs::new(ChunkIndex::load(&repo).unwrap());
+        for n in 0..10 {
+            assert_eq!(known.claim(&id(n)).unwrap(), n < 3, "blob {n}: only the damaged ones are new");
+        }
+        seal(&known, &repo, &run(2, 0, 5));
+        let index = known.index();
+        for n in 0..10 {
+            let want = if n < 3 { good } else { bad };
+            assert_eq!(index.get(&id(n)).unwrap().unwrap().pack, want, "blob {n}");
+            assert_eq!(index.has_damaged_copy(&id(n)), n < 3);
+        }
+        // One entry per blob in a merged run: the good copy, whichever pack sorts first.
+        index.compact_all(&repo).unwrap();
+        let reloaded = ChunkIndex::load(&repo).unwrap();
+        for n in 0..10 {
+            let want = if n < 3 { good } else { bad };
+            assert_eq!(reloaded.get(&id(n)).unwrap().unwrap().pack, want, "blob {n} after the merge");
+        }
+        // Pack 1 written whole again: its copies are good, here and in the records.
+        reloaded.pack_rewritten(&repo, &bad).unwrap();
+        assert_eq!(reloaded.damaged_copies(), 0);
+        assert!(repo.list(ObjectKind::Damaged).unwrap().is_empty());
+        assert!(damaged_copies(&repo).unwrap().is_empty());
     }
 
     #[test]

@@ -162,6 +162,7 @@ pub(crate) fn publish_pack(
     run.sort_unstable_by_key(|e| e.id());
     let path = index::write_run(store, &encode_sorted(&run))?;
     known.sealed(&path, &run)?;
+    known.index().pack_rewritten(store, id)?;
     // Merging here keeps lookups to a few runs and runs on no core.
     known.index().compact(store)
 }
@@ -244,7 +245,13 @@ impl BlobSource for LocalBlobs<'_> {
     fn prefetch(&mut self, _ids: Vec<ChunkId>) {}
 
     fn read_stored(&mut self, id: &ChunkId, stored: &mut Vec<u8>) -> Result<(PackEntry, String)> {
-        let entry = self.index.get(id)?.ok_or_else(|| Error::Integrity(format!("blob {id} is not in the index (if index runs were lost or damaged, `cbcr repair index` rebuilds them from the packs)")))?;
+        let entry = self.index.get(id)?.ok_or_else(|| {
+            Error::Integrity(if self.index.has_damaged_copy(id) {
+                format!("blob {id} was found damaged by `cbcr verify` (a backup of its file stores it again; `cbcr repair snapshots` makes snapshots that restore without it)")
+            } else {
+                format!("blob {id} is not in the index (if index runs were lost or damaged, `cbcr repair index` rebuilds them from the packs)")
+            })
+        })?;
         let e = entry.entry;
         stored.resize(e.stored_len() as usize, 0);
         self.packs.read_at(self.store, &entry.pack, e.offset(), stored).map_err(|err| match err {

@@ -302,12 +302,19 @@ impl Repository {
 
     /// The parent a backup of `host` and `paths` compares against: `spec` if given, else the
     /// latest with the same host and paths; only among the snapshots it may take as parents.
+    /// Never a snapshot `repair snapshots` made: its files hold holes where data was lost, and
+    /// a backup would keep them for every file whose metadata did not change.
     pub fn find_parent(&self, spec: Option<&str>, host: &str, paths: &[String]) -> Result<Option<(ChunkId, Snapshot)>> {
         let candidates = self.backend.parent_candidates()?;
         let Some(spec) = spec else {
-            return Ok(candidates.into_iter().rev().find(|(_, s)| s.host == host && s.paths == paths));
+            let same = |s: &Snapshot| s.host == host && s.paths == paths && s.repaired.is_none();
+            return Ok(candidates.into_iter().rev().find(|(_, s)| same(s)));
         };
         match find_in(candidates, spec) {
+            Ok((id, s)) if s.repaired.is_some() => Err(Error::Usage(format!(
+                "--parent {spec}: snapshot {} was made by `cbcr repair snapshots` and holds holes where data was lost; a backup against it would keep them: give another parent, or none",
+                id.short()
+            ))),
             Err(Error::NotFound(_)) if spec != "latest" && self.find_snapshot(spec).is_ok() => {
                 Err(Error::Denied(format!(
                     "--parent {spec}: that snapshot was committed by an identity this client may not write as (the receiver's policy, writes_as), so it cannot be this backup's parent"

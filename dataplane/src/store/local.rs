@@ -167,8 +167,9 @@ impl Store for LocalDir {
 
     fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
         let dir = self.root.join(kind.dir());
-        // Made by the first commit through a receiver's policy; older repositories lack it.
-        if kind == ObjectKind::Writer && !dir.exists() {
+        // Made by the first commit through a receiver's policy (`writers/`) or the first verify
+        // that found damage (`damaged/`); most repositories lack them.
+        if matches!(kind, ObjectKind::Writer | ObjectKind::Damaged) && !dir.exists() {
             return Ok(vec![]);
         }
         let mut out = vec![];

@@ -33,6 +33,9 @@ pub enum ObjectKind {
     /// Who committed a snapshot through a receiver's policy: `writers/<snapshot id>_<writer>`,
     /// empty (the name says it all, so one listing finds every writer).
     Writer,
+    /// The copies of blobs `verify` found damaged (a [`wire::verify::DamagedBlobs`]), named by
+    /// the hash of their bytes; `repair packs` removes them once the index leaves them out.
+    Damaged,
 }
 
 impl ObjectKind {
@@ -45,6 +48,7 @@ impl ObjectKind {
             ObjectKind::Index => format!("index/{name}"),
             ObjectKind::Snapshot => format!("snapshots/{name}"),
             ObjectKind::Writer => format!("writers/{name}"),
+            ObjectKind::Damaged => format!("damaged/{name}"),
         }
     }
 
@@ -57,6 +61,7 @@ impl ObjectKind {
             ObjectKind::Index => "index",
             ObjectKind::Snapshot => "snapshots",
             ObjectKind::Writer => "writers",
+            ObjectKind::Damaged => "damaged",
         }
     }
 }
@@ -141,7 +146,7 @@ pub fn is_object_name(kind: ObjectKind, name: &str) -> bool {
     let id = match kind {
         ObjectKind::Pack => name.strip_suffix(".pack"),
         ObjectKind::Index => name.strip_suffix(".idx"),
-        ObjectKind::Snapshot => Some(name),
+        ObjectKind::Snapshot | ObjectKind::Damaged => Some(name),
         ObjectKind::Config | ObjectKind::Key | ObjectKind::Writer => return true,
     };
     id.is_some_and(|id| ChunkId::from_hex(id).is_ok())
