@@ -302,7 +302,13 @@ fn block_delta_chains_are_bounded_restore_every_generation_and_a_broken_link_is_
     assert_eq!(verify.status.code(), Some(13), "{}", text(&verify.stderr));
     let report = text(&verify.stdout);
     assert!(report.contains("broken link at depth 1 of its chain"), "{report}");
+    // Verify recorded the deltas as damaged: restore names them so without reading them.
     let restore = cbcr(&["restore", &generations[2].0, "--repo", s(&repo), "--target", s(&tmp.path().join("lost"))]);
+    assert_eq!(restore.status.code(), Some(13), "{}", text(&restore.stderr));
+    assert!(text(&restore.stderr).contains("found damaged by `cbcr verify`"), "{}", text(&restore.stderr));
+    // Without the record, restore finds the broken link itself.
+    fs::remove_dir_all(repo.join("damaged")).unwrap();
+    let restore = cbcr(&["restore", &generations[2].0, "--repo", s(&repo), "--target", s(&tmp.path().join("lost2"))]);
     assert_eq!(restore.status.code(), Some(13), "{}", text(&restore.stderr));
     assert!(text(&restore.stderr).contains("broken link"), "{}", text(&restore.stderr));
     // Generation 3 was stored whole where it changed, so 3, 4 and 5 only need their own packs

@@ -922,6 +922,37 @@ fn one_certificate_cannot_take_every_session() {
     });
 }
 
+/// A session that opens no request for `--idle-timeout` is closed by the receiver (QUIC
+/// keep-alives do not keep it), so idle sessions cannot hold the session limit (a closed
+/// session's slot comes back: `one_certificate_cannot_take_every_session`); a session with
+/// requests stays open.
+#[test]
+fn idle_sessions_are_closed_and_busy_ones_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let pki = pki(tmp.path());
+    ok(&["init", "--repo", s(&repo)]);
+    let receiver = Receiver::start_with(&repo, &pki, &["--idle-timeout", "2s"]);
+    let (err, ()) = raw_session(&receiver.addr, &pki, true, (1, wire::frame::VERSION), |conn, welcome| async move {
+        assert!(matches!(welcome, Some(Frame::Welcome { .. })), "{welcome:?}");
+        // Busy: a request every second keeps the session open past the timeout.
+        let hello = Frame::Hello { min: 1, max: wire::frame::VERSION, client: "busy".into(), repository: String::new() };
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(conn.close_reason().is_none(), "closed while requests came: {:?}", conn.close_reason());
+            let _ = send_raw(&conn, &hello.encode(), true).await;
+        }
+        // Idle: closed within the timeout and a little.
+        let closed = tokio::time::timeout(Duration::from_secs(6), conn.closed()).await;
+        let reason = closed.expect("an idle session is closed").to_string();
+        assert!(reason.contains("idle session closed by the receiver"), "{reason}");
+    });
+    assert!(err.is_none(), "{err:?}");
+    let refused = cbcr(&["receiver", "--repo", s(&repo), "--idle-timeout", "10ms"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("at least 1s"), "{}", text(&refused.stderr));
+}
+
 #[test]
 fn a_receiver_that_does_not_answer_is_reported_as_unreachable() {
     let tmp = tempfile::tempdir().unwrap();

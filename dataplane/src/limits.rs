@@ -97,8 +97,9 @@ pub const RECEIVER_SESSIONS_PER_IDENTITY: usize = RECEIVER_SESSIONS / 4;
 /// Bytes of request payloads and pack pieces one connection may hold in a receiver's memory at
 /// once; further streams wait. With the limits above: at most 64 MiB x 256 sessions.
 pub const RECEIVER_CONNECTION_BUFFER: usize = 64 << 20;
-/// A session with no request open for this long is closed (keep-alives do not count).
-pub const RECEIVER_IDLE_SESSION: std::time::Duration = std::time::Duration::from_secs(120);
+/// A session with no request open for this long is closed (keep-alives do not count); the
+/// receiver's `--idle-timeout` default.
+pub const RECEIVER_IDLE_SESSION: &str = "120s";
 /// Most cores one process drives.
 pub const MAX_CORES: usize = 1024;
 /// Locked memory glommio registers for io_uring per core (its default is 10 MiB; less keeps

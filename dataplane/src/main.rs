@@ -179,6 +179,10 @@ enum Command {
         /// After SIGTERM, how long open sessions may take to finish.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
+        /// Close a session that has had no request open for this long (its client reconnects
+        /// when it needs the receiver again), so idle sessions cannot hold the session limit.
+        #[arg(long, default_value = limits::RECEIVER_IDLE_SESSION, value_parser = parse_idle_timeout)]
+        idle_timeout: std::time::Duration,
         /// `json`: the log (and its audit events: sessions, commits, reads, lists, verifies,
         /// forgets, refusals, policy reloads, each with the client's certificate and identity)
         /// as JSON lines on stderr.
@@ -300,6 +304,15 @@ struct InitArgs {
     /// read every backup.
     #[arg(long)]
     insecure_no_encryption: bool,
+}
+
+/// A session idle timeout: at least a second (shorter would close sessions between requests).
+fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s}: at least 1s"));
+    }
+    Ok(d)
 }
 
 fn main() -> ProcessExit {
@@ -546,7 +559,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
-        Command::Receiver { listen, metrics, grace, policy, crl, .. } => {
+        Command::Receiver { listen, metrics, grace, idle_timeout, policy, crl, .. } => {
             let serves = match policy {
                 Some(file) => Serves::Policy(file),
                 None => {
@@ -564,7 +577,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             let tls = tls.ok_or_else(|| {
                 Error::Usage("a receiver needs --cert, --key and --ca (mutual TLS is mandatory)".into())
             })?;
-            let opts = ReceiverOptions { listen, serves, tls, crl, metrics, cores, grace };
+            let opts = ReceiverOptions { listen, serves, tls, crl, metrics, cores, grace, idle_timeout };
             dataplane::command::receiver::run(opts)?;
             Ok(ExitCode::Ok)
         }

@@ -170,6 +170,14 @@ pub fn damaged_copies(store: &dyn Store) -> Result<Vec<(ChunkId, ChunkId)>> {
     Ok(copies)
 }
 
+fn damaged_map(store: &dyn Store) -> Result<DamagedCopies> {
+    let mut map = DamagedCopies::default();
+    for (blob, pack) in damaged_copies(store)? {
+        map.entry(blob).or_default().push(pack);
+    }
+    Ok(map)
+}
+
 /// Damaged-blob list `name`, or `None` (with a warning) when it cannot be read.
 fn read_damaged(store: &dyn Store, name: &str) -> Option<wire::verify::DamagedBlobs> {
     let at = || format!("{}/{}", store.location(), ObjectKind::Damaged.key(name));
@@ -292,9 +300,7 @@ impl ChunkIndex {
             }
         }
         state.runs.sort_by_key(|r| std::cmp::Reverse(r.count));
-        for (blob, pack) in damaged_copies(store)? {
-            state.damaged.entry(blob).or_default().push(pack);
-        }
+        state.damaged = damaged_map(store)?;
         tracing::info!(blobs = state.entries, runs = state.runs.len(), damaged = state.damaged.len(), "index opened");
         Ok(Self { state: RwLock::new(state) })
     }
@@ -327,6 +333,14 @@ impl ChunkIndex {
             }
         }
         Ok(None)
+    }
+
+    /// Reads the repository's damaged-blob lists again (a long-lived process, after a verify
+    /// recorded more).
+    pub fn reload_damaged(&self, store: &dyn Store) -> Result<()> {
+        let damaged = damaged_map(store)?;
+        self.state.write().expect("no thread panics while holding the index").damaged = damaged;
+        Ok(())
     }
 
     /// Whether `verify` found a copy of blob `id` damaged (lookups pass over such copies).

@@ -247,7 +247,9 @@ impl BlobSource for LocalBlobs<'_> {
     fn read_stored(&mut self, id: &ChunkId, stored: &mut Vec<u8>) -> Result<(PackEntry, String)> {
         let entry = self.index.get(id)?.ok_or_else(|| {
             Error::Integrity(if self.index.has_damaged_copy(id) {
-                format!("blob {id} was found damaged by `cbcr verify` (a backup of its file stores it again; `cbcr repair snapshots` makes snapshots that restore without it)")
+                let packs = self.index.packs_of(id).unwrap_or_default();
+                let packs: Vec<String> = packs.iter().map(ChunkId::to_hex).collect();
+                format!("blob {id} (pack {}) was found damaged by `cbcr verify` (a backup of its file stores it again; `cbcr repair snapshots` makes snapshots that restore without it)", packs.join(", "))
             } else {
                 format!("blob {id} is not in the index (if index runs were lost or damaged, `cbcr repair index` rebuilds them from the packs)")
             })

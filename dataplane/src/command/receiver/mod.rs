@@ -64,6 +64,8 @@ pub struct ReceiverOptions {
     pub cores: usize,
     /// How long in-flight sessions may take to finish after SIGTERM.
     pub grace: Duration,
+    /// A session with no request open for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 // A request that panics (a bug) fails alone: the state these guard stays consistent at every
@@ -157,10 +159,11 @@ struct Host {
     sessions_per_cert: Mutex<HashMap<String, usize>>,
     metrics: Arc<Metrics>,
     cores: usize,
+    idle_timeout: Duration,
 }
 
 impl Host {
-    fn start(serves: &Serves, cores: usize) -> Result<Self> {
+    fn start(serves: &Serves, cores: usize, idle_timeout: Duration) -> Result<Self> {
         let host = Host {
             served: RwLock::default(),
             policy: RwLock::default(),
@@ -168,6 +171,7 @@ impl Host {
             sessions_per_cert: Mutex::default(),
             metrics: Arc::default(),
             cores,
+            idle_timeout,
         };
         match serves {
             Serves::One { repo, password } => {
@@ -289,7 +293,7 @@ impl From<StreamError> for Refusal {
 
 /// Runs the receiver until SIGTERM or SIGINT; returns once in-flight sessions are done.
 pub fn run(opts: ReceiverOptions) -> Result<()> {
-    let host = Arc::new(Host::start(&opts.serves, opts.cores)?);
+    let host = Arc::new(Host::start(&opts.serves, opts.cores, opts.idle_timeout)?);
     let server = quic::server_config(&opts.tls, opts.crl.as_deref())?;
     let runtime = quic::runtime(2)?;
     runtime.block_on(serve(host, server, &opts))
@@ -506,13 +510,13 @@ async fn connection(host: Arc<Host>, conn: Connection) {
     let in_flight = Arc::new(AtomicU64::new(0));
     host.metrics.sessions_active.inc();
     loop {
-        let accepted = tokio::time::timeout(limits::RECEIVER_IDLE_SESSION, conn.accept_bi()).await;
+        let accepted = tokio::time::timeout(host.idle_timeout, conn.accept_bi()).await;
         let (send, recv) = match accepted {
             Ok(Ok(s)) => s,
             Err(_) if in_flight.load(Ordering::Acquire) > 0 => continue,
             Err(_) => {
                 let id = session.get().map_or(0, |s| s.id);
-                info!(target: "audit", event = "session_end", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, "session {id} from {}: idle for {:?}, closed", p.addr, limits::RECEIVER_IDLE_SESSION);
+                info!(target: "audit", event = "session_end", session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, "session {id} from {}: idle for {:?}, closed", p.addr, host.idle_timeout);
                 conn.close((ErrorCode::Other as u32).into(), b"idle session closed by the receiver");
                 break;
             }
@@ -777,6 +781,8 @@ async fn request(
             let (damaged, report) = blocking(move || {
                 let r =
                     crate::command::verify::verify(st.repo.clone(), read_data, st.cores, &crate::events::Run::quiet())?;
+                // What it recorded as damaged is passed over from now on, as after a restart.
+                st.index().reload_damaged(&*st.repo.store)?;
                 Ok((!r.damage.is_empty(), serde_json::to_vec(&r).expect("a report serialises")))
             })
             .await?;
