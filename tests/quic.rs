@@ -936,7 +936,8 @@ fn idle_sessions_are_closed_and_busy_ones_are_not() {
     let (err, ()) = raw_session(&receiver.addr, &pki, true, (1, wire::frame::VERSION), |conn, welcome| async move {
         assert!(matches!(welcome, Some(Frame::Welcome { .. })), "{welcome:?}");
         // Busy: a request every second keeps the session open past the timeout.
-        let hello = Frame::Hello { min: 1, max: wire::frame::VERSION, client: "busy".into(), repository: String::new() };
+        let hello =
+            Frame::Hello { min: 1, max: wire::frame::VERSION, client: "busy".into(), repository: String::new() };
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert!(conn.close_reason().is_none(), "closed while requests came: {:?}", conn.close_reason());

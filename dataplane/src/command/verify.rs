@@ -248,15 +248,18 @@ fn check_packs(
             }
         };
         if read_data {
-            // The whole file, streamed: its hash is its name.
+            // The whole file, streamed: its hash is its name. Which of its blobs the damage
+            // loses, the blob checks below tell: a flipped bit costs one blob, not the pack.
+            let whole =
+                |detail: String| (Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, job.id, vec![]);
             match hash_file(&*file, &mut stored) {
                 Ok((id, len)) => {
                     out.2 += len;
                     if id != job.id {
-                        out.0.push(pack_damage("content does not match its name (corrupt)".into()));
+                        out.0.push(whole("content does not match its name (corrupt)".into()));
                     }
                 }
-                Err(e) => out.0.push(pack_damage(format!("cannot be read: {e}"))),
+                Err(e) => out.0.push(whole(format!("cannot be read: {e}"))),
             }
             for e in &entries {
                 out.1 += 1;
