@@ -781,6 +781,41 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// logrotate's copytruncate shortens a file cbcr has mapped: reads past the new end raised
+/// SIGBUS and killed cbcr. Now the file is named (exit 3), stored at the size it was read at
+/// with zeros past its new end, and the rest of the backup is committed.
+#[test]
+fn a_file_truncated_while_it_is_read_is_named_and_the_backup_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("src"), tmp.path().join("repo"), tmp.path().join("out"));
+    fs::create_dir_all(&src).unwrap();
+    let mut log = vec![0u8; 64 << 20];
+    rand::rngs::StdRng::seed_from_u64(47).fill_bytes(&mut log);
+    fs::write(src.join("app.log"), &log).unwrap();
+    fs::write(src.join("kept.txt"), b"kept").unwrap();
+    ok(&["init", "--repo", s(&repo)]);
+    // One core at zstd's slowest level reads the file for seconds: time to cut it mid-read.
+    let child = cbcr_command()
+        .args(["backup", "--repo", s(&repo), s(&src), "--cores", "1", "--compression-level", "19", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    fs::OpenOptions::new().write(true).open(src.join("app.log")).unwrap().set_len(1 << 20).unwrap();
+    let done = child.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(3), "{}", text(&done.stderr));
+    assert!(text(&done.stdout).contains("shrank from 67108864 to 1048576 bytes"), "{}", text(&done.stdout));
+    assert_eq!(snapshot_count(&repo), 1, "the backup is committed");
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    let restored = out.join(src.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(restored.join("kept.txt")).unwrap(), b"kept");
+    let got = fs::read(restored.join("app.log")).unwrap();
+    assert_eq!(got.len(), log.len(), "stored at the size it was read at");
+    assert_eq!(got[..1 << 20], log[..1 << 20], "what is still in the file is stored as it is");
+    assert!(got.iter().zip(&log).all(|(g, w)| g == w || *g == 0), "past the new end: as read, or zeros");
+}
+
 #[test]
 fn fifos_and_sockets_are_counted_as_left_out_with_exit_3() {
     let tmp = tempfile::tempdir().unwrap();

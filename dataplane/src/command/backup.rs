@@ -34,6 +34,7 @@ use crate::pipeline::tar::{self, PageRegion};
 use crate::repo::{Backend, Repository};
 use crate::runtime;
 use crate::source::synth::{self, SynthFile, SynthSpec};
+use crate::source::truncated;
 use wire::assemble::{self, DirEntry};
 
 /// What the user asked for.
@@ -207,6 +208,7 @@ struct SegmentSummary {
 pub fn backup(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<BackupOutcome> {
     let lock = repo.lock()?;
     lock.clean_tmp()?;
+    truncated::install();
     // On failure, give back the space of packs that were never sealed (a full disk, most often).
     backup_locked(repo, opts, run).inspect_err(|_| {
         let _ = lock.clean_tmp();
@@ -452,30 +454,35 @@ fn backup_segment(
     };
     match &job.source {
         SegmentSource::Mapped(map) => {
-            let data = &map[job.offset..job.offset + job.len];
-            let mut released = 0;
-            let cuts: Box<dyn Iterator<Item = (usize, usize)>> = match (&job.regions, job.policy) {
-                (Some(regions), ChunkPolicy::Fixed(chunk)) => {
-                    Box::new(chunker::region_cuts(data, job.offset as u64, regions, chunk, cdc).into_iter())
+            // A file truncated meanwhile reads as zeros past its new end instead of killing the
+            // process; the walker's check after the file names it (see `source::truncated`).
+            truncated::reading(map, || -> Result<()> {
+                let data = &map[job.offset..job.offset + job.len];
+                let mut released = 0;
+                let cuts: Box<dyn Iterator<Item = (usize, usize)>> = match (&job.regions, job.policy) {
+                    (Some(regions), ChunkPolicy::Fixed(chunk)) => {
+                        Box::new(chunker::region_cuts(data, job.offset as u64, regions, chunk, cdc).into_iter())
+                    }
+                    _ => Box::new(chunker::cuts(data, job.policy)),
+                };
+                for (off, len) in cuts {
+                    // A private copy: another process may write the file while it is mapped,
+                    // and the id, the compressed bytes and a delta must all come from the same
+                    // bytes (hashing and compressing the mapping itself once stored a blob that
+                    // did not match its id).
+                    window.clear();
+                    window.extend_from_slice(&data[off..off + len]);
+                    store(window)?;
+                    if off + len - released >= limits::MAPPED_WINDOW {
+                        release_pages(map, job.offset + released, off + len - released);
+                        progress.add((off + len - released) as u64, 0);
+                        released = off + len;
+                    }
                 }
-                _ => Box::new(chunker::cuts(data, job.policy)),
-            };
-            for (off, len) in cuts {
-                // A private copy: another process may write the file while it is mapped, and
-                // the id, the compressed bytes and a delta must all come from the same bytes
-                // (hashing and compressing the mapping itself once stored a blob that did not
-                // match its id).
-                window.clear();
-                window.extend_from_slice(&data[off..off + len]);
-                store(window)?;
-                if off + len - released >= limits::MAPPED_WINDOW {
-                    release_pages(map, job.offset + released, off + len - released);
-                    progress.add((off + len - released) as u64, 0);
-                    released = off + len;
-                }
-            }
-            release_pages(map, job.offset + released, job.len - released);
-            progress.add((job.len - released) as u64, 0);
+                release_pages(map, job.offset + released, job.len - released);
+                progress.add((job.len - released) as u64, 0);
+                Ok(())
+            })?;
         }
         SegmentSource::Synth(spec, file) => {
             let fill = |offset: usize, buf: &mut [u8]| {
@@ -902,7 +909,8 @@ impl Walker<'_> {
             Err(e) => return Ok(Err(format!("cannot open: {e}"))),
         };
         // SAFETY: the mapping is read-only and private. A file truncated by another process
-        // while mapped raises SIGBUS; cbcr, like every mmap reader, documents that risk.
+        // while mapped raises SIGBUS on a read past its new end: the cores read it under
+        // `truncated::reading`, which turns that into zeros and lets the backup go on.
         let map = match file.metadata().map(|m| m.len()) {
             Ok(0) => {
                 meta.size = 0;
@@ -932,7 +940,8 @@ impl Walker<'_> {
         }
         let mut regions = None;
         if policy == self.cdc {
-            if let Some((layout, chunk)) = chunking.tar_pages(&map) {
+            // The tar scan reads the mapping too (headers throughout the file).
+            if let Some((layout, chunk)) = truncated::reading(&map, || chunking.tar_pages(&map)) {
                 for warning in &layout.warnings {
                     self.run.warn(path, &format!("tar: {warning}"));
                 }
@@ -1122,13 +1131,24 @@ impl Walker<'_> {
     /// old and new pages (a torn page), so the backup ends as partial.
     fn check_unchanged(&mut self, path: &Path, read: &Metadata) {
         let now = fs::symlink_metadata(path).map(|md| metadata(&md));
-        if !now.as_ref().is_ok_and(|now| unchanged(read, now)) {
-            self.files_changed += 1;
-            self.run.warn(
+        if now.as_ref().is_ok_and(|now| unchanged(read, now)) {
+            return;
+        }
+        self.files_changed += 1;
+        match now {
+            Ok(now) if now.size < read.size => self.run.warn(
+                path,
+                &format!(
+                    "shrank from {} to {} bytes while it was read (truncated, as logrotate's copytruncate does): \
+                     stored at its old size, the bytes past the new end as read or as zeros",
+                    read.size, now.size
+                ),
+            ),
+            _ => self.run.warn(
                 path,
                 "changed while it was read: stored as read, possibly inconsistent (back up a stopped \
                  database, a filesystem snapshot, or use the database's backup mode)",
-            );
+            ),
         }
     }
 

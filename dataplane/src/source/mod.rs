@@ -2,6 +2,7 @@
 //! and who this host is.
 
 pub mod synth;
+pub(crate) mod truncated;
 
 /// This host's name, recorded in snapshots and told to receivers.
 pub(crate) fn hostname() -> String {
