@@ -838,8 +838,12 @@ fn fifos_and_sockets_are_counted_as_left_out_with_exit_3() {
 
 /// The power-loss sweep: each seed kills a backup (or a forget) just before or just after one
 /// of its changes to the store (`store-write:N`, `store-written:N`: every pack, index run,
-/// index merge and deletion, and the commit), then tears what was not yet published (files in
-/// `tmp/` cut to a seeded length, as a power loss leaves unsynced files). Every snapshot
+/// index merge and deletion, and the commit; one seed in eight between the snapshot's rename
+/// and the fsync of its directory), then loses what a power loss would: the command's sync
+/// journal is replayed so that every rename or new directory no later directory fsync made
+/// durable is gone and every file renamed before its data was fsynced is emptied (which checks
+/// the local store's own fsync discipline), and files in `tmp/` are cut to seeded lengths, as a
+/// power loss leaves unsynced files. Every snapshot
 /// committed before stays restorable, the repository opens and verifies, the interrupted
 /// snapshot is whole or absent, and the next backup completes. `CBCR_POWER_LOSS_SEEDS` sets
 /// how many seeds (32 by default; docs/RELIABILITY.md records longer runs).
@@ -854,7 +858,7 @@ fn power_loss_at_seeded_store_changes_leaves_every_earlier_snapshot_restorable()
     let first = tmp.path().join("first");
     repo.ok(&["restore", "latest", "--target", s(&first), "--fsync"]);
     let first_id = last_json(&repo.ok(&["snapshots", "--json"]))["id"].as_str().unwrap().to_owned();
-    let (mut cut, mut forgets) = (0, 0);
+    let (mut cut, mut forgets, mut lost) = (0, 0, 0);
     let seeds: u64 = std::env::var("CBCR_POWER_LOSS_SEEDS").map_or(32, |n| n.parse().unwrap());
     for seed in 0..seeds {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -865,20 +869,29 @@ fn power_loss_at_seeded_store_changes_leaves_every_earlier_snapshot_restorable()
         }
         let before = snapshot_ids(&repo.ok(&["snapshots", "--json"]));
         // One seed in four cuts a forget of the latest snapshot (never the first) instead: its
-        // one change is the deletion; a backup of these files makes about 14.
+        // one change is the deletion; a backup of these files makes about 20 before its commit
+        // and a few after (the index merge), so some cuts fall after the commit.
         let forgetting = seed % 4 == 3 && before.len() > 1;
         let point = if rng.gen_bool(0.5) { "store-write" } else { "store-written" };
-        let fault = format!("{point}:{}", rng.gen_range(1..=if forgetting { 1 } else { 16 }));
+        let mut fault = format!("{point}:{}", rng.gen_range(1..=if forgetting { 1 } else { 26 }));
+        if seed % 8 == 5 {
+            fault = "snapshot-rename:1".into();
+        }
+        let existed = repo_files(&repo_dir);
+        let journal = tmp.path().join(format!("journal-{seed}"));
         let args: Vec<&str> = if forgetting {
             vec!["forget", before.last().unwrap()]
         } else {
             vec!["backup", s(&src), "--pack-size", "256KiB"]
         };
-        let out = repo.cbcr_env(&args, &[("CBCR_FAULT", &fault)]);
+        let out = repo.cbcr_env(&args, &[("CBCR_FAULT", &fault), ("CBCR_SYNC_JOURNAL", s(&journal))]);
         let killed = out.status.signal() == Some(libc::SIGKILL);
         assert!(killed || out.status.success(), "seed {seed} ({fault}): {args:?}: {}", text(&out.stderr));
         cut += usize::from(killed);
         forgets += usize::from(killed && forgetting);
+        if killed {
+            lost += lose_power(&journal, &existed);
+        }
         tear_tmp(&repo_dir.join("tmp"), &mut rng);
 
         let after = snapshot_ids(&repo.ok(&["snapshots", "--json"]));
@@ -907,10 +920,62 @@ fn power_loss_at_seeded_store_changes_leaves_every_earlier_snapshot_restorable()
     }
     // Most seeds cut the command (a seed whose point lies beyond the command's last change
     // ran it to the end), forgets among them.
-    eprintln!("{seeds} seeds: {cut} cuts, {forgets} of them in a forget");
+    eprintln!("{seeds} seeds: {cut} cuts, {forgets} of them in a forget, {lost} entries or file contents lost");
     assert!(cut as u64 >= seeds * 3 / 4 && forgets as u64 >= seeds / 8, "{cut} cuts, {forgets} of them in a forget");
+    // Only the seeds cut between a rename and its directory's fsync lose anything: everything
+    // else the store made durable before it returned.
+    assert!(lost as u64 >= seeds / 8, "{lost} entries lost");
     repo.ok(&["restore", "latest", "--target", s(&tmp.path().join("last")), "--fsync"]);
     assert_same_tree(&src, &tmp.path().join("last").join(src.strip_prefix("/").unwrap()));
+}
+
+/// Every file of the repository outside `tmp/`.
+fn repo_files(dir: &Path) -> std::collections::HashSet<PathBuf> {
+    let mut files = std::collections::HashSet::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() && entry.file_name() != "tmp" {
+            files.extend(repo_files(&entry.path()));
+        } else {
+            files.insert(entry.path());
+        }
+    }
+    files
+}
+
+/// Replays a killed command's sync journal as a power loss would: a rename or a new directory
+/// that no later fsync of its directory made durable is undone (a file renamed over one that
+/// existed before keeps the old one: names are content hashes, so it is the same), and a file
+/// renamed before its data was fsynced is emptied. (An unlink not made durable could come back;
+/// a repository tolerates that, and it is not replayed.) Returns how much it undid.
+fn lose_power(journal: &Path, existed: &std::collections::HashSet<PathBuf>) -> usize {
+    let text = fs::read_to_string(journal).unwrap_or_default();
+    let steps: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
+    let fsynced = |path: &Path, range: &[Vec<&str>]| range.iter().any(|s| s[..] == ["fsync", path.to_str().unwrap()]);
+    let mut lost = 0;
+    for (i, step) in steps.iter().enumerate() {
+        match step[..] {
+            ["rename", from, to] => {
+                let (from, to) = (Path::new(from), Path::new(to));
+                if !fsynced(to.parent().unwrap(), &steps[i + 1..]) {
+                    if !existed.contains(to) && fs::remove_file(to).is_ok() {
+                        lost += 1;
+                    }
+                } else if !fsynced(from, &steps[..i]) {
+                    fs::OpenOptions::new().write(true).open(to).unwrap().set_len(0).unwrap();
+                    lost += 1;
+                }
+            }
+            ["mkdir", dir] => {
+                let dir = Path::new(dir);
+                if !fsynced(dir.parent().unwrap(), &steps[i + 1..]) && fs::remove_dir_all(dir).is_ok() {
+                    lost += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    lost
 }
 
 /// What a power loss leaves of files nobody synced yet: each cut to a seeded length.

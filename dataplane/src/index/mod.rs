@@ -688,7 +688,7 @@ fn write_merged(store: &dyn Store, runs: &[Arc<Run>], damaged: &DamagedCopies, d
     if !durable {
         return Ok(Run { path: tmp, file, scratch: true, covers, count, fences });
     }
-    file.sync_all().at(&tmp)?;
+    crate::store::sync_file(&file, &tmp)?;
     let path = publish_run(store, &tmp, &ChunkId(*name.finalize().as_bytes()))?;
     Ok(Run { covers: vec![file_name(&path)], path, file, scratch: false, count, fences })
 }

@@ -206,7 +206,7 @@ struct WrittenPack {
 
 impl PackSeal for WrittenPack {
     fn seal(self: Box<Self>, id: &ChunkId, entries: &[PackEntry], known: &KnownBlobs) -> Result<()> {
-        self.file.sync_all().at(&self.tmp)?;
+        crate::store::sync_file(&self.file, &self.tmp)?;
         fault::point("pack-seal");
         publish_pack(&*self.store, known, &self.tmp, id, entries)
     }

@@ -38,9 +38,11 @@ impl LocalDir {
         let dir = dest.parent().expect("repository paths have a parent");
         if !dir.exists() {
             fs::create_dir_all(dir).at(dir)?;
+            super::journal::record(super::journal::Step::Mkdir(dir));
             sync_dir(dir.parent().expect("pack fan-out dirs have a parent"))?;
         }
         fs::rename(tmp, dest).at(dest)?;
+        super::journal::record(super::journal::Step::Rename(tmp, dest));
         sync_dir(dir)
     }
 }
@@ -146,7 +148,7 @@ impl Store for LocalDir {
         let mode = if kind == ObjectKind::Key { 0o600 } else { 0o644 };
         let tmp = super::tmp_path(&self.root, "file");
         let mut f = OpenOptions::new().create_new(true).write(true).mode(mode).open(&tmp).at(&tmp)?;
-        let written = f.write_all(bytes).and_then(|_| f.sync_all()).at(&tmp);
+        let written = f.write_all(bytes).at(&tmp).and_then(|()| super::sync_file(&f, &tmp));
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(e);
@@ -157,6 +159,7 @@ impl Store for LocalDir {
         }
         fault::point("snapshot-write");
         fs::rename(&tmp, &dest).at(&dest)?;
+        super::journal::record(super::journal::Step::Rename(&tmp, &dest));
         fault::point("snapshot-rename");
         sync_dir(dest.parent().expect("snapshots/ is the parent"))
     }

@@ -10,6 +10,7 @@
 //! the index runs searched in place (`index/`).
 
 mod crash;
+pub(crate) mod journal;
 mod local;
 mod s3;
 
@@ -208,13 +209,23 @@ pub fn open(spec: &str) -> Result<Box<dyn Store>> {
 /// fsync a file or directory by path (a directory: making the entries made in it durable).
 pub(crate) fn sync_path(path: &Path) -> Result<()> {
     use crate::error::IoContext;
-    std::fs::File::open(path).and_then(|f| f.sync_all()).at(path)
+    std::fs::File::open(path).and_then(|f| f.sync_all()).at(path)?;
+    journal::record(journal::Step::Fsync(path));
+    Ok(())
+}
+
+/// fsync an open file (at `path`, for messages and the sync journal).
+pub(crate) fn sync_file(file: &std::fs::File, path: &Path) -> Result<()> {
+    use crate::error::IoContext;
+    file.sync_all().at(path)?;
+    journal::record(journal::Step::Fsync(path));
+    Ok(())
 }
 
 /// Writes `bytes` as the file `path` and fsyncs it; a failed write leaves no file.
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use crate::error::IoContext;
-    let written = std::fs::write(path, bytes).and_then(|_| std::fs::File::open(path)?.sync_all()).at(path);
+    let written = std::fs::write(path, bytes).at(path).and_then(|()| sync_path(path));
     if written.is_err() {
         let _ = std::fs::remove_file(path);
     }

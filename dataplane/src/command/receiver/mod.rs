@@ -932,7 +932,7 @@ fn check_and_publish(
     if store.repo.holds_keys() {
         check_blobs(store, id, file, &entries, tmp)?;
     }
-    file.sync_all().at(tmp)?;
+    crate::store::sync_file(file, tmp)?;
     let _g = lock(&store.publish);
     publish_pack(&*store.repo.store, &store.known, tmp, &id, &entries)?;
     Ok(())
