@@ -147,6 +147,69 @@ fn update_page(file: &mut [u8], page: usize, generation: u8) {
     file[at + 4000..at + 4016].fill(generation.wrapping_mul(31));
 }
 
+/// Users back up into a new directory each time (`pg_basebackup -D /backups/<date>`): with
+/// `--db`, the parent is the database's latest snapshot and files match by their path below
+/// the source root, so the incremental still stores only the changed pages.
+#[test]
+fn a_new_directory_per_backup_with_db_still_stores_only_the_changed_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, out) = (tmp.path().join("repo"), tmp.path().join("out"));
+    let day = |d: &str| tmp.path().join("backups").join(d);
+    let relation = "base/16384/16397";
+    let mut pages = datagen::db_pages(22, 512);
+    fs::create_dir_all(day("2026-12-01").join(relation).parent().unwrap()).unwrap();
+    fs::write(day("2026-12-01").join(relation), &pages).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut touched: Vec<usize> = (0..30).map(|_| rng.gen_range(0..512)).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    for &p in &touched {
+        update_page(&mut pages, p, 2);
+    }
+    fs::create_dir_all(day("2026-12-02").join(relation).parent().unwrap()).unwrap();
+    fs::write(day("2026-12-02").join(relation), &pages).unwrap();
+    let bound = compressed_pages(&pages, &touched) * 3 / 2;
+    // Each directory backed up on its own, as a user would, with and without --db.
+    let grew = |repo: &Path, db: &[&str]| -> (u64, serde_json::Value, serde_json::Value) {
+        init_small(repo);
+        let first = last_json(&ok(&[&["backup", "--repo", s(repo), s(&day("2026-12-01")), "--json"][..], db].concat()));
+        let before = dir_size(&repo.join("packs"));
+        let second =
+            last_json(&ok(&[&["backup", "--repo", s(repo), s(&day("2026-12-02")), "--json"][..], db].concat()));
+        (dir_size(&repo.join("packs")) - before, first, second)
+    };
+    let (added, first, second) = grew(&repo, &["--db", "pg-orders"]);
+    eprintln!("--db: {} changed pages added {added} bytes of packs, bound {bound}", touched.len());
+    assert_eq!(second["parent"], first["snapshot_id"], "the parent is the database's latest");
+    assert!(added <= bound, "{} changed pages added {added} bytes, more than {bound}", touched.len());
+    let (without, _, second_without) = grew(&tmp.path().join("plain"), &[]);
+    assert!(second_without["parent"].is_null(), "without --db the other directory has no parent");
+    assert!(without > 2 * added, "without --db: {without} bytes against {added}");
+    // The database names its snapshots: listing, ls and restore take it.
+    let listed = ok(&["snapshots", "--repo", s(&repo), "--db", "pg-orders", "--json"]);
+    assert_eq!(snapshot_ids(&listed).len(), 2);
+    assert!(text(&listed.stdout).contains("\"db\":\"pg-orders\""), "{}", text(&listed.stdout));
+    assert!(snapshot_ids(&ok(&["snapshots", "--repo", s(&repo), "--db", "other", "--json"])).is_empty());
+    ok(&["restore", "latest", "--db", "pg-orders", "--repo", s(&repo), "--target", s(&out)]);
+    assert_same_tree(&day("2026-12-02"), &out.join(day("2026-12-02").strip_prefix("/").unwrap()));
+    let none = cbcr(&["ls", "latest", "--db", "other", "--repo", s(&repo)]);
+    assert_eq!(none.status.code(), Some(1), "{}", text(&none.stderr));
+    assert!(text(&none.stderr).contains("no snapshots of database \"other\""), "{}", text(&none.stderr));
+    let bad = cbcr(&["backup", "--repo", s(&repo), s(&day("2026-12-02")), "--db", ""]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    // --parent re-roots the same way, without --db.
+    let explicit = tmp.path().join("explicit");
+    init_small(&explicit);
+    let base = last_json(&ok(&["backup", "--repo", s(&explicit), s(&day("2026-12-01")), "--json"]));
+    let before = dir_size(&explicit.join("packs"));
+    let base_id = base["snapshot_id"].as_str().unwrap();
+    let next =
+        last_json(&ok(&["backup", "--repo", s(&explicit), s(&day("2026-12-02")), "--parent", base_id, "--json"]));
+    assert_eq!(next["parent"], base["snapshot_id"]);
+    let added = dir_size(&explicit.join("packs")) - before;
+    assert!(added <= bound, "--parent: {added} bytes, more than {bound}");
+}
+
 #[test]
 fn page_files_store_only_the_changed_pages_in_an_incremental() {
     let tmp = tempfile::tempdir().unwrap();

@@ -94,9 +94,15 @@ enum Command {
         /// missing directory, or an empty prefix); without it a missing repository is an error.
         #[arg(long)]
         init: bool,
-        /// Snapshot to compare against (id, prefix or `latest`); default: the latest with the same host and paths.
+        /// Snapshot to compare against (id, prefix or `latest`); default: the latest of --db, or
+        /// without --db the latest with the same host and paths.
         #[arg(long)]
         parent: Option<String>,
+        /// The database this is a backup of: recorded in the snapshot, and the parent is then
+        /// the latest snapshot of it from any host or paths, its files matched by their path
+        /// below the source root (a new directory per backup still makes deltas).
+        #[arg(long, env = "CBCR_DB")]
+        db: Option<String>,
         /// zstd level, -7 to 22 (negative is faster).
         #[arg(long, default_value_t = limits::DEFAULT_COMPRESSION_LEVEL, allow_negative_numbers = true,
               value_parser = clap::value_parser!(i32).range(-7..=22))]
@@ -119,7 +125,11 @@ enum Command {
         delta_chain: u32,
     },
     /// List snapshots.
-    Snapshots,
+    Snapshots {
+        /// Only the snapshots of this database (`backup --db`).
+        #[arg(long)]
+        db: Option<String>,
+    },
     /// Remove snapshots by id or unique id prefix (their data stays until a gc). Through a
     /// receiver, its policy must allow `forget`.
     Forget {
@@ -131,11 +141,17 @@ enum Command {
     Ls {
         /// Snapshot id, id prefix, or `latest`.
         snapshot: String,
+        /// Pick among the snapshots of this database (`latest --db NAME`).
+        #[arg(long)]
+        db: Option<String>,
     },
     /// Restore a snapshot under a target directory (paths keep their full original path).
     Restore {
         /// Snapshot id, id prefix, or `latest`.
         snapshot: String,
+        /// Pick among the snapshots of this database (`latest --db NAME`).
+        #[arg(long)]
+        db: Option<String>,
         /// Directory to restore into.
         #[arg(long)]
         target: PathBuf,
@@ -405,7 +421,17 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
-        Command::Backup { paths, init, parent, compression_level, pack_size, chunking, page_chunk, delta_chain } => {
+        Command::Backup {
+            paths,
+            init,
+            parent,
+            db,
+            compression_level,
+            pack_size,
+            chunking,
+            page_chunk,
+            delta_chain,
+        } => {
             let chunk = u32::try_from(page_chunk)
                 .map_err(|_| Error::Usage(format!("--page-chunk {page_chunk} is too large")))?;
             let policy = |arg| match arg {
@@ -433,6 +459,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 paths,
                 synth,
                 parent,
+                db,
                 cores,
                 compression_level,
                 pack_size,
@@ -472,11 +499,11 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(if s.files_skipped > 0 || out.files_changed > 0 { ExitCode::Partial } else { ExitCode::Ok })
         }
-        Command::Snapshots => {
+        Command::Snapshots { db } => {
             let repo = open(false)?;
-            for (id, s) in repo.snapshots()? {
+            for (id, s) in repo.snapshots()?.into_iter().filter(|(_, s)| db.is_none() || s.db == db) {
                 if g.json {
-                    reporter.json(json!({"type": "snapshot", "id": id.to_hex(), "time": s.time, "host": s.host, "paths": s.paths, "parent": s.parent, "tree": s.tree, "stats": s.stats, "repaired": s.repaired}));
+                    reporter.json(json!({"type": "snapshot", "id": id.to_hex(), "time": s.time, "host": s.host, "db": s.db, "paths": s.paths, "parent": s.parent, "tree": s.tree, "stats": s.stats, "repaired": s.repaired}));
                 } else {
                     let repaired = s.repaired.as_ref().map_or(String::new(), |r| {
                         format!(
@@ -485,8 +512,9 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                             r.files
                         )
                     });
+                    let db = s.db.as_ref().map_or(String::new(), |db| format!("db={db}  "));
                     println!(
-                        "{}  {}  {}  {}  {}{repaired}",
+                        "{}  {}  {}  {db}{}  {}{repaired}",
                         id.short(),
                         s.time.get(..19).unwrap_or(&s.time),
                         s.host,
@@ -515,16 +543,21 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(ExitCode::Ok)
         }
-        Command::Ls { snapshot } => {
+        Command::Ls { snapshot, db } => {
             let repo = open(false)?;
-            let (_, snap) = repo.find_snapshot(&snapshot)?;
+            let (_, snap) = repo.find_snapshot_of(&snapshot, db.as_deref())?;
             let index = dataplane::index::ChunkIndex::load(&*repo.store)?;
             let mut reader = dataplane::pipeline::pack::BlobReader::new(&repo, &index)?;
             list_tree(&mut reader, &snap.tree_id(), Path::new("/"), reporter, g.json)?;
             Ok(ExitCode::Ok)
         }
-        Command::Restore { snapshot, target, include, fsync } => {
+        Command::Restore { snapshot, target, include, fsync, db } => {
             let repo = open(false)?;
+            // With --db, `latest` and prefixes pick among that database's snapshots.
+            let snapshot = match db {
+                Some(db) => repo.find_snapshot_of(&snapshot, Some(&db))?.0.to_hex(),
+                None => snapshot,
+            };
             let opts = RestoreOptions { dest: Destination::Dir(target.clone()), include, cores, fsync };
             let stats = restore(repo, &snapshot, &opts, &run)?;
             reporter.json(json!({"type": "restore_summary", "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "target": target}));

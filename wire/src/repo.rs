@@ -210,6 +210,42 @@ pub struct Snapshot {
     /// Set when `repair snapshots` made this snapshot from a damaged one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repaired: Option<Repaired>,
+    /// The database this is a backup of (`backup --db`): its parent is the latest snapshot of
+    /// the same database, whatever host or paths it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db: Option<String>,
+}
+
+/// Whether `name` may name a database: 1 to 255 bytes, no control characters.
+pub fn is_db_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_SNAPSHOT_TEXT && !name.chars().any(char::is_control)
+}
+
+/// Pairs the source roots of a backup with those of its parent (indexes into each), so files
+/// are matched by their path below their root: the same path pairs with itself; the rest pair
+/// in order when both sides have as many left, else by their last component when that names
+/// one root on each side. A root left unpaired has no parent files.
+pub fn pair_roots(current: &[String], parent: &[String]) -> Vec<(usize, usize)> {
+    let mut pairs: Vec<(usize, usize)> =
+        current.iter().enumerate().filter_map(|(i, c)| parent.iter().position(|p| p == c).map(|j| (i, j))).collect();
+    let left = |n: usize, taken: &dyn Fn(usize) -> bool| (0..n).filter(|&i| !taken(i)).collect::<Vec<_>>();
+    let cur: Vec<usize> = left(current.len(), &|i| pairs.iter().any(|p| p.0 == i));
+    let par: Vec<usize> = left(parent.len(), &|j| pairs.iter().any(|p| p.1 == j));
+    if cur.len() == par.len() {
+        pairs.extend(cur.into_iter().zip(par));
+    } else {
+        let last = |s: &str| s.rsplit('/').find(|c| !c.is_empty()).unwrap_or_default().to_owned();
+        for &i in &cur {
+            let name = last(&current[i]);
+            let same: Vec<usize> = par.iter().copied().filter(|&j| last(&parent[j]) == name).collect();
+            let mine = cur.iter().filter(|&&k| last(&current[k]) == name).count();
+            if let ([j], 1) = (&same[..], mine) {
+                pairs.push((i, *j));
+            }
+        }
+    }
+    pairs.sort_unstable();
+    pairs
 }
 
 /// What `repair snapshots` changed to make a snapshot from a damaged one.
@@ -240,6 +276,14 @@ impl Snapshot {
         }
         if let Some(r) = &s.repaired {
             ChunkId::from_hex(&r.original)?;
+        }
+        if let Some(db) = s.db.as_deref().filter(|db| !is_db_name(db)) {
+            return Err(Error::Corrupt {
+                what: "snapshot",
+                detail: format!(
+                    "database name {db:?} is empty, longer than {MAX_SNAPSHOT_TEXT} bytes or holds control characters"
+                ),
+            });
         }
         let bad = |detail: String| Error::Corrupt { what: "snapshot", detail };
         if !is_utc_time(&s.time) {
@@ -294,6 +338,7 @@ mod tests {
             parent: None,
             stats: SnapshotStats::default(),
             repaired: None,
+            db: None,
         }
     }
 
@@ -305,6 +350,8 @@ mod tests {
         // A snapshot that was never repaired encodes as before the field existed (its id too).
         assert!(!String::from_utf8(snapshot().encode()).unwrap().contains("repaired"));
         let repaired = Repaired { original: ChunkId([7; 32]).to_hex(), files: 2, dirs: 1, bytes_lost: 65536 };
+        let with_db = Snapshot { db: Some("pg-orders".into()), ..snapshot() };
+        assert_eq!(Snapshot::decode(&with_db.encode()).unwrap(), with_db);
         let fixed = Snapshot { repaired: Some(repaired.clone()), ..snapshot() };
         assert_eq!(Snapshot::decode(&fixed.encode()).unwrap(), fixed);
         let bad_original = Snapshot { repaired: Some(Repaired { original: "zz".into(), ..repaired }), ..snapshot() };
@@ -316,6 +363,8 @@ mod tests {
             (Snapshot { time: "2026-12-02T06:31:46.Z".into(), ..snapshot() }, "not an RFC 3339"),
             (Snapshot { time: "".into(), ..snapshot() }, "not an RFC 3339"),
             (Snapshot { host: "a\nb".into(), ..snapshot() }, "control characters"),
+            (Snapshot { db: Some(String::new()), ..snapshot() }, "database name"),
+            (Snapshot { db: Some("pg\u{7}1".into()), ..snapshot() }, "database name"),
             (Snapshot { host: "h".repeat(300), ..snapshot() }, "longer than 255"),
             (Snapshot { paths: vec![], ..snapshot() }, "0 source paths"),
             (Snapshot { paths: vec!["/a\0b".into()], ..snapshot() }, "NUL"),
@@ -332,6 +381,20 @@ mod tests {
         fn any_time_string_decodes_or_is_refused(time in "\\PC{0,40}") {
             let _ = Snapshot::decode(&Snapshot { time, ..snapshot() }.encode());
         }
+    }
+
+    #[test]
+    fn source_roots_pair_by_path_then_order_then_name() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // A new directory per backup: one root each.
+        assert_eq!(pair_roots(&s(&["/backups/2026-12-02"]), &s(&["/backups/2026-12-01"])), vec![(0, 0)]);
+        // The same paths pair with themselves first.
+        assert_eq!(pair_roots(&s(&["/a", "/x/new"]), &s(&["/a", "/x/old"])), vec![(0, 0), (1, 1)]);
+        assert_eq!(pair_roots(&s(&["/b/data", "/b/wal"]), &s(&["/a/data", "/a/wal"])), vec![(0, 0), (1, 1)]);
+        // Unequal counts: by last component, when it names one root on each side.
+        assert_eq!(pair_roots(&s(&["/n/wal", "/n/data"]), &s(&["/o/data"])), vec![(1, 0)]);
+        assert_eq!(pair_roots(&s(&["/n/x", "/m/x"]), &s(&["/o/x"])), vec![]);
+        assert_eq!(pair_roots(&s(&["/n"]), &s(&[])), vec![]);
     }
 
     #[test]

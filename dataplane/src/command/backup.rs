@@ -42,8 +42,11 @@ pub struct BackupOptions {
     pub paths: Vec<PathBuf>,
     /// A generated source instead of `paths` (`synth://pg?...`).
     pub synth: Option<SynthSpec>,
-    /// Snapshot to compare against; by default the latest with the same host and paths.
+    /// Snapshot to compare against; by default the latest of `db`, or without one the latest
+    /// with the same host and paths.
     pub parent: Option<String>,
+    /// The database this is a backup of (recorded; picks the parent).
+    pub db: Option<String>,
     pub cores: usize,
     pub compression_level: i32,
     pub pack_size: u64,
@@ -227,7 +230,13 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         None => paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
     };
     let host = crate::source::hostname();
-    let parent = repo.find_parent(opts.parent.as_deref(), &host, &path_strings)?;
+    if let Some(db) = opts.db.as_deref().filter(|db| !wire::repo::is_db_name(db)) {
+        return Err(Error::Usage(format!(
+            "--db {db:?}: a database name is 1 to {} bytes without control characters",
+            wire::repo::MAX_SNAPSHOT_TEXT
+        )));
+    }
+    let parent = repo.find_parent(opts.parent.as_deref(), &host, &path_strings, opts.db.as_deref())?;
     for chunking in opts.chunking.all() {
         let (Chunking::Auto { chunk } | Chunking::Pages { chunk, .. }, Some(page)) = (chunking, chunking.page_size())
         else {
@@ -314,8 +323,12 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
         confirmed: HashSet::default(),
         subtrees: HashMap::new(),
+        rerooted: HashMap::new(),
     };
     let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
+    if let (Some((_, snap)), None) = (&parent, &opts.synth) {
+        walker.reroot(&paths, &path_strings, snap)?;
+    }
     let walked = walker.walk(parent_tree, |walker, parent| match &opts.synth {
         Some(spec) => walker.walk_synth(spec, parent),
         None => walker.walk_sources(&paths, parent),
@@ -353,6 +366,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         parent: parent.map(|(id, _)| id.to_hex()),
         stats,
         repaired: None,
+        db: opts.db.clone(),
     };
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
     // The snapshot stands on its own: a merge that fails only leaves more runs to read.
@@ -672,9 +686,43 @@ struct Walker<'a> {
     /// Remote repository: the parent trees of the subdirectories of the directories being
     /// walked, fetched in one stream per directory (taken as the walk enters each).
     subtrees: HashMap<PathBuf, Tree>,
+    /// Source roots whose parent files lie under another path (a new directory per backup):
+    /// the parent's node at its paired root, taken as the walk reaches the root.
+    rerooted: HashMap<PathBuf, Node>,
 }
 
 impl Walker<'_> {
+    /// Pairs the source roots with the parent's (`wire::repo::pair_roots`), so that a root
+    /// whose path differs from its parent's still finds the parent's files below it.
+    fn reroot(&mut self, paths: &[PathBuf], names: &[String], parent: &Snapshot) -> Result<()> {
+        for (i, j) in wire::repo::pair_roots(names, &parent.paths) {
+            if names[i] == parent.paths[j] {
+                continue;
+            }
+            if let Some(node) = self.parent_node(&parent.tree_id(), &parent.paths[j])? {
+                self.rerooted.insert(paths[i].clone(), node);
+            }
+        }
+        Ok(())
+    }
+
+    /// The node at absolute `path` in the snapshot whose root tree is `root`.
+    fn parent_node(&mut self, root: &ChunkId, path: &str) -> Result<Option<Node>> {
+        let mut tree = self.load_tree(root)?;
+        let names: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        for (k, name) in names.iter().enumerate() {
+            let Some(node) = tree.find(name.as_bytes()).cloned() else { return Ok(None) };
+            if k + 1 == names.len() {
+                return Ok(Some(node));
+            }
+            match node.kind {
+                NodeKind::Dir { tree: sub } => tree = self.load_tree(&sub)?,
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
     /// Walks a source with `walk_root` (given the parent snapshot's root tree), completes every
     /// directory, and returns the root tree's id.
     fn walk(
@@ -716,7 +764,14 @@ impl Walker<'_> {
         for (name, child) in children {
             let child_path = path.join(name);
             match child {
-                Source::Leaf => self.add_entry(&mut nodes, &child_path, name.as_bytes(), parent)?,
+                Source::Leaf => match self.rerooted.remove(&child_path) {
+                    // The parent's files of this root are under another name: look there.
+                    Some(node) => {
+                        let moved = Tree { nodes: vec![Node { name: name.as_bytes().to_vec(), ..node }] };
+                        self.add_entry(&mut nodes, &child_path, name.as_bytes(), Some(&moved))?
+                    }
+                    None => self.add_entry(&mut nodes, &child_path, name.as_bytes(), parent)?,
+                },
                 Source::Inner(grandchildren) => {
                     let md = fs::symlink_metadata(&child_path)
                         .map_err(|e| Error::NotFound(format!("{}: {e}", child_path.display())))?;

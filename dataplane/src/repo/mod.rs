@@ -300,14 +300,37 @@ impl Repository {
         find_in(self.snapshots()?, spec)
     }
 
+    /// [`Self::find_snapshot`] among the snapshots of database `db` (all, when `None`).
+    pub fn find_snapshot_of(&self, spec: &str, db: Option<&str>) -> Result<(ChunkId, Snapshot)> {
+        let Some(db) = db else { return self.find_snapshot(spec) };
+        let of_db: Vec<_> = self.snapshots()?.into_iter().filter(|(_, s)| s.db.as_deref() == Some(db)).collect();
+        if of_db.is_empty() {
+            return Err(Error::NotFound(format!("the repository has no snapshots of database {db:?}")));
+        }
+        find_in(of_db, spec)
+    }
+
     /// The parent a backup of `host` and `paths` compares against: `spec` if given, else the
     /// latest with the same host and paths; only among the snapshots it may take as parents.
     /// Never a snapshot `repair snapshots` made: its files hold holes where data was lost, and
     /// a backup would keep them for every file whose metadata did not change.
-    pub fn find_parent(&self, spec: Option<&str>, host: &str, paths: &[String]) -> Result<Option<(ChunkId, Snapshot)>> {
+    /// With `db`, the default is the latest snapshot of that database, whatever host or paths.
+    pub fn find_parent(
+        &self,
+        spec: Option<&str>,
+        host: &str,
+        paths: &[String],
+        db: Option<&str>,
+    ) -> Result<Option<(ChunkId, Snapshot)>> {
         let candidates = self.backend.parent_candidates()?;
         let Some(spec) = spec else {
-            let same = |s: &Snapshot| s.host == host && s.paths == paths && s.repaired.is_none();
+            let same = |s: &Snapshot| {
+                s.repaired.is_none()
+                    && match db {
+                        Some(db) => s.db.as_deref() == Some(db),
+                        None => s.host == host && s.paths == paths,
+                    }
+            };
             return Ok(candidates.into_iter().rev().find(|(_, s)| same(s)));
         };
         match find_in(candidates, spec) {
