@@ -361,8 +361,12 @@ impl Peer {
     }
 
     /// Backs `input` up as archive `tag`.
-    fn backup(self, cbcr: &Path, work: &Path, input: &Path, tag: &str) -> Result<f64> {
+    /// Backs up `input` (for cbcr, as database `db` when one is given: `--db`).
+    fn backup(self, cbcr: &Path, work: &Path, input: &Path, tag: &str, db: Option<&str>) -> Result<f64> {
         let mut c = self.command(cbcr, work);
+        if let (Peer::Cbcr, Some(db)) = (self, db) {
+            c.env("CBCR_DB", db);
+        }
         match self {
             Peer::Cbcr => c.args(["backup", "--init"]).arg(input),
             Peer::Restic => c.arg("backup").arg(input),
@@ -428,7 +432,7 @@ fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>)
     let bytes = dir_bytes(&input);
     let mut full = vec![];
     for p in &peers {
-        full.push((p.backup(cbcr, &work, &input, "a")?, dir_bytes(&p.repo(&work))));
+        full.push((p.backup(cbcr, &work, &input, "a", None)?, dir_bytes(&p.repo(&work))));
     }
     if let Some(spec) = &spec {
         write_synth(&SynthSpec { gen: spec.gen + 1, ..spec.clone() }, &input)?;
@@ -436,7 +440,7 @@ fn peers(cbcr: &Path, out: &Path, input: Option<PathBuf>, synth: Option<String>)
     let incr_bytes = dir_bytes(&input);
     let mut rows = vec![];
     for (p, (full_s, full_size)) in peers.iter().zip(full) {
-        let incr_s = p.backup(cbcr, &work, &input, "b")?;
+        let incr_s = p.backup(cbcr, &work, &input, "b", None)?;
         let growth = dir_bytes(&p.repo(&work)) - full_size;
         let target = work.join("out");
         std::fs::create_dir_all(&target)?;

@@ -1,6 +1,7 @@
 //! `perf pgbench`: a real pgbench database backed up by cbcr and restic in one run, as a plain
-//! data directory (backed up cold) and as `pg_basebackup -Ft` tar files: full backup, a pgbench
-//! run, incremental. Prints throughput and repository growth side by side.
+//! data directory (backed up cold), as `pg_basebackup -Ft` tar files, and as cold copies into a
+//! new directory per backup (`dated`, as users take them; cbcr with `--db`): full backup, a
+//! pgbench run, incremental. Prints throughput and repository growth side by side.
 
 use std::path::Path;
 
@@ -11,8 +12,10 @@ use crate::{dir_bytes, ensure_peers, Peer};
 
 struct Form {
     name: &'static str,
-    /// What the tools back up.
-    input: std::path::PathBuf,
+    /// What the tools back up: for the full backup, and for the incremental.
+    inputs: [std::path::PathBuf; 2],
+    /// The database cbcr is told the backups are of (`--db`).
+    db: Option<&'static str>,
 }
 
 struct Row {
@@ -37,7 +40,19 @@ pub(crate) fn pgbench(cbcr: &Path, out: &Path, scale: u32, transactions: u32) ->
     let data = work.join("pgdata");
     let _guard = pg.stop_on_drop(vec![data.clone()]);
     let tar = work.join("tar");
-    let forms = [Form { name: "plain", input: data.clone() }, Form { name: "tar", input: tar.clone() }];
+    let dated = |day: &str| work.join("dated").join(day);
+    let forms = [
+        Form { name: "plain", inputs: [data.clone(), data.clone()], db: None },
+        Form { name: "tar", inputs: [tar.clone(), tar.clone()], db: None },
+        Form { name: "dated", inputs: [dated("a"), dated("b")], db: Some("pgbench") },
+    ];
+    // A cold copy of the data directory into a directory of its own.
+    let copy_to = |dir: &Path| -> Result<()> {
+        std::fs::create_dir_all(dir.parent().expect("under work"))?;
+        let status = std::process::Command::new("cp").arg("-a").arg(&data).arg(dir).status()?;
+        anyhow::ensure!(status.success(), "cp -a {} {}: {status}", data.display(), dir.display());
+        Ok(())
+    };
     let tools = [Peer::Cbcr, Peer::Restic];
 
     pg.init(&data)?;
@@ -52,6 +67,7 @@ pub(crate) fn pgbench(cbcr: &Path, out: &Path, scale: u32, transactions: u32) ->
     };
     base_backup()?;
     pg.stop(&data)?;
+    copy_to(&dated("a"))?;
 
     let mut rows = vec![];
     for form in &forms {
@@ -59,13 +75,13 @@ pub(crate) fn pgbench(cbcr: &Path, out: &Path, scale: u32, transactions: u32) ->
             let repo_dir = work.join("repos").join(form.name);
             std::fs::create_dir_all(&repo_dir)?;
             tool.init(cbcr, &repo_dir)?;
-            let full_s = tool.backup(cbcr, &repo_dir, &form.input, "a")?;
+            let full_s = tool.backup(cbcr, &repo_dir, &form.inputs[0], "a", form.db)?;
             let full_size = dir_bytes(&tool.repo(&repo_dir));
             eprintln!("{} {} full: {full_s:.2} s", form.name, tool.name());
             rows.push(Row {
                 form: form.name,
                 tool: tool.name(),
-                input_bytes: dir_bytes(&form.input),
+                input_bytes: dir_bytes(&form.inputs[0]),
                 full_s,
                 full_size,
                 incr_s: 0.0,
@@ -79,12 +95,13 @@ pub(crate) fn pgbench(cbcr: &Path, out: &Path, scale: u32, transactions: u32) ->
     pg.pgbench(&["-t", &transactions.to_string(), "-c", "2"])?;
     base_backup()?;
     pg.stop(&data)?;
+    copy_to(&dated("b"))?;
 
     for row in &mut rows {
         let form = forms.iter().find(|f| f.name == row.form).expect("rows come from forms");
         let tool = tools.into_iter().find(|t| t.name() == row.tool).expect("rows come from tools");
         let repo_dir = work.join("repos").join(form.name);
-        row.incr_s = tool.backup(cbcr, &repo_dir, &form.input, "b")?;
+        row.incr_s = tool.backup(cbcr, &repo_dir, &form.inputs[1], "b", form.db)?;
         row.growth = dir_bytes(&tool.repo(&repo_dir)) - row.full_size;
         eprintln!("{} {} incremental: {:.2} s", row.form, row.tool, row.incr_s);
     }
