@@ -700,27 +700,25 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             let done = found.iter().all(|r| r.repaired.is_some() || (r.root_lost && r.forgotten));
             Ok(if done { ExitCode::Ok } else { ExitCode::Integrity })
         }
-        Command::Repair(which) => {
+        Command::Repair(which @ (RepairCommand::Index | RepairCommand::Packs)) => {
             let repo = open(false)?;
-            let report = match which {
-                RepairCommand::Index => dataplane::command::repair::repair_index(&repo, &run)?,
-                RepairCommand::Snapshots { .. } => unreachable!("matched above"),
-                RepairCommand::Packs => {
-                    let (found, report) = dataplane::command::repair::repair_packs(&repo, cores, &run)?;
-                    for d in found.damage.iter().filter(|d| d.kind == "file" || d.kind == "blob") {
-                        reporter.json(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
-                        if !g.json {
-                            eprintln!("{}", describe(d));
-                        }
+            let report = if matches!(which, RepairCommand::Index) {
+                dataplane::command::repair::repair_index(&repo, &run)?
+            } else {
+                let (found, report) = dataplane::command::repair::repair_packs(&repo, cores, &run)?;
+                for d in found.damage.iter().filter(|d| d.kind == "file" || d.kind == "blob") {
+                    reporter.json(json!({"type": "damage", "kind": d.kind, "name": d.name, "detail": d.detail}));
+                    if !g.json {
+                        eprintln!("{}", describe(d));
                     }
-                    if !g.quiet && !g.json && report.blobs_left_out > 0 {
-                        println!(
+                }
+                if !g.quiet && !g.json && report.blobs_left_out > 0 {
+                    println!(
                             "{} damaged blobs taken out of the index: back up the files named above again to store them anew",
                             report.blobs_left_out
                         );
-                    }
-                    report
                 }
+                report
             };
             for (pack, detail) in &report.damaged {
                 reporter.json(json!({"type": "damage", "kind": "pack", "name": pack, "detail": detail}));
