@@ -9,35 +9,6 @@ use std::path::Path;
 use cbcr_tests::*;
 use datagen::pg::Postgres;
 
-/// Changed 8 KiB pages of relation files (under `base/` and `global/`, new pages included) and
-/// bytes of other changed files, between two copies of a data directory.
-fn changed(before: &Path, after: &Path, root: &Path) -> (u64, u64) {
-    let (mut pages, mut other) = (0, 0);
-    for entry in fs::read_dir(after).unwrap().flatten() {
-        let path = entry.path();
-        let old = before.join(path.file_name().unwrap());
-        let md = fs::symlink_metadata(&path).unwrap();
-        if md.is_dir() {
-            let (p, o) = changed(&old, &path, root);
-            pages += p;
-            other += o;
-        } else if md.is_file() {
-            let (new_bytes, old_bytes) = (fs::read(&path).unwrap(), fs::read(&old).unwrap_or_default());
-            let rel = path.strip_prefix(root).unwrap();
-            if rel.starts_with("base") || rel.starts_with("global") {
-                pages += new_bytes
-                    .chunks(8192)
-                    .enumerate()
-                    .filter(|(i, p)| old_bytes.get(i * 8192..i * 8192 + p.len()) != Some(p))
-                    .count() as u64;
-            } else if new_bytes != old_bytes {
-                other += new_bytes.len() as u64;
-            }
-        }
-    }
-    (pages, other)
-}
-
 #[test]
 fn pgbench_database_round_trips_through_full_and_incremental_backups() {
     let tmp = tempfile::tempdir().unwrap();
@@ -73,7 +44,11 @@ fn pgbench_database_round_trips_through_full_and_incremental_backups() {
     let first_id = full["snapshot_id"].as_str().unwrap();
     ok(&["restore", &first_id[..12], "--repo", s(&repo), "--target", s(&first)]);
     let before = first.join(data.strip_prefix("/").unwrap());
-    let (pages, other) = changed(&before, &data, &data);
+    let relation = |p: &Path| {
+        let rel = p.strip_prefix(&data).unwrap();
+        rel.starts_with("base") || rel.starts_with("global")
+    };
+    let (pages, other) = changed_pages(&before, &data, 8192, &relation);
     let bound = pages * 16384 + other;
     assert!(
         incr_new <= bound,

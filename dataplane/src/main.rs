@@ -110,10 +110,11 @@ enum Command {
         /// Seal pack files at this size.
         #[arg(long, default_value = "64MiB", value_parser = dataplane::parse_size)]
         pack_size: u64,
-        /// `auto` (page chunks for PostgreSQL relation files, content-defined for the rest),
-        /// `cdc` (content-defined everywhere) or `pages:SIZE` (page chunks for every file whose
-        /// length is a multiple of the page SIZE, e.g. pages:16KiB for InnoDB). Repeat as
-        /// `PATH=POLICY` to set the policy of the files under PATH (the longest PATH wins).
+        /// `auto` (page chunks for the page files of PostgreSQL, InnoDB and SQLite, each at its
+        /// own page size, found by name and content; content-defined for the rest), `cdc`
+        /// (content-defined everywhere) or `pages:SIZE` (page chunks for every file whose
+        /// length is a multiple of the page SIZE). Repeat as `PATH=POLICY` to set the policy of
+        /// the files under PATH (the longest PATH wins).
         #[arg(long, value_parser = parse_chunking)]
         chunking: Vec<(Option<PathBuf>, ChunkingArg)>,
         /// Length of a page chunk: a multiple of the page size.
@@ -482,6 +483,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 "dirs": s.dirs,
                 "files_skipped": s.files_skipped,
                 "files_changed": out.files_changed,
+                "page_files": out.page_files.iter().map(|(e, n)| (e.name(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
                 "duration_s": s.duration_s,
                 "stage_latency_us": out.stage_latency,
             }));

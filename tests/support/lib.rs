@@ -511,3 +511,32 @@ pub fn http_get(addr: &str, path: &str) -> String {
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     page
 }
+
+/// Changed `page`-byte pages (new pages included) of the files `is_paged` picks, and bytes of
+/// the other changed files, between two copies of a directory: what an incremental of the
+/// second after the first must store at most (the tests' model of it).
+pub fn changed_pages(before: &Path, after: &Path, page: usize, is_paged: &dyn Fn(&Path) -> bool) -> (u64, u64) {
+    let (mut pages, mut other) = (0, 0);
+    for entry in fs::read_dir(after).unwrap().flatten() {
+        let path = entry.path();
+        let old = before.join(path.file_name().unwrap());
+        let md = fs::symlink_metadata(&path).unwrap();
+        if md.is_dir() {
+            let (p, o) = changed_pages(&old, &path, page, is_paged);
+            pages += p;
+            other += o;
+        } else if md.is_file() {
+            let (new_bytes, old_bytes) = (fs::read(&path).unwrap(), fs::read(&old).unwrap_or_default());
+            if is_paged(&path) {
+                pages += new_bytes
+                    .chunks(page)
+                    .enumerate()
+                    .filter(|(i, p)| old_bytes.get(i * page..i * page + p.len()) != Some(p))
+                    .count() as u64;
+            } else if new_bytes != old_bytes {
+                other += new_bytes.len() as u64;
+            }
+        }
+    }
+    (pages, other)
+}

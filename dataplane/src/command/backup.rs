@@ -33,6 +33,7 @@ use crate::pipeline::pack::{BlobReader, BlobWriter, SealJob, Sealer, WriteStats}
 use crate::pipeline::tar::{self, PageRegion};
 use crate::repo::{Backend, Repository};
 use crate::runtime;
+use crate::source::engine::{self, Detected, Engine};
 use crate::source::synth::{self, SynthFile, SynthSpec};
 use crate::source::truncated;
 use wire::assemble::{self, DirEntry};
@@ -77,8 +78,9 @@ impl ChunkingRules {
 /// Which files are chunked at fixed page-aligned offsets instead of by content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Chunking {
-    /// Page chunks for files that look like PostgreSQL relation files (under a `base` or
-    /// `global` directory, a multiple of 8 KiB long); content-defined for everything else.
+    /// Page chunks for the page files of the database engines [`engine::detect`] recognises
+    /// (PostgreSQL relation files, InnoDB tablespaces, SQLite databases), each at its own page
+    /// size; content-defined for everything else.
     Auto { chunk: u32 },
     /// Content-defined for every file.
     Cdc,
@@ -86,58 +88,95 @@ pub enum Chunking {
     Pages { page: u32, chunk: u32 },
 }
 
+/// How one file is cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FilePlan {
+    policy: ChunkPolicy,
+    /// The page size of a page file (or of the page files inside a tar): its page chunks may
+    /// be stored as deltas of these pages.
+    page: Option<u32>,
+    /// The engine `auto` recognised the file as.
+    engine: Option<Engine>,
+}
+
+impl FilePlan {
+    fn content(cdc: ChunkPolicy) -> Self {
+        FilePlan { policy: cdc, page: None, engine: None }
+    }
+}
+
 impl Chunking {
-    /// The page size of page files, `None` with `cdc`.
+    /// The page size `--page-chunk` must be a multiple of, `None` with `cdc`.
     fn page_size(&self) -> Option<u32> {
         match *self {
             Chunking::Cdc => None,
             Chunking::Pages { page, .. } => Some(page),
-            Chunking::Auto { .. } => Some(synth::PAGE as u32),
+            Chunking::Auto { .. } => Some(engine::POSTGRES_PAGE),
         }
     }
 
-    /// The policy for a file at `path` of `len` bytes.
-    fn policy(&self, path: &Path, len: u64, cdc: ChunkPolicy) -> ChunkPolicy {
+    /// How to cut the file at `path`, `len` bytes long and starting with `head` (its first
+    /// [`engine::HEAD`] bytes), in a repository of `segment`-byte segments; and why a file
+    /// named like a page file is not cut as one.
+    fn plan(&self, path: &Path, len: u64, head: &[u8], cdc: ChunkPolicy, segment: u64) -> (FilePlan, Option<String>) {
+        let content = FilePlan::content(cdc);
         match *self {
-            Chunking::Cdc => cdc,
-            Chunking::Pages { page, chunk } if len.is_multiple_of(u64::from(page)) => ChunkPolicy::Fixed(chunk),
-            Chunking::Pages { .. } => cdc,
-            Chunking::Auto { chunk } if is_relation_path(path) && len.is_multiple_of(synth::PAGE as u64) => {
-                ChunkPolicy::Fixed(chunk)
+            Chunking::Cdc => (content, None),
+            Chunking::Pages { page, chunk } if len.is_multiple_of(u64::from(page)) => {
+                (FilePlan { policy: ChunkPolicy::Fixed(chunk), page: Some(page), engine: None }, None)
             }
-            Chunking::Auto { .. } => cdc,
+            Chunking::Pages { .. } => (content, None),
+            Chunking::Auto { chunk } => match engine::detect(path, len, head) {
+                Detected::Pages { engine, page } => match auto_page_chunk(chunk, page, segment) {
+                    Some(chunk) => {
+                        (FilePlan { policy: ChunkPolicy::Fixed(chunk), page: Some(page), engine: Some(engine) }, None)
+                    }
+                    None => {
+                        let why = format!(
+                            "{} page file with {page}-byte pages, which page chunks of {chunk} bytes in segments of \
+                             {segment} cannot hold: chunked by content (give --chunking PATH=pages:{page} \
+                             and a --page-chunk that fits)",
+                            engine.name()
+                        );
+                        (content, Some(why))
+                    }
+                },
+                Detected::Other => (content, None),
+                Detected::Suspect(why) => (content, Some(why)),
+            },
         }
     }
 
-    /// The page files inside a tar file's bytes, found as [`Self::policy`] finds them in a
-    /// directory; `None` with `cdc`.
-    fn tar_pages(&self, bytes: &[u8]) -> Option<(tar::TarLayout, u32)> {
-        let (page, chunk, any) = match *self {
+    /// The page files inside a tar file's bytes, found as [`Self::plan`] finds PostgreSQL's
+    /// in a directory, and the plan of their regions; `None` with `cdc`.
+    fn tar_pages(&self, bytes: &[u8]) -> Option<(tar::TarLayout, FilePlan)> {
+        let (page, chunk, engine) = match *self {
             Chunking::Cdc => return None,
-            Chunking::Pages { page, chunk } => (page, chunk, true),
-            Chunking::Auto { chunk } => (synth::PAGE as u32, chunk, false),
+            Chunking::Pages { page, chunk } => (page, chunk, None),
+            Chunking::Auto { chunk } => (engine::POSTGRES_PAGE, chunk, Some(Engine::Postgres)),
         };
         tar::is_tar(bytes).then(|| {
             let layout = tar::scan(bytes, u64::from(page), limits::TAR_PAGE_MEMBERS, |name| {
-                any || is_relation_path(Path::new(name))
+                engine.is_none() || engine::is_relation_path(Path::new(name))
             });
-            (layout, chunk)
+            (layout, FilePlan { policy: ChunkPolicy::Fixed(chunk), page: Some(page), engine })
         })
     }
 }
 
-/// Below a `base` or `global` directory, where PostgreSQL keeps its relation files.
-fn is_relation_path(path: &Path) -> bool {
-    path.components().any(|c| c.as_os_str() == "base" || c.as_os_str() == "global")
-}
-
-/// Named as PostgreSQL names relation files: a filenode, a fork suffix (`_fsm`, `_vm`,
-/// `_init`), a segment number (`.1`): `16397`, `16397_vm`, `16397.2`.
-fn is_relation_file_name(name: &str) -> bool {
-    let (stem, segment) = name.split_once('.').unwrap_or((name, "0"));
-    let node = ["_fsm", "_vm", "_init"].iter().find_map(|f| stem.strip_suffix(f)).unwrap_or(stem);
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    digits(node) && digits(segment)
+/// The page chunk for a page file of `page`-byte pages that `auto` found, given the
+/// `--page-chunk` (validated as a multiple of PostgreSQL's page): that chunk when it holds
+/// whole pages, else one page when a page holds whole chunks (InnoDB's 32 and 64 KiB pages);
+/// `None` when neither fits a segment.
+fn auto_page_chunk(chunk: u32, page: u32, segment: u64) -> Option<u32> {
+    let chunk = if chunk.is_multiple_of(page) {
+        chunk
+    } else if page.is_multiple_of(chunk) {
+        page
+    } else {
+        return None;
+    };
+    (chunk <= wire::limits::MAX_CHUNK_SIZE && segment.is_multiple_of(u64::from(chunk))).then_some(chunk)
 }
 
 /// A committed backup.
@@ -146,6 +185,8 @@ pub struct BackupOutcome {
     pub snapshot: Snapshot,
     /// Files that changed while they were read (warned about; stored as read).
     pub files_changed: u64,
+    /// Files read that `auto` cut as pages, by engine (unchanged files are not read).
+    pub page_files: BTreeMap<Engine, u64>,
     /// Per-stage latency percentiles, merged and per core (`metrics::StageHistograms`).
     pub stage_latency: serde_json::Value,
 }
@@ -178,8 +219,7 @@ enum SegmentSource {
 struct SegmentJob {
     source: SegmentSource,
     policy: ChunkPolicy,
-    /// The page size of a page file (or of the page files inside a tar): its page chunks may
-    /// be stored as deltas of these pages.
+    /// See [`FilePlan::page`].
     page: Option<u32>,
     /// The parent snapshot's chunk list for this segment of the file, if it had one.
     previous: Option<ChunkId>,
@@ -318,6 +358,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         pending_files: 0,
         stats: SnapshotStats::default(),
         files_changed: 0,
+        page_files: BTreeMap::new(),
         run,
         chunking: opts.chunking.clone(),
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
@@ -333,7 +374,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         Some(spec) => walker.walk_synth(spec, parent),
         None => walker.walk_sources(&paths, parent),
     });
-    let Walker { tree_writer, jobs, done, mut stats, files_changed, .. } = walker;
+    let Walker { tree_writer, jobs, done, mut stats, files_changed, page_files, .. } = walker;
     // Closing the queue lets the cores close their packs and stop; draining the answers keeps
     // a core from blocking on a send when the walk stopped early. Every pack closed is made
     // durable before this returns, on success and on error alike.
@@ -374,7 +415,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         run.warn(Path::new(&format!("{}/index", shared.repo.location())), &format!("index runs not merged: {e}"));
     }
     let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
-    Ok(BackupOutcome { snapshot_id, snapshot, files_changed, stage_latency })
+    Ok(BackupOutcome { snapshot_id, snapshot, files_changed, page_files, stage_latency })
 }
 
 /// One core: take segments until the queue closes, then seal the open pack.
@@ -676,6 +717,8 @@ struct Walker<'a> {
     stats: SnapshotStats,
     /// Files that changed while they were read.
     files_changed: u64,
+    /// Files read that `auto` cut as pages, by engine.
+    page_files: BTreeMap<Engine, u64>,
     run: &'a Run,
     chunking: ChunkingRules,
     /// The repository's content-defined policy.
@@ -981,50 +1024,45 @@ impl Walker<'_> {
         let _ = map.advise(Advice::Sequential);
         meta.size = map.len() as u64;
         let chunking = self.chunking.for_path(path);
-        let mut policy = chunking.policy(path, meta.size, self.cdc);
-        if let (Chunking::Auto { .. }, true) = (chunking, policy == self.cdc) {
-            let relation = path.file_name().and_then(|n| n.to_str()).is_some_and(is_relation_file_name);
-            if relation && is_relation_path(path) {
-                let warning = format!(
-                    "named like a PostgreSQL relation file but {} bytes long, not a whole number of 8 KiB pages \
-                     (a torn last page, or a file being written?): chunked by content",
-                    meta.size
-                );
-                self.run.warn(path, &warning);
-            }
+        let segment = self.shared.repo.config.segment_size;
+        let head = truncated::reading(&map, || map[..engine::HEAD.min(map.len())].to_vec());
+        let (mut plan, why) = chunking.plan(path, meta.size, &head, self.cdc, segment);
+        if let Some(why) = why {
+            self.run.warn(path, &why);
         }
         let mut regions = None;
-        if policy == self.cdc {
+        if plan.policy == self.cdc {
             // The tar scan reads the mapping too (headers throughout the file).
-            if let Some((layout, chunk)) = truncated::reading(&map, || chunking.tar_pages(&map)) {
+            if let Some((layout, tar_plan)) = truncated::reading(&map, || chunking.tar_pages(&map)) {
                 for warning in &layout.warnings {
                     self.run.warn(path, &format!("tar: {warning}"));
                 }
                 if !layout.pages.is_empty() {
-                    (policy, regions) = (ChunkPolicy::Fixed(chunk), Some(layout.pages.into()));
+                    (plan, regions) = (tar_plan, Some(layout.pages.into()));
                 }
             }
         }
         let source = SegmentSource::Mapped(Arc::new(map));
-        let slot = self.queue_segments(source, meta.size, (chunking, policy), regions, previous)?;
+        let slot = self.queue_segments(source, meta.size, plan, regions, previous)?;
         self.files.get_mut(&slot).expect("just queued").path = Some(path.to_owned());
         Ok(Ok(Some(slot)))
     }
 
-    /// Queues every segment of a file of `len` bytes, cut by `policy` (picked under
-    /// `chunking`), and returns its slot. `previous` are the file's chunk lists in the parent
-    /// snapshot.
+    /// Queues every segment of a file of `len` bytes, cut as `plan` says, and returns its
+    /// slot. `previous` are the file's chunk lists in the parent snapshot.
     fn queue_segments(
         &mut self,
         source: SegmentSource,
         len: u64,
-        (chunking, policy): (Chunking, ChunkPolicy),
+        plan: FilePlan,
         regions: Option<Arc<[PageRegion]>>,
         previous: &[ChunkId],
     ) -> Result<usize> {
         let segment_size = self.shared.repo.config.segment_size;
         let count = len.div_ceil(segment_size) as usize;
-        let page = chunking.page_size().filter(|_| policy != self.cdc);
+        if let Some(engine) = plan.engine {
+            *self.page_files.entry(engine).or_default() += 1;
+        }
         let slot = self.next_slot;
         self.next_slot += 1;
         self.files.insert(slot, FileInFlight { segments: vec![None; count], left: count, path: None });
@@ -1034,8 +1072,8 @@ impl Walker<'_> {
             let len = segment_size.min(len - offset) as usize;
             let job = SegmentJob {
                 source: source.clone(),
-                policy,
-                page,
+                policy: plan.policy,
+                page: plan.page,
                 previous: previous.get(segment).copied(),
                 regions: regions.clone(),
                 file: slot,
@@ -1088,11 +1126,15 @@ impl Walker<'_> {
             let meta = stamp(0o100600, f.len(), f.mtime_ns, f.inode());
             let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
             let chunking = self.chunking.for_path(Path::new(&f.path));
-            let policy = chunking.policy(Path::new(&f.path), f.len(), self.cdc);
+            let mut head = vec![0; if f.len() >= synth::PAGE as u64 { synth::PAGE } else { 0 }];
+            spec.fill(f, 0, &mut head);
+            let segment = self.shared.repo.config.segment_size;
+            // Generated files are whole pages: no warning to give.
+            let (plan, _) = chunking.plan(Path::new(&f.path), f.len(), &head, self.cdc, segment);
             // A generated file is always readable: the inner result is always Ok.
             let added =
                 self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta, previous| {
-                    Ok(Ok(Some(walker.queue_segments(source, meta.size, (chunking, policy), None, previous)?)))
+                    Ok(Ok(Some(walker.queue_segments(source, meta.size, plan, None, previous)?)))
                 })?;
             debug_assert!(added.is_ok());
         }
@@ -1289,20 +1331,5 @@ fn scan_size(path: &Path) -> u64 {
         }
         Ok(md) if md.is_file() => md.len(),
         _ => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_relation_file_name;
-
-    #[test]
-    fn relation_file_names() {
-        for name in ["16397", "16397_vm", "16397_fsm.1", "1259.12", "2619_init"] {
-            assert!(is_relation_file_name(name), "{name}");
-        }
-        for name in ["pg_filenode.map", "PG_VERSION", "pg_internal.init", "16397_x", "_vm", "12.", "a1"] {
-            assert!(!is_relation_file_name(name), "{name}");
-        }
     }
 }

@@ -1,6 +1,7 @@
 //! Where backed-up bytes come from besides the filesystem walk: generated `synth://` sources,
 //! and who this host is.
 
+pub mod engine;
 pub mod synth;
 pub(crate) mod truncated;
 

@@ -1,7 +1,9 @@
-//! Data for tests and benchmarks, in one place: deterministic database-like pages, and a real
-//! PostgreSQL cluster to run pgbench against.
+//! Data for tests and benchmarks, in one place: deterministic database-like pages, and real
+//! PostgreSQL and MariaDB servers to run pgbench and sysbench against.
 
+pub mod mariadb;
 pub mod pg;
+pub mod server;
 
 /// Page size of the generated data (PostgreSQL's).
 pub const PAGE: usize = 8192;
