@@ -623,3 +623,93 @@ fn forget_removes_the_snapshots_named_and_keeps_their_data_for_the_others() {
     assert_same_tree(&src, &out.join(src.strip_prefix("/").unwrap()));
     ok(&["verify", "--read-data", "--repo", s(&repo)]);
 }
+
+/// Every path below `root`, relative to it, sorted.
+fn paths_below(root: &Path) -> Vec<String> {
+    let mut all = vec![];
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap().flatten() {
+            all.push(e.path().strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    all.sort();
+    all
+}
+
+#[test]
+fn excludes_leave_out_what_the_patterns_and_postgresql_rules_name_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo, out) = (tmp.path().join("2026-12-01"), tmp.path().join("repo"), tmp.path().join("out"));
+    init_small(&repo);
+    // A PostgreSQL data directory (as a cold copy holds it) next to application files.
+    let pg = src.join("pg");
+    for (file, bytes) in [
+        ("PG_VERSION", &b"15\n"[..]),
+        ("postmaster.pid", b"4242\n"),
+        ("postmaster.opts", b"postgres\n"),
+        ("backup_label", b"START WAL LOCATION\n"),
+        ("global/pg_control", &[7; 8192]),
+        ("global/pg_internal.init", &[1; 100]),
+        ("base/5/16397", &[3; 8192]),
+        ("base/pgsql_tmp/pgsql_tmp12.0", &[4; 100]),
+        ("pg_stat_tmp/global.stat", &[5; 100]),
+        ("pg_replslot/standby1/state", &[6; 100]),
+        ("pg_wal/000000010000000000000001", &[8; 4096]),
+    ] {
+        fs::create_dir_all(pg.join(file).parent().unwrap()).unwrap();
+        fs::write(pg.join(file), bytes).unwrap();
+    }
+    for file in ["app/run.log", "app/keep.logs", "app/cache/a", "app/data.db", "notes.txt"] {
+        fs::create_dir_all(src.join(file).parent().unwrap()).unwrap();
+        fs::write(src.join(file), file).unwrap();
+    }
+    let rules = tmp.path().join("rules");
+    fs::write(&rules, format!("# the application's cache\n\n{}/app/cache\n", src.display())).unwrap();
+    let backup =
+        ok(&["backup", "--repo", s(&repo), s(&src), "--exclude", "*.log", "--exclude-file", s(&rules), "--json"]);
+    let summary = last_json(&backup);
+    ok(&["restore", "latest", "--repo", s(&repo), "--target", s(&out)]);
+    let restored = paths_below(&out.join(src.strip_prefix("/").unwrap()));
+    let want: Vec<&str> = vec![
+        "app",
+        "app/data.db",
+        "app/keep.logs",
+        "notes.txt",
+        "pg",
+        "pg/PG_VERSION",
+        "pg/backup_label",
+        "pg/base",
+        "pg/base/5",
+        "pg/base/5/16397",
+        "pg/global",
+        "pg/global/pg_control",
+        "pg/pg_replslot",
+        "pg/pg_stat_tmp",
+        "pg/pg_wal",
+        "pg/pg_wal/000000010000000000000001",
+    ];
+    assert_eq!(restored, want);
+    // run.log, cache, postmaster.pid and .opts, pg_internal.init, pgsql_tmp, global.stat, standby1.
+    assert_eq!(summary["excluded"], 8, "{summary}");
+
+    // Without PostgreSQL's rules everything but the patterns' matches is kept.
+    let all = ok(&["backup", "--repo", s(&repo), s(&src), "--no-default-excludes", "--json"]);
+    assert_eq!(last_json(&all)["excluded"], 0);
+
+    // A typo in a rules file's path or a pattern that is not one: a usage error naming it,
+    // nothing committed.
+    let before = snapshot_count(&repo);
+    let missing = tmp.path().join("no-such-rules");
+    let bad = cbcr(&["backup", "--repo", s(&repo), s(&src), "--exclude-file", s(&missing)]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    assert!(text(&bad.stderr).contains("no-such-rules"), "{}", text(&bad.stderr));
+    fs::write(&rules, "*.log\n[a-\n").unwrap();
+    let bad = cbcr(&["backup", "--repo", s(&repo), s(&src), "--exclude-file", s(&rules)]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    assert!(text(&bad.stderr).contains(&format!("{}:2", rules.display())), "{}", text(&bad.stderr));
+    assert_eq!(snapshot_count(&repo), before);
+}

@@ -16,6 +16,7 @@ use dataplane::error::{Error, ExitCode};
 use dataplane::events::{Cancel, Run};
 use dataplane::net::quic::TlsFiles;
 use dataplane::repo::Repository;
+use dataplane::source::exclude::Excludes;
 use dataplane::source::synth::SynthSpec;
 use dataplane::{limits, runtime};
 use output::Reporter;
@@ -124,6 +125,17 @@ enum Command {
         /// top of at most this many deltas, else whole again; 0: always whole.
         #[arg(long, default_value_t = limits::DEFAULT_DELTA_CHAIN, value_parser = clap::value_parser!(u32).range(0..=wire::limits::MAX_DELTA_CHAIN as i64))]
         delta_chain: u32,
+        /// Leave out what matches GLOB (repeatable): `/...` from the root, else the path's last
+        /// components (`*.log`, `pg_wal/*`); `*` within a component, `**` across them.
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// Leave out the patterns of FILE, one per line (`#` comments, blank lines ignored).
+        #[arg(long, value_name = "FILE")]
+        exclude_file: Vec<PathBuf>,
+        /// Keep what PostgreSQL's own base backup leaves out of a data directory
+        /// (`postmaster.pid`, `pg_stat_tmp/*`, `pgsql_tmp*`, ...).
+        #[arg(long)]
+        no_default_excludes: bool,
     },
     /// List snapshots.
     Snapshots {
@@ -432,6 +444,9 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             chunking,
             page_chunk,
             delta_chain,
+            exclude,
+            exclude_file,
+            no_default_excludes,
         } => {
             let chunk = u32::try_from(page_chunk)
                 .map_err(|_| Error::Usage(format!("--page-chunk {page_chunk} is too large")))?;
@@ -466,6 +481,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 pack_size,
                 chunking: rules,
                 delta_chain,
+                excludes: excludes(&exclude, &exclude_file, !no_default_excludes)?,
             };
             let out = backup(repo, &opts, &run)?;
             let s = &out.snapshot.stats;
@@ -483,6 +499,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 "dirs": s.dirs,
                 "files_skipped": s.files_skipped,
                 "files_changed": out.files_changed,
+                "excluded": out.excluded,
                 "page_files": out.page_files.iter().map(|(e, n)| (e.name(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
                 "duration_s": s.duration_s,
                 "stage_latency_us": out.stage_latency,
@@ -858,6 +875,19 @@ enum ChunkingArg {
     Auto,
     Cdc,
     Pages(u32),
+}
+
+/// The exclusions of a backup: `--exclude` patterns, then those of each `--exclude-file`; a
+/// file that cannot be read or a pattern that is not one is a usage error naming it.
+fn excludes(patterns: &[String], files: &[PathBuf], postgres_defaults: bool) -> Result<Excludes, Error> {
+    let mut all: Vec<(String, String)> = patterns.iter().map(|p| ("--exclude".to_owned(), p.clone())).collect();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Error::Usage(format!("--exclude-file {}: {e}", file.display())))?;
+        all.extend(dataplane::source::exclude::file_patterns(&file.display().to_string(), &text));
+    }
+    Excludes::new(all.iter().map(|(origin, p)| (origin.clone(), p.as_str())), postgres_defaults)
+        .map_err(|e| Error::Usage(e.to_string()))
 }
 
 fn parse_chunking(arg: &str) -> Result<(Option<PathBuf>, ChunkingArg), String> {

@@ -34,6 +34,7 @@ use crate::pipeline::tar::{self, PageRegion};
 use crate::repo::{Backend, Repository};
 use crate::runtime;
 use crate::source::engine::{self, Detected, Engine};
+use crate::source::exclude::{self, Excludes};
 use crate::source::synth::{self, SynthFile, SynthSpec};
 use crate::source::truncated;
 use wire::assemble::{self, DirEntry};
@@ -54,6 +55,8 @@ pub struct BackupOptions {
     pub chunking: ChunkingRules,
     /// Longest chain of block deltas for page files; 0 stores every changed block whole.
     pub delta_chain: u32,
+    /// What the walk leaves out.
+    pub excludes: Excludes,
 }
 
 /// The chunking of each file: `default`, unless a rule's path is an ancestor of (or is) the
@@ -187,6 +190,8 @@ pub struct BackupOutcome {
     pub files_changed: u64,
     /// Files read that `auto` cut as pages, by engine (unchanged files are not read).
     pub page_files: BTreeMap<Engine, u64>,
+    /// Entries (files and directories, not what is below them) that exclusions left out.
+    pub excluded: u64,
     /// Per-stage latency percentiles, merged and per core (`metrics::StageHistograms`).
     pub stage_latency: serde_json::Value,
 }
@@ -359,6 +364,9 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         stats: SnapshotStats::default(),
         files_changed: 0,
         page_files: BTreeMap::new(),
+        excludes: opts.excludes.clone(),
+        postgres_data: vec![],
+        excluded: 0,
         run,
         chunking: opts.chunking.clone(),
         cdc: ChunkPolicy::Cdc(shared.repo.config.chunker),
@@ -374,7 +382,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         Some(spec) => walker.walk_synth(spec, parent),
         None => walker.walk_sources(&paths, parent),
     });
-    let Walker { tree_writer, jobs, done, mut stats, files_changed, page_files, .. } = walker;
+    let Walker { tree_writer, jobs, done, mut stats, files_changed, page_files, excluded, .. } = walker;
     // Closing the queue lets the cores close their packs and stop; draining the answers keeps
     // a core from blocking on a send when the walk stopped early. Every pack closed is made
     // durable before this returns, on success and on error alike.
@@ -415,7 +423,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         run.warn(Path::new(&format!("{}/index", shared.repo.location())), &format!("index runs not merged: {e}"));
     }
     let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
-    Ok(BackupOutcome { snapshot_id, snapshot, files_changed, page_files, stage_latency })
+    Ok(BackupOutcome { snapshot_id, snapshot, files_changed, page_files, excluded, stage_latency })
 }
 
 /// One core: take segments until the queue closes, then seal the open pack.
@@ -719,6 +727,11 @@ struct Walker<'a> {
     files_changed: u64,
     /// Files read that `auto` cut as pages, by engine.
     page_files: BTreeMap<Engine, u64>,
+    excludes: Excludes,
+    /// PostgreSQL data directories the walk is inside of, innermost last.
+    postgres_data: Vec<PathBuf>,
+    /// Entries that exclusions left out.
+    excluded: u64,
     run: &'a Run,
     chunking: ChunkingRules,
     /// The repository's content-defined policy.
@@ -841,6 +854,14 @@ impl Walker<'_> {
             Err(e) => self.skip(path, &format!("cannot list directory: {e}")),
         }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let data_dir = self.excludes.postgres_defaults
+            && exclude::is_postgres_data_dir(&names.iter().map(|n| n.as_bytes()).collect::<Vec<_>>());
+        if data_dir {
+            self.postgres_data.push(path.to_owned());
+        }
+        let before = names.len();
+        names.retain(|name| !self.excluded_path(&path.join(name)));
+        self.excluded += (before - names.len()) as u64;
         let subdirs = self.fetch_subtrees(path, &names, parent)?;
         let lists = file_lists(parent.into_iter().chain(subdirs.iter().map(|d| &self.subtrees[d])));
         let confirmed = self.confirm(lists)?;
@@ -854,7 +875,17 @@ impl Walker<'_> {
         for dir in subdirs {
             self.subtrees.remove(&dir);
         }
+        if data_dir {
+            self.postgres_data.pop();
+        }
         self.push_dir(path, nodes)
+    }
+
+    /// Whether the user's patterns, or PostgreSQL's own rules inside a data directory, leave
+    /// out the entry at `path`.
+    fn excluded_path(&self, path: &Path) -> bool {
+        let postgres = self.postgres_data.last().and_then(|root| path.strip_prefix(root).ok());
+        self.excludes.matches(path) || postgres.is_some_and(exclude::postgres_skips)
     }
 
     /// Where reads cost a round trip: fetches the parent trees of this directory's

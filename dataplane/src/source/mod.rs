@@ -2,6 +2,7 @@
 //! and who this host is.
 
 pub mod engine;
+pub mod exclude;
 pub mod synth;
 pub(crate) mod truncated;
 
