@@ -512,31 +512,47 @@ pub fn http_get(addr: &str, path: &str) -> String {
     page
 }
 
-/// Changed `page`-byte pages (new pages included) of the files `is_paged` picks, and bytes of
-/// the other changed files, between two copies of a directory: what an incremental of the
-/// second after the first must store at most (the tests' model of it).
-pub fn changed_pages(before: &Path, after: &Path, page: usize, is_paged: &dyn Fn(&Path) -> bool) -> (u64, u64) {
-    let (mut pages, mut other) = (0, 0);
+/// What changed between two copies of a directory: the tests' model of what an incremental of
+/// the second after the first must store at most.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Changed {
+    /// Changed pages (new ones included) of the files picked as page files.
+    pub pages: u64,
+    /// Bytes of the other changed files, whole.
+    pub other: u64,
+    /// What storing only those costs: each changed page compressed on its own (zstd -1), each
+    /// other changed file compressed whole.
+    pub compressed: u64,
+}
+
+/// [`Changed`] between `before` and `after`, with `page`-byte pages in the files `is_paged`
+/// picks.
+pub fn changed_pages(before: &Path, after: &Path, page: usize, is_paged: &dyn Fn(&Path) -> bool) -> Changed {
+    let mut changed = Changed::default();
+    let compressed = |b: &[u8]| zstd::bulk::compress(b, 1).unwrap().len() as u64;
     for entry in fs::read_dir(after).unwrap().flatten() {
         let path = entry.path();
         let old = before.join(path.file_name().unwrap());
         let md = fs::symlink_metadata(&path).unwrap();
         if md.is_dir() {
-            let (p, o) = changed_pages(&old, &path, page, is_paged);
-            pages += p;
-            other += o;
+            let sub = changed_pages(&old, &path, page, is_paged);
+            changed.pages += sub.pages;
+            changed.other += sub.other;
+            changed.compressed += sub.compressed;
         } else if md.is_file() {
             let (new_bytes, old_bytes) = (fs::read(&path).unwrap(), fs::read(&old).unwrap_or_default());
             if is_paged(&path) {
-                pages += new_bytes
-                    .chunks(page)
-                    .enumerate()
-                    .filter(|(i, p)| old_bytes.get(i * page..i * page + p.len()) != Some(p))
-                    .count() as u64;
+                for (i, p) in new_bytes.chunks(page).enumerate() {
+                    if old_bytes.get(i * page..i * page + p.len()) != Some(p) {
+                        changed.pages += 1;
+                        changed.compressed += compressed(p);
+                    }
+                }
             } else if new_bytes != old_bytes {
-                other += new_bytes.len() as u64;
+                changed.other += new_bytes.len() as u64;
+                changed.compressed += compressed(&new_bytes);
             }
         }
     }
-    (pages, other)
+    changed
 }
