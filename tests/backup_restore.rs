@@ -713,3 +713,81 @@ fn excludes_leave_out_what_the_patterns_and_postgresql_rules_name_and_nothing_el
     assert!(text(&bad.stderr).contains(&format!("{}:2", rules.display())), "{}", text(&bad.stderr));
     assert_eq!(snapshot_count(&repo), before);
 }
+
+/// Runs cbcr with `args` and the file `input` as its standard input.
+fn cbcr_reading(input: &Path, args: &[&str]) -> std::process::Output {
+    let stdin = fs::File::open(input).unwrap();
+    cbcr_command().args(args).stdin(stdin).output().unwrap()
+}
+
+#[test]
+fn a_tar_stream_on_stdin_is_chunked_as_the_same_tar_file_is_and_its_incremental_stores_the_changed_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pgdata, repo, out) = (tmp.path().join("pgdata"), tmp.path().join("repo"), tmp.path().join("out"));
+    // 8 MiB segments, read in pieces of 4 MiB: the stream crosses segments, and the relation
+    // file's region crosses a segment boundary.
+    ok(&["init", "--repo", s(&repo), "--segment-size", "8MiB"]);
+    fs::create_dir_all(pgdata.join("base/16384")).unwrap();
+    fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
+    fs::write(pgdata.join("base/16384/1000"), vec![7u8; 3000]).unwrap();
+    let rel = pgdata.join("base/16384/16397");
+    let mut pages = datagen::db_pages(31, 1536); // 12 MiB
+    fs::write(&rel, &pages).unwrap();
+    let tar = |to: &Path| {
+        let status = std::process::Command::new("tar")
+            .args(["--sort=name", "--format=gnu", "-cf"])
+            .arg(to)
+            .arg("-C")
+            .arg(&pgdata)
+            .args(["PG_VERSION", "base"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let (day1, day2) = (tmp.path().join("day1"), tmp.path().join("day2"));
+    fs::create_dir_all(&day1).unwrap();
+    tar(&day1.join("base.tar"));
+    // The same tar as a file, then as a stream: the stream's chunks are the file's.
+    ok(&["backup", "--repo", s(&repo), s(&day1)]);
+    let streamed = cbcr_reading(
+        &day1.join("base.tar"),
+        &["backup", "--repo", s(&repo), "--db", "pg1", "--stdin", "base.tar", "--json"],
+    );
+    assert!(streamed.status.success(), "{}", text(&streamed.stderr));
+    let first = last_json(&streamed);
+    assert_eq!(first["chunks_new"], 0, "the stream chunked differently from the file: {first}");
+    assert_eq!(first["page_files"]["postgresql"], 1, "{first}");
+    assert_eq!(first["bytes_total"], fs::metadata(day1.join("base.tar")).unwrap().len());
+
+    let changed: Vec<usize> = (1..=20).map(|i| 8 + i * 75).collect();
+    for &p in &changed {
+        pages[p * datagen::PAGE..(p + 1) * datagen::PAGE].copy_from_slice(&datagen::db_pages(2000 + p as u64, 1));
+    }
+    fs::write(&rel, &pages).unwrap();
+    fs::create_dir_all(&day2).unwrap();
+    tar(&day2.join("base.tar"));
+    let before = dir_size(&repo.join("packs"));
+    let next = cbcr_reading(
+        &day2.join("base.tar"),
+        &["backup", "--repo", s(&repo), "--db", "pg1", "--stdin", "base.tar", "--json"],
+    );
+    assert!(next.status.success(), "{}", text(&next.stderr));
+    assert_eq!(last_json(&next)["parent"], first["snapshot_id"]);
+    let added = dir_size(&repo.join("packs")) - before;
+    let bound = compressed_pages(&pages, &changed) * 3 / 2;
+    assert!(added <= bound, "20 changed pages streamed as a tar added {added} bytes of packs, more than {bound}");
+    ok(&["restore", "latest", "--db", "pg1", "--repo", s(&repo), "--target", s(&out)]);
+    assert_eq!(fs::read(out.join("base.tar")).unwrap(), fs::read(day2.join("base.tar")).unwrap());
+
+    // An empty stream is an empty file; a name that is not one path component, or a stream
+    // with paths, is a usage error.
+    let empty = tmp.path().join("empty");
+    fs::write(&empty, b"").unwrap();
+    let none = cbcr_reading(&empty, &["backup", "--repo", s(&repo), "--stdin", "nothing", "--json"]);
+    assert!(none.status.success(), "{}", text(&none.stderr));
+    assert_eq!(last_json(&none)["bytes_total"], 0);
+    for args in [&["--stdin", "a/b"][..], &["--stdin", ".."], &["--stdin", "x", s(&day1)]] {
+        let bad = cbcr_reading(&empty, &[&["backup", "--repo", s(&repo)], args].concat());
+        assert_eq!(bad.status.code(), Some(2), "{args:?}: {}", text(&bad.stderr));
+    }
+}

@@ -60,6 +60,14 @@ pub const INDEX_READ_BUFFER: usize = 256 << 10;
 /// Page-file members of one tar file that get page-aligned chunks (16 bytes each in memory
 /// while the file is backed up); members past this are chunked by content, with a warning.
 pub const TAR_PAGE_MEMBERS: usize = 1 << 18;
+/// `backup --stdin` reads standard input in pieces of this size, and a segment being chunked
+/// holds at most `STDIN_PIECES` of them queued: with the one being read and the one a core
+/// copies from, (`STDIN_PIECES` + 2) pieces per segment in flight.
+pub const STDIN_PIECE: usize = 4 << 20;
+pub const STDIN_PIECES: usize = 4;
+/// Largest GNU long name or pax extended header a tar scan reads (it holds one in memory); a
+/// larger one ends the scan with a warning (the rest is chunked by content).
+pub const TAR_MAX_EXTENSION: usize = 1 << 20;
 /// Bytes of blobs a core collects before it asks a receiver which of them it lacks (one `Have`
 /// round trip per this much new-looking data), plus one largest blob. A core holds two such
 /// batches: one filling, one whose answer is on its way.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 
 use clap::{Args, Parser, Subcommand};
-use dataplane::command::backup::{backup, BackupOptions, Chunking, ChunkingRules};
+use dataplane::command::backup::{backup, BackupOptions, BackupSource, Chunking, ChunkingRules};
 use dataplane::command::receiver::{ReceiverOptions, Serves};
 use dataplane::command::restore::{restore, Destination, RestoreOptions};
 use dataplane::command::verify::{describe, verify};
@@ -89,8 +89,12 @@ enum Command {
     /// Back up files and directories into a new snapshot.
     Backup {
         /// Files and directories to back up, or one generated source `synth://pg?size=..&seed=..&gen=..`.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "stdin")]
         paths: Vec<PathBuf>,
+        /// Back up standard input as one file called NAME (a tar stream's page files get page
+        /// chunks: `pg_basebackup -Ft -D - | cbcr backup --db pg1 --stdin base.tar`).
+        #[arg(long, value_name = "NAME", conflicts_with = "paths")]
+        stdin: Option<String>,
         /// Create the repository with the defaults when --repo names none yet (an empty or
         /// missing directory, or an empty prefix); without it a missing repository is an error.
         #[arg(long)]
@@ -436,6 +440,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         }
         Command::Backup {
             paths,
+            stdin,
             init,
             parent,
             db,
@@ -463,17 +468,22 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                     None => rules.default = policy(arg),
                 }
             }
-            let repo = open(init)?;
-            let synth = match paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://")) {
-                Some(_) if paths.len() > 1 => {
+            let synth = paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://"));
+            let source = match (stdin, synth) {
+                // SAFETY: isatty has no preconditions.
+                (Some(_), _) if unsafe { libc::isatty(0) } == 1 => {
+                    return Err(Error::Usage("--stdin reads a stream from standard input, which is a terminal".into()))
+                }
+                (Some(name), _) => BackupSource::Stdin(name),
+                (None, Some(_)) if paths.len() > 1 => {
                     return Err(Error::Usage("a synth:// source is backed up on its own, not with other paths".into()))
                 }
-                Some(url) => Some(SynthSpec::parse(url)?),
-                None => None,
+                (None, Some(url)) => BackupSource::Synth(SynthSpec::parse(url)?),
+                (None, None) => BackupSource::Paths(paths),
             };
+            let repo = open(init)?;
             let opts = BackupOptions {
-                paths,
-                synth,
+                source,
                 parent,
                 db,
                 cores,

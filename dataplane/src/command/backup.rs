@@ -41,9 +41,7 @@ use wire::assemble::{self, DirEntry};
 
 /// What the user asked for.
 pub struct BackupOptions {
-    pub paths: Vec<PathBuf>,
-    /// A generated source instead of `paths` (`synth://pg?...`).
-    pub synth: Option<SynthSpec>,
+    pub source: BackupSource,
     /// Snapshot to compare against; by default the latest of `db`, or without one the latest
     /// with the same host and paths.
     pub parent: Option<String>,
@@ -57,6 +55,16 @@ pub struct BackupOptions {
     pub delta_chain: u32,
     /// What the walk leaves out.
     pub excludes: Excludes,
+}
+
+/// What a backup reads.
+pub enum BackupSource {
+    /// Files and directories.
+    Paths(Vec<PathBuf>),
+    /// A generated source (`synth://pg?...`).
+    Synth(SynthSpec),
+    /// Standard input, stored as one file of this name (`--stdin NAME`).
+    Stdin(String),
 }
 
 /// The chunking of each file: `default`, unless a rule's path is an ancestor of (or is) the
@@ -150,19 +158,20 @@ impl Chunking {
         }
     }
 
-    /// The page files inside a tar file's bytes, found as [`Self::plan`] finds PostgreSQL's
-    /// in a directory, and the plan of their regions; `None` with `cdc`.
-    fn tar_pages(&self, bytes: &[u8]) -> Option<(tar::TarLayout, FilePlan)> {
+    /// When `first` (a file's first bytes, at least a tar header's worth if it has them) starts
+    /// a tar: a scanner for its page files, found as [`Self::plan`] finds PostgreSQL's in a
+    /// directory, and the plan of their regions; `None` with `cdc`.
+    fn tar_scanner(&self, first: &[u8]) -> Option<(tar::TarScanner<impl Fn(&str) -> bool>, FilePlan)> {
         let (page, chunk, engine) = match *self {
             Chunking::Cdc => return None,
             Chunking::Pages { page, chunk } => (page, chunk, None),
             Chunking::Auto { chunk } => (engine::POSTGRES_PAGE, chunk, Some(Engine::Postgres)),
         };
-        tar::is_tar(bytes).then(|| {
-            let layout = tar::scan(bytes, u64::from(page), limits::TAR_PAGE_MEMBERS, |name| {
+        tar::is_tar(first).then(|| {
+            let scanner = tar::TarScanner::new(u64::from(page), limits::TAR_PAGE_MEMBERS, move |name: &str| {
                 engine.is_none() || engine::is_relation_path(Path::new(name))
             });
-            (layout, FilePlan { policy: ChunkPolicy::Fixed(chunk), page: Some(page), engine })
+            (scanner, FilePlan { policy: ChunkPolicy::Fixed(chunk), page: Some(page), engine })
         })
     }
 }
@@ -219,6 +228,16 @@ enum SegmentSource {
     Mapped(Arc<Mmap>),
     /// A generated file, produced window by window on the core.
     Synth(Arc<SynthSpec>, Arc<SynthFile>),
+    /// A segment of a stream, in pieces from the walker as it reads them; the channel's end is
+    /// the segment's. With `regions` in the job, the page regions come with the pieces.
+    Stream(Receiver<StreamPiece>),
+}
+
+/// Bytes of a streamed segment, and the page regions (of a tar stream) that the walker found
+/// up to and in them and the segment has not had yet.
+struct StreamPiece {
+    bytes: Vec<u8>,
+    regions: Vec<PageRegion>,
 }
 
 struct SegmentJob {
@@ -265,14 +284,17 @@ pub fn backup(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Backu
 
 fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<BackupOutcome> {
     let started = Instant::now();
-    let paths = match &opts.synth {
-        Some(_) if repo.config.segment_size.is_multiple_of(synth::PAGE as u64) => vec![],
-        Some(_) => return Err(Error::Usage("synth:// sources need a segment size that is a multiple of 8 KiB".into())),
-        None => canonical_sources(&opts.paths)?,
+    let paths = match &opts.source {
+        BackupSource::Synth(_) if !repo.config.segment_size.is_multiple_of(synth::PAGE as u64) => {
+            return Err(Error::Usage("synth:// sources need a segment size that is a multiple of 8 KiB".into()))
+        }
+        BackupSource::Synth(_) | BackupSource::Stdin(_) => vec![],
+        BackupSource::Paths(paths) => canonical_sources(paths)?,
     };
-    let path_strings: Vec<String> = match &opts.synth {
-        Some(spec) => vec![spec.source_name()],
-        None => paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
+    let path_strings: Vec<String> = match &opts.source {
+        BackupSource::Synth(spec) => vec![spec.source_name()],
+        BackupSource::Stdin(name) => vec![format!("/{}", stdin_name(name)?)],
+        BackupSource::Paths(_) => paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
     };
     let host = crate::source::hostname();
     if let Some(db) = opts.db.as_deref().filter(|db| !wire::repo::is_db_name(db)) {
@@ -343,9 +365,11 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         runtime::spawn(opts.cores, move |core| run_core(&shared, core, &job_rx, &done_tx, seal_tx.clone()))?
     };
 
-    match &opts.synth {
-        Some(spec) => progress.set_total(spec.files().iter().map(SynthFile::len).sum()),
-        None => {
+    match &opts.source {
+        BackupSource::Synth(spec) => progress.set_total(spec.files().iter().map(SynthFile::len).sum()),
+        // A stream's length is known at its end.
+        BackupSource::Stdin(_) => {}
+        BackupSource::Paths(_) => {
             let (paths, progress) = (paths.clone(), Arc::clone(&progress));
             std::thread::spawn(move || progress.set_total(paths.iter().map(|p| scan_size(p)).sum()));
         }
@@ -375,12 +399,13 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         rerooted: HashMap::new(),
     };
     let parent_tree = parent.as_ref().map(|(_, snap)| snap.tree_id());
-    if let (Some((_, snap)), None) = (&parent, &opts.synth) {
+    if let (Some((_, snap)), BackupSource::Paths(_)) = (&parent, &opts.source) {
         walker.reroot(&paths, &path_strings, snap)?;
     }
-    let walked = walker.walk(parent_tree, |walker, parent| match &opts.synth {
-        Some(spec) => walker.walk_synth(spec, parent),
-        None => walker.walk_sources(&paths, parent),
+    let walked = walker.walk(parent_tree, |walker, parent| match &opts.source {
+        BackupSource::Synth(spec) => walker.walk_synth(spec, parent),
+        BackupSource::Stdin(name) => walker.walk_stdin(name, parent),
+        BackupSource::Paths(_) => walker.walk_sources(&paths, parent),
     });
     let Walker { tree_writer, jobs, done, mut stats, files_changed, page_files, excluded, .. } = walker;
     // Closing the queue lets the cores close their packs and stop; draining the answers keeps
@@ -474,6 +499,8 @@ fn backup_segment(
     progress: &Progress,
 ) -> Result<SegmentSummary> {
     let mut list = ChunkList::default();
+    // A stream's segment is as long as what came; every other is `job.len`.
+    let mut streamed = job.len;
     // The time between two chunks reaching `store` is the time to find the next cut point,
     // reading (or generating) the source bytes included.
     let mut cut_started = Instant::now();
@@ -549,15 +576,45 @@ fn backup_segment(
         }
         SegmentSource::Synth(spec, file) => {
             let fill = |offset: usize, buf: &mut [u8]| {
-                spec.fill(file, (job.offset + offset) as u64, buf);
-                progress.add(buf.len() as u64, 0);
+                let n = buf.len().min(job.len - offset);
+                spec.fill(file, (job.offset + offset) as u64, &mut buf[..n]);
+                progress.add(n as u64, 0);
+                n
             };
-            chunker::chunk_stream(job.len, synth::PAGE, job.policy, window, fill, &mut store)?;
+            let cut = |_: usize, data: &[u8]| chunker::cuts(data, job.policy).collect();
+            chunker::chunk_stream(synth::PAGE, job.policy.max_len(), window, fill, cut, &mut store)?;
+        }
+        SegmentSource::Stream(pieces) => {
+            let regions = std::cell::RefCell::new(Vec::new());
+            let (mut piece, mut used) = (Vec::new(), 0);
+            let fill = |_: usize, buf: &mut [u8]| {
+                let mut n = 0;
+                while n < buf.len() {
+                    if used == piece.len() {
+                        let Ok(next) = pieces.recv() else { break };
+                        regions.borrow_mut().extend(next.regions);
+                        (piece, used) = (next.bytes, 0);
+                        continue;
+                    }
+                    let take = (buf.len() - n).min(piece.len() - used);
+                    buf[n..n + take].copy_from_slice(&piece[used..used + take]);
+                    (n, used) = (n + take, used + take);
+                }
+                progress.add(n as u64, 0);
+                n
+            };
+            let cut = |start: usize, data: &[u8]| match (&job.regions, job.policy) {
+                (Some(_), ChunkPolicy::Fixed(chunk)) => {
+                    chunker::region_cuts(data, (job.offset + start) as u64, &regions.borrow(), chunk, cdc)
+                }
+                (_, policy) => chunker::cuts(data, policy).collect(),
+            };
+            streamed = chunker::chunk_stream(1, job.policy.max_len(), window, fill, cut, &mut store)?;
         }
     }
     fault::point("segment");
     let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
-    Ok(SegmentSummary { list: list_id, bytes: job.len as u64, chunks: list.chunks.len() as u64 })
+    Ok(SegmentSummary { list: list_id, bytes: streamed as u64, chunks: list.chunks.len() as u64 })
 }
 
 /// The chunks of a segment in the parent snapshot. They are in the repository already (the
@@ -1064,7 +1121,13 @@ impl Walker<'_> {
         let mut regions = None;
         if plan.policy == self.cdc {
             // The tar scan reads the mapping too (headers throughout the file).
-            if let Some((layout, tar_plan)) = truncated::reading(&map, || chunking.tar_pages(&map)) {
+            let scanned = truncated::reading(&map, || {
+                chunking.tar_scanner(&map).map(|(mut scanner, plan)| {
+                    scanner.feed(&map);
+                    (scanner.finish(), plan)
+                })
+            });
+            if let Some((layout, tar_plan)) = scanned {
                 for warning in &layout.warnings {
                     self.run.warn(path, &format!("tar: {warning}"));
                 }
@@ -1115,6 +1178,142 @@ impl Walker<'_> {
             self.queue(job)?;
         }
         Ok(slot)
+    }
+
+    /// Standard input as the one file `name` of the snapshot's root: read piece by piece, each
+    /// segment chunked on a core while the next is read, so memory stays at
+    /// [`limits::STDIN_PIECES`] pieces per segment in flight whatever the stream's length.
+    fn walk_stdin(&mut self, name: &str, parent: Option<&Tree>) -> Result<usize> {
+        let mut nodes = vec![];
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        let meta = Metadata { mode: 0o100600, mtime_ns: now, ctime_ns: now, ..Default::default() };
+        let name = stdin_name(name)?.to_owned();
+        let mut input = std::io::stdin().lock();
+        // A read error of standard input stops the backup (the outer result): the inner one,
+        // a file left out, is never given.
+        let added = self.add_file(&mut nodes, name.as_bytes().to_vec(), meta, parent, |walker, meta, previous| {
+            walker.start_stream(&mut input, Path::new(&format!("/{name}")), meta, previous).map(Ok)
+        })?;
+        debug_assert!(added.is_ok());
+        self.push_dir(Path::new("/"), nodes)
+    }
+
+    /// Reads `input` to its end as the file `path`, queueing each segment as it begins and
+    /// sending it its bytes as they come; returns the file's slot (`None` when it is empty).
+    fn start_stream(
+        &mut self,
+        input: &mut impl std::io::Read,
+        path: &Path,
+        meta: &mut Metadata,
+        previous: &[ChunkId],
+    ) -> Result<Option<usize>> {
+        let segment = self.shared.repo.config.segment_size;
+        let piece_len = limits::STDIN_PIECE.min(segment as usize);
+        let mut piece = read_piece(input, piece_len)?;
+        meta.size = 0;
+        if piece.is_empty() {
+            return Ok(None);
+        }
+        // A stream is judged by its name and first bytes: its length is not known yet.
+        let chunking = self.chunking.for_path(path);
+        let head = &piece[..engine::HEAD.min(piece.len())];
+        let (mut plan, why) = chunking.plan(path, 0, head, self.cdc, segment);
+        if let Some(why) = why {
+            self.run.warn(path, &why);
+        }
+        let mut scanner = None;
+        if plan.policy == self.cdc {
+            if let Some((tar_scanner, tar_plan)) = chunking.tar_scanner(&piece) {
+                (scanner, plan) = (Some(tar_scanner), tar_plan);
+            }
+        }
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.files.insert(slot, FileInFlight { segments: vec![], left: 0, path: None });
+        self.pending_files += 1;
+        // Regions found so far that reach into the segment being read.
+        let mut open: Vec<PageRegion> = vec![];
+        let mut found = 0;
+        let mut offset = 0u64;
+        while !piece.is_empty() {
+            let index = self.files[&slot].segments.len();
+            if index >= wire::limits::MAX_FILE_SEGMENTS as usize {
+                return Err(Error::Usage(format!(
+                    "standard input: longer than {} segments of {segment} bytes",
+                    wire::limits::MAX_FILE_SEGMENTS
+                )));
+            }
+            let (pieces, stream) = bounded(limits::STDIN_PIECES);
+            let f = self.files.get_mut(&slot).expect("inserted above");
+            f.segments.push(None);
+            f.left += 1;
+            let job = SegmentJob {
+                source: SegmentSource::Stream(stream),
+                policy: plan.policy,
+                page: plan.page,
+                previous: previous.get(index).copied(),
+                regions: scanner.as_ref().map(|_| Arc::from(Vec::new())),
+                file: slot,
+                segment: index,
+                offset: offset as usize,
+                len: segment as usize,
+            };
+            self.queue(job)?;
+            open.retain(|r| r.start + r.len > offset);
+            let end = offset + segment;
+            let mut first = true;
+            loop {
+                let mut regions = if first { open.clone() } else { vec![] };
+                first = false;
+                if let Some(scanner) = scanner.as_mut() {
+                    scanner.feed(&piece);
+                    let new = &scanner.layout.pages[found..];
+                    found = scanner.layout.pages.len();
+                    regions.extend_from_slice(new);
+                    open.extend_from_slice(new);
+                    for warning in scanner.layout.warnings.drain(..) {
+                        self.run.warn(path, &format!("tar: {warning}"));
+                    }
+                }
+                offset += piece.len() as u64;
+                self.send_piece(&pieces, StreamPiece { bytes: piece, regions })?;
+                piece = read_piece(input, piece_len.min((end - offset) as usize))?;
+                if offset == end {
+                    piece = read_piece(input, piece_len)?;
+                    break;
+                }
+                if piece.is_empty() {
+                    break;
+                }
+            }
+        }
+        // A tar counts as a page file when page files were found in it, as a mapped one does.
+        let has_pages = scanner.as_ref().is_none_or(|_| found > 0);
+        if let (Some(engine), true) = (plan.engine, has_pages) {
+            *self.page_files.entry(engine).or_default() += 1;
+        }
+        if let Some(scanner) = scanner {
+            for warning in scanner.finish().warnings {
+                self.run.warn(path, &format!("tar: {warning}"));
+            }
+        }
+        meta.size = offset;
+        Ok(Some(slot))
+    }
+
+    /// Sends a streamed segment its next piece, taking answers while its channel is full so the
+    /// cores never wait on us.
+    fn send_piece(&mut self, pieces: &Sender<StreamPiece>, piece: StreamPiece) -> Result<()> {
+        let mut piece = Some(piece);
+        while piece.is_some() {
+            select! {
+                send(pieces, piece.take().expect("loop condition")) -> sent => {
+                    sent.map_err(|_| Error::Internal("a core stopped reading standard input".into()))?
+                }
+                recv(self.done) -> answer => self.take_answer(answer)?,
+            }
+        }
+        Ok(())
     }
 
     /// Walks a generated source: its files in their directories.
@@ -1299,6 +1498,25 @@ fn insert_source(node: &mut Source, names: &[OsString]) {
 }
 
 /// Absolute, symlink-free source paths, sorted, with those inside another source dropped.
+/// The file name `--stdin` stores the stream as: one path component.
+fn stdin_name(name: &str) -> Result<&str> {
+    let ok = !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0');
+    if ok && name.len() <= 255 {
+        Ok(name)
+    } else {
+        Err(Error::Usage(format!("--stdin {name:?}: the stream's file name must be one path component (no '/')")))
+    }
+}
+
+/// Up to `len` bytes of `input`, fewer only at its end.
+fn read_piece(input: &mut impl std::io::Read, len: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut piece = Vec::with_capacity(len);
+    let io = |source| Error::Io { path: PathBuf::from("standard input"), source };
+    input.by_ref().take(len as u64).read_to_end(&mut piece).map_err(io)?;
+    Ok(piece)
+}
+
 fn canonical_sources(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if paths.is_empty() {
         return Err(Error::Usage("give at least one path to back up".into()));

@@ -103,33 +103,34 @@ impl Iterator for Cuts<'_> {
     }
 }
 
-/// Chunks a stream of `len` bytes produced by `fill(offset, buf)` in windows, calling `emit`
-/// with each chunk in order. Cut points are exactly those of [`chunks`] over the whole stream:
-/// a cut depends only on the bytes of its own chunk, and the last chunk of a window, which may
-/// have been cut short by the window's end, is carried into the next window. `fill` is called
-/// with offsets and lengths that are multiples of `align`; `window` is reused between calls.
-/// Fixed-size cut points stay at multiples of the chunk size: the window is consumed only up to
-/// the end of its last whole chunk.
+/// Chunks a stream produced by `fill(offset, buf)` in windows, calling `emit` with each chunk
+/// in order, and returns the stream's length. `fill` writes what it has into `buf` and
+/// returns how much; less than `buf` only at the stream's end. `cut(start, window)` gives the
+/// cut points of a window that starts `start` bytes into the stream; they must be those of
+/// the whole stream (as [`cuts`] and [`region_cuts`] are: a cut depends only on the bytes of its
+/// own chunk and where it starts), because the last chunk of a window, which may have been cut
+/// short by the window's end, is carried into the next. `fill` is asked for lengths that are
+/// multiples of `align` (so are its offsets, until the end); `max_chunk` is the longest
+/// chunk `cut` makes; `window` is reused between calls.
 pub fn chunk_stream<E>(
-    len: usize,
     align: usize,
-    policy: ChunkPolicy,
+    max_chunk: usize,
     window: &mut Vec<u8>,
-    mut fill: impl FnMut(usize, &mut [u8]),
+    mut fill: impl FnMut(usize, &mut [u8]) -> usize,
+    mut cut: impl FnMut(usize, &[u8]) -> Vec<(usize, usize)>,
     mut emit: impl FnMut(&[u8]) -> Result<(), E>,
-) -> Result<(), E> {
-    assert!(len.is_multiple_of(align));
-    let capacity = (crate::limits::STREAM_WINDOW + policy.max_len()).next_multiple_of(align);
+) -> Result<usize, E> {
+    let capacity = (crate::limits::STREAM_WINDOW + max_chunk).next_multiple_of(align);
     window.resize(capacity, 0);
     let (mut filled, mut produced) = (0, 0);
     loop {
-        let n = ((capacity - filled) / align * align).min(len - produced);
-        fill(produced, &mut window[filled..filled + n]);
+        let want = (capacity - filled) / align * align;
+        let n = fill(produced, &mut window[filled..filled + want]);
         filled += n;
         produced += n;
-        let end = produced == len;
+        let end = n < want;
         let mut consumed = 0;
-        for (off, chunk_len) in cuts(&window[..filled], policy) {
+        for (off, chunk_len) in cut(produced - filled, &window[..filled]) {
             if !end && off + chunk_len == filled {
                 break;
             }
@@ -137,7 +138,7 @@ pub fn chunk_stream<E>(
             consumed = off + chunk_len;
         }
         if end {
-            return Ok(());
+            return Ok(produced);
         }
         window.copy_within(consumed..filled, 0);
         filled -= consumed;
@@ -195,6 +196,43 @@ mod tests {
     }
 
     #[test]
+    fn streamed_region_cut_points_equal_whole_segment_region_cut_points() {
+        let p = ChunkerParams { min: 2 << 10, avg: 8 << 10, max: 32 << 10 };
+        let data = seeded(20 << 20, 3);
+        // The segment starts 1 MiB into the file, inside the first region.
+        let regions = [PageRegion { start: 1536, len: 3 << 20 }, PageRegion { start: (9 << 20) + 512, len: 8 << 20 }];
+        let base = 1 << 20;
+        let whole: Vec<&[u8]> =
+            region_cuts(&data, base, &regions, 16384, p).into_iter().map(|(o, l)| &data[o..o + l]).collect();
+        let mut streamed = vec![];
+        let fill = |off: usize, buf: &mut [u8]| {
+            let n = buf.len().min(data.len() - off).min(100_000); // short reads, as from a pipe
+            buf[..n].copy_from_slice(&data[off..off + n]);
+            n
+        };
+        // A read shorter than asked is the end: fill in whole windows, as the stream source does.
+        let whole_fill = |off: usize, buf: &mut [u8]| {
+            let mut n = 0;
+            while n < buf.len() {
+                let got = fill(off + n, &mut buf[n..]);
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            n
+        };
+        let cut = |start: usize, w: &[u8]| region_cuts(w, base + start as u64, &regions, 16384, p);
+        chunk_stream::<()>(1, 32 << 10, &mut Vec::new(), whole_fill, cut, |c| {
+            streamed.push(c.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(streamed.len(), whole.len());
+        assert!(streamed.iter().zip(&whole).all(|(a, b)| a == b));
+    }
+
+    #[test]
     fn streamed_cut_points_equal_whole_slice_cut_points() {
         let data = seeded(20 << 20, 9);
         let cdc = ChunkPolicy::Cdc(ChunkerParams { min: 2 << 10, avg: 8 << 10, max: 32 << 10 });
@@ -202,12 +240,18 @@ mod tests {
             let whole: Vec<&[u8]> = cuts(&data, policy).map(|(o, l)| &data[o..o + l]).collect();
             let mut streamed = vec![];
             let mut window = Vec::new();
-            let fill = |off: usize, buf: &mut [u8]| buf.copy_from_slice(&data[off..off + buf.len()]);
-            chunk_stream::<()>(data.len(), 8192, policy, &mut window, fill, |c| {
+            let fill = |off: usize, buf: &mut [u8]| {
+                let n = buf.len().min(data.len() - off);
+                buf[..n].copy_from_slice(&data[off..off + n]);
+                n
+            };
+            let cut = |_: usize, w: &[u8]| cuts(w, policy).collect();
+            let len = chunk_stream::<()>(8192, policy.max_len(), &mut window, fill, cut, |c| {
                 streamed.push(c.to_vec());
                 Ok(())
             })
             .unwrap();
+            assert_eq!(len, data.len());
             assert_eq!(streamed.len(), whole.len(), "{policy:?}");
             assert!(streamed.iter().zip(&whole).all(|(a, b)| a == b), "{policy:?}");
         }

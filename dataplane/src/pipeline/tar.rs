@@ -31,63 +31,175 @@ pub(crate) fn is_tar(bytes: &[u8]) -> bool {
 }
 
 /// Finds the page-structured members of tar `bytes`: regular files whose name `is_page_file`
-/// accepts and whose size is a multiple of `page`. Keeps at most `max_regions`.
+/// accepts and whose size is a multiple of `page`. Keeps at most `max_regions`. (What a
+/// [`TarScanner`] fed the whole file finds.)
+#[cfg(test)]
 pub(crate) fn scan(bytes: &[u8], page: u64, max_regions: usize, is_page_file: impl Fn(&str) -> bool) -> TarLayout {
-    let mut layout = TarLayout::default();
-    let len = bytes.len() as u64;
-    let mut at = 0u64;
-    let mut long_name: Option<String> = None;
-    while at + BLOCK <= len {
-        let header = &bytes[at as usize..(at + BLOCK) as usize];
-        if header.iter().all(|&b| b == 0) {
-            return layout; // End of archive.
+    let mut scanner = TarScanner::new(page, max_regions, is_page_file);
+    scanner.feed(bytes);
+    scanner.finish()
+}
+
+/// [`scan`] of a stream, fed in pieces of any length (standard input): the regions of a
+/// member are known once the piece holding its header is fed, before its data. Holds at most a
+/// header and an extension's body (`limits::TAR_MAX_EXTENSION`) of the stream at a time.
+pub(crate) struct TarScanner<F> {
+    page: u64,
+    max_regions: usize,
+    is_page_file: F,
+    /// Stream offset of the next header.
+    next: u64,
+    /// Bytes fed so far.
+    fed: u64,
+    /// The stream from `next` on, while the header there (and an extension's body after it)
+    /// has not been fed whole.
+    pending: Vec<u8>,
+    long_name: Option<String>,
+    /// The last header read, and its member's size: named if the stream ends inside it.
+    last: (u64, u64),
+    done: bool,
+    pub layout: TarLayout,
+}
+
+/// What the header at the scanner's next offset says.
+enum Step {
+    /// This many bytes from the header on are needed (it, and an extension's body).
+    Need(usize),
+    /// The next header is at this offset.
+    Next(u64),
+    /// The scan is over (the archive's end, or a warning was given).
+    Stop,
+}
+
+impl<F: Fn(&str) -> bool> TarScanner<F> {
+    pub(crate) fn new(page: u64, max_regions: usize, is_page_file: F) -> Self {
+        TarScanner {
+            page,
+            max_regions,
+            is_page_file,
+            next: 0,
+            fed: 0,
+            pending: vec![],
+            long_name: None,
+            last: (0, 0),
+            done: false,
+            layout: TarLayout::default(),
         }
-        let stop = |layout: &mut TarLayout, why: String| layout.warnings.push(format!("at byte {at}: {why}"));
+    }
+
+    /// The stream's next bytes.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) {
+        let mut bytes_at = self.fed;
+        self.fed += bytes.len() as u64;
+        while !self.done && self.next < self.fed {
+            let mut unit = if self.next < bytes_at {
+                std::mem::take(&mut self.pending) // Holds [next, bytes_at).
+            } else {
+                let skip = (self.next - bytes_at) as usize;
+                (bytes, bytes_at) = (&bytes[skip..], self.next);
+                vec![]
+            };
+            // Only a unit cut short by the end of `bytes` is copied.
+            let step = if unit.is_empty() {
+                match self.step(bytes) {
+                    Step::Need(_) => {
+                        self.pending = bytes.to_vec();
+                        return;
+                    }
+                    step => step,
+                }
+            } else {
+                loop {
+                    match self.step(&unit) {
+                        Step::Need(_) if bytes.is_empty() => {
+                            self.pending = unit;
+                            return;
+                        }
+                        Step::Need(n) => {
+                            let take = (n - unit.len()).min(bytes.len());
+                            unit.extend_from_slice(&bytes[..take]);
+                            (bytes, bytes_at) = (&bytes[take..], bytes_at + take as u64);
+                        }
+                        step => break step,
+                    }
+                }
+            };
+            match step {
+                Step::Next(next) => self.next = next,
+                Step::Stop | Step::Need(_) => self.done = true,
+            }
+        }
+    }
+
+    /// The layout, once the stream's `fed` bytes are all there is: a member whose data runs past
+    /// the end is no region, and is named.
+    pub(crate) fn finish(mut self) -> TarLayout {
+        if !self.done && (self.next > self.fed || self.pending.len() >= BLOCK as usize) {
+            let (at, size) = self.last;
+            self.layout.warnings.push(format!(
+                "at byte {at}: member of {size} bytes runs past the end; the rest is chunked by content"
+            ));
+            let end = self.fed;
+            self.layout.pages.retain(|r| r.start + r.len <= end);
+        }
+        self.layout
+    }
+
+    fn stop(&mut self, at: u64, why: String) -> Step {
+        self.layout.warnings.push(format!("at byte {at}: {why}"));
+        Step::Stop
+    }
+
+    /// Reads the header that `unit` (the stream from the next offset on) starts with.
+    fn step(&mut self, unit: &[u8]) -> Step {
+        let at = self.next;
+        let Some(header) = unit.get(..BLOCK as usize) else { return Step::Need(BLOCK as usize) };
+        if header.iter().all(|&b| b == 0) {
+            return Step::Stop; // End of archive.
+        }
         if !checksum_ok(header) {
-            stop(&mut layout, "not a valid tar header; the rest is chunked by content".into());
-            return layout;
+            return self.stop(at, "not a valid tar header; the rest is chunked by content".into());
         }
         let Some(size) = octal_or_binary(&header[124..136]) else {
-            stop(&mut layout, "unreadable member size; the rest is chunked by content".into());
-            return layout;
+            return self.stop(at, "unreadable member size; the rest is chunked by content".into());
         };
         let data = at + BLOCK;
-        let Some(next) = size.checked_next_multiple_of(BLOCK).and_then(|s| data.checked_add(s)).filter(|&n| n <= len)
-        else {
-            stop(&mut layout, format!("member of {size} bytes runs past the end; the rest is chunked by content"));
-            return layout;
+        let Some(next) = size.checked_next_multiple_of(BLOCK).and_then(|s| data.checked_add(s)) else {
+            return self.stop(at, format!("member of {size} bytes runs past the end; the rest is chunked by content"));
         };
-        let body = &bytes[data as usize..(data + size) as usize];
+        self.last = (at, size);
         match header[156] {
-            b'L' => long_name = Some(c_string(body)),
-            b'x' => {
-                if let Some(path) = pax_path(body) {
-                    long_name = Some(path);
+            kind @ (b'L' | b'x') => {
+                if size > crate::limits::TAR_MAX_EXTENSION as u64 {
+                    return self
+                        .stop(at, format!("an extended header of {size} bytes; the rest is chunked by content"));
+                }
+                let end = BLOCK as usize + size as usize;
+                let Some(body) = unit.get(BLOCK as usize..end) else { return Step::Need(end) };
+                if kind == b'L' {
+                    self.long_name = Some(c_string(body));
+                } else if let Some(path) = pax_path(body) {
+                    self.long_name = Some(path);
                 }
             }
             b'S' => {
-                stop(&mut layout, format!("{} is a sparse member; the rest is chunked by content", name(header)));
-                return layout;
+                return self.stop(at, format!("{} is a sparse member; the rest is chunked by content", name(header)))
             }
             b'0' | 0 | b'7' => {
-                let name = long_name.take().unwrap_or_else(|| name(header));
-                if size > 0 && size.is_multiple_of(page) && is_page_file(&name) {
-                    if layout.pages.len() == max_regions {
-                        stop(
-                            &mut layout,
-                            format!("more than {max_regions} page files; the rest is chunked by content"),
-                        );
-                        return layout;
+                let name = self.long_name.take().unwrap_or_else(|| name(header));
+                if size > 0 && size.is_multiple_of(self.page) && (self.is_page_file)(&name) {
+                    if self.layout.pages.len() == self.max_regions {
+                        let max = self.max_regions;
+                        return self.stop(at, format!("more than {max} page files; the rest is chunked by content"));
                     }
-                    layout.pages.push(PageRegion { start: data, len: size });
+                    self.layout.pages.push(PageRegion { start: data, len: size });
                 }
             }
             b'g' => {}
-            _ => long_name = None,
+            _ => self.long_name = None,
         }
-        at = next;
+        Step::Next(next)
     }
-    layout
 }
 
 /// `prefix/name` of a ustar header.
@@ -232,7 +344,46 @@ pub(crate) mod tests {
         assert!(layout.warnings[0].contains("not a valid tar header"), "{:?}", layout.warnings);
     }
 
+    /// The same layout whatever pieces the stream comes in.
+    fn scan_in_pieces(bytes: &[u8], piece: usize) -> TarLayout {
+        let mut scanner = TarScanner::new(8192, 10, pages);
+        for p in bytes.chunks(piece.max(1)) {
+            scanner.feed(p);
+        }
+        scanner.finish()
+    }
+
+    #[test]
+    fn a_stream_fed_in_pieces_scans_as_the_whole() {
+        let long = format!("base/16384/{}/16397", "d".repeat(120));
+        let mut tar = vec![];
+        member(&mut tar, "PG_VERSION", b"15\n", b'0');
+        member(&mut tar, "././@LongLink", format!("{long}\0").as_bytes(), b'L');
+        member(&mut tar, "x", &[3u8; 2 * 8192], b'0');
+        let pax = format!("path=base/1/{}\n", "p".repeat(700));
+        let record = format!("{} {pax}", pax.len() + 4);
+        member(&mut tar, "PaxHeaders/x", record.as_bytes(), b'x');
+        member(&mut tar, "short", &[4u8; 8192], b'0');
+        member(&mut tar, "base/1/2", &[5u8; 8192], b'0');
+        let whole = scan(&tar, 8192, 10, pages);
+        assert_eq!(whole.pages.len(), 3, "{whole:?}");
+        for piece in [1, 100, 511, 512, 513, 1000, 8192, 9000, tar.len()] {
+            assert_eq!(scan_in_pieces(&tar, piece), whole, "pieces of {piece}");
+        }
+        // Cut short: the member running past the end is named and is no region, in pieces too.
+        let cut = &tar[..tar.len() - 100];
+        let short = scan(cut, 8192, 10, pages);
+        assert_eq!(short.pages.len(), 2);
+        assert!(short.warnings[0].contains("runs past the end"), "{:?}", short.warnings);
+        assert_eq!(scan_in_pieces(cut, 700), short);
+    }
+
     proptest::proptest! {
+        #[test]
+        fn pieces_never_change_the_layout(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000), piece in 1usize..700) {
+            proptest::prop_assert_eq!(scan_in_pieces(&bytes, piece), scan(&bytes, 8192, 10, pages));
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000)) {
             let _ = is_tar(&bytes);
