@@ -65,6 +65,10 @@ pub const TAR_PAGE_MEMBERS: usize = 1 << 18;
 /// copies from, (`STDIN_PIECES` + 2) pieces per segment in flight.
 pub const STDIN_PIECE: usize = 4 << 20;
 pub const STDIN_PIECES: usize = 4;
+/// Changed blocks a core holds (bytes) while their parent versions are read ahead in one
+/// request per level of their chains: one round trip per this many bytes of changed blocks
+/// through a receiver, instead of one per block. Their bases are held as long, stored.
+pub const DELTA_BATCH: usize = 8 << 20;
 /// Largest GNU long name or pax extended header a tar scan reads (it holds one in memory); a
 /// larger one ends the scan with a warning (the rest is chunked by content).
 pub const TAR_MAX_EXTENSION: usize = 1 << 20;

@@ -344,7 +344,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
     let progress = Arc::clone(&phase.progress);
     // A delta needs the parent's block: one read from local packs, but a round trip to a
     // receiver, so backups through a receiver store changed blocks whole.
-    let deltas = (opts.delta_chain > 0 && !repo.backend.reads_round_trip()).then_some(opts.delta_chain);
+    let deltas = (opts.delta_chain > 0).then_some(opts.delta_chain);
     let shared = Arc::new(Shared {
         repo,
         known: Arc::new(KnownBlobs::new(index)),
@@ -523,11 +523,9 @@ fn backup_segment(
                 let parent = deltas.as_mut().zip(was.and_then(|was| previous.at(was, chunk.len())));
                 match parent {
                     Some(((deltas, page, reader), base)) => {
+                        // Held, and stored once its base is read ahead with others'.
                         if writer.claim(&id)? {
-                            match deltas.encode(reader, *page, base, chunk) {
-                                Some(delta) => writer.store_claimed(id, BlobKind::Delta, delta)?,
-                                None => writer.store_claimed(id, BlobKind::Data, chunk)?,
-                            }
+                            deltas.hold(writer, reader, *page, (id, base, chunk))?;
                         }
                     }
                     None => {
@@ -612,6 +610,9 @@ fn backup_segment(
             streamed = chunker::chunk_stream(1, job.policy.max_len(), window, fill, cut, &mut store)?;
         }
     }
+    if let Some((deltas, page, reader)) = deltas.as_mut() {
+        deltas.store_held(writer, reader, *page)?;
+    }
     fault::point("segment");
     let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
     Ok(SegmentSummary { list: list_id, bytes: streamed as u64, chunks: list.chunks.len() as u64 })
@@ -691,11 +692,69 @@ struct BlockDeltas {
     chain: u32,
     base: Vec<u8>,
     delta: Vec<u8>,
+    /// Changed blocks held until their parent versions are read ahead in one go (one request
+    /// per level of their chains through a receiver): each one's id (claimed), its parent
+    /// version's id, and where its bytes are in `held`.
+    waiting: Vec<(ChunkId, ChunkId, std::ops::Range<usize>)>,
+    held: Vec<u8>,
 }
 
 impl BlockDeltas {
     fn new(chain: u32) -> Self {
-        Self { chain, base: Vec::new(), delta: Vec::new() }
+        Self { chain, base: Vec::new(), delta: Vec::new(), waiting: Vec::new(), held: Vec::new() }
+    }
+
+    /// Holds changed `block` (claimed as `id`) whose parent version is `base`; stores what is
+    /// held once it reaches [`limits::DELTA_BATCH`] bytes. Where a read costs no round trip
+    /// the block is stored at once (holding it would only copy it).
+    fn hold(
+        &mut self,
+        writer: &mut BlobWriter<'_>,
+        reader: &mut BlobReader<'_>,
+        page: u32,
+        (id, base, block): (ChunkId, ChunkId, &[u8]),
+    ) -> Result<()> {
+        if !reader.reads_ahead() {
+            return self.store_one(writer, reader, page, (id, base, block));
+        }
+        let start = self.held.len();
+        self.held.extend_from_slice(block);
+        self.waiting.push((id, base, start..self.held.len()));
+        if self.held.len() >= limits::DELTA_BATCH {
+            self.store_held(writer, reader, page)?;
+        }
+        Ok(())
+    }
+
+    /// Stores `block` as a delta of `base`, or whole.
+    fn store_one(
+        &mut self,
+        writer: &mut BlobWriter<'_>,
+        reader: &mut BlobReader<'_>,
+        page: u32,
+        (id, base, block): (ChunkId, ChunkId, &[u8]),
+    ) -> Result<()> {
+        match self.encode(reader, page, base, block) {
+            Some(delta) => writer.store_claimed(id, BlobKind::Delta, delta),
+            None => writer.store_claimed(id, BlobKind::Data, block),
+        }
+    }
+
+    /// Reads the held blocks' bases ahead, then stores each block as a delta of its base, or
+    /// whole.
+    fn store_held(&mut self, writer: &mut BlobWriter<'_>, reader: &mut BlobReader<'_>, page: u32) -> Result<()> {
+        let bases: Vec<ChunkId> = self.waiting.iter().map(|(_, base, _)| *base).collect();
+        reader.prefetch_blocks(&bases);
+        let (waiting, held) = (std::mem::take(&mut self.waiting), std::mem::take(&mut self.held));
+        for (id, base, range) in &waiting {
+            self.store_one(writer, reader, page, (*id, *base, &held[range.clone()]))?;
+        }
+        reader.forget_prefetched();
+        // The buffers are kept for the next batch.
+        (self.waiting, self.held) = (waiting, held);
+        self.waiting.clear();
+        self.held.clear();
+        Ok(())
     }
 
     /// The delta of `block` against its parent version `base`, or `None` when it is to be

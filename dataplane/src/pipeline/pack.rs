@@ -1,5 +1,6 @@
 //! Writing blobs into packs, and reading them back verified.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -222,15 +223,12 @@ impl<'a> BlobWriter<'a> {
         self.known.claim(id)
     }
 
-    /// Packs a blob claimed with [`Self::claim`], as `kind`: a [`BlobKind::Delta`]'s `data` is
-    /// the delta's encoding, not the block its id names. Only where reads are local (see
-    /// [`crate::repo::Backend::reads_round_trip`]): the claim decided it is new.
+    /// Stores a blob claimed with [`Self::claim`], as `kind`: a [`BlobKind::Delta`]'s `data` is
+    /// the delta's encoding, not the block its id names. Through a receiver it is packed once
+    /// the receiver says it lacks the block, as [`Self::store_with_id`]'s blobs are.
     pub(crate) fn store_claimed(&mut self, id: ChunkId, kind: BlobKind, data: &[u8]) -> Result<()> {
-        debug_assert!(
-            !self.packing.repo.backend.reads_round_trip(),
-            "block deltas are written to local repositories only"
-        );
-        self.packing.pack(id, kind, data)
+        assert!(data.len() <= wire::limits::MAX_BLOB_SIZE as usize);
+        self.new_blobs.offer(id, kind, data, &mut self.packing)
     }
 
     /// Closes the open pack; everything stored is durable once the [`Sealer`] has finished.
@@ -290,12 +288,62 @@ pub struct BlobReader<'a> {
     source: Box<dyn BlobSource + 'a>,
     decoder: BlobDecoder,
     stored: Vec<u8>,
+    /// Whether each read from `source` costs a round trip (a receiver).
+    remote: bool,
+    /// Stored blobs read ahead by [`Self::prefetch_blocks`] (entry, bytes, where from), taken
+    /// before the source until [`Self::forget_prefetched`].
+    ahead: HashMap<ChunkId, (PackEntry, Vec<u8>, String)>,
 }
 
 impl<'a> BlobReader<'a> {
     pub fn new(repo: &'a Repository, index: &'a ChunkIndex) -> Result<Self> {
         let source = repo.backend.blob_source(index);
-        Ok(Self { repo, source, decoder: BlobDecoder::new(repo)?, stored: Vec::new() })
+        let remote = repo.backend.reads_round_trip();
+        Ok(Self { repo, source, decoder: BlobDecoder::new(repo)?, stored: Vec::new(), remote, ahead: HashMap::new() })
+    }
+
+    /// Reads ahead blocks `ids` and every base of their delta chains, one request per level
+    /// of the chains (a receiver streams each level in one), so that the [`Self::read_block`]
+    /// of each costs no round trip. A local repository needs none of it. What fails here is
+    /// read again (and reported) by `read_block`. The caller bounds `ids` (what is read ahead
+    /// is held until [`Self::forget_prefetched`]).
+    pub fn prefetch_blocks(&mut self, ids: &[ChunkId]) {
+        if !self.remote {
+            return;
+        }
+        let mut level: Vec<ChunkId> = ids.to_vec();
+        for _ in 0..=wire::limits::MAX_DELTA_CHAIN {
+            level.retain(|id| !self.ahead.contains_key(id));
+            level.sort_unstable();
+            level.dedup();
+            if level.is_empty() {
+                return;
+            }
+            self.source.prefetch(level.clone());
+            let mut bases = vec![];
+            for id in &level {
+                let Ok((entry, from)) = self.source.read_stored(id, &mut self.stored) else { continue };
+                if entry.kind() == BlobKind::Delta {
+                    let mut raw = Vec::new();
+                    if self.decoder.decode(&self.stored, &entry, &mut raw).is_ok() {
+                        bases.extend(BlockDelta::decode(&raw).ok().map(|delta| delta.base));
+                    }
+                }
+                self.ahead.insert(*id, (entry, std::mem::take(&mut self.stored), from));
+            }
+            level = bases;
+        }
+    }
+
+    /// Whether [`Self::prefetch_blocks`] reads ahead (each read from the source costs a round
+    /// trip), so that callers batch their reads.
+    pub fn reads_ahead(&self) -> bool {
+        self.remote
+    }
+
+    /// Drops what [`Self::prefetch_blocks`] read ahead.
+    pub fn forget_prefetched(&mut self) {
+        self.ahead.clear();
     }
 
     /// Announces the blobs about to be read, in order: a receiver streams them in one request
@@ -356,7 +404,13 @@ impl<'a> BlobReader<'a> {
     /// Appends blob `id` to `out`; a delta must be shallower than `below`.
     fn read_chain(&mut self, id: &ChunkId, out: &mut Vec<u8>, below: u32) -> Result<u32> {
         let start = out.len();
-        let (entry, from) = self.source.read_stored(id, &mut self.stored)?;
+        let (entry, from) = match self.ahead.get(id) {
+            Some((entry, stored, from)) => {
+                self.stored.clone_from(stored);
+                (*entry, from.clone())
+            }
+            None => self.source.read_stored(id, &mut self.stored)?,
+        };
         if entry.kind() != BlobKind::Delta {
             self.decoder
                 .decode(&self.stored, &entry, out)

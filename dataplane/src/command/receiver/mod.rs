@@ -941,8 +941,8 @@ fn check_and_publish(
 /// A receiver that holds the repository's key (plaintext, or given the password) checks every
 /// blob a client sends: it opens, decompresses, and its content hashes to its id. Without
 /// this a client could store garbage under the id of data another client has not backed up
-/// yet, and that client's backup would deduplicate against it. A block delta decodes but is
-/// not hashed (that needs its base; clients send none through a receiver).
+/// yet, and that client's backup would deduplicate against it. A block delta is rebuilt on its
+/// base (read from the repository, its own chain rebuilt and checked) and the block hashed.
 fn check_blobs(
     store: &Served,
     id: ChunkId,
@@ -951,16 +951,33 @@ fn check_blobs(
     tmp: &Path,
 ) -> Result<(), PackRejected> {
     let mut decoder = crate::pipeline::pack::BlobDecoder::new(&store.repo)?;
-    let (mut stored, mut raw) = (Vec::new(), Vec::new());
+    let mut bases = None;
+    let (mut stored, mut raw, mut base, mut block) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for e in entries {
+        let bad = |why: String| PackRejected::Bad(format!("pack {id}: blob {}: {why}", e.id));
         stored.resize(e.stored_len() as usize, 0);
         file.read_exact_at(&mut stored, e.offset()).at(tmp)?;
         raw.clear();
-        decoder
-            .decode(&stored, e, &mut raw)
-            .map_err(|why| PackRejected::Bad(format!("pack {id}: blob {}: {why}", e.id)))?;
-        if e.kind() != wire::BlobKind::Delta && store.repo.key.blob_id(&raw) != e.id {
-            return Err(PackRejected::Bad(format!("pack {id}: blob {}: its content does not match its id", e.id)));
+        decoder.decode(&stored, e, &mut raw).map_err(&bad)?;
+        let content = if e.kind() == wire::BlobKind::Delta {
+            let delta = wire::delta::BlockDelta::decode(&raw).map_err(|why| bad(why.to_string()))?;
+            let reader = match &mut bases {
+                Some(reader) => reader,
+                None => bases.insert(crate::pipeline::pack::BlobReader::new(&store.repo, store.known.index())?),
+            };
+            base.clear();
+            let depth = reader.read_block(&delta.base, &mut base).map_err(|why| bad(format!("its base: {why}")))?;
+            if depth >= delta.depth {
+                return Err(bad(format!("a delta of depth {} on a base of depth {depth}", delta.depth)));
+            }
+            block.clear();
+            delta.apply(&base, &mut block).map_err(|why| bad(why.to_string()))?;
+            &block
+        } else {
+            &raw
+        };
+        if store.repo.key.blob_id(content) != e.id {
+            return Err(bad("its content does not match its id".into()));
         }
     }
     Ok(())
