@@ -120,7 +120,9 @@ fn stage_costs(input: &Path) -> (bench::StageCosts, f64) {
     let file = File::open(input).expect("open input");
     // SAFETY: read-only mapping of a file only this benchmark writes.
     let map = unsafe { memmap2::Mmap::map(&file) }.expect("map input");
-    let costs = bench::measure_stages(&map, Default::default(), dataplane::limits::DEFAULT_COMPRESSION_LEVEL);
+    // One file not named like a database's: `auto` cuts it by content.
+    let cdc = dataplane::pipeline::chunker::ChunkPolicy::Cdc(Default::default());
+    let costs = bench::measure_stages(&map, cdc, dataplane::limits::DEFAULT_COMPRESSION_LEVEL);
     let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
     let sample = &map[..map.len().min(64 << 20)];
     let ratio =
