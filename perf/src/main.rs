@@ -9,6 +9,8 @@
 //! Sources are `synth://pg` (generated, never on disk). Figures are measured in the same run as
 //! the stage limits they are compared with.
 
+mod database;
+mod mariadb;
 mod pgbench;
 mod quic;
 mod report;
@@ -90,6 +92,18 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         transactions: u32,
     },
+    /// A real MariaDB database (sysbench), cold at one path and copied into a new directory per
+    /// backup: cbcr and restic, full and incremental after a sysbench write run (needs root,
+    /// Debian's mariadb-server and sysbench)
+    Mariadb {
+        #[arg(long, default_value_t = 4)]
+        tables: u32,
+        #[arg(long, default_value_t = 1_000_000)]
+        table_size: u32,
+        /// sysbench oltp_write_only events (2 threads) between the full and the incremental.
+        #[arg(long, default_value_t = 2_000)]
+        events: u32,
+    },
     /// The same source backed up and restored locally and through a receiver on loopback, and
     /// the raw throughput of one quinn stream (the network limit).
     Quic {
@@ -133,6 +147,7 @@ fn main() -> Result<()> {
         }
         Cmd::Peers { input, synth } => peers(&cbcr, &cli.out, input, synth),
         Cmd::Pgbench { scale, transactions } => pgbench::pgbench(&cbcr, &cli.out, scale, transactions),
+        Cmd::Mariadb { tables, table_size, events } => mariadb::mariadb(&cbcr, &cli.out, tables, table_size, events),
         Cmd::Quic { size, raw, cores } => quic::quic(&cbcr, &cli.out, size, raw, cores),
         Cmd::Soak { duration, size } => soak(&cbcr, &cli.out, parse_duration(&duration)?, size),
     }
