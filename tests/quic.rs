@@ -527,19 +527,23 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
         );
         // A pack that lists one blob twice (it once panicked the receiver under its publish
         // lock, failing every later pack): refused for this stream, the receiver fine after.
-        let pack_of = |ids: &[wire::ChunkId]| {
+        let pack_with = |blobs: &[(wire::ChunkId, wire::BlobKind, &[u8])]| {
             let mut pack = wire::pack::PackHeader::encode().to_vec();
             let mut entries = vec![];
-            for id in ids {
-                let at = pack.len() as u64;
-                entries.push(wire::pack::PackEntry::new(*id, at, 3, 3, wire::BlobKind::Data, wire::Compression::None));
-                pack.extend_from_slice(b"abc");
+            for &(id, kind, bytes) in blobs {
+                let (at, len) = (pack.len() as u64, bytes.len() as u32);
+                entries.push(wire::pack::PackEntry::new(id, at, len, len, kind, wire::Compression::None));
+                pack.extend_from_slice(bytes);
             }
             let off = pack.len() as u64;
             pack.extend(wire::pack::encode_trailer(&entries, off));
             let mut put = Frame::PutPack { session: 1 }.encode();
             put.extend(pack);
             put
+        };
+        let pack_of = |ids: &[wire::ChunkId]| {
+            let blobs: Vec<_> = ids.iter().map(|id| (*id, wire::BlobKind::Data, &b"abc"[..])).collect();
+            pack_with(&blobs)
         };
         let (five, six) = (wire::ChunkId([5; 32]), wire::ChunkId([6; 32]));
         let reply = send_raw(&conn, &pack_of(&[five, five]), true).await;
@@ -552,6 +556,18 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
         let reply = send_raw(&conn, &pack_of(&[six]), true).await;
         assert!(
             matches!(&reply, Some(Frame::Error { code: ErrorCode::BadPack, message }) if message.contains("does not match its id")),
+            "{reply:?}"
+        );
+        // A block delta on a base the repository does not have, under the id of data another
+        // client has not backed up yet: the receiver rebuilds every delta on its base before
+        // it publishes the pack, so the forgery is refused (before deltas went through
+        // receivers, a delta was not checked at all).
+        let (base, block) = (vec![0u8; 8192], vec![1u8; 8192]);
+        let mut delta = vec![];
+        wire::delta::encode(wire::ChunkId([7; 32]), 1, 8192, &base, &block, &mut delta);
+        let reply = send_raw(&conn, &pack_with(&[(wire::ChunkId([8; 32]), wire::BlobKind::Delta, &delta)]), true).await;
+        assert!(
+            matches!(&reply, Some(Frame::Error { code: ErrorCode::BadPack, message }) if message.contains("its base")),
             "{reply:?}"
         );
         // A request for a session this connection never opened.
