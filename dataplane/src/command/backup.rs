@@ -1335,7 +1335,8 @@ impl Walker<'_> {
                     }
                 }
                 offset += piece.len() as u64;
-                self.send_piece(&pieces, StreamPiece { bytes: piece, regions })?;
+                let sent = StreamPiece { bytes: piece, regions };
+                self.send_to_cores(&pieces, sent, "a core stopped reading standard input")?;
                 piece = read_piece(input, piece_len.min((end - offset) as usize))?;
                 if offset == end {
                     piece = read_piece(input, piece_len)?;
@@ -1358,21 +1359,6 @@ impl Walker<'_> {
         }
         meta.size = offset;
         Ok(Some(slot))
-    }
-
-    /// Sends a streamed segment its next piece, taking answers while its channel is full so the
-    /// cores never wait on us.
-    fn send_piece(&mut self, pieces: &Sender<StreamPiece>, piece: StreamPiece) -> Result<()> {
-        let mut piece = Some(piece);
-        while piece.is_some() {
-            select! {
-                send(pieces, piece.take().expect("loop condition")) -> sent => {
-                    sent.map_err(|_| Error::Internal("a core stopped reading standard input".into()))?
-                }
-                recv(self.done) -> answer => self.take_answer(answer)?,
-            }
-        }
-        Ok(())
     }
 
     /// Walks a generated source: its files in their directories.
@@ -1430,15 +1416,20 @@ impl Walker<'_> {
         self.push_dir(Path::new(&spec.source_name()), nodes)
     }
 
-    /// Queues a segment, taking answers while the queue is full so the cores never wait on us.
+    /// Queues a segment.
     fn queue(&mut self, job: SegmentJob) -> Result<()> {
-        let jobs = self.jobs.clone();
-        let mut job = Some(job);
-        while job.is_some() {
+        self.send_to_cores(&self.jobs.clone(), job, "the cores stopped taking segments")
+    }
+
+    /// Sends `item` to the cores on `channel`, taking answers while it is full so the cores never
+    /// wait on us; `stopped` says what failed if the cores are gone.
+    fn send_to_cores<T>(&mut self, channel: &Sender<T>, item: T, stopped: &str) -> Result<()> {
+        let mut item = Some(item);
+        while item.is_some() {
             // The message expression is evaluated only if the send arm is the one selected.
             select! {
-                send(jobs, job.take().expect("loop condition")) -> sent => {
-                    sent.map_err(|_| Error::Internal("the cores stopped taking segments".into()))?
+                send(channel, item.take().expect("loop condition")) -> sent => {
+                    sent.map_err(|_| Error::Internal(stopped.into()))?
                 }
                 recv(self.done) -> answer => self.take_answer(answer)?,
             }
