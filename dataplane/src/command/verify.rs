@@ -228,9 +228,12 @@ fn check_packs(
     read_data: bool,
 ) -> (Vec<PackDamage>, u64, u64) {
     let mut out = (vec![], 0, 0);
-    let mut decoder = BlobDecoder::new(repo).expect("zstd contexts can always be created");
-    let mut reader = BlobReader::new(repo, index).expect("zstd contexts can always be created");
-    let (mut raw, mut stored) = (Vec::new(), Vec::new());
+    let mut blobs = BlobChecker {
+        decoder: BlobDecoder::new(repo).expect("zstd contexts can always be created"),
+        reader: BlobReader::new(repo, index).expect("zstd contexts can always be created"),
+        raw: Vec::new(),
+        scratch: Vec::new(),
+    };
     for job in jobs.iter() {
         // The blobs a damaged pack loses are looked up only when it is damaged.
         let pack_damage = |detail: String| {
@@ -248,48 +251,10 @@ fn check_packs(
             }
         };
         if read_data {
-            // The whole file, streamed: its hash is its name. Which of its blobs the damage
-            // loses, the blob checks below tell: a flipped bit costs one blob, not the pack.
-            let whole =
-                |detail: String| (Damage { kind: "pack".into(), name: job.id.to_hex(), detail }, job.id, vec![]);
-            match hash_file(&*file, &mut stored) {
-                Ok((id, len)) => {
-                    out.2 += len;
-                    if id != job.id {
-                        out.0.push(whole("content does not match its name (corrupt)".into()));
-                    }
-                }
-                Err(e) => out.0.push(whole(format!("cannot be read: {e}"))),
-            }
-            for e in &entries {
-                out.1 += 1;
-                stored.resize(e.stored_len() as usize, 0);
-                raw.clear();
-                let ok = match e.kind() {
-                    // A delta is checked by rebuilding its block down its chain, which names
-                    // the first broken link.
-                    BlobKind::Delta => reader.read(&e.id, &mut raw).map_err(|err| err.to_string()),
-                    _ => file
-                        .read_at(e.offset(), &mut stored)
-                        .map_err(|err| format!("cannot be read: {err}"))
-                        .and_then(|()| decoder.decode(&stored, e, &mut raw))
-                        .and_then(|()| {
-                            if repo.key.blob_id(&raw) == e.id {
-                                Ok(())
-                            } else {
-                                Err("does not match its id (data is corrupt)".into())
-                            }
-                        }),
-                };
-                if let Err(detail) = ok {
-                    let name = e.id.to_hex();
-                    out.0.push((
-                        Damage { kind: "blob".into(), name, detail: format!("in pack {}: {detail}", job.id) },
-                        job.id,
-                        vec![e.id],
-                    ));
-                }
-            }
+            let (damage, read) = check_pack_data(repo, &*file, &job.id, &entries, &mut blobs);
+            out.0.extend(damage);
+            out.1 += entries.len() as u64;
+            out.2 += read;
         }
         // Every index entry naming this pack must match a trailer entry: count the matches.
         let same =
@@ -313,19 +278,141 @@ fn check_packs(
     out
 }
 
-/// BLAKE3 of a whole object, read in pieces of `limits::VERIFY_READ_BUFFER`; and its length.
-fn hash_file(file: &dyn ObjectReader, buf: &mut Vec<u8>) -> Result<(ChunkId, u64)> {
-    let mut hasher = blake3::Hasher::new();
-    let len = file.size();
-    let mut offset = 0;
-    while offset < len {
-        let n = (len - offset).min(limits::VERIFY_READ_BUFFER as u64) as usize;
-        buf.resize(n, 0);
-        file.read_at(offset, buf)?;
-        hasher.update(buf);
-        offset += n as u64;
+/// Reads pack `id` once, in windows that end where blobs end, with the next windows' reads in
+/// flight while one is checked: the whole file is hashed (its hash is its name), and every blob
+/// is decoded and re-hashed from the window that holds it. Which blobs a damaged pack loses,
+/// the blob checks tell: a flipped bit costs one blob, not the pack. Returns the damage found
+/// and the bytes read (none when the file could not be read whole).
+fn check_pack_data(
+    repo: &Repository,
+    file: &dyn ObjectReader,
+    id: &ChunkId,
+    entries: &[PackEntry],
+    checker: &mut BlobChecker<'_>,
+) -> (Vec<PackDamage>, u64) {
+    let whole = |detail: String| (Damage { kind: "pack".into(), name: id.to_hex(), detail }, *id, vec![]);
+    let mut by_offset: Vec<&PackEntry> = entries.iter().collect();
+    by_offset.sort_by_key(|e| e.offset());
+    let windows = read_windows(file.size(), &by_offset, limits::VERIFY_READ_BUFFER as u64);
+    let (mut damage, mut hasher, mut unreadable) = (vec![], blake3::Hasher::new(), None);
+    let (mut in_flight, mut spare) = (std::collections::VecDeque::new(), vec![]);
+    let mut blobs = by_offset.iter().peekable();
+    for (i, &(start, end)) in windows.iter().enumerate() {
+        for &(at, until) in windows.iter().take(i + 1 + limits::VERIFY_READS_AHEAD).skip(i + in_flight.len()) {
+            let mut buf: Vec<u8> = spare.pop().unwrap_or_default();
+            buf.resize((until - at) as usize, 0);
+            in_flight.push_back(file.start_read(at, buf));
+        }
+        let piece = in_flight.pop_front().expect("this window's read was started").finish();
+        match &piece {
+            Ok(bytes) => {
+                hasher.update(bytes);
+            }
+            Err(e) => {
+                unreadable.get_or_insert_with(|| format!("cannot be read: {e}"));
+            }
+        }
+        while let Some(e) = blobs.next_if(|e| e.offset() < end) {
+            let held = piece
+                .as_ref()
+                .ok()
+                .filter(|_| e.offset() >= start)
+                .and_then(|bytes| bytes.get((e.offset() - start) as usize..)?.get(..e.stored_len() as usize));
+            damage.extend(checker.check(repo, file, id, e, held));
+        }
+        spare.extend(piece.ok());
     }
-    Ok((ChunkId(*hasher.finalize().as_bytes()), len))
+    // Blobs the trailer places past the end of the file.
+    for e in blobs {
+        damage.extend(checker.check(repo, file, id, e, None));
+    }
+    match unreadable {
+        Some(detail) => damage.push(whole(detail)),
+        None if ChunkId(*hasher.finalize().as_bytes()) != *id => {
+            damage.push(whole("content does not match its name (corrupt)".into()))
+        }
+        None => return (damage, file.size()),
+    }
+    (damage, 0)
+}
+
+/// Byte ranges that cover `len` bytes in order, each ending where a blob ends (so none is
+/// split) and at most `limit` long unless one blob is longer; past the last blob (the
+/// trailer), pieces of `limit`. `by_offset` is sorted by offset; blobs that overlap or pass
+/// the end do not move the boundaries (they are read on their own).
+fn read_windows(len: u64, by_offset: &[&PackEntry], limit: u64) -> Vec<(u64, u64)> {
+    let (mut windows, mut start, mut end) = (vec![], 0, 0);
+    for e in by_offset {
+        let blob_end = e.offset() + u64::from(e.stored_len());
+        if blob_end > len || blob_end <= end {
+            continue;
+        }
+        if blob_end - start > limit && end > start {
+            windows.push((start, end));
+            start = end;
+        }
+        end = blob_end;
+    }
+    if end > start {
+        windows.push((start, end));
+        start = end;
+    }
+    while start < len {
+        let stop = (start + limit).min(len);
+        windows.push((start, stop));
+        start = stop;
+    }
+    windows
+}
+
+/// What one core checks blobs with, and its buffers.
+struct BlobChecker<'a> {
+    decoder: BlobDecoder,
+    /// Rebuilds deltas down their chains.
+    reader: BlobReader<'a>,
+    raw: Vec<u8>,
+    /// A blob read on its own.
+    scratch: Vec<u8>,
+}
+
+impl BlobChecker<'_> {
+    /// Checks blob `e` of pack `pack`: from `held` (its stored bytes, already read) or read on
+    /// its own; a delta by rebuilding its block down its chain, which names the first broken
+    /// link.
+    fn check(
+        &mut self,
+        repo: &Repository,
+        file: &dyn ObjectReader,
+        pack: &ChunkId,
+        e: &PackEntry,
+        held: Option<&[u8]>,
+    ) -> Option<PackDamage> {
+        self.raw.clear();
+        let ok = match e.kind() {
+            BlobKind::Delta => self.reader.read(&e.id, &mut self.raw).map_err(|err| err.to_string()),
+            _ => {
+                let stored = match held {
+                    Some(bytes) => Ok(bytes),
+                    None => {
+                        self.scratch.resize(e.stored_len() as usize, 0);
+                        file.read_at(e.offset(), &mut self.scratch)
+                            .map(|()| &self.scratch[..])
+                            .map_err(|err| format!("cannot be read: {err}"))
+                    }
+                };
+                stored.and_then(|stored| self.decoder.decode(stored, e, &mut self.raw)).and_then(|()| {
+                    if repo.key.blob_id(&self.raw) == e.id {
+                        Ok(())
+                    } else {
+                        Err("does not match its id (data is corrupt)".into())
+                    }
+                })
+            }
+        };
+        let detail = ok.err()?;
+        let damage = Damage { kind: "blob".into(), name: e.id.to_hex(), detail: format!("in pack {pack}: {detail}") };
+        Some((damage, *pack, vec![e.id]))
+    }
 }
 
 struct SnapshotWalk<'a> {
@@ -474,4 +561,57 @@ impl SnapshotWalk<'_> {
 /// Exposed for `cbcr verify` to print: damage of one kind as one line.
 pub fn describe(d: &Damage) -> String {
     format!("damaged {} {}: {}", d.kind, d.name, d.detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::Compression;
+
+    fn blob(offset: u64, len: u32) -> PackEntry {
+        PackEntry::new(ChunkId([offset as u8; 32]), offset, len, len, BlobKind::Data, Compression::None)
+    }
+
+    fn windows_of(len: u64, blobs: &[PackEntry], limit: u64) -> Vec<(u64, u64)> {
+        let mut by_offset: Vec<&PackEntry> = blobs.iter().collect();
+        by_offset.sort_by_key(|e| e.offset());
+        read_windows(len, &by_offset, limit)
+    }
+
+    #[test]
+    fn windows_cover_the_pack_in_order_and_never_split_a_blob() {
+        // Header 0..16, blobs of 40, a trailer of 30.
+        let blobs: Vec<PackEntry> = (0..10).map(|i| blob(16 + i * 40, 40)).collect();
+        let len = 16 + 400 + 30;
+        let windows = windows_of(len, &blobs, 100);
+        assert_eq!(windows.first().unwrap().0, 0);
+        assert_eq!(windows.last().unwrap().1, len);
+        for pair in windows.windows(2) {
+            assert_eq!(pair[0].1, pair[1].0, "contiguous: {windows:?}");
+        }
+        for b in &blobs {
+            let end = b.offset() + u64::from(b.stored_len());
+            assert!(
+                windows.iter().any(|&(s, e)| s <= b.offset() && end <= e),
+                "blob at {} split: {windows:?}",
+                b.offset()
+            );
+        }
+        assert!(windows.iter().all(|&(s, e)| e - s <= 100), "{windows:?}");
+    }
+
+    #[test]
+    fn a_blob_longer_than_the_limit_gets_a_window_of_its_own_and_the_trailer_is_cut_in_pieces() {
+        let blobs = [blob(16, 50), blob(66, 500), blob(566, 20)];
+        let windows = windows_of(566 + 20 + 250, &blobs, 100);
+        assert_eq!(windows, vec![(0, 66), (66, 566), (566, 586), (586, 686), (686, 786), (786, 836)]);
+    }
+
+    #[test]
+    fn blobs_past_the_end_or_overlapping_do_not_move_the_boundaries() {
+        // One blob runs past the end of a 200-byte file; one lies inside another.
+        let blobs = [blob(16, 100), blob(20, 10), blob(150, 100)];
+        assert_eq!(windows_of(200, &blobs, 1000), vec![(0, 116), (116, 200)]);
+        assert_eq!(windows_of(0, &[], 1000), vec![]);
+    }
 }
