@@ -39,17 +39,9 @@ pub const RESTORE_BATCH_BYTES: u64 = 64 << 20;
 /// Directories waiting for their files before the walker completes the oldest: bounds the
 /// walker's memory on trees of many small or empty directories.
 pub const PENDING_DIRS: usize = 4096;
-/// Bytes `verify --read-data` reads at a time while hashing a pack.
+/// Bytes `verify --read-data` reads at a time while hashing a pack (more when one blob is
+/// larger: a read never splits a blob).
 pub const VERIFY_READ_BUFFER: usize = 1 << 20;
-/// Reads `verify --read-data` keeps in flight ahead of the piece it is checking, per core.
-pub const VERIFY_READS_AHEAD: usize = 2;
-/// Reads one core's io_uring ring holds in flight at once; starting one more waits for one.
-pub const RING_DEPTH: u32 = 64;
-/// Bytes of announced blobs a core reading a local repository (restore) keeps in flight ahead of
-/// the one it decodes.
-pub const LOCAL_READ_AHEAD: usize = 8 << 20;
-/// Buffers of blobs read ahead that such a core keeps for its next reads.
-pub const LOCAL_READ_SPARE_BUFFERS: usize = 4;
 /// Chunk lists `verify` hands its checking threads at a time (the depth of both queues).
 pub const VERIFY_LIST_BATCH: usize = 64;
 /// Open pack files a reader keeps per core (restore, verify).

@@ -232,6 +232,7 @@ fn check_packs(
         decoder: BlobDecoder::new(repo).expect("zstd contexts can always be created"),
         reader: BlobReader::new(repo, index).expect("zstd contexts can always be created"),
         raw: Vec::new(),
+        window: Vec::new(),
         scratch: Vec::new(),
     };
     for job in jobs.iter() {
@@ -278,9 +279,8 @@ fn check_packs(
     out
 }
 
-/// Reads pack `id` once, in windows that end where blobs end, with the next windows' reads in
-/// flight while one is checked: the whole file is hashed (its hash is its name), and every blob
-/// is decoded and re-hashed from the window that holds it. Which blobs a damaged pack loses,
+/// Reads pack `id` once, in windows that end where blobs end: the whole file is hashed (its hash
+/// is its name), and every blob is decoded and re-hashed from the window that holds it. Which blobs a damaged pack loses,
 /// the blob checks tell: a flipped bit costs one blob, not the pack. Returns the damage found
 /// and the bytes read (none when the file could not be read whole).
 fn check_pack_data(
@@ -295,33 +295,28 @@ fn check_pack_data(
     by_offset.sort_by_key(|e| e.offset());
     let windows = read_windows(file.size(), &by_offset, limits::VERIFY_READ_BUFFER as u64);
     let (mut damage, mut hasher, mut unreadable) = (vec![], blake3::Hasher::new(), None);
-    let (mut in_flight, mut spare) = (std::collections::VecDeque::new(), vec![]);
-    let mut blobs = by_offset.iter().peekable();
-    for (i, &(start, end)) in windows.iter().enumerate() {
-        for &(at, until) in windows.iter().take(i + 1 + limits::VERIFY_READS_AHEAD).skip(i + in_flight.len()) {
-            let mut buf: Vec<u8> = spare.pop().unwrap_or_default();
-            buf.resize((until - at) as usize, 0);
-            in_flight.push_back(file.start_read(at, buf));
-        }
-        let piece = in_flight.pop_front().expect("this window's read was started").finish();
-        match &piece {
-            Ok(bytes) => {
-                hasher.update(bytes);
+    let (mut blobs, mut piece) = (by_offset.iter().peekable(), std::mem::take(&mut checker.window));
+    for &(start, end) in &windows {
+        piece.resize((end - start) as usize, 0);
+        let read = file.read_at(start, &mut piece);
+        match &read {
+            Ok(()) => {
+                hasher.update(&piece);
             }
             Err(e) => {
                 unreadable.get_or_insert_with(|| format!("cannot be read: {e}"));
             }
         }
         while let Some(e) = blobs.next_if(|e| e.offset() < end) {
-            let held = piece
+            let held = read
                 .as_ref()
                 .ok()
                 .filter(|_| e.offset() >= start)
-                .and_then(|bytes| bytes.get((e.offset() - start) as usize..)?.get(..e.stored_len() as usize));
+                .and_then(|()| piece.get((e.offset() - start) as usize..)?.get(..e.stored_len() as usize));
             damage.extend(checker.check(repo, file, id, e, held));
         }
-        spare.extend(piece.ok());
     }
+    checker.window = piece;
     // Blobs the trailer places past the end of the file.
     for e in blobs {
         damage.extend(checker.check(repo, file, id, e, None));
@@ -371,7 +366,8 @@ struct BlobChecker<'a> {
     /// Rebuilds deltas down their chains.
     reader: BlobReader<'a>,
     raw: Vec<u8>,
-    /// A blob read on its own.
+    /// The window of a pack being read, and a blob read on its own.
+    window: Vec<u8>,
     scratch: Vec<u8>,
 }
 

@@ -2,7 +2,7 @@
 //! to files in the store's work directory, fsynced, handed to the store under their final
 //! names, then indexed; blobs are read from the packs the local index names.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fault;
 use crate::index::{self, ChunkIndex, KnownBlobs};
 use crate::limits;
-use crate::store::{list_objects, pack_name, parse_writer_name, ObjectKind, ObjectReader, PendingRead, Store};
+use crate::store::{list_objects, pack_name, parse_writer_name, ObjectKind, ObjectReader, Store};
 
 /// A repository reached through its store.
 pub(crate) struct Direct {
@@ -100,15 +100,7 @@ impl Backend for Direct {
     }
 
     fn blob_source<'a>(&'a self, index: &'a ChunkIndex) -> Box<dyn BlobSource + 'a> {
-        Box::new(LocalBlobs {
-            store: &*self.store,
-            index,
-            packs: PackFiles::default(),
-            announced: VecDeque::new(),
-            started: VecDeque::new(),
-            started_bytes: 0,
-            spare: Vec::new(),
-        })
+        Box::new(LocalBlobs { store: &*self.store, index, packs: PackFiles::default() })
     }
 
     fn reads_round_trip(&self) -> bool {
@@ -231,104 +223,28 @@ pub(crate) struct PackFiles(HashMap<ChunkId, Box<dyn ObjectReader>>);
 impl PackFiles {
     /// Reads `buf.len()` bytes of pack `pack` at `offset`.
     pub(crate) fn read_at(&mut self, store: &dyn Store, pack: &ChunkId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.object(store, pack)?.read_at(offset, buf)
-    }
-
-    /// Starts reading `buf.len()` bytes of pack `pack` at `offset`.
-    fn start_read(&mut self, store: &dyn Store, pack: &ChunkId, offset: u64, buf: Vec<u8>) -> Result<PendingRead> {
-        Ok(self.object(store, pack)?.start_read(offset, buf))
-    }
-
-    fn object(&mut self, store: &dyn Store, pack: &ChunkId) -> Result<&dyn ObjectReader> {
         if self.0.len() >= limits::OPEN_PACKS_PER_READER && !self.0.contains_key(pack) {
-            // Reads in flight keep their files open.
             self.0.clear();
         }
-        Ok(&**match self.0.entry(*pack) {
+        let object = match self.0.entry(*pack) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => v.insert(store.open(ObjectKind::Pack, &pack_name(pack))?),
-        })
+        };
+        object.read_at(offset, buf)
     }
 }
 
-/// Blobs read from the packs the index names. Blobs announced by [`BlobSource::prefetch`] are
-/// read ahead, up to [`limits::LOCAL_READ_AHEAD`] bytes at a time in flight on the core's ring,
-/// while the caller decompresses and writes the ones before them.
+/// Blobs read from the packs the index names.
 struct LocalBlobs<'a> {
     store: &'a dyn Store,
     index: &'a ChunkIndex,
     packs: PackFiles,
-    /// Announced and not started yet, in the order they will be read.
-    announced: VecDeque<ChunkId>,
-    /// Started, in order: the blob, its entry and pack, its read.
-    started: VecDeque<(ChunkId, IndexEntry, PendingRead)>,
-    started_bytes: usize,
-    /// Buffers of blobs handed out, for the next reads.
-    spare: Vec<Vec<u8>>,
-}
-
-impl LocalBlobs<'_> {
-    /// Starts the reads of announced blobs while the bytes in flight allow (at least one).
-    fn read_ahead(&mut self) {
-        while self.started_bytes < limits::LOCAL_READ_AHEAD || self.started.is_empty() {
-            let Some(id) = self.announced.pop_front() else { return };
-            // A blob the index lacks, or a pack that does not open, is left to `read_stored`,
-            // which names what is wrong.
-            let Ok(Some(entry)) = self.index.get(&id) else { continue };
-            let len = entry.entry.stored_len() as usize;
-            let buf = self.buffer(len);
-            let Ok(read) = self.packs.start_read(self.store, &entry.pack, entry.entry.offset(), buf) else {
-                continue;
-            };
-            self.started_bytes += len;
-            self.started.push_back((id, entry, read));
-        }
-    }
-
-    /// Blob `id`'s stored bytes if its read was started ahead; reads started before it are
-    /// dropped (their blobs were not asked for in the order announced).
-    fn take_started(&mut self, id: &ChunkId) -> Option<(IndexEntry, Vec<u8>)> {
-        let at = self.started.iter().position(|(started, ..)| started == id)?;
-        for (_, entry, _) in self.started.drain(..at) {
-            self.started_bytes -= entry.entry.stored_len() as usize;
-        }
-        let (_, entry, read) = self.started.pop_front().expect("position found above");
-        self.started_bytes -= entry.entry.stored_len() as usize;
-        // A read that failed is done again by the caller, whose error names the pack.
-        let bytes = read.finish().ok();
-        self.read_ahead();
-        bytes.map(|bytes| (entry, bytes))
-    }
-
-    /// A buffer of `len` bytes for a read, reusing one a caller gave back.
-    fn buffer(&mut self, len: usize) -> Vec<u8> {
-        let mut buf = self.spare.pop().unwrap_or_default();
-        // Only bytes it never had are zeroed; the read overwrites all of them.
-        if buf.len() >= len {
-            buf.truncate(len);
-        } else {
-            buf.resize(len, 0);
-        }
-        buf
-    }
 }
 
 impl BlobSource for LocalBlobs<'_> {
-    fn prefetch(&mut self, ids: Vec<ChunkId>) {
-        self.started.clear();
-        self.started_bytes = 0;
-        self.announced = ids.into();
-        self.read_ahead();
-    }
+    fn prefetch(&mut self, _ids: Vec<ChunkId>) {}
 
     fn read_stored(&mut self, id: &ChunkId, stored: &mut Vec<u8>) -> Result<(PackEntry, String)> {
-        if let Some((entry, mut bytes)) = self.take_started(id) {
-            std::mem::swap(stored, &mut bytes);
-            if self.spare.len() < limits::LOCAL_READ_SPARE_BUFFERS {
-                self.spare.push(bytes);
-            }
-            return Ok((entry.entry, format!("pack {}", entry.pack)));
-        }
         let entry = self.index.get(id)?.ok_or_else(|| {
             Error::Integrity(if self.index.has_damaged_copy(id) {
                 let packs = self.index.packs_of(id).unwrap_or_default();

@@ -50,8 +50,7 @@ impl LocalDir {
 use super::sync_path as sync_dir;
 
 struct LocalObject {
-    /// Shared with the reads in flight on a core's ring.
-    file: std::sync::Arc<File>,
+    file: File,
     path: PathBuf,
     len: u64,
 }
@@ -63,10 +62,6 @@ impl ObjectReader for LocalObject {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.file.read_exact_at(buf, offset).at(&self.path)
-    }
-
-    fn start_read(&self, offset: u64, buf: Vec<u8>) -> super::PendingRead {
-        super::PendingRead::on_ring(super::ring::start(&self.file, offset, buf), self.path.clone())
     }
 }
 
@@ -146,7 +141,7 @@ impl Store for LocalDir {
         let path = self.path(kind, name);
         let file = File::open(&path).at(&path)?;
         let len = file.metadata().at(&path)?.len();
-        Ok(Box::new(LocalObject { file: std::sync::Arc::new(file), path, len }))
+        Ok(Box::new(LocalObject { file, path, len }))
     }
 
     fn put(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {

@@ -12,7 +12,6 @@
 mod crash;
 pub(crate) mod journal;
 mod local;
-pub(crate) mod ring;
 mod s3;
 
 use std::path::{Path, PathBuf};
@@ -81,36 +80,6 @@ pub trait ObjectReader: Send {
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`; an object shorter than that is an `Io` error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
-    /// Starts reading `buf.len()` bytes from `offset`, to be collected with
-    /// [`PendingRead::finish`] (a local file reads meanwhile); where a store cannot read while
-    /// its caller works, the read is done here.
-    fn start_read(&self, offset: u64, mut buf: Vec<u8>) -> PendingRead {
-        PendingRead(Pending::Done(self.read_at(offset, &mut buf).map(|()| buf)))
-    }
-}
-
-/// A read started by [`ObjectReader::start_read`].
-pub struct PendingRead(Pending);
-
-enum Pending {
-    Done(Result<Vec<u8>>),
-    /// On this thread's io_uring ring; the path names the file in errors.
-    Ring(ring::Ticket, PathBuf),
-}
-
-impl PendingRead {
-    fn on_ring(ticket: ring::Ticket, path: PathBuf) -> Self {
-        Self(Pending::Ring(ticket, path))
-    }
-
-    /// The bytes read, or why they could not be.
-    pub fn finish(self) -> Result<Vec<u8>> {
-        use crate::error::IoContext;
-        match self.0 {
-            Pending::Done(read) => read,
-            Pending::Ring(ticket, path) => ticket.finish().at(&path),
-        }
-    }
 }
 
 /// Held while a backup writes. A local directory allows one writer at a time (`flock`); an
