@@ -1,0 +1,164 @@
+//! The order in which waiting backups are placed. Classes are strictly ordered (critical before
+//! high before normal before low), and within a class the earliest RPO deadline comes first.
+//! Aging keeps a low class from starving: a backup still waiting [`AGING_STEP`] after it became
+//! due is ranked one class higher, and one more per further step, up to critical. So once due, a
+//! backup of any class is ranked with critical ones after at most 3 × `AGING_STEP`, where its
+//! deadline (already past) puts it ahead of every critical backup due after it: no backup waits
+//! longer than that plus the time to run the critical backups due before it.
+//!
+//! The order is incremental: a backup is placed in a sorted set once, and moved only when it
+//! ages, at times kept in a second sorted set, so a pass costs what changed.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::model::{DbName, Millis, Priority};
+
+/// How long past its due time a waiting backup takes to rise one class.
+pub const AGING_STEP: Millis = Millis::from_secs(30 * 60);
+
+/// A waiting backup's place: its rank (0 is critical; aging lowers it), then its deadline.
+type Place = (u8, Millis, DbName);
+
+#[derive(Clone, Debug)]
+struct Waiting {
+    class: Priority,
+    /// When its snapshot would be older than its RPO.
+    deadline: Millis,
+    /// When it became due (it waits from then).
+    due: Millis,
+    /// Steps aged so far.
+    aged: u8,
+}
+
+impl Waiting {
+    fn rank(&self) -> u8 {
+        self.class.rank().saturating_sub(self.aged)
+    }
+
+    /// When it next rises a class, if it still can.
+    fn next_aging(&self) -> Option<Millis> {
+        (self.rank() > 0).then(|| self.due.after(Millis(AGING_STEP.0 * (u64::from(self.aged) + 1))))
+    }
+}
+
+#[derive(Default)]
+pub struct WaitOrder {
+    waiting: HashMap<DbName, Waiting>,
+    order: BTreeSet<Place>,
+    aging: BTreeSet<(Millis, DbName)>,
+}
+
+impl WaitOrder {
+    /// Adds (or replaces) `db`'s waiting backup, due at `due`, whose deadline is `deadline`.
+    pub fn push(&mut self, db: DbName, class: Priority, due: Millis, deadline: Millis) {
+        self.remove(&db);
+        let w = Waiting { class, deadline, due, aged: 0 };
+        self.order.insert((w.rank(), w.deadline, db.clone()));
+        if let Some(at) = w.next_aging() {
+            self.aging.insert((at, db.clone()));
+        }
+        self.waiting.insert(db, w);
+    }
+
+    /// Takes `db` out (placed, or removed from the fleet); false when it was not waiting.
+    pub fn remove(&mut self, db: &DbName) -> bool {
+        let Some(w) = self.waiting.remove(db) else { return false };
+        self.order.remove(&(w.rank(), w.deadline, db.clone()));
+        if let Some(at) = w.next_aging() {
+            self.aging.remove(&(at, db.clone()));
+        }
+        true
+    }
+
+    /// Raises every backup whose aging time has come by `now`; returns how many rose.
+    pub fn age(&mut self, now: Millis) -> usize {
+        let mut rose = 0;
+        while let Some((at, _)) = self.aging.first() {
+            if *at > now {
+                break;
+            }
+            let (_, db) = self.aging.pop_first().expect("first exists");
+            let w = self.waiting.get_mut(&db).expect("aging entries are waiting");
+            self.order.remove(&(w.rank(), w.deadline, db.clone()));
+            w.aged += 1;
+            self.order.insert((w.rank(), w.deadline, db.clone()));
+            if let Some(next) = w.next_aging() {
+                self.aging.insert((next, db));
+            }
+            rose += 1;
+        }
+        rose
+    }
+
+    /// Waiting backups in the order they are placed: rank, deadline, name.
+    pub fn iter(&self) -> impl Iterator<Item = (&DbName, u8, Millis)> + '_ {
+        self.order.iter().map(|(rank, deadline, db)| (db, *rank, *deadline))
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> DbName {
+        DbName(s.into())
+    }
+
+    fn names(o: &WaitOrder) -> Vec<&str> {
+        o.iter().map(|(db, ..)| db.0.as_str()).collect()
+    }
+
+    #[test]
+    fn classes_first_then_earliest_deadline() {
+        let mut o = WaitOrder::default();
+        o.push(name("low-early"), Priority::Low, Millis(0), Millis(10));
+        o.push(name("crit-late"), Priority::Critical, Millis(0), Millis(900));
+        o.push(name("crit-early"), Priority::Critical, Millis(0), Millis(100));
+        o.push(name("normal"), Priority::Normal, Millis(0), Millis(50));
+        assert_eq!(names(&o), ["crit-early", "crit-late", "normal", "low-early"]);
+        // A new push replaces the old one.
+        o.push(name("normal"), Priority::High, Millis(0), Millis(50));
+        assert_eq!(names(&o), ["crit-early", "crit-late", "normal", "low-early"]);
+        assert_eq!(o.iter().nth(2).unwrap().1, Priority::High.rank());
+        assert!(o.remove(&name("crit-early")));
+        assert!(!o.remove(&name("crit-early")));
+        assert_eq!(o.len(), 3);
+    }
+
+    #[test]
+    fn a_low_backup_rises_one_class_per_step_and_then_passes_critical_ones_due_after_it() {
+        let mut o = WaitOrder::default();
+        let due = Millis::from_secs(1000);
+        o.push(name("low"), Priority::Low, due, due);
+        assert_eq!(o.age(due.after(Millis(AGING_STEP.0 - 1))), 0);
+        assert_eq!(o.age(due.after(AGING_STEP)), 1);
+        assert_eq!(o.iter().next().unwrap().1, Priority::Normal.rank());
+        // Two more steps at once: both happen.
+        assert_eq!(o.age(due.after(Millis(AGING_STEP.0 * 3))), 2);
+        assert_eq!(o.iter().next().unwrap().1, 0);
+        // Ranked critical; nothing left to age.
+        assert_eq!(o.age(Millis(u64::MAX)), 0);
+        let later = due.after(Millis(1));
+        o.push(name("crit-due-later"), Priority::Critical, later, later);
+        let earlier = Millis(due.0 - 1);
+        o.push(name("crit-due-earlier"), Priority::Critical, earlier, earlier);
+        assert_eq!(names(&o), ["crit-due-earlier", "low", "crit-due-later"]);
+    }
+
+    #[test]
+    fn removing_a_backup_also_cancels_its_aging() {
+        let mut o = WaitOrder::default();
+        o.push(name("a"), Priority::Low, Millis(0), Millis(0));
+        o.remove(&name("a"));
+        assert_eq!(o.age(Millis(u64::MAX)), 0);
+        assert!(o.is_empty() && o.aging.is_empty());
+    }
+}
