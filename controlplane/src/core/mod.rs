@@ -1,11 +1,14 @@
 //! The pure core. Built so far: the registry of databases and nodes ([`registry`]), the
-//! scheduler's order of waiting backups with aging ([`order`]), and leases with fencing tokens
-//! ([`leases`]). Planning, placement, throttle and scale decisions, and the simulator that drives
-//! them, come next.
+//! scheduler's order of waiting backups with aging ([`order`]), leases with fencing tokens
+//! ([`leases`]), how many shards a backup is cut into ([`planner`]) and where one runs within
+//! its source host's caps ([`placement`]). The event loop that joins them into decisions,
+//! throttle and scale decisions, and the simulator that drives them come next.
 
 pub mod leases;
 pub mod model;
 pub mod order;
+pub mod placement;
+pub mod planner;
 pub mod registry;
 
 pub use model::{DbName, Millis, NodeName, Priority};

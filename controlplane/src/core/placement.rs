@@ -1,0 +1,129 @@
+//! Where a backup (one job, or one shard of a plan) runs: on a node with room for it in every
+//! resource, preferring the one that has moved data fastest, and only while its source host
+//! stays under its caps (how many backups read from it at once, and how many bytes per second
+//! they read together), so a production database host is never overloaded by its backups.
+
+use super::model::NodeName;
+
+/// Resources, as capacities, uses or needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub network_bps: u64,
+    pub disk_bps: u64,
+}
+
+impl Resources {
+    /// Whether `need` fits in `self` in every resource.
+    pub fn fits(&self, need: &Resources) -> bool {
+        need.cores <= self.cores
+            && need.memory_bytes <= self.memory_bytes
+            && need.network_bps <= self.network_bps
+            && need.disk_bps <= self.disk_bps
+    }
+}
+
+/// A node as placement sees it: what is free on it now (its capacity, less what it reports in
+/// use and what its assignments reserve) and the throughput it has shown.
+#[derive(Clone, Debug)]
+pub struct NodeRoom {
+    pub node: NodeName,
+    pub free: Resources,
+    pub throughput_bps: u64,
+}
+
+/// A source host's caps and what its running backups take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostBudget {
+    pub max_running: u32,
+    pub max_read_bps: u64,
+    pub running: u32,
+    pub read_bps: u64,
+}
+
+/// The least read rate worth starting a backup at: below it, the host's budget is spent.
+pub const MIN_READ_BPS: u64 = 8 << 20;
+
+/// A placement: the node, and the read rate the backup is capped at on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub node: NodeName,
+    pub read_cap_bps: u64,
+}
+
+/// Why a backup waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Its source host runs as many backups as it may, or reads as fast as it may.
+    HostAtCap,
+    /// No node has room for it now.
+    NoRoom,
+}
+
+/// Places one backup that needs `need`, reading from a host with `host`'s budget.
+pub fn place(need: &Resources, nodes: &[NodeRoom], host: &HostBudget) -> Result<Placed, Wait> {
+    let host_left = host.max_read_bps.saturating_sub(host.read_bps);
+    if host.running >= host.max_running || host_left < MIN_READ_BPS {
+        return Err(Wait::HostAtCap);
+    }
+    let best = nodes
+        .iter()
+        .filter(|n| n.free.fits(need))
+        // Fastest first; then the most cores left; then by name, so every run decides alike.
+        .max_by(|a, b| {
+            (a.throughput_bps, a.free.cores - need.cores)
+                .cmp(&(b.throughput_bps, b.free.cores - need.cores))
+                .then_with(|| b.node.cmp(&a.node))
+        })
+        .ok_or(Wait::NoRoom)?;
+    let read_cap_bps = host_left.min(best.throughput_bps.max(MIN_READ_BPS));
+    Ok(Placed { node: best.node.clone(), read_cap_bps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEED: Resources = Resources { cores: 2, memory_bytes: 1 << 30, network_bps: 100 << 20, disk_bps: 100 << 20 };
+    const ROOM: Resources = Resources { cores: 8, memory_bytes: 16 << 30, network_bps: 1 << 30, disk_bps: 1 << 30 };
+    const HOST: HostBudget = HostBudget { max_running: 2, max_read_bps: 400 << 20, running: 0, read_bps: 0 };
+
+    fn node(name: &str, free: Resources, throughput_bps: u64) -> NodeRoom {
+        NodeRoom { node: NodeName(name.into()), free, throughput_bps }
+    }
+
+    #[test]
+    fn the_fastest_node_with_room_in_every_resource_wins() {
+        let nodes = [
+            node("slow", ROOM, 100 << 20),
+            node("fast-but-full", Resources { memory_bytes: 1 << 20, ..ROOM }, 900 << 20),
+            node("fast", ROOM, 600 << 20),
+        ];
+        let placed = place(&NEED, &nodes, &HOST).unwrap();
+        assert_eq!(placed.node, NodeName("fast".into()));
+        // Capped by the host's budget (400 MiB/s), not the node's 600.
+        assert_eq!(placed.read_cap_bps, 400 << 20);
+        assert_eq!(place(&NEED, &nodes[1..2], &HOST), Err(Wait::NoRoom));
+    }
+
+    #[test]
+    fn a_host_at_its_caps_gets_no_more_backups() {
+        let nodes = [node("n", ROOM, 600 << 20)];
+        let busy = HostBudget { running: 2, ..HOST };
+        assert_eq!(place(&NEED, &nodes, &busy), Err(Wait::HostAtCap));
+        let reading = HostBudget { running: 1, read_bps: (400 << 20) - (1 << 20), ..HOST };
+        assert_eq!(place(&NEED, &nodes, &reading), Err(Wait::HostAtCap));
+        let some_left = HostBudget { running: 1, read_bps: 300 << 20, ..HOST };
+        assert_eq!(place(&NEED, &nodes, &some_left).unwrap().read_cap_bps, 100 << 20);
+    }
+
+    #[test]
+    fn ties_are_broken_the_same_way_every_time() {
+        let nodes = [node("b", ROOM, 500), node("a", ROOM, 500), node("c", ROOM, 500)];
+        let mut reversed = nodes.clone();
+        reversed.reverse();
+        assert_eq!(place(&NEED, &nodes, &HOST).unwrap().node, NodeName("a".into()));
+        assert_eq!(place(&NEED, &reversed, &HOST).unwrap().node, NodeName("a".into()));
+    }
+}
