@@ -114,6 +114,14 @@ impl Leases {
         out
     }
 
+    /// Ends `key`'s lease whoever holds it (its node left); its token stays the newest, so the
+    /// node's late reports are refused.
+    pub fn revoke(&mut self, key: &ShardKey) -> Option<Lease> {
+        let lease = self.held.remove(key)?;
+        self.by_expiry.remove(&(lease.expires, key.clone()));
+        Some(lease)
+    }
+
     /// Forgets a shard whose snapshot is committed or abandoned: no report about it is
     /// accepted after.
     pub fn forget(&mut self, key: &ShardKey) {

@@ -1,10 +1,12 @@
 //! The pure core. Built so far: the registry of databases and nodes ([`registry`]), the
 //! scheduler's order of waiting backups with aging ([`order`]), leases with fencing tokens
 //! ([`leases`]), how many shards a backup is cut into ([`planner`]) and where one runs within
-//! its source host's caps ([`placement`]). The event loop that joins them into decisions,
-//! throttle and scale decisions, and the simulator that drives them come next.
+//! its source host's caps ([`placement`]), and the event loop that joins them into decisions
+//! ([`machine`]). Throttle and scale decisions, and the simulator that drives the core, come
+//! next.
 
 pub mod leases;
+pub mod machine;
 pub mod model;
 pub mod order;
 pub mod placement;

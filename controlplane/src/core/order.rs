@@ -17,7 +17,7 @@ use super::model::{DbName, Millis, Priority};
 pub const AGING_STEP: Millis = Millis::from_secs(30 * 60);
 
 /// A waiting backup's place: its rank (0 is critical; aging lowers it), then its deadline.
-type Place = (u8, Millis, DbName);
+pub type Place = (u8, Millis, DbName);
 
 #[derive(Clone, Debug)]
 struct Waiting {
@@ -90,6 +90,14 @@ impl WaitOrder {
         rose
     }
 
+    /// The first waiting backup placed after `after` (a place [`Self::first_after`] gave), or
+    /// the first of all: a pass walks the order this way while it takes backups out of it.
+    pub fn first_after(&self, after: Option<&Place>) -> Option<Place> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, Excluded);
+        self.order.range((from, Unbounded)).next().cloned()
+    }
+
     /// Waiting backups in the order they are placed: rank, deadline, name.
     pub fn iter(&self) -> impl Iterator<Item = (&DbName, u8, Millis)> + '_ {
         self.order.iter().map(|(rank, deadline, db)| (db, *rank, *deadline))
@@ -128,7 +136,15 @@ mod tests {
         o.push(name("normal"), Priority::High, Millis(0), Millis(50));
         assert_eq!(names(&o), ["crit-early", "crit-late", "normal", "low-early"]);
         assert_eq!(o.iter().nth(2).unwrap().1, Priority::High.rank());
+        let first = o.first_after(None).unwrap();
+        assert_eq!(first.2, name("crit-early"));
+        assert_eq!(o.first_after(Some(&first)).unwrap().2, name("crit-late"));
         assert!(o.remove(&name("crit-early")));
+        assert_eq!(
+            o.first_after(Some(&first)).unwrap().2,
+            name("crit-late"),
+            "a removed place still works as a cursor"
+        );
         assert!(!o.remove(&name("crit-early")));
         assert_eq!(o.len(), 3);
     }
