@@ -2,8 +2,9 @@
 //! scheduler's order of waiting backups with aging ([`order`]), leases with fencing tokens
 //! ([`leases`]), how many shards a backup is cut into ([`planner`]) and where one runs within
 //! its source host's caps ([`placement`]), and the event loop that joins them into decisions
-//! ([`machine`]). Throttle and scale decisions, and the simulator that drives the core, come
-//! next.
+//! ([`machine`]), an AIMD loop for read caps ([`throttle`]) and the desired node count with
+//! hysteresis ([`scale`]). Wiring those two into the event loop, and the simulator that drives
+//! the core, come next.
 
 pub mod leases;
 pub mod machine;
@@ -12,5 +13,7 @@ pub mod order;
 pub mod placement;
 pub mod planner;
 pub mod registry;
+pub mod scale;
+pub mod throttle;
 
 pub use model::{DbName, Millis, NodeName, Priority};
