@@ -5,3 +5,4 @@
 //! seeded simulation can drive it through a fleet in seconds and every decision is repeatable.
 
 pub mod core;
+pub mod sim;

@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::leases::{LeaseError, Leases, ShardKey};
-use super::model::{DbName, Millis, NodeName};
+use super::model::{DbName, Millis, NodeName, Priority};
 use super::order::WaitOrder;
 use super::placement::{place, HostBudget, NodeRoom, Resources, Wait};
 use super::planner::plan;
@@ -149,6 +149,9 @@ struct HostState {
     read_bps: u64,
 }
 
+/// A parked database's place in the order: class, due time, deadline.
+type Parked = (Priority, Millis, Millis);
+
 #[derive(Default)]
 pub struct Core {
     config: Config,
@@ -157,6 +160,11 @@ pub struct Core {
     leases: Leases,
     dbs: HashMap<DbName, DbState>,
     nodes: HashMap<NodeName, NodeState>,
+    /// Databases waiting on a source host at its caps, by host: back in the order when it
+    /// runs one backup fewer.
+    parked: HashMap<String, Vec<(DbName, Parked)>>,
+    /// Nodes with room for one more shard: a pass with the fleet full costs nothing per node.
+    roomy: BTreeSet<NodeName>,
     hosts: HashMap<String, HostState>,
     jobs: HashMap<u64, Job>,
     /// Read caps of running shards, to give back to their host.
@@ -198,6 +206,9 @@ impl Core {
             Event::DbRemoved(name) => {
                 let spec = self.registry.remove(&name)?;
                 self.order.remove(&name);
+                if let Some(parked) = self.parked.get_mut(&spec.source_host) {
+                    parked.retain(|(db, _)| *db != name);
+                }
                 self.not_due.retain(|(_, db)| *db != name);
                 if let Some(job) = self.dbs.remove(&name).and_then(|d| d.job) {
                     self.close_job(job, &spec.source_host, &mut out);
@@ -207,13 +218,15 @@ impl Core {
                 self.registry.join(node.clone(), capacity)?;
                 let throughput_bps = self.config.default_node_bps;
                 self.nodes.insert(
-                    node,
+                    node.clone(),
                     NodeState { capacity, used: Resources::default(), throughput_bps, running: BTreeSet::new() },
                 );
+                self.refresh_room(&node);
             }
             Event::NodeLeft(node) => {
                 self.registry.leave(&node)?;
                 let state = self.nodes.remove(&node).expect("registered nodes have a state");
+                self.roomy.remove(&node);
                 for key in state.running {
                     if let Some(lease) = self.leases.revoke(&key) {
                         out.push(Decision::Revoke { key: key.clone(), node: node.clone(), token: lease.token });
@@ -229,6 +242,7 @@ impl Core {
                 if throughput_bps > 0 {
                     state.throughput_bps = throughput_bps;
                 }
+                self.refresh_room(&node);
             }
             Event::LeaseRenewed { key, node, token } => {
                 self.leases.renew(&key, &node, token, now, self.config.lease_ttl)?;
@@ -314,7 +328,13 @@ impl Core {
                 Ok(()) => {
                     self.order.remove(db);
                 }
-                Err(Wait::HostAtCap) => {}
+                Err(Wait::HostAtCap) => {
+                    // Parked until its host runs one backup fewer: later passes walk past it
+                    // at no cost.
+                    let host = self.registry.db(db).expect("waiting databases are registered").source_host.clone();
+                    let waiting = self.order.take(db).expect("walked from the order");
+                    self.parked.entry(host).or_default().push((db.clone(), waiting));
+                }
                 Err(Wait::NoRoom) => return,
             }
             cursor = Some(place);
@@ -353,8 +373,10 @@ impl Core {
                 running: host.running,
                 read_bps: host.read_bps,
             };
+            // Before the nodes are looked at: a host at its caps waits whatever room there is.
+            budget.left().ok_or(Wait::HostAtCap)?;
             let rooms: Vec<NodeRoom> =
-                self.nodes.iter().map(|(name, n)| room(name, n, &self.config.shard_need)).collect();
+                self.roomy.iter().map(|name| room(name, &self.nodes[name], &self.config.shard_need)).collect();
             let placed = place(&self.config.shard_need, &rooms, &budget)?;
             let key = ShardKey { job: job_id, shard };
             let lease = self
@@ -366,6 +388,7 @@ impl Core {
             host.read_bps += placed.read_cap_bps;
             self.read_caps.insert(key.clone(), placed.read_cap_bps);
             self.nodes.get_mut(&placed.node).expect("placed on a known node").running.insert(key.clone());
+            self.refresh_room(&placed.node);
             self.jobs.get_mut(&job_id).expect("open").shards[shard as usize].0 = ShardState::Running;
             out.push(Decision::Assign {
                 key,
@@ -390,15 +413,37 @@ impl Core {
 
     /// Gives back what a running shard reserved on its node and its source host.
     fn unreserve(&mut self, key: &ShardKey, node: &NodeName) {
-        if let Some(n) = self.nodes.get_mut(node) {
-            n.running.remove(key);
-        }
-        let cap = self.read_caps.remove(key).unwrap_or(0);
         let Some(job) = self.jobs.get(&key.job) else { return };
         let Ok(spec) = self.registry.db(&job.db) else { return };
-        if let Some(host) = self.hosts.get_mut(&spec.source_host) {
-            host.running = host.running.saturating_sub(1);
-            host.read_bps = host.read_bps.saturating_sub(cap);
+        let host = spec.source_host.clone();
+        self.unreserve_on(key, node, &host);
+    }
+
+    fn unreserve_on(&mut self, key: &ShardKey, node: &NodeName, host: &str) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.running.remove(key);
+            self.refresh_room(node);
+        }
+        let cap = self.read_caps.remove(key).unwrap_or(0);
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.running = h.running.saturating_sub(1);
+            h.read_bps = h.read_bps.saturating_sub(cap);
+        }
+        for (db, (class, due, deadline)) in self.parked.remove(host).unwrap_or_default() {
+            self.order.push(db, class, due, deadline);
+        }
+    }
+
+    /// Keeps [`Core::roomy`] true for `node`: in it exactly when one more shard fits there.
+    fn refresh_room(&mut self, node: &NodeName) {
+        let fits = self
+            .nodes
+            .get(node)
+            .is_some_and(|n| room(node, n, &self.config.shard_need).free.fits(&self.config.shard_need));
+        if fits {
+            self.roomy.insert(node.clone());
+        } else {
+            self.roomy.remove(node);
         }
     }
 
@@ -424,21 +469,21 @@ impl Core {
             let key = ShardKey { job, shard };
             if let Some(lease) = self.leases.holder(&key).cloned() {
                 out.push(Decision::Revoke { key: key.clone(), node: lease.node.clone(), token: lease.token });
-                if let Some(n) = self.nodes.get_mut(&lease.node) {
-                    n.running.remove(&key);
-                }
-                let cap = self.read_caps.remove(&key).unwrap_or(0);
-                if let Some(h) = self.hosts.get_mut(host) {
-                    h.running = h.running.saturating_sub(1);
-                    h.read_bps = h.read_bps.saturating_sub(cap);
-                }
+                self.unreserve_on(&key, &lease.node, host);
             }
             self.leases.forget(&key);
         }
     }
 
+    /// Databases waiting for placement.
     pub fn waiting(&self) -> usize {
         self.order.len()
+    }
+
+    /// Whether job `job` is open: planned, and not every shard of it finished. A shard whose job
+    /// is neither committed nor open is lost: the simulator checks that none is.
+    pub fn is_open(&self, job: u64) -> bool {
+        self.jobs.contains_key(&job)
     }
 
     pub fn leases(&self) -> &Leases {
@@ -469,7 +514,6 @@ fn room(name: &NodeName, n: &NodeState, need: &Resources) -> NodeRoom {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::Priority;
 
     const GIB: u64 = 1 << 30;
     const NODE: NodeCapacity =

@@ -62,12 +62,18 @@ impl WaitOrder {
 
     /// Takes `db` out (placed, or removed from the fleet); false when it was not waiting.
     pub fn remove(&mut self, db: &DbName) -> bool {
-        let Some(w) = self.waiting.remove(db) else { return false };
+        self.take(db).is_some()
+    }
+
+    /// Takes `db` out and returns what [`Self::push`] needs to put it back: its class, when it
+    /// became due and its deadline (put back later, it catches up the aging it missed).
+    pub fn take(&mut self, db: &DbName) -> Option<(Priority, Millis, Millis)> {
+        let w = self.waiting.remove(db)?;
         self.order.remove(&(w.rank(), w.deadline, db.clone()));
         if let Some(at) = w.next_aging() {
             self.aging.remove(&(at, db.clone()));
         }
-        true
+        Some((w.class, w.due, w.deadline))
     }
 
     /// Raises every backup whose aging time has come by `now`; returns how many rose.
@@ -167,6 +173,17 @@ mod tests {
         let earlier = Millis(due.0 - 1);
         o.push(name("crit-due-earlier"), Priority::Critical, earlier, earlier);
         assert_eq!(names(&o), ["crit-due-earlier", "low", "crit-due-later"]);
+    }
+
+    #[test]
+    fn a_backup_taken_out_and_put_back_later_catches_up_its_aging() {
+        let mut o = WaitOrder::default();
+        o.push(name("low"), Priority::Low, Millis(0), Millis(5));
+        let (class, due, deadline) = o.take(&name("low")).unwrap();
+        assert!(o.is_empty());
+        o.push(name("low"), class, due, deadline);
+        assert_eq!(o.age(Millis(AGING_STEP.0 * 2)), 2);
+        assert_eq!(o.iter().next().unwrap().1, Priority::Low.rank() - 2);
     }
 
     #[test]

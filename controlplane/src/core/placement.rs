@@ -61,12 +61,17 @@ pub enum Wait {
     NoRoom,
 }
 
+impl HostBudget {
+    /// What is left of the host's read budget, or `None` when it may start no more backups.
+    pub fn left(&self) -> Option<u64> {
+        let left = self.max_read_bps.saturating_sub(self.read_bps);
+        (self.running < self.max_running && left >= MIN_READ_BPS).then_some(left)
+    }
+}
+
 /// Places one backup that needs `need`, reading from a host with `host`'s budget.
 pub fn place(need: &Resources, nodes: &[NodeRoom], host: &HostBudget) -> Result<Placed, Wait> {
-    let host_left = host.max_read_bps.saturating_sub(host.read_bps);
-    if host.running >= host.max_running || host_left < MIN_READ_BPS {
-        return Err(Wait::HostAtCap);
-    }
+    let host_left = host.left().ok_or(Wait::HostAtCap)?;
     let best = nodes
         .iter()
         .filter(|n| n.free.fits(need))
