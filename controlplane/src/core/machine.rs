@@ -197,19 +197,17 @@ impl Core {
             Event::DbChanged(spec) => {
                 let name = spec.name.clone();
                 let old = self.registry.change(spec)?;
-                // Its place in the order follows its new class and RPO.
-                if self.order.remove(&name) || old.rpo != self.registry.db(&name)?.rpo {
-                    self.not_due.retain(|(_, db)| *db != name);
+                // Its place follows its new class, RPO and host.
+                let waited = self.unwait(&name, &old.source_host);
+                if waited && self.dbs[&name].job.is_some() {
+                    self.requeue(&name);
+                } else if self.dbs[&name].job.is_none() {
                     self.make_due(&name);
                 }
             }
             Event::DbRemoved(name) => {
                 let spec = self.registry.remove(&name)?;
-                self.order.remove(&name);
-                if let Some(parked) = self.parked.get_mut(&spec.source_host) {
-                    parked.retain(|(db, _)| *db != name);
-                }
-                self.not_due.retain(|(_, db)| *db != name);
+                self.unwait(&name, &spec.source_host);
                 if let Some(job) = self.dbs.remove(&name).and_then(|d| d.job) {
                     self.close_job(job, &spec.source_host, &mut out);
                 }
@@ -456,10 +454,27 @@ impl Core {
             }
         }
         let db = job.db.clone();
-        let Ok(spec) = self.registry.db(&db) else { return };
-        let deadline = self.dbs[&db].last_snapshot.unwrap_or(self.now).after(spec.rpo);
-        // Already due: it waited before, so it takes its place again from now.
-        self.order.push(db, spec.priority, self.now, deadline);
+        self.requeue(&db);
+    }
+
+    /// Puts a database with an open job back in the order: it was due already, so it takes its
+    /// place again from now.
+    fn requeue(&mut self, db: &DbName) {
+        let Ok(spec) = self.registry.db(db) else { return };
+        let deadline = self.dbs[db].last_snapshot.unwrap_or(self.now).after(spec.rpo);
+        self.order.push(db.clone(), spec.priority, self.now, deadline);
+    }
+
+    /// Takes `db` out of wherever it waits (the order, or parked on `host`); whether it waited.
+    fn unwait(&mut self, db: &DbName, host: &str) -> bool {
+        let mut waited = self.order.remove(db);
+        if let Some(parked) = self.parked.get_mut(host) {
+            let before = parked.len();
+            parked.retain(|(d, _)| d != db);
+            waited |= parked.len() != before;
+        }
+        self.not_due.retain(|(_, d)| d != db);
+        waited
     }
 
     /// Ends a removed database's job: its running shards are revoked.
@@ -602,6 +617,18 @@ mod tests {
         let a = assigns(&out);
         assert_eq!(a.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(), ["crit"]);
         assert_eq!(core.waiting(), 1);
+    }
+
+    #[test]
+    fn a_waiting_database_raised_to_critical_goes_first() {
+        let one_shard = NodeCapacity { cores: 2, ..NODE };
+        let mut core = Core::new(Config::default());
+        core.handle(Millis(0), Event::DbRegistered(db("a", "h1", Priority::Low, GIB))).unwrap();
+        core.handle(Millis(0), Event::DbRegistered(db("b", "h2", Priority::Normal, GIB))).unwrap();
+        core.handle(Millis(1), Event::DbChanged(db("a", "h1", Priority::Critical, GIB))).unwrap();
+        assert_eq!(core.waiting(), 2);
+        let out = core.handle(Millis(2), Event::NodeJoined { node: node("n"), capacity: one_shard }).unwrap();
+        assert_eq!(assigns(&out).iter().map(|a| a.0.as_str()).collect::<Vec<_>>(), ["a"]);
     }
 
     #[test]

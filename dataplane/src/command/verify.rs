@@ -280,9 +280,9 @@ fn check_packs(
 }
 
 /// Reads pack `id` once, in windows that end where blobs end: the whole file is hashed (its hash
-/// is its name), and every blob is decoded and re-hashed from the window that holds it. Which blobs a damaged pack loses,
-/// the blob checks tell: a flipped bit costs one blob, not the pack. Returns the damage found
-/// and the bytes read (none when the file could not be read whole).
+/// is its name), and every blob is decoded and re-hashed from the window that holds it. Which
+/// blobs a damaged pack loses, the blob checks tell: a flipped bit costs one blob, not the pack.
+/// Returns the damage found and the bytes read (none when the file could not be read whole).
 fn check_pack_data(
     repo: &Repository,
     file: &dyn ObjectReader,
