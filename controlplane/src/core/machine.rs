@@ -560,6 +560,11 @@ mod tests {
             .collect()
     }
 
+    /// The databases assigned, in the order of the decisions.
+    fn assigned_dbs(d: &[Decision]) -> Vec<String> {
+        assigns(d).into_iter().map(|a| a.0).collect()
+    }
+
     #[test]
     fn a_database_is_backed_up_committed_and_due_again_at_half_its_rpo() {
         let mut core = Core::new(Config::default());
@@ -614,8 +619,7 @@ mod tests {
         core.handle(Millis(0), Event::DbRegistered(db("low", "h1", Priority::Low, GIB))).unwrap();
         core.handle(Millis(0), Event::DbRegistered(db("crit", "h2", Priority::Critical, GIB))).unwrap();
         let out = core.handle(Millis(1), Event::NodeJoined { node: node("n"), capacity: one_shard }).unwrap();
-        let a = assigns(&out);
-        assert_eq!(a.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(), ["crit"]);
+        assert_eq!(assigned_dbs(&out), ["crit"]);
         assert_eq!(core.waiting(), 1);
     }
 
@@ -628,7 +632,7 @@ mod tests {
         core.handle(Millis(1), Event::DbChanged(db("a", "h1", Priority::Critical, GIB))).unwrap();
         assert_eq!(core.waiting(), 2);
         let out = core.handle(Millis(2), Event::NodeJoined { node: node("n"), capacity: one_shard }).unwrap();
-        assert_eq!(assigns(&out).iter().map(|a| a.0.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(assigned_dbs(&out), ["a"]);
     }
 
     #[test]
