@@ -5,7 +5,9 @@
 //! than the one seen last and is refused, and counted. Expiry is incremental: leases are indexed
 //! by when they end, so a tick costs what expires, not what is held.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
 
 use super::model::{Millis, NodeName};
 
@@ -36,10 +38,10 @@ pub enum LeaseError {
 
 #[derive(Default)]
 pub struct Leases {
-    held: HashMap<ShardKey, Lease>,
+    held: FxHashMap<ShardKey, Lease>,
     /// The highest token each shard was ever granted; kept after its lease ends, so that a
     /// report with an older token is refused for as long as the shard exists.
-    newest: HashMap<ShardKey, u64>,
+    newest: FxHashMap<ShardKey, u64>,
     /// Held leases by when they end.
     by_expiry: BTreeSet<(Millis, ShardKey)>,
     /// Reports refused for a stale token.
@@ -215,8 +217,8 @@ mod tests {
         fn leases_never_overlap_and_tokens_only_grow(ops in proptest::collection::vec(op(), 1..200)) {
             let mut l = Leases::default();
             let mut now = Millis(0);
-            let mut tokens: HashMap<ShardKey, u64> = HashMap::new();
-            let mut last_token: HashMap<ShardKey, u64> = HashMap::new();
+            let mut tokens: FxHashMap<ShardKey, u64> = FxHashMap::default();
+            let mut last_token: FxHashMap<ShardKey, u64> = FxHashMap::default();
             for op in ops {
                 match op {
                     Op::Grant(s, n) => {

@@ -6,12 +6,14 @@
 //! again and resume from their last checkpointed segment on whichever node takes them. When
 //! every shard of a job has finished, the job is committed: one snapshot.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
 
 use super::leases::{LeaseError, Leases, ShardKey};
-use super::model::{DbName, Millis, NodeName, Priority};
+use super::model::{DbName, HostName, Millis, NodeName, Priority};
 use super::order::WaitOrder;
-use super::placement::{place, HostBudget, NodeRoom, Resources, Wait};
+use super::placement::{place, HostBudget, NodeRoom, Resources, RoomIndex, Wait};
 use super::planner::plan;
 use super::registry::{DbSpec, NodeCapacity, Registry, RegistryError};
 
@@ -158,17 +160,18 @@ pub struct Core {
     registry: Registry,
     order: WaitOrder,
     leases: Leases,
-    dbs: HashMap<DbName, DbState>,
-    nodes: HashMap<NodeName, NodeState>,
+    dbs: FxHashMap<DbName, DbState>,
+    nodes: FxHashMap<NodeName, NodeState>,
     /// Databases waiting on a source host at its caps, by host: back in the order when it
     /// runs one backup fewer.
-    parked: HashMap<String, Vec<(DbName, Parked)>>,
-    /// Nodes with room for one more shard: a pass with the fleet full costs nothing per node.
-    roomy: BTreeSet<NodeName>,
-    hosts: HashMap<String, HostState>,
-    jobs: HashMap<u64, Job>,
+    parked: FxHashMap<HostName, Vec<(DbName, Parked)>>,
+    /// Nodes with room for one more shard, in placement's preference: a placement is a lookup,
+    /// and a pass with the fleet full costs nothing per node.
+    roomy: RoomIndex,
+    hosts: FxHashMap<HostName, HostState>,
+    jobs: FxHashMap<u64, Job>,
     /// Read caps of running shards, to give back to their host.
-    read_caps: HashMap<ShardKey, u64>,
+    read_caps: FxHashMap<ShardKey, u64>,
     /// Databases not due yet, by when they will be.
     not_due: BTreeSet<(Millis, DbName)>,
     next_job: u64,
@@ -373,9 +376,7 @@ impl Core {
             };
             // Before the nodes are looked at: a host at its caps waits whatever room there is.
             budget.left().ok_or(Wait::HostAtCap)?;
-            let rooms: Vec<NodeRoom> =
-                self.roomy.iter().map(|name| room(name, &self.nodes[name], &self.config.shard_need)).collect();
-            let placed = place(&self.config.shard_need, &rooms, &budget)?;
+            let placed = place(&self.config.shard_need, &self.roomy, &budget)?;
             let key = ShardKey { job: job_id, shard };
             let lease = self
                 .leases
@@ -417,7 +418,7 @@ impl Core {
         self.unreserve_on(key, node, &host);
     }
 
-    fn unreserve_on(&mut self, key: &ShardKey, node: &NodeName, host: &str) {
+    fn unreserve_on(&mut self, key: &ShardKey, node: &NodeName, host: &HostName) {
         if let Some(n) = self.nodes.get_mut(node) {
             n.running.remove(key);
             self.refresh_room(node);
@@ -434,14 +435,9 @@ impl Core {
 
     /// Keeps [`Core::roomy`] true for `node`: in it exactly when one more shard fits there.
     fn refresh_room(&mut self, node: &NodeName) {
-        let fits = self
-            .nodes
-            .get(node)
-            .is_some_and(|n| room(node, n, &self.config.shard_need).free.fits(&self.config.shard_need));
-        if fits {
-            self.roomy.insert(node.clone());
-        } else {
-            self.roomy.remove(node);
+        match self.nodes.get(node).map(|n| room(node, n, &self.config.shard_need)) {
+            Some(r) if r.free.fits(&self.config.shard_need) => self.roomy.set(r),
+            _ => self.roomy.remove(node),
         }
     }
 
@@ -466,7 +462,7 @@ impl Core {
     }
 
     /// Takes `db` out of wherever it waits (the order, or parked on `host`); whether it waited.
-    fn unwait(&mut self, db: &DbName, host: &str) -> bool {
+    fn unwait(&mut self, db: &DbName, host: &HostName) -> bool {
         let mut waited = self.order.remove(db);
         if let Some(parked) = self.parked.get_mut(host) {
             let before = parked.len();
@@ -478,7 +474,7 @@ impl Core {
     }
 
     /// Ends a removed database's job: its running shards are revoked.
-    fn close_job(&mut self, job: u64, host: &str, out: &mut Vec<Decision>) {
+    fn close_job(&mut self, job: u64, host: &HostName, out: &mut Vec<Decision>) {
         let Some(j) = self.jobs.remove(&job) else { return };
         for shard in 0..j.shards.len() as u32 {
             let key = ShardKey { job, shard };
@@ -537,7 +533,7 @@ mod tests {
     fn db(name: &str, host: &str, priority: Priority, size: u64) -> DbSpec {
         DbSpec {
             name: DbName(name.into()),
-            source_host: host.into(),
+            source_host: HostName(host.into()),
             size_estimate: size,
             priority,
             rpo: Millis::from_secs(3600),
@@ -553,7 +549,7 @@ mod tests {
         d.iter()
             .filter_map(|d| match d {
                 Decision::Assign { db, key, node, token, resume_from, .. } => {
-                    Some((db.0.clone(), key.clone(), node.clone(), *token, *resume_from))
+                    Some((db.0.to_string(), key.clone(), node.clone(), *token, *resume_from))
                 }
                 _ => None,
             })

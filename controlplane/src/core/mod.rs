@@ -16,4 +16,4 @@ pub mod registry;
 pub mod scale;
 pub mod throttle;
 
-pub use model::{DbName, Millis, NodeName, Priority};
+pub use model::{DbName, HostName, Millis, NodeName, Priority};

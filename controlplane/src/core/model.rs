@@ -2,6 +2,7 @@
 //! registration must stay within.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Time as the core sees it: milliseconds since an origin the caller chooses (the service's
 /// start, or the simulator's zero). The core never reads a clock; every event carries one.
@@ -30,13 +31,20 @@ impl fmt::Display for Millis {
     }
 }
 
+// Names are shared, not copied: the core keeps each in several indexes, and a clone of an
+// `Arc<str>` is a counter increment where a `String`'s is an allocation.
+
 /// A database's name, unique in the fleet.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DbName(pub String);
+pub struct DbName(pub Arc<str>);
 
 /// A node's name (a host that runs backups), unique in the fleet.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeName(pub String);
+pub struct NodeName(pub Arc<str>);
+
+/// A source host's name: the production host a database's backup reads from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostName(pub Arc<str>);
 
 impl fmt::Display for DbName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -45,6 +53,12 @@ impl fmt::Display for DbName {
 }
 
 impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for HostName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }

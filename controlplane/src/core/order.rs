@@ -9,7 +9,9 @@
 //! The order is incremental: a backup is placed in a sorted set once, and moved only when it
 //! ages, at times kept in a second sorted set, so a pass costs what changed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
 
 use super::model::{DbName, Millis, Priority};
 
@@ -43,7 +45,7 @@ impl Waiting {
 
 #[derive(Default)]
 pub struct WaitOrder {
-    waiting: HashMap<DbName, Waiting>,
+    waiting: FxHashMap<DbName, Waiting>,
     order: BTreeSet<Place>,
     aging: BTreeSet<(Millis, DbName)>,
 }
@@ -127,7 +129,7 @@ mod tests {
     }
 
     fn names(o: &WaitOrder) -> Vec<&str> {
-        o.iter().map(|(db, ..)| db.0.as_str()).collect()
+        o.iter().map(|(db, ..)| &*db.0).collect()
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! stays under its caps (how many backups read from it at once, and how many bytes per second
 //! they read together), so a production database host is never overloaded by its backups.
 
+use std::cmp::Reverse;
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
+
 use super::model::NodeName;
 
 /// Resources, as capacities, uses or needs.
@@ -26,7 +31,7 @@ impl Resources {
 
 /// A node as placement sees it: what is free on it now (its capacity, less what it reports in
 /// use and what its assignments reserve) and the throughput it has shown.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeRoom {
     pub node: NodeName,
     pub free: Resources,
@@ -69,19 +74,54 @@ impl HostBudget {
     }
 }
 
+/// Where a node stands in placement's preference: fastest first; then the most cores free;
+/// then by name, so every run decides alike.
+type Preference = (Reverse<u64>, Reverse<u32>, NodeName);
+
+/// The nodes placement may choose from, kept in the order it prefers them, so that a placement
+/// costs a lookup, not a walk over the fleet.
+#[derive(Default)]
+pub struct RoomIndex {
+    by_preference: BTreeSet<Preference>,
+    rooms: FxHashMap<NodeName, NodeRoom>,
+}
+
+impl RoomIndex {
+    /// Adds `room`'s node, or updates what is free on it.
+    pub fn set(&mut self, room: NodeRoom) {
+        self.remove(&room.node);
+        self.by_preference.insert(preference(&room));
+        self.rooms.insert(room.node.clone(), room);
+    }
+
+    pub fn remove(&mut self, node: &NodeName) {
+        if let Some(old) = self.rooms.remove(node) {
+            self.by_preference.remove(&preference(&old));
+        }
+    }
+
+    /// The most preferred node with room for `need` in every resource.
+    pub fn best(&self, need: &Resources) -> Option<&NodeRoom> {
+        self.by_preference.iter().map(|(_, _, node)| &self.rooms[node]).find(|room| room.free.fits(need))
+    }
+
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+}
+
+fn preference(room: &NodeRoom) -> Preference {
+    (Reverse(room.throughput_bps), Reverse(room.free.cores), room.node.clone())
+}
+
 /// Places one backup that needs `need`, reading from a host with `host`'s budget.
-pub fn place(need: &Resources, nodes: &[NodeRoom], host: &HostBudget) -> Result<Placed, Wait> {
+pub fn place(need: &Resources, nodes: &RoomIndex, host: &HostBudget) -> Result<Placed, Wait> {
     let host_left = host.left().ok_or(Wait::HostAtCap)?;
-    let best = nodes
-        .iter()
-        .filter(|n| n.free.fits(need))
-        // Fastest first; then the most cores left; then by name, so every run decides alike.
-        .max_by(|a, b| {
-            (a.throughput_bps, a.free.cores - need.cores)
-                .cmp(&(b.throughput_bps, b.free.cores - need.cores))
-                .then_with(|| b.node.cmp(&a.node))
-        })
-        .ok_or(Wait::NoRoom)?;
+    let best = nodes.best(need).ok_or(Wait::NoRoom)?;
     let read_cap_bps = host_left.min(best.throughput_bps.max(MIN_READ_BPS));
     Ok(Placed { node: best.node.clone(), read_cap_bps })
 }
@@ -98,6 +138,14 @@ mod tests {
         NodeRoom { node: NodeName(name.into()), free, throughput_bps }
     }
 
+    fn index(nodes: &[NodeRoom]) -> RoomIndex {
+        let mut index = RoomIndex::default();
+        for n in nodes {
+            index.set(n.clone());
+        }
+        index
+    }
+
     #[test]
     fn the_fastest_node_with_room_in_every_resource_wins() {
         let nodes = [
@@ -105,16 +153,16 @@ mod tests {
             node("fast-but-full", Resources { memory_bytes: 1 << 20, ..ROOM }, 900 << 20),
             node("fast", ROOM, 600 << 20),
         ];
-        let placed = place(&NEED, &nodes, &HOST).unwrap();
+        let placed = place(&NEED, &index(&nodes), &HOST).unwrap();
         assert_eq!(placed.node, NodeName("fast".into()));
         // Capped by the host's budget (400 MiB/s), not the node's 600.
         assert_eq!(placed.read_cap_bps, 400 << 20);
-        assert_eq!(place(&NEED, &nodes[1..2], &HOST), Err(Wait::NoRoom));
+        assert_eq!(place(&NEED, &index(&nodes[1..2]), &HOST), Err(Wait::NoRoom));
     }
 
     #[test]
     fn a_host_at_its_caps_gets_no_more_backups() {
-        let nodes = [node("n", ROOM, 600 << 20)];
+        let nodes = index(&[node("n", ROOM, 600 << 20)]);
         let busy = HostBudget { running: 2, ..HOST };
         assert_eq!(place(&NEED, &nodes, &busy), Err(Wait::HostAtCap));
         let reading = HostBudget { running: 1, read_bps: (400 << 20) - (1 << 20), ..HOST };
@@ -128,7 +176,20 @@ mod tests {
         let nodes = [node("b", ROOM, 500), node("a", ROOM, 500), node("c", ROOM, 500)];
         let mut reversed = nodes.clone();
         reversed.reverse();
-        assert_eq!(place(&NEED, &nodes, &HOST).unwrap().node, NodeName("a".into()));
-        assert_eq!(place(&NEED, &reversed, &HOST).unwrap().node, NodeName("a".into()));
+        assert_eq!(place(&NEED, &index(&nodes), &HOST).unwrap().node, NodeName("a".into()));
+        assert_eq!(place(&NEED, &index(&reversed), &HOST).unwrap().node, NodeName("a".into()));
+    }
+
+    #[test]
+    fn an_updated_node_moves_in_the_preference_and_a_removed_one_is_never_chosen() {
+        let mut nodes = index(&[node("a", ROOM, 500), node("b", ROOM, 400)]);
+        assert_eq!(nodes.best(&NEED).unwrap().node, NodeName("a".into()));
+        nodes.set(node("a", ROOM, 300));
+        assert_eq!(nodes.best(&NEED).unwrap().node, NodeName("b".into()));
+        nodes.set(node("b", Resources { cores: 1, ..ROOM }, 400));
+        assert_eq!(nodes.best(&NEED).unwrap().node, NodeName("a".into()), "b has no core left for it");
+        nodes.remove(&NodeName("a".into()));
+        assert_eq!(nodes.best(&NEED), None);
+        assert_eq!(nodes.len(), 1);
     }
 }

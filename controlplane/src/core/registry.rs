@@ -2,16 +2,16 @@
 //! up, with what capacity). Every change is checked; a bad one is a typed error naming what was
 //! wrong and changes nothing.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
-use super::model::{DbName, Millis, NodeName, Priority, MAX_SIZE_ESTIMATE, MIN_RPO};
+use super::model::{DbName, HostName, Millis, NodeName, Priority, MAX_SIZE_ESTIMATE, MIN_RPO};
 
 /// A database as registered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DbSpec {
     pub name: DbName,
     /// The host its source lives on: per-host caps keep a production host from being overloaded.
-    pub source_host: String,
+    pub source_host: HostName,
     /// Bytes, until a snapshot's stats replace it.
     pub size_estimate: u64,
     pub priority: Priority,
@@ -59,8 +59,8 @@ const DAY_MS: u64 = 24 * 3600 * 1000;
 
 #[derive(Default)]
 pub struct Registry {
-    dbs: HashMap<DbName, DbSpec>,
-    nodes: HashMap<NodeName, NodeCapacity>,
+    dbs: FxHashMap<DbName, DbSpec>,
+    nodes: FxHashMap<NodeName, NodeCapacity>,
 }
 
 impl Registry {
@@ -155,7 +155,7 @@ mod tests {
     fn db(name: &str) -> DbSpec {
         DbSpec {
             name: DbName(name.into()),
-            source_host: "pg-1".into(),
+            source_host: HostName("pg-1".into()),
             size_estimate: 1 << 30,
             priority: Priority::Normal,
             rpo: Millis::from_secs(3600),

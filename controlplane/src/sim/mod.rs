@@ -10,7 +10,9 @@
 //! ever assigned is committed or its job still open in the core).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::BinaryHeap;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -19,7 +21,7 @@ use serde::Serialize;
 use crate::core::leases::ShardKey;
 use crate::core::machine::{Config, Core, Decision, Event};
 use crate::core::registry::{DbSpec, NodeCapacity};
-use crate::core::{DbName, Millis, NodeName, Priority};
+use crate::core::{DbName, HostName, Millis, NodeName, Priority};
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -100,7 +102,7 @@ struct SimNode {
     name: NodeName,
     bps: u64,
     alive: bool,
-    shards: HashMap<ShardKey, RunningShard>,
+    shards: FxHashMap<ShardKey, RunningShard>,
     /// Shards it ran when it died: reported, stale, when it returns.
     lost_on_death: Vec<(ShardKey, u64)>,
 }
@@ -118,22 +120,22 @@ pub fn run(cfg: &SimConfig) -> Result<Summary, Violation> {
         now: Millis(0),
         digest: Fnv::default(),
         seed: cfg.seed,
-        sizes: HashMap::new(),
+        sizes: FxHashMap::default(),
     };
     let capacity = NodeCapacity { cores: 16, memory_bytes: 64 << 30, network_bps: 2500 << 20, disk_bps: 2000 << 20 };
     let mut nodes: Vec<SimNode> = (0..cfg.nodes)
         .map(|i| SimNode {
-            name: NodeName(format!("node{i:05}")),
+            name: NodeName(format!("node{i:05}").into()),
             bps: if rng.gen_bool(cfg.slow_rate.clamp(0.0, 1.0)) { NODE_BPS / 3 } else { NODE_BPS },
             alive: true,
-            shards: HashMap::new(),
+            shards: FxHashMap::default(),
             lost_on_death: vec![],
         })
         .collect();
-    let by_name: HashMap<NodeName, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+    let by_name: FxHashMap<NodeName, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
     let mut stats = Stats::default();
-    let mut last_snapshot: HashMap<DbName, Millis> = HashMap::new();
-    let mut rpos: HashMap<DbName, Millis> = HashMap::new();
+    let mut last_snapshot: FxHashMap<DbName, Millis> = FxHashMap::default();
+    let mut rpos: FxHashMap<DbName, Millis> = FxHashMap::default();
     let end = Millis::from_secs(cfg.hours * 3600);
 
     for node in &nodes {
@@ -152,8 +154,8 @@ pub fn run(cfg: &SimConfig) -> Result<Summary, Violation> {
         // Sizes spread evenly on a log scale from 1 GiB to 2 TiB.
         let size = (f64::from(1u32 << 30) * 2f64.powf(rng.gen_range(0.0..11.0))) as u64;
         let spec = DbSpec {
-            name: DbName(format!("db{i:06}")),
-            source_host: format!("host{:05}", i / DBS_PER_HOST),
+            name: DbName(format!("db{i:06}").into()),
+            source_host: HostName(format!("host{:05}", i / DBS_PER_HOST).into()),
             size_estimate: size,
             priority,
             rpo: Millis::from_secs(rpo_h * 3600),
@@ -297,13 +299,13 @@ struct Stats {
     node_deaths: u64,
     failovers: u64,
     max_failover: Millis,
-    committed: HashSet<u64>,
-    assigned: HashSet<ShardKey>,
+    committed: FxHashSet<u64>,
+    assigned: FxHashSet<ShardKey>,
     /// Each job's shard count, and the shards whose finish the core took.
-    shard_count: HashMap<u64, u32>,
-    finished: HashMap<u64, HashSet<u32>>,
+    shard_count: FxHashMap<u64, u32>,
+    finished: FxHashMap<u64, FxHashSet<u32>>,
     /// Shards whose node died, and when: their next assignment is a failover.
-    died_at: HashMap<ShardKey, Millis>,
+    died_at: FxHashMap<ShardKey, Millis>,
 }
 
 struct Sim {
@@ -314,7 +316,7 @@ struct Sim {
     digest: Fnv,
     seed: u64,
     /// Each database's size: a shard is an equal part of it.
-    sizes: HashMap<DbName, u64>,
+    sizes: FxHashMap<DbName, u64>,
 }
 
 impl Sim {
@@ -338,7 +340,7 @@ impl Sim {
         &mut self,
         decisions: &[Decision],
         nodes: &mut [SimNode],
-        by_name: &HashMap<NodeName, usize>,
+        by_name: &FxHashMap<NodeName, usize>,
         stats: &mut Stats,
     ) {
         self.record(decisions);
