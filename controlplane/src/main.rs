@@ -1,10 +1,11 @@
 //! `cbcr-control`: the control plane's binary. So far it runs the fleet simulator over the pure
 //! core (`simulate`); the service (API, store, agents) comes with the next issues.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use controlplane::sim::{self, SimConfig};
+use controlplane::sim::{self, report, Burst, SimConfig};
 
 #[derive(Parser)]
 #[command(name = "cbcr-control", version, about = "cbcr's control plane")]
@@ -31,61 +32,91 @@ enum Command {
         /// The share of nodes that run at a third of the speed.
         #[arg(long, default_value_t = 0.0)]
         slow_rate: f64,
+        /// Partitions per node per hour (cut off from the control plane for 60 s, still working).
+        #[arg(long, default_value_t = 0.0)]
+        partition_rate: f64,
+        /// CLASS:COUNT@HH:MM: COUNT databases of CLASS registered at HH:MM (repeatable).
+        #[arg(long = "burst", value_name = "CLASS:COUNT@HH:MM")]
+        bursts: Vec<Burst>,
         /// The summary as one JSON line.
         #[arg(long)]
         json: bool,
+        /// Writes DIR/index.html: the summary and plots over simulated time.
+        #[arg(long, value_name = "DIR")]
+        report: Option<PathBuf>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Simulate { dbs, nodes, hours, seed, kill_rate, slow_rate, json } => {
-            if dbs == 0 || nodes == 0 || hours == 0 {
-                eprintln!("cbcr-control: --dbs, --nodes and --hours must be at least 1");
-                return ExitCode::from(2);
-            }
-            if !(0.0..=1.0).contains(&slow_rate) || kill_rate < 0.0 || !kill_rate.is_finite() {
-                eprintln!("cbcr-control: --slow-rate is a share from 0 to 1 and --kill-rate a rate of 0 or more");
-                return ExitCode::from(2);
-            }
-            let started = std::time::Instant::now();
-            let cfg = SimConfig { dbs, nodes, hours, seed, kill_rate, slow_rate };
-            match sim::run(&cfg) {
-                Ok(summary) => {
-                    let wall_s = started.elapsed().as_secs_f64();
-                    if json {
-                        let mut line = serde_json::to_value(&summary).expect("a summary serializes");
-                        line["type"] = "summary".into();
-                        line["wall_s"] = wall_s.into();
-                        println!("{line}");
-                    } else {
-                        println!(
-                            "{} databases, {} nodes, {} simulated hours in {wall_s:.1} s: {} backups, {} RPO misses, \
-                             {} lost shards, {} double commits, {} node deaths, {} failovers (longest {:.1} s, \
-                             lease TTL {:.0} s), {} stale reports refused; digest {}",
-                            summary.dbs,
-                            summary.nodes,
-                            summary.simulated_hours,
-                            summary.backups_done,
-                            summary.rpo_misses,
-                            summary.lost_shards,
-                            summary.double_commits,
-                            summary.node_deaths,
-                            summary.failovers,
-                            summary.max_failover_s,
-                            summary.lease_ttl_s,
-                            summary.stale_reports_refused,
-                            summary.digest
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(violation) => {
-                    eprintln!("cbcr-control: invariant broken: {violation}");
-                    ExitCode::from(1)
-                }
+    let Command::Simulate { dbs, nodes, hours, seed, kill_rate, slow_rate, partition_rate, bursts, json, report } =
+        cli.command;
+    if dbs == 0 || nodes == 0 || hours == 0 {
+        eprintln!("cbcr-control: --dbs, --nodes and --hours must be at least 1");
+        return ExitCode::from(2);
+    }
+    let rate_ok = |r: f64| r >= 0.0 && r.is_finite();
+    if !(0.0..=1.0).contains(&slow_rate) || !rate_ok(kill_rate) || !rate_ok(partition_rate) {
+        eprintln!(
+            "cbcr-control: --slow-rate is a share from 0 to 1; --kill-rate and --partition-rate are rates of 0 or more"
+        );
+        return ExitCode::from(2);
+    }
+    if let Some(late) = bursts.iter().find(|b| b.at.0 >= hours * 3_600_000) {
+        eprintln!("cbcr-control: a burst at {} is past the end of a {hours} h run", late.at);
+        return ExitCode::from(2);
+    }
+    let started = std::time::Instant::now();
+    let cfg =
+        SimConfig { dbs, nodes, hours, seed, kill_rate, slow_rate, partition_rate, bursts, series: report.is_some() };
+    let run = match sim::run(&cfg) {
+        Ok(run) => run,
+        Err(violation) => {
+            eprintln!("cbcr-control: invariant broken: {violation}");
+            return ExitCode::from(1);
+        }
+    };
+    let s = &run.summary;
+    let mut line = serde_json::to_value(s).expect("a summary serializes");
+    line["type"] = "summary".into();
+    line["wall_s"] = started.elapsed().as_secs_f64().into();
+    if let (Some(dir), Some(series)) = (&report, &run.series) {
+        match report::write(dir, &line, series) {
+            Ok(path) => eprintln!("cbcr-control: report written to {}", path.display()),
+            Err(e) => {
+                eprintln!("cbcr-control: writing the report into {}: {e}", dir.display());
+                return ExitCode::from(3);
             }
         }
     }
+    if json {
+        println!("{line}");
+    } else {
+        println!(
+            "{} databases, {} nodes, {} simulated hours in {:.1} s: {} backups, {} RPO misses, {} priority \
+             inversions, {} lost shards, {} double commits, {} node deaths, {} partitions, {} failovers (longest \
+             {:.1} s, lease TTL {:.0} s), {} stale reports refused; desired nodes at most {}; scheduling pass p50 \
+             {:.4} ms, p99 {:.4} ms; digest {}",
+            s.dbs,
+            s.nodes,
+            s.simulated_hours,
+            started.elapsed().as_secs_f64(),
+            s.backups_done,
+            s.rpo_misses,
+            s.priority_inversions,
+            s.lost_shards,
+            s.double_commits,
+            s.node_deaths,
+            s.partitions,
+            s.failovers,
+            s.max_failover_s,
+            s.lease_ttl_s,
+            s.stale_reports_refused,
+            s.desired_nodes_max,
+            s.sched_pass_p50_ms,
+            s.sched_pass_p99_ms,
+            s.digest
+        );
+    }
+    ExitCode::SUCCESS
 }

@@ -16,6 +16,8 @@ use super::order::WaitOrder;
 use super::placement::{place, HostBudget, NodeRoom, Resources, RoomIndex, Wait};
 use super::planner::plan;
 use super::registry::{DbSpec, NodeCapacity, Registry, RegistryError};
+use super::scale::{steady_bps, Demand, ScaleReason, Scaler};
+use super::throttle::{AimdParams, Throttle};
 
 /// The core's settings, in one place.
 #[derive(Clone, Debug)]
@@ -29,6 +31,13 @@ pub struct Config {
     pub host_max_read_bps: u64,
     /// The throughput assumed for a node that has reported none yet.
     pub default_node_bps: u64,
+    /// The read-cap loops, per source host (its ceiling is `host_max_read_bps`) and per node.
+    pub throttle: AimdParams,
+    /// How often the desired node count is worked out, the time within which the backlog of
+    /// open jobs should clear, and the share of the nodes' shown throughput to plan for.
+    pub scale_every: Millis,
+    pub backlog_horizon: Millis,
+    pub target_utilisation_percent: u64,
 }
 
 impl Default for Config {
@@ -39,6 +48,10 @@ impl Default for Config {
             host_max_running: 4,
             host_max_read_bps: 800 << 20,
             default_node_bps: 200 << 20,
+            throttle: AimdParams::default(),
+            scale_every: Millis::from_secs(60),
+            backlog_horizon: Millis::from_secs(3600),
+            target_utilisation_percent: 80,
         }
     }
 }
@@ -53,23 +66,24 @@ pub enum Event {
         capacity: NodeCapacity,
     },
     NodeLeft(NodeName),
-    /// What a node uses now and the bytes per second it has moved lately.
+    /// What a node uses now and how it has done lately.
     Heartbeat {
         node: NodeName,
-        used: Resources,
-        throughput_bps: u64,
+        report: NodeReport,
     },
     LeaseRenewed {
         key: ShardKey,
         node: NodeName,
         token: u64,
     },
-    /// A shard's segments done so far (each durable, its checkpoint written).
+    /// A shard's segments done so far (each durable, its checkpoint written), and how its
+    /// source host has been answering reads since the last report.
     Progress {
         key: ShardKey,
         node: NodeName,
         token: u64,
         segments_done: u64,
+        source: Option<SourceLoad>,
     },
     ShardFinished {
         key: ShardKey,
@@ -83,6 +97,24 @@ pub enum Event {
         token: u64,
     },
     Tick,
+}
+
+/// A node's resource report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeReport {
+    pub used: Resources,
+    /// Bytes per second one shard has moved on it lately (0: nothing measured yet).
+    pub throughput_bps: u64,
+    pub cpu_percent: u8,
+    /// The slowest pipeline stage's latency p99 (read, chunk, compress, store), microseconds.
+    pub stage_p99_us: u64,
+}
+
+/// How a source host answers a backup's reads: read latency p99 and its CPU use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceLoad {
+    pub read_p99_us: u64,
+    pub cpu_percent: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +135,13 @@ pub enum Decision {
     Revoke { key: ShardKey, node: NodeName, token: u64 },
     /// Every shard of `job` finished: commit its snapshot of `db`.
     Commit { job: u64, db: DbName, bytes: u64 },
+    /// The backups reading from `host` may read `bps` together from now: its loop moved.
+    HostReadCap { host: HostName, bps: u64 },
+    /// `node` may move `bps` in all from now.
+    NodeRateCap { node: NodeName, bps: u64 },
+    /// The fleet should have `count` nodes: the steady rate its RPOs ask for and the open
+    /// backlog, at the nodes' shown throughput.
+    DesiredNodes { count: u32, reason: ScaleReason, steady_bps: u64, backlog_bytes: u64 },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -128,6 +167,9 @@ struct Job {
     db: DbName,
     shards: Vec<(ShardState, u64)>,
     bytes: u64,
+    /// Planned bytes per shard, and planned bytes not finished yet (the backlog's share).
+    shard_bytes: u64,
+    unfinished: u64,
 }
 
 #[derive(Default)]
@@ -136,19 +178,24 @@ struct DbState {
     /// Bytes of its last snapshot, replacing the registered estimate.
     last_bytes: Option<u64>,
     job: Option<u64>,
+    /// What it adds to the fleet's steady demand.
+    steady_bps: u64,
 }
 
 struct NodeState {
     capacity: NodeCapacity,
-    used: Resources,
+    report: NodeReport,
     throughput_bps: u64,
     running: BTreeSet<ShardKey>,
+    /// What it adds to the fleet's rate: its throughput times the shards it fits.
+    rate_bps: u64,
+    throttle: Throttle,
 }
 
-#[derive(Default)]
 struct HostState {
     running: u32,
     read_bps: u64,
+    throttle: Throttle,
 }
 
 /// A parked database's place in the order: class, due time, deadline.
@@ -175,6 +222,10 @@ pub struct Core {
     /// Databases not due yet, by when they will be.
     not_due: BTreeSet<(Millis, DbName)>,
     next_job: u64,
+    demand: Demand,
+    scaler: Scaler,
+    next_scale: Millis,
+    desired: Option<(u32, ScaleReason)>,
     now: Millis,
 }
 
@@ -193,13 +244,16 @@ impl Core {
         match event {
             Event::DbRegistered(spec) => {
                 let name = spec.name.clone();
+                let steady = steady_bps(spec.size_estimate, spec.rpo);
                 self.registry.register(spec)?;
-                self.dbs.insert(name.clone(), DbState::default());
+                self.demand.add_steady(steady);
+                self.dbs.insert(name.clone(), DbState { steady_bps: steady, ..DbState::default() });
                 self.make_due(&name);
             }
             Event::DbChanged(spec) => {
                 let name = spec.name.clone();
                 let old = self.registry.change(spec)?;
+                self.refresh_steady(&name);
                 // Its place follows its new class, RPO and host.
                 let waited = self.unwait(&name, &old.source_host);
                 if waited && self.dbs[&name].job.is_some() {
@@ -211,22 +265,33 @@ impl Core {
             Event::DbRemoved(name) => {
                 let spec = self.registry.remove(&name)?;
                 self.unwait(&name, &spec.source_host);
-                if let Some(job) = self.dbs.remove(&name).and_then(|d| d.job) {
+                let state = self.dbs.remove(&name).expect("registered databases have a state");
+                self.demand.remove_steady(state.steady_bps);
+                if let Some(job) = state.job {
                     self.close_job(job, &spec.source_host, &mut out);
                 }
             }
             Event::NodeJoined { node, capacity } => {
                 self.registry.join(node.clone(), capacity)?;
                 let throughput_bps = self.config.default_node_bps;
-                self.nodes.insert(
-                    node.clone(),
-                    NodeState { capacity, used: Resources::default(), throughput_bps, running: BTreeSet::new() },
-                );
+                let rate_bps = throughput_bps.saturating_mul(slots(&capacity, &self.config.shard_need));
+                self.demand.add_node(rate_bps);
+                let throttle = Throttle::new(self.config.throttle, self.config.throttle.max_bps);
+                let state = NodeState {
+                    capacity,
+                    report: NodeReport::default(),
+                    throughput_bps,
+                    running: BTreeSet::new(),
+                    rate_bps,
+                    throttle,
+                };
+                self.nodes.insert(node.clone(), state);
                 self.refresh_room(&node);
             }
             Event::NodeLeft(node) => {
                 self.registry.leave(&node)?;
                 let state = self.nodes.remove(&node).expect("registered nodes have a state");
+                self.demand.remove_node(state.rate_bps);
                 self.roomy.remove(&node);
                 for key in state.running {
                     if let Some(lease) = self.leases.revoke(&key) {
@@ -236,22 +301,38 @@ impl Core {
                     self.shard_back(&key);
                 }
             }
-            Event::Heartbeat { node, used, throughput_bps } => {
+            Event::Heartbeat { node, report } => {
                 self.registry.node(&node)?;
                 let state = self.nodes.get_mut(&node).expect("registered nodes have a state");
-                state.used = used;
-                if throughput_bps > 0 {
-                    state.throughput_bps = throughput_bps;
+                state.report = report;
+                if report.throughput_bps > 0 {
+                    state.throughput_bps = report.throughput_bps;
+                    self.demand.remove_node(state.rate_bps);
+                    state.rate_bps =
+                        report.throughput_bps.saturating_mul(slots(&state.capacity, &self.config.shard_need));
+                    self.demand.add_node(state.rate_bps);
+                }
+                if let Some(bps) = state.throttle.report(report.stage_p99_us, report.cpu_percent) {
+                    out.push(Decision::NodeRateCap { node: node.clone(), bps });
                 }
                 self.refresh_room(&node);
             }
             Event::LeaseRenewed { key, node, token } => {
                 self.leases.renew(&key, &node, token, now, self.config.lease_ttl)?;
             }
-            Event::Progress { key, node, token, segments_done } => {
+            Event::Progress { key, node, token, segments_done, source } => {
                 self.leases.check(&key, &node, token)?;
                 let shard = self.shard_mut(&key)?;
                 shard.1 = shard.1.max(segments_done);
+                if let Some(load) = source {
+                    let db = &self.jobs[&key.job].db;
+                    let host = &self.registry.db(db).expect("an open job's database is registered").source_host;
+                    if let Some(h) = self.hosts.get_mut(host) {
+                        if let Some(bps) = h.throttle.report(load.read_p99_us, load.cpu_percent) {
+                            out.push(Decision::HostReadCap { host: host.clone(), bps });
+                        }
+                    }
+                }
             }
             Event::ShardFinished { key, node, token, bytes } => {
                 self.leases.release(&key, &node, token)?;
@@ -259,8 +340,12 @@ impl Core {
                 let job = self.jobs.get_mut(&key.job).ok_or_else(|| CoreError::UnknownShard(key.clone()))?;
                 job.shards[key.shard as usize].0 = ShardState::Done;
                 job.bytes += bytes;
+                let finished = job.shard_bytes.min(job.unfinished);
+                job.unfinished -= finished;
+                self.demand.remove_backlog(finished);
                 if job.shards.iter().all(|s| s.0 == ShardState::Done) {
                     let job = self.jobs.remove(&key.job).expect("found above");
+                    self.demand.remove_backlog(job.unfinished);
                     for shard in 0..job.shards.len() as u32 {
                         self.leases.forget(&ShardKey { job: key.job, shard });
                     }
@@ -269,6 +354,7 @@ impl Core {
                     db.last_snapshot = Some(now);
                     db.last_bytes = Some(job.bytes);
                     out.push(Decision::Commit { job: key.job, db: job.db.clone(), bytes: job.bytes });
+                    self.refresh_steady(&job.db);
                     self.make_due(&job.db);
                 }
             }
@@ -282,6 +368,10 @@ impl Core {
                     out.push(Decision::Revoke { key: key.clone(), node: lease.node.clone(), token: lease.token });
                     self.unreserve(&key, &lease.node);
                     self.shard_back(&key);
+                }
+                if now >= self.next_scale {
+                    self.next_scale = now.after(self.config.scale_every);
+                    self.decide_scale(now, &mut out);
                 }
             }
         }
@@ -300,7 +390,8 @@ impl Core {
             Some(at) => (at.after(Millis(spec.rpo.0 / 2)), at.after(spec.rpo)),
         };
         if due <= self.now {
-            self.order.push(db.clone(), spec.priority, due, deadline);
+            let class = spec.priority;
+            self.enqueue(db, class, due, deadline);
         } else {
             self.not_due.insert((due, db.clone()));
         }
@@ -315,7 +406,64 @@ impl Core {
             let (due, db) = self.not_due.pop_first().expect("first exists");
             let spec = self.registry.db(&db).expect("not-due databases are registered");
             let deadline = self.dbs[&db].last_snapshot.unwrap_or(due).after(spec.rpo);
-            self.order.push(db, spec.priority, due, deadline);
+            let class = spec.priority;
+            self.enqueue(&db, class, due, deadline);
+        }
+    }
+
+    /// Puts a due database in the order with its job planned, so that the backlog counts it
+    /// from when it is due, not from when a node takes it.
+    fn enqueue(&mut self, db: &DbName, class: Priority, due: Millis, deadline: Millis) {
+        if self.dbs[db].job.is_none() {
+            self.open_job(db, deadline);
+        }
+        self.order.push(db.clone(), class, due, deadline);
+    }
+
+    /// Plans `db`'s next backup into a job of one or more shards.
+    fn open_job(&mut self, db: &DbName, deadline: Millis) -> u64 {
+        let spec = self.registry.db(db).expect("planned while registered");
+        let size = self.dbs[db].last_bytes.unwrap_or(spec.size_estimate);
+        let shards = plan(size, deadline.since(self.now), self.config.default_node_bps).shards();
+        let id = self.next_job;
+        self.next_job += 1;
+        let shard_bytes = size.div_ceil(u64::from(shards));
+        let job = Job {
+            db: db.clone(),
+            shards: vec![(ShardState::Waiting, 0); shards as usize],
+            bytes: 0,
+            shard_bytes,
+            unfinished: size,
+        };
+        self.jobs.insert(id, job);
+        self.demand.add_backlog(size);
+        self.dbs.get_mut(db).expect("registered").job = Some(id);
+        id
+    }
+
+    /// Keeps `db`'s share of the steady demand true to its size and RPO.
+    fn refresh_steady(&mut self, db: &DbName) {
+        let spec = self.registry.db(db).expect("registered");
+        let state = self.dbs.get_mut(db).expect("registered databases have a state");
+        let steady = steady_bps(state.last_bytes.unwrap_or(spec.size_estimate), spec.rpo);
+        self.demand.remove_steady(state.steady_bps);
+        self.demand.add_steady(steady);
+        state.steady_bps = steady;
+    }
+
+    /// Works out the desired node count; a decision when it, or why, changed.
+    fn decide_scale(&mut self, now: Millis, out: &mut Vec<Decision>) {
+        let c = &self.config;
+        let needed = self.demand.needed(c.backlog_horizon, c.target_utilisation_percent, c.default_node_bps);
+        let desired = self.scaler.decide(now, needed, self.demand.nodes());
+        if self.desired != Some(desired) {
+            self.desired = Some(desired);
+            out.push(Decision::DesiredNodes {
+                count: desired.0,
+                reason: desired.1,
+                steady_bps: self.demand.steady(),
+                backlog_bytes: self.demand.backlog(),
+            });
         }
     }
 
@@ -345,21 +493,10 @@ impl Core {
     /// Places what `db` has waiting, planning its job first if it has none; an error leaves what
     /// could not be placed waiting.
     fn place_db(&mut self, db: &DbName, deadline: Millis, now: Millis, out: &mut Vec<Decision>) -> Result<(), Wait> {
-        let spec = self.registry.db(db).expect("waiting databases are registered").clone();
+        let host_name = self.registry.db(db).expect("waiting databases are registered").source_host.clone();
         let job_id = match self.dbs[db].job {
             Some(job) => job,
-            None => {
-                let size = self.dbs[db].last_bytes.unwrap_or(spec.size_estimate);
-                let shards = plan(size, deadline.since(now), self.config.default_node_bps).shards();
-                let id = self.next_job;
-                self.next_job += 1;
-                self.jobs.insert(
-                    id,
-                    Job { db: db.clone(), shards: vec![(ShardState::Waiting, 0); shards as usize], bytes: 0 },
-                );
-                self.dbs.get_mut(db).expect("registered").job = Some(id);
-                id
-            }
+            None => self.open_job(db, deadline),
         };
         let shards = self.jobs[&job_id].shards.len() as u32;
         for shard in 0..shards {
@@ -367,10 +504,18 @@ impl Core {
             if state != ShardState::Waiting {
                 continue;
             }
-            let host = self.hosts.entry(spec.source_host.clone()).or_default();
+            let config = &self.config;
+            let host = self.hosts.entry(host_name.clone()).or_insert_with(|| HostState {
+                running: 0,
+                read_bps: 0,
+                throttle: Throttle::new(
+                    AimdParams { max_bps: config.host_max_read_bps, ..config.throttle },
+                    config.host_max_read_bps,
+                ),
+            });
             let budget = HostBudget {
-                max_running: self.config.host_max_running,
-                max_read_bps: self.config.host_max_read_bps,
+                max_running: config.host_max_running,
+                max_read_bps: host.throttle.cap_bps(),
                 running: host.running,
                 read_bps: host.read_bps,
             };
@@ -382,7 +527,7 @@ impl Core {
                 .leases
                 .grant(key.clone(), placed.node.clone(), now, self.config.lease_ttl)
                 .expect("a waiting shard holds no lease");
-            let host = self.hosts.get_mut(&spec.source_host).expect("made above");
+            let host = self.hosts.get_mut(&host_name).expect("made above");
             host.running += 1;
             host.read_bps += placed.read_cap_bps;
             self.read_caps.insert(key.clone(), placed.read_cap_bps);
@@ -476,6 +621,7 @@ impl Core {
     /// Ends a removed database's job: its running shards are revoked.
     fn close_job(&mut self, job: u64, host: &HostName, out: &mut Vec<Decision>) {
         let Some(j) = self.jobs.remove(&job) else { return };
+        self.demand.remove_backlog(j.unfinished);
         for shard in 0..j.shards.len() as u32 {
             let key = ShardKey { job, shard };
             if let Some(lease) = self.leases.holder(&key).cloned() {
@@ -491,6 +637,27 @@ impl Core {
         self.order.len()
     }
 
+    /// Databases waiting for placement, by class (critical first).
+    pub fn waiting_by_class(&self) -> [usize; 4] {
+        self.order.count_by_class()
+    }
+
+    /// The first backup waiting for placement and its class (a host at its caps is not
+    /// waiting: its databases are parked).
+    pub fn first_waiting(&self) -> Option<(&DbName, Priority)> {
+        self.order.first()
+    }
+
+    /// Whether some node has room for one more shard.
+    pub fn has_room(&self) -> bool {
+        !self.roomy.is_empty()
+    }
+
+    /// The desired node count last decided, and why.
+    pub fn desired_nodes(&self) -> Option<(u32, ScaleReason)> {
+        self.desired
+    }
+
     /// Whether job `job` is open: planned, and not every shard of it finished. A shard whose job
     /// is neither committed nor open is lost: the simulator checks that none is.
     pub fn is_open(&self, job: u64) -> bool {
@@ -500,6 +667,15 @@ impl Core {
     pub fn leases(&self) -> &Leases {
         &self.leases
     }
+}
+
+/// How many shards of `need` fit in `capacity`.
+fn slots(capacity: &NodeCapacity, need: &Resources) -> u64 {
+    let fit = |have: u64, want: u64| if want == 0 { u64::MAX } else { have / want };
+    fit(capacity.cores.into(), need.cores.into())
+        .min(fit(capacity.memory_bytes, need.memory_bytes))
+        .min(fit(capacity.network_bps, need.network_bps))
+        .min(fit(capacity.disk_bps, need.disk_bps))
 }
 
 /// What is free on a node for one more shard: its capacity less the larger of what it reports
@@ -514,10 +690,10 @@ fn room(name: &NodeName, n: &NodeState, need: &Resources) -> NodeRoom {
     };
     let c = &n.capacity;
     let free = Resources {
-        cores: c.cores.saturating_sub(reserved.cores.max(n.used.cores)),
-        memory_bytes: c.memory_bytes.saturating_sub(reserved.memory_bytes.max(n.used.memory_bytes)),
-        network_bps: c.network_bps.saturating_sub(reserved.network_bps.max(n.used.network_bps)),
-        disk_bps: c.disk_bps.saturating_sub(reserved.disk_bps.max(n.used.disk_bps)),
+        cores: c.cores.saturating_sub(reserved.cores.max(n.report.used.cores)),
+        memory_bytes: c.memory_bytes.saturating_sub(reserved.memory_bytes.max(n.report.used.memory_bytes)),
+        network_bps: c.network_bps.saturating_sub(reserved.network_bps.max(n.report.used.network_bps)),
+        disk_bps: c.disk_bps.saturating_sub(reserved.disk_bps.max(n.report.used.disk_bps)),
     };
     NodeRoom { node: name.clone(), free, throughput_bps: n.throughput_bps }
 }
@@ -570,7 +746,11 @@ mod tests {
         assert_eq!(a.len(), 1, "{out:?}");
         let (_, key, n, token, from) = a[0].clone();
         assert_eq!((n.clone(), from), (node("n1"), 0));
-        core.handle(Millis(2), Event::Progress { key: key.clone(), node: n.clone(), token, segments_done: 5 }).unwrap();
+        core.handle(
+            Millis(2),
+            Event::Progress { key: key.clone(), node: n.clone(), token, segments_done: 5, source: None },
+        )
+        .unwrap();
         let out = core.handle(Millis(3), Event::ShardFinished { key, node: n, token, bytes: 10 * GIB }).unwrap();
         assert_eq!(out, vec![Decision::Commit { job: 0, db: DbName("a".into()), bytes: 10 * GIB }]);
         assert!(assigns(&core.handle(Millis(1_800_002), Event::Tick).unwrap()).is_empty(), "not due yet");
@@ -584,11 +764,15 @@ mod tests {
         core.handle(Millis(0), Event::NodeJoined { node: node("a"), capacity: NODE }).unwrap();
         let out = core.handle(Millis(0), Event::DbRegistered(db("big", "h", Priority::High, 10 * GIB))).unwrap();
         let (_, key, holder, token, _) = assigns(&out)[0].clone();
-        core.handle(Millis(1000), Event::Progress { key: key.clone(), node: holder.clone(), token, segments_done: 7 })
-            .unwrap();
+        core.handle(
+            Millis(1000),
+            Event::Progress { key: key.clone(), node: holder.clone(), token, segments_done: 7, source: None },
+        )
+        .unwrap();
         core.handle(Millis(2000), Event::NodeJoined { node: node("b"), capacity: NODE }).unwrap();
         // a goes silent; its lease ends 10 s after its grant.
-        assert!(core.handle(Millis(9_999), Event::Tick).unwrap().is_empty());
+        let before_expiry = core.handle(Millis(9_999), Event::Tick).unwrap();
+        assert!(before_expiry.iter().all(|d| matches!(d, Decision::DesiredNodes { .. })), "{before_expiry:?}");
         let out = core.handle(Millis(10_000), Event::Tick).unwrap();
         assert!(out.contains(&Decision::Revoke { key: key.clone(), node: node("a"), token }), "{out:?}");
         let again = assigns(&out);
@@ -658,10 +842,10 @@ mod tests {
             core.handle(Millis(9), Event::Tick),
             Err(CoreError::ClockBackwards { last: Millis(10), now: Millis(9) })
         );
-        let unknown = Event::Heartbeat { node: node("ghost"), used: Resources::default(), throughput_bps: 1 };
+        let unknown = Event::Heartbeat { node: node("ghost"), report: NodeReport::default() };
         assert!(matches!(core.handle(Millis(10), unknown), Err(CoreError::Registry(RegistryError::UnknownNode(_)))));
         let key = ShardKey { job: 99, shard: 0 };
-        let stray = Event::Progress { key, node: node("ghost"), token: 1, segments_done: 1 };
+        let stray = Event::Progress { key, node: node("ghost"), token: 1, segments_done: 1, source: None };
         assert!(core.handle(Millis(10), stray).is_err());
         assert_eq!(core.waiting(), 0);
     }

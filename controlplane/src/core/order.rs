@@ -48,6 +48,7 @@ pub struct WaitOrder {
     waiting: FxHashMap<DbName, Waiting>,
     order: BTreeSet<Place>,
     aging: BTreeSet<(Millis, DbName)>,
+    by_class: [usize; 4],
 }
 
 impl WaitOrder {
@@ -59,6 +60,7 @@ impl WaitOrder {
         if let Some(at) = w.next_aging() {
             self.aging.insert((at, db.clone()));
         }
+        self.by_class[usize::from(class.rank())] += 1;
         self.waiting.insert(db, w);
     }
 
@@ -71,6 +73,7 @@ impl WaitOrder {
     /// became due and its deadline (put back later, it catches up the aging it missed).
     pub fn take(&mut self, db: &DbName) -> Option<(Priority, Millis, Millis)> {
         let w = self.waiting.remove(db)?;
+        self.by_class[usize::from(w.class.rank())] -= 1;
         self.order.remove(&(w.rank(), w.deadline, db.clone()));
         if let Some(at) = w.next_aging() {
             self.aging.remove(&(at, db.clone()));
@@ -113,6 +116,16 @@ impl WaitOrder {
 
     pub fn len(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Waiting backups by their class (not their aged rank), critical first.
+    pub fn count_by_class(&self) -> [usize; 4] {
+        self.by_class
+    }
+
+    /// The first waiting backup and its class.
+    pub fn first(&self) -> Option<(&DbName, Priority)> {
+        self.order.first().map(|(_, _, db)| (db, self.waiting[db].class))
     }
 
     pub fn is_empty(&self) -> bool {

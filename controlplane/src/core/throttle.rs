@@ -68,6 +68,36 @@ impl Aimd {
     }
 }
 
+/// A loop and the cap last sent out: a cut is sent at once (it protects a host), a rise only
+/// once it has grown by an eighth, so a cap creeping up one step per report is not a decision
+/// per report.
+#[derive(Clone, Debug)]
+pub struct Throttle {
+    aimd: Aimd,
+    sent_bps: u64,
+}
+
+impl Throttle {
+    pub fn new(params: AimdParams, start_bps: u64) -> Self {
+        let aimd = Aimd::new(params, start_bps);
+        Self { sent_bps: aimd.cap_bps(), aimd }
+    }
+
+    /// Takes one report; the new cap when it is worth a decision.
+    pub fn report(&mut self, read_p99_us: u64, cpu_percent: u8) -> Option<u64> {
+        let cap = self.aimd.report(read_p99_us, cpu_percent);
+        let send = cap < self.sent_bps || cap >= self.sent_bps.saturating_add(self.sent_bps / 8);
+        send.then(|| {
+            self.sent_bps = cap;
+            cap
+        })
+    }
+
+    pub fn cap_bps(&self) -> u64 {
+        self.aimd.cap_bps()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +161,17 @@ mod tests {
             reports += 1;
         }
         assert!(reports <= 10, "{reports} reports to come under the new knee");
+    }
+
+    #[test]
+    fn cuts_are_sent_at_once_and_rises_only_once_they_add_up() {
+        let params = AimdParams::default();
+        let mut t = Throttle::new(params, 800 << 20);
+        let cut = t.report(u64::MAX, 0).expect("a cut is sent");
+        assert_eq!(cut, 600 << 20);
+        // 600 MiB/s plus an eighth is 675: the fifth step of 16 MiB/s reaches it.
+        let sent: Vec<_> = (0..5).map(|_| t.report(0, 0)).collect();
+        assert_eq!(sent, [None, None, None, None, Some(680 << 20)]);
     }
 
     #[test]
