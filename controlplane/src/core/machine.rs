@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::leases::{LeaseError, Leases, ShardKey};
 use super::model::{DbName, HostName, Millis, NodeName, Priority};
@@ -24,6 +24,8 @@ use super::throttle::{AimdParams, Throttle};
 pub struct Config {
     /// How long a lease lasts past its grant or renewal.
     pub lease_ttl: Millis,
+    /// A node heard nothing from for this long gets no new work until it is heard from again.
+    pub node_silent_after: Millis,
     /// What one running shard reserves on its node.
     pub shard_need: Resources,
     /// Backups one source host serves at once, and the bytes per second they read together.
@@ -44,6 +46,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             lease_ttl: Millis::from_secs(10),
+            node_silent_after: Millis::from_secs(30),
             shard_need: Resources { cores: 2, memory_bytes: 2 << 30, network_bps: 200 << 20, disk_bps: 200 << 20 },
             host_max_running: 4,
             host_max_read_bps: 800 << 20,
@@ -96,6 +99,13 @@ pub enum Event {
         node: NodeName,
         token: u64,
     },
+    /// A shard handed back when preempted, at a segment boundary: `segments_done` are durable.
+    ShardYielded {
+        key: ShardKey,
+        node: NodeName,
+        token: u64,
+        segments_done: u64,
+    },
     Tick,
 }
 
@@ -133,6 +143,9 @@ pub enum Decision {
     },
     /// `node` no longer holds shard `key` (its lease ended): it must stop and write nothing more.
     Revoke { key: ShardKey, node: NodeName, token: u64 },
+    /// `node` should hand shard `key` back at its next segment boundary (a critical backup
+    /// needs the room), reporting [`Event::ShardYielded`].
+    Preempt { key: ShardKey, node: NodeName, token: u64 },
     /// Every shard of `job` finished: commit its snapshot of `db`.
     Commit { job: u64, db: DbName, bytes: u64 },
     /// The backups reading from `host` may read `bps` together from now: its loop moved.
@@ -190,12 +203,24 @@ struct NodeState {
     /// What it adds to the fleet's rate: its throughput times the shards it fits.
     rate_bps: u64,
     throttle: Throttle,
+    /// When it last sent anything, and whether placement skips it for that.
+    last_seen: Millis,
+    silent: bool,
+}
+
+/// What a running shard took when it was placed, to give back when it stops.
+struct Running {
+    read_cap_bps: u64,
+    class: Priority,
+    host: HostName,
 }
 
 struct HostState {
     running: u32,
     read_bps: u64,
     throttle: Throttle,
+    /// Its running shards by class rank: where a critical backup of this host finds victims.
+    shards: BTreeSet<(u8, ShardKey)>,
 }
 
 /// A parked database's place in the order: class, due time, deadline.
@@ -217,8 +242,12 @@ pub struct Core {
     roomy: RoomIndex,
     hosts: FxHashMap<HostName, HostState>,
     jobs: FxHashMap<u64, Job>,
-    /// Read caps of running shards, to give back to their host.
-    read_caps: FxHashMap<ShardKey, u64>,
+    /// Running shards: their read caps, to give back to their host, and their class.
+    running: FxHashMap<ShardKey, Running>,
+    /// Running shards by class, newest last: where a critical backup finds its victims.
+    running_by_class: [BTreeSet<ShardKey>; 4],
+    /// Shards told to hand back at their next segment boundary, not yet handed back.
+    preempting: FxHashSet<ShardKey>,
     /// Databases not due yet, by when they will be.
     not_due: BTreeSet<(Millis, DbName)>,
     next_job: u64,
@@ -268,7 +297,7 @@ impl Core {
                 let state = self.dbs.remove(&name).expect("registered databases have a state");
                 self.demand.remove_steady(state.steady_bps);
                 if let Some(job) = state.job {
-                    self.close_job(job, &spec.source_host, &mut out);
+                    self.close_job(job, &mut out);
                 }
             }
             Event::NodeJoined { node, capacity } => {
@@ -284,6 +313,8 @@ impl Core {
                     running: BTreeSet::new(),
                     rate_bps,
                     throttle,
+                    last_seen: now,
+                    silent: false,
                 };
                 self.nodes.insert(node.clone(), state);
                 self.refresh_room(&node);
@@ -315,13 +346,15 @@ impl Core {
                 if let Some(bps) = state.throttle.report(report.stage_p99_us, report.cpu_percent) {
                     out.push(Decision::NodeRateCap { node: node.clone(), bps });
                 }
-                self.refresh_room(&node);
+                self.seen(&node, now);
             }
             Event::LeaseRenewed { key, node, token } => {
                 self.leases.renew(&key, &node, token, now, self.config.lease_ttl)?;
+                self.seen(&node, now);
             }
             Event::Progress { key, node, token, segments_done, source } => {
                 self.leases.check(&key, &node, token)?;
+                self.seen(&node, now);
                 let shard = self.shard_mut(&key)?;
                 shard.1 = shard.1.max(segments_done);
                 if let Some(load) = source {
@@ -336,6 +369,7 @@ impl Core {
             }
             Event::ShardFinished { key, node, token, bytes } => {
                 self.leases.release(&key, &node, token)?;
+                self.seen(&node, now);
                 self.unreserve(&key, &node);
                 let job = self.jobs.get_mut(&key.job).ok_or_else(|| CoreError::UnknownShard(key.clone()))?;
                 job.shards[key.shard as usize].0 = ShardState::Done;
@@ -360,6 +394,16 @@ impl Core {
             }
             Event::ShardFailed { key, node, token } => {
                 self.leases.release(&key, &node, token)?;
+                self.seen(&node, now);
+                self.unreserve(&key, &node);
+                self.shard_back(&key);
+            }
+            Event::ShardYielded { key, node, token, segments_done } => {
+                self.leases.check(&key, &node, token)?;
+                let shard = self.shard_mut(&key)?;
+                shard.1 = shard.1.max(segments_done);
+                self.leases.release(&key, &node, token)?;
+                self.seen(&node, now);
                 self.unreserve(&key, &node);
                 self.shard_back(&key);
             }
@@ -481,19 +525,78 @@ impl Core {
                     // Parked until its host runs one backup fewer: later passes walk past it
                     // at no cost.
                     let host = self.registry.db(db).expect("waiting databases are registered").source_host.clone();
+                    self.preempt_on_host(db, &host, out);
                     let waiting = self.order.take(db).expect("walked from the order");
                     self.parked.entry(host).or_default().push((db.clone(), waiting));
                 }
-                Err(Wait::NoRoom) => return,
+                Err(Wait::NoRoom) => {
+                    self.preempt_for(db, out);
+                    return;
+                }
             }
             cursor = Some(place);
         }
     }
 
+    /// A critical backup that finds no room takes it from lower classes: for each of its shards
+    /// still waiting, one running shard of the lowest class running (the newest of them) is
+    /// told to hand back at its next segment boundary, where its checkpoint keeps all it did.
+    /// Only critical backups preempt, and only lower classes: a class never preempts itself, so
+    /// preemption cannot cascade.
+    fn preempt_for(&mut self, db: &DbName, out: &mut Vec<Decision>) {
+        let waiting = self.critical_waiting_shards(db);
+        while self.preempting.len() < waiting {
+            let victim = self.running_by_class[1..]
+                .iter()
+                .rev()
+                .find_map(|running| running.iter().rev().find(|k| !self.preempting.contains(*k)))
+                .cloned();
+            let Some(key) = victim else { return };
+            self.preempt(key, out);
+        }
+    }
+
+    /// A critical backup whose source host is at its caps takes the host's slots from the
+    /// lower classes reading from it, the same way: their shards hand back at a segment
+    /// boundary, and the host's next free slot goes to the critical backup, first in the order.
+    fn preempt_on_host(&mut self, db: &DbName, host: &HostName, out: &mut Vec<Decision>) {
+        let waiting = self.critical_waiting_shards(db);
+        let Some(h) = self.hosts.get(host) else { return };
+        let pending = h.shards.iter().filter(|(_, k)| self.preempting.contains(k)).count();
+        let victims: Vec<ShardKey> = h
+            .shards
+            .iter()
+            .rev()
+            .take_while(|(rank, _)| *rank > Priority::Critical.rank())
+            .filter(|(_, k)| !self.preempting.contains(k))
+            .map(|(_, k)| k.clone())
+            .take(waiting.saturating_sub(pending))
+            .collect();
+        for key in victims {
+            self.preempt(key, out);
+        }
+    }
+
+    /// How many shards `db` has waiting, if it is critical (only critical backups preempt).
+    fn critical_waiting_shards(&self, db: &DbName) -> usize {
+        let critical = self.registry.db(db).is_ok_and(|spec| spec.priority == Priority::Critical);
+        match self.dbs[db].job.and_then(|j| self.jobs.get(&j)) {
+            Some(job) if critical => job.shards.iter().filter(|s| s.0 == ShardState::Waiting).count(),
+            _ => 0,
+        }
+    }
+
+    fn preempt(&mut self, key: ShardKey, out: &mut Vec<Decision>) {
+        let lease = self.leases.holder(&key).expect("running shards hold a lease").clone();
+        self.preempting.insert(key.clone());
+        out.push(Decision::Preempt { key, node: lease.node, token: lease.token });
+    }
+
     /// Places what `db` has waiting, planning its job first if it has none; an error leaves what
     /// could not be placed waiting.
     fn place_db(&mut self, db: &DbName, deadline: Millis, now: Millis, out: &mut Vec<Decision>) -> Result<(), Wait> {
-        let host_name = self.registry.db(db).expect("waiting databases are registered").source_host.clone();
+        let spec = self.registry.db(db).expect("waiting databases are registered");
+        let (host_name, spec_class) = (spec.source_host.clone(), spec.priority);
         let job_id = match self.dbs[db].job {
             Some(job) => job,
             None => self.open_job(db, deadline),
@@ -508,6 +611,7 @@ impl Core {
             let host = self.hosts.entry(host_name.clone()).or_insert_with(|| HostState {
                 running: 0,
                 read_bps: 0,
+                shards: BTreeSet::new(),
                 throttle: Throttle::new(
                     AimdParams { max_bps: config.host_max_read_bps, ..config.throttle },
                     config.host_max_read_bps,
@@ -521,6 +625,7 @@ impl Core {
             };
             // Before the nodes are looked at: a host at its caps waits whatever room there is.
             budget.left().ok_or(Wait::HostAtCap)?;
+            self.skip_silent(now);
             let placed = place(&self.config.shard_need, &self.roomy, &budget)?;
             let key = ShardKey { job: job_id, shard };
             let lease = self
@@ -529,8 +634,11 @@ impl Core {
                 .expect("a waiting shard holds no lease");
             let host = self.hosts.get_mut(&host_name).expect("made above");
             host.running += 1;
+            host.shards.insert((spec_class.rank(), key.clone()));
             host.read_bps += placed.read_cap_bps;
-            self.read_caps.insert(key.clone(), placed.read_cap_bps);
+            let running = Running { read_cap_bps: placed.read_cap_bps, class: spec_class, host: host_name.clone() };
+            self.running.insert(key.clone(), running);
+            self.running_by_class[usize::from(spec_class.rank())].insert(key.clone());
             self.nodes.get_mut(&placed.node).expect("placed on a known node").running.insert(key.clone());
             self.refresh_room(&placed.node);
             self.jobs.get_mut(&job_id).expect("open").shards[shard as usize].0 = ShardState::Running;
@@ -555,32 +663,57 @@ impl Core {
             .ok_or_else(|| CoreError::UnknownShard(key.clone()))
     }
 
-    /// Gives back what a running shard reserved on its node and its source host.
+    /// Gives back what a running shard reserved on its node and on the source host and in the
+    /// class it was placed with (a database changed since, to another host or class, gives
+    /// back to where it took from).
     fn unreserve(&mut self, key: &ShardKey, node: &NodeName) {
-        let Some(job) = self.jobs.get(&key.job) else { return };
-        let Ok(spec) = self.registry.db(&job.db) else { return };
-        let host = spec.source_host.clone();
-        self.unreserve_on(key, node, &host);
-    }
-
-    fn unreserve_on(&mut self, key: &ShardKey, node: &NodeName, host: &HostName) {
         if let Some(n) = self.nodes.get_mut(node) {
             n.running.remove(key);
             self.refresh_room(node);
         }
-        let cap = self.read_caps.remove(key).unwrap_or(0);
-        if let Some(h) = self.hosts.get_mut(host) {
+        self.preempting.remove(key);
+        let Some(r) = self.running.remove(key) else { return };
+        self.running_by_class[usize::from(r.class.rank())].remove(key);
+        if let Some(h) = self.hosts.get_mut(&r.host) {
+            h.shards.remove(&(r.class.rank(), key.clone()));
             h.running = h.running.saturating_sub(1);
-            h.read_bps = h.read_bps.saturating_sub(cap);
+            h.read_bps = h.read_bps.saturating_sub(r.read_cap_bps);
         }
-        for (db, (class, due, deadline)) in self.parked.remove(host).unwrap_or_default() {
+        for (db, (class, due, deadline)) in self.parked.remove(&r.host).unwrap_or_default() {
             self.order.push(db, class, due, deadline);
         }
     }
 
-    /// Keeps [`Core::roomy`] true for `node`: in it exactly when one more shard fits there.
+    /// Notes that `node` was heard from at `now`: a silent node is placeable again (its expired
+    /// leases stay expired, and its reports under their tokens are refused).
+    fn seen(&mut self, node: &NodeName, now: Millis) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.last_seen = now;
+            n.silent = false;
+            self.refresh_room(node);
+        }
+    }
+
+    /// Takes nodes not heard from for `node_silent_after` out of placement, from the most
+    /// preferred down to the first one heard from lately: a dead node whose leases ran out
+    /// looks roomy, and would otherwise draw backup after backup into leases that can only
+    /// expire. Lazy, so a pass pays only for the silent nodes it would have chosen.
+    fn skip_silent(&mut self, now: Millis) {
+        while let Some(best) = self.roomy.best(&self.config.shard_need) {
+            let name = best.node.clone();
+            let n = self.nodes.get_mut(&name).expect("roomy nodes are registered");
+            if now.since(n.last_seen) < self.config.node_silent_after {
+                return;
+            }
+            n.silent = true;
+            self.roomy.remove(&name);
+        }
+    }
+
+    /// Keeps [`Core::roomy`] true for `node`: in it exactly when one more shard fits there and
+    /// it is not silent.
     fn refresh_room(&mut self, node: &NodeName) {
-        match self.nodes.get(node).map(|n| room(node, n, &self.config.shard_need)) {
+        match self.nodes.get(node).filter(|n| !n.silent).map(|n| room(node, n, &self.config.shard_need)) {
             Some(r) if r.free.fits(&self.config.shard_need) => self.roomy.set(r),
             _ => self.roomy.remove(node),
         }
@@ -619,14 +752,14 @@ impl Core {
     }
 
     /// Ends a removed database's job: its running shards are revoked.
-    fn close_job(&mut self, job: u64, host: &HostName, out: &mut Vec<Decision>) {
+    fn close_job(&mut self, job: u64, out: &mut Vec<Decision>) {
         let Some(j) = self.jobs.remove(&job) else { return };
         self.demand.remove_backlog(j.unfinished);
         for shard in 0..j.shards.len() as u32 {
             let key = ShardKey { job, shard };
             if let Some(lease) = self.leases.holder(&key).cloned() {
                 out.push(Decision::Revoke { key: key.clone(), node: lease.node.clone(), token: lease.token });
-                self.unreserve_on(&key, &lease.node, host);
+                self.unreserve(&key, &lease.node);
             }
             self.leases.forget(&key);
         }
@@ -646,6 +779,11 @@ impl Core {
     /// waiting: its databases are parked).
     pub fn first_waiting(&self) -> Option<(&DbName, Priority)> {
         self.order.first()
+    }
+
+    /// Shards told to hand back for a critical backup that have not yet.
+    pub fn preempting(&self) -> usize {
+        self.preempting.len()
     }
 
     /// Whether some node has room for one more shard.
@@ -671,7 +809,7 @@ impl Core {
 
 /// How many shards of `need` fit in `capacity`.
 fn slots(capacity: &NodeCapacity, need: &Resources) -> u64 {
-    let fit = |have: u64, want: u64| if want == 0 { u64::MAX } else { have / want };
+    let fit = |have: u64, want: u64| have.checked_div(want).unwrap_or(u64::MAX);
     fit(capacity.cores.into(), need.cores.into())
         .min(fit(capacity.memory_bytes, need.memory_bytes))
         .min(fit(capacity.network_bps, need.network_bps))
@@ -732,6 +870,10 @@ mod tests {
             .collect()
     }
 
+    fn beat(n: &str) -> Event {
+        Event::Heartbeat { node: node(n), report: NodeReport::default() }
+    }
+
     /// The databases assigned, in the order of the decisions.
     fn assigned_dbs(d: &[Decision]) -> Vec<String> {
         assigns(d).into_iter().map(|a| a.0).collect()
@@ -753,6 +895,8 @@ mod tests {
         .unwrap();
         let out = core.handle(Millis(3), Event::ShardFinished { key, node: n, token, bytes: 10 * GIB }).unwrap();
         assert_eq!(out, vec![Decision::Commit { job: 0, db: DbName("a".into()), bytes: 10 * GIB }]);
+        // Heard from lately, so placeable.
+        core.handle(Millis(1_800_000), beat("n1")).unwrap();
         assert!(assigns(&core.handle(Millis(1_800_002), Event::Tick).unwrap()).is_empty(), "not due yet");
         let again = core.handle(Millis(1_800_003), Event::Tick).unwrap();
         assert_eq!(assigns(&again).len(), 1, "due at half the RPO after its snapshot");
@@ -832,6 +976,108 @@ mod tests {
         assert_eq!(placed, 2);
         let other = core.handle(Millis(0), Event::DbRegistered(db("d", "other-host", Priority::Normal, GIB))).unwrap();
         assert_eq!(assigns(&other).len(), 1, "another host's database is not held up");
+    }
+
+    fn preempts(d: &[Decision]) -> Vec<(ShardKey, NodeName, u64)> {
+        d.iter()
+            .filter_map(|d| match d {
+                Decision::Preempt { key, node, token } => Some((key.clone(), node.clone(), *token)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_critical_backup_with_no_room_preempts_the_lowest_class_at_a_segment_boundary() {
+        let one_shard = NodeCapacity { cores: 2, ..NODE };
+        let mut core = Core::new(Config::default());
+        core.handle(Millis(0), Event::NodeJoined { node: node("n1"), capacity: one_shard }).unwrap();
+        core.handle(Millis(0), Event::NodeJoined { node: node("n2"), capacity: one_shard }).unwrap();
+        let low = core.handle(Millis(0), Event::DbRegistered(db("low", "h1", Priority::Low, GIB))).unwrap();
+        let high = core.handle(Millis(0), Event::DbRegistered(db("high", "h2", Priority::High, GIB))).unwrap();
+        let (_, low_key, low_node, low_token, _) = assigns(&low)[0].clone();
+        assert_eq!(assigned_dbs(&high), ["high"]);
+        let out = core.handle(Millis(1), Event::DbRegistered(db("crit", "h3", Priority::Critical, GIB))).unwrap();
+        assert!(assigns(&out).is_empty(), "{out:?}");
+        assert_eq!(preempts(&out), [(low_key.clone(), low_node.clone(), low_token)], "the low one, not the high one");
+        assert_eq!(core.preempting(), 1);
+        // Another pass asks for nothing more: one victim per waiting shard.
+        assert!(preempts(&core.handle(Millis(2), Event::Tick).unwrap()).is_empty());
+        // It hands back at its boundary with 3 segments durable; the critical one takes its place.
+        let yielded =
+            Event::ShardYielded { key: low_key.clone(), node: low_node.clone(), token: low_token, segments_done: 3 };
+        let out = core.handle(Millis(3), yielded).unwrap();
+        assert_eq!(assigned_dbs(&out), ["crit"]);
+        assert_eq!(core.preempting(), 0);
+        assert_eq!(core.first_waiting(), Some((&DbName("low".into()), Priority::Low)));
+        // The low one resumes from its checkpoint when room comes back.
+        let (_, crit_key, crit_node, crit_token, _) = assigns(&out)[0].clone();
+        core.handle(Millis(4), beat(&low_node.0)).unwrap();
+        let done = Event::ShardFinished { key: crit_key, node: crit_node, token: crit_token, bytes: GIB };
+        let out = core.handle(Millis(4), done).unwrap();
+        let again = assigns(&out);
+        assert_eq!((again[0].0.as_str(), again[0].4), ("low", 3), "{out:?}");
+    }
+
+    #[test]
+    fn a_critical_backup_on_a_host_at_its_caps_preempts_that_hosts_lower_classes_only() {
+        let config = Config { host_max_running: 1, ..Config::default() };
+        let mut core = Core::new(config);
+        core.handle(Millis(0), Event::NodeJoined { node: node("n"), capacity: NODE }).unwrap();
+        core.handle(Millis(0), Event::DbRegistered(db("other-low", "h2", Priority::Low, GIB))).unwrap();
+        let low = core.handle(Millis(0), Event::DbRegistered(db("low", "h1", Priority::Low, GIB))).unwrap();
+        let (_, low_key, ..) = assigns(&low)[0].clone();
+        let out = core.handle(Millis(1), Event::DbRegistered(db("crit", "h1", Priority::Critical, GIB))).unwrap();
+        assert_eq!(preempts(&out).iter().map(|p| p.0.clone()).collect::<Vec<_>>(), [low_key]);
+        let normal = core.handle(Millis(1), Event::DbRegistered(db("normal", "h1", Priority::Normal, GIB))).unwrap();
+        assert!(preempts(&normal).is_empty(), "only critical backups preempt");
+    }
+
+    #[test]
+    fn a_silent_node_gets_no_new_work_until_it_is_heard_from() {
+        let mut core = Core::new(Config::default());
+        core.handle(Millis(0), Event::NodeJoined { node: node("dead"), capacity: NODE }).unwrap();
+        core.handle(Millis(0), Event::NodeJoined { node: node("alive"), capacity: NODE }).unwrap();
+        core.handle(Millis(25_000), beat("alive")).unwrap();
+        let out = core.handle(Millis(31_000), Event::DbRegistered(db("a", "h", Priority::Normal, GIB))).unwrap();
+        assert_eq!(assigns(&out)[0].2, node("alive"), "{out:?}");
+        // Heard from again (a heartbeat after its leases ended is taken): placeable again.
+        core.handle(Millis(32_000), beat("dead")).unwrap();
+        let out = core.handle(Millis(32_000), Event::DbRegistered(db("b", "h2", Priority::Normal, GIB))).unwrap();
+        assert_eq!(assigns(&out)[0].2, node("dead"), "the one with more cores free: {out:?}");
+    }
+
+    #[test]
+    fn a_slow_source_host_gets_its_read_cap_cut_and_a_busy_node_its_rate() {
+        let mut core = Core::new(Config::default());
+        core.handle(Millis(0), Event::NodeJoined { node: node("n"), capacity: NODE }).unwrap();
+        let out = core.handle(Millis(0), Event::DbRegistered(db("a", "pg-1", Priority::Normal, GIB))).unwrap();
+        let (_, key, n, token, _) = assigns(&out)[0].clone();
+        let slow = SourceLoad { read_p99_us: 50_000, cpu_percent: 10 };
+        let progress = Event::Progress { key, node: n, token, segments_done: 0, source: Some(slow) };
+        let out = core.handle(Millis(1), progress).unwrap();
+        let cap = Config::default().host_max_read_bps * 3 / 4;
+        assert_eq!(out, [Decision::HostReadCap { host: HostName("pg-1".into()), bps: cap }]);
+        let hot = NodeReport { cpu_percent: 99, ..NodeReport::default() };
+        let out = core.handle(Millis(2), Event::Heartbeat { node: node("n"), report: hot }).unwrap();
+        assert!(matches!(out.as_slice(), [Decision::NodeRateCap { .. }]), "{out:?}");
+    }
+
+    #[test]
+    fn the_desired_node_count_follows_the_backlog_up_at_once() {
+        let mut core = Core::new(Config::default());
+        core.handle(Millis(0), Event::NodeJoined { node: node("n"), capacity: NODE }).unwrap();
+        let first = core.handle(Millis(1), Event::Tick).unwrap();
+        assert!(matches!(first.as_slice(), [Decision::DesiredNodes { count: 1, .. }]), "{first:?}");
+        // 100 TiB due, with a 4 h RPO: the backlog to clear within the hour (more than the
+        // steady 100 TiB per 2 h) sets the count, not the one node there is.
+        let huge = DbSpec { rpo: Millis::from_secs(4 * 3600), ..db("huge", "h", Priority::High, 100 << 40) };
+        core.handle(Millis(2), Event::DbRegistered(huge)).unwrap();
+        let out = core.handle(Millis(60_001), Event::Tick).unwrap();
+        let Some(Decision::DesiredNodes { count, reason, backlog_bytes, .. }) = out.last() else { panic!("{out:?}") };
+        assert_eq!((*reason, *backlog_bytes), (ScaleReason::Backlog, 100 << 40));
+        // 100 TiB in an hour at 80% of one node's 2 shards × 200 MiB/s.
+        assert_eq!(*count, ((100u64 << 40) / 3600 * 100 / 80).div_ceil(400 << 20) as u32);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 
 pub mod leases;
 pub mod machine;
+#[cfg(test)]
+mod machine_props;
 pub mod model;
 pub mod order;
 pub mod placement;

@@ -67,10 +67,14 @@ pub enum Wait {
 }
 
 impl HostBudget {
-    /// What is left of the host's read budget, or `None` when it may start no more backups.
+    /// What is left of the host's read budget, or `None` when it may start no more backups:
+    /// a backup starts only with at least a fair share of the budget (the budget over the
+    /// backups the host may run), so that the last of a host's budget does not start a backup
+    /// that would crawl for hours at a trickle while a full share frees up in minutes.
     pub fn left(&self) -> Option<u64> {
         let left = self.max_read_bps.saturating_sub(self.read_bps);
-        (self.running < self.max_running && left >= MIN_READ_BPS).then_some(left)
+        let fair = (self.max_read_bps / u64::from(self.max_running.max(1))).max(MIN_READ_BPS);
+        (self.running < self.max_running && left >= fair).then_some(left)
     }
 }
 
@@ -167,8 +171,10 @@ mod tests {
         assert_eq!(place(&NEED, &nodes, &busy), Err(Wait::HostAtCap));
         let reading = HostBudget { running: 1, read_bps: (400 << 20) - (1 << 20), ..HOST };
         assert_eq!(place(&NEED, &nodes, &reading), Err(Wait::HostAtCap));
-        let some_left = HostBudget { running: 1, read_bps: 300 << 20, ..HOST };
-        assert_eq!(place(&NEED, &nodes, &some_left).unwrap().read_cap_bps, 100 << 20);
+        let fair_share_left = HostBudget { running: 1, read_bps: 200 << 20, ..HOST };
+        assert_eq!(place(&NEED, &nodes, &fair_share_left).unwrap().read_cap_bps, 200 << 20);
+        let a_trickle_left = HostBudget { running: 1, read_bps: 300 << 20, ..HOST };
+        assert_eq!(place(&NEED, &nodes, &a_trickle_left), Err(Wait::HostAtCap), "less than a fair share left");
     }
 
     #[test]

@@ -116,9 +116,10 @@ impl Scaler {
             self.low_since = None;
             return (current, ScaleReason::Steady);
         }
+        // Low for the whole hold: the need is the count from now on, for as long as it stays
+        // low (the hold is not served again while the fleet drains to it).
         let since = *self.low_since.get_or_insert(now);
         if now.since(since) >= DOWN_HOLD {
-            self.low_since = None;
             return (needed, ScaleReason::Idle);
         }
         (current, ScaleReason::Steady)
@@ -186,5 +187,9 @@ mod tests {
         assert_eq!(s.decide(again, 5, 12), (12, ScaleReason::Steady));
         assert_eq!(s.decide(again.after(Millis(DOWN_HOLD.0 - 1)), 5, 12), (12, ScaleReason::Steady));
         assert_eq!(s.decide(again.after(DOWN_HOLD), 5, 12), (5, ScaleReason::Idle));
+        // Still low while the nodes drain: the count stays at the need, without a new hold.
+        let draining = again.after(DOWN_HOLD).after(Millis::from_secs(60));
+        assert_eq!(s.decide(draining, 6, 12), (6, ScaleReason::Idle));
+        assert_eq!(s.decide(draining.after(Millis::from_secs(60)), 6, 7), (7, ScaleReason::Steady));
     }
 }

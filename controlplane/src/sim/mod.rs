@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::core::leases::ShardKey;
 use crate::core::machine::{Config, Core, CoreError, Decision, Event, NodeReport, SourceLoad};
 use crate::core::registry::{DbSpec, NodeCapacity};
+use crate::core::scale::steady_bps;
 use crate::core::{DbName, HostName, Millis, NodeName, Priority};
 use histogram::Histogram;
 use report::Series;
@@ -85,8 +86,8 @@ pub const DOWNTIME: Millis = Millis::from_secs(10 * 60);
 pub const PARTITION_TIME: Millis = Millis::from_secs(60);
 /// How often a running node renews its leases and reports progress (half the lease TTL).
 pub const REPORT_EVERY: Millis = Millis::from_secs(5);
-/// How often a node heartbeats its resource report.
-pub const HEARTBEAT_EVERY: Millis = Millis::from_secs(30);
+/// How often a node heartbeats its resource report (the core skips a node silent for 30 s).
+pub const HEARTBEAT_EVERY: Millis = Millis::from_secs(10);
 /// How often the clock ticks for the core.
 pub const TICK_EVERY: Millis = Millis::from_secs(1);
 /// How often the series of a report are sampled.
@@ -109,8 +110,16 @@ pub struct Summary {
     pub simulated_hours: u64,
     pub backups_done: u64,
     pub rpo_misses: u64,
-    /// Critical backups that waited while shards of a lower class ran (distinct backups).
+    /// Misses no count of nodes could have prevented: at the read cap its latency allowed and
+    /// its concurrency cap, the source host could not read the database in the half RPO it has
+    /// once due, or could not keep up with all its databases together. The others mean too few
+    /// nodes, or a scheduling fault.
+    pub rpo_misses_source_bound: u64,
+    /// Critical backups that waited while shards of a lower class ran and none was preempted
+    /// for them (distinct backups).
     pub priority_inversions: u64,
+    /// Shards of lower classes handed back at a segment boundary for a critical backup.
+    pub preemptions: u64,
     pub lost_shards: u64,
     pub double_commits: u64,
     pub stale_reports_refused: u64,
@@ -175,6 +184,8 @@ struct RunningShard {
     class: Priority,
     /// Its node was cut off while running it: its reports may be refused.
     cut_off: bool,
+    /// Preempted when it had done this many segments: it hands back at the next boundary.
+    yield_after: Option<u64>,
 }
 
 struct SimNode {
@@ -198,6 +209,8 @@ struct SimHost {
     /// What its backups read now, and how many run.
     reading_bps: u64,
     running: u32,
+    /// What its databases ask for together: each read once per half RPO.
+    demand_bps: u64,
 }
 
 impl SimHost {
@@ -234,7 +247,7 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
     let lease_ttl = config.lease_ttl;
     let target_p99_us = config.throttle.target_p99_us;
     let host_start_cap = config.host_max_read_bps;
-    let mut core = Core::new(config);
+    let mut core = Core::new(config.clone());
     let mut sim = Sim {
         queue: BinaryHeap::new(),
         seq: 0,
@@ -243,6 +256,7 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
         digest: Fnv::default(),
         seed: cfg.seed,
         passes: Histogram::default(),
+        host_max_running: u64::from(config.host_max_running),
     };
     let mut nodes: Vec<SimNode> = (0..cfg.nodes)
         .map(|i| SimNode {
@@ -264,6 +278,7 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
             cap_bps: host_start_cap,
             reading_bps: 0,
             running: 0,
+            demand_bps: 0,
         })
         .collect();
     let host_by_name: FxHashMap<HostName, usize> = hosts.iter().enumerate().map(|(i, h)| (h.name.clone(), i)).collect();
@@ -284,7 +299,7 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
             _ => Priority::Low,
         };
         let host = registered / DBS_PER_HOST;
-        let decisions = register(&mut sim, &mut core, &mut rng, &mut world, &hosts, registered, class, host)?;
+        let decisions = register(&mut sim, &mut core, &mut rng, &mut world, &mut hosts, registered, class, host)?;
         registered += 1;
         sim.apply(&decisions, &mut nodes, &by_name, &mut hosts, &host_by_name, &mut world);
     }
@@ -335,7 +350,7 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
                         &mut core,
                         &mut rng,
                         &mut world,
-                        &hosts,
+                        &mut hosts,
                         registered,
                         burst.class,
                         host,
@@ -428,7 +443,8 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
                 shard.rate = rate;
                 shard.done = (shard.done + rate * REPORT_EVERY.0 / 1000).min(shard.bytes);
                 let read_p99_us = host.read_p99_us(at);
-                let (bytes, done, was_cut_off) = (shard.bytes, shard.done, shard.cut_off);
+                let (bytes, done, was_cut_off, yield_after) =
+                    (shard.bytes, shard.done, shard.cut_off, shard.yield_after);
                 if node.cut_off {
                     // Working, but nothing it sends arrives: it holds its finish until it is back.
                     sim.push(at.after(REPORT_EVERY), SimEvent::Report { node: i, key, token });
@@ -444,6 +460,12 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
                         world.stats.finished.entry(key.job).or_default().insert(key.shard);
                     }
                     r.map(|d| (d, true))
+                } else if yield_after.is_some_and(|from| done / SEGMENT > from) {
+                    // Preempted, and a segment boundary passed: handed back there; what it did
+                    // past the boundary is done again by whoever resumes it.
+                    let yielded =
+                        Event::ShardYielded { key: key.clone(), node: name, token, segments_done: done / SEGMENT };
+                    sim.handle(&mut core, at, yielded).map(|d| (d, true))
                 } else {
                     let renew = Event::LeaseRenewed { key: key.clone(), node: name.clone(), token };
                     let source = Some(SourceLoad { read_p99_us, cpu_percent: 0 });
@@ -457,8 +479,8 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
                         .map(|d| (d, false))
                 };
                 match result {
-                    Ok((d, finished)) => {
-                        if finished {
+                    Ok((d, stopped)) => {
+                        if stopped {
                             let shard = nodes[i].shards.remove(&key).expect("found above");
                             world.drop_shard(&mut hosts, &shard);
                         } else {
@@ -477,12 +499,15 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
                 }
             }
         };
-        sim.check(&decisions, at, &core, &mut world)?;
+        sim.check(&decisions, at, &core, &hosts, &mut world)?;
         sim.apply(&decisions, &mut nodes, &by_name, &mut hosts, &host_by_name, &mut world);
     }
     let stats = &mut world.stats;
     // RPOs missed by databases still waiting at the end.
-    stats.rpo_misses += world.dbs.values().filter(|d| end.since(d.last_snapshot) > d.rpo).count() as u64;
+    for d in world.dbs.values().filter(|d| end.since(d.last_snapshot) > d.rpo) {
+        stats.rpo_misses += 1;
+        stats.rpo_misses_source_bound += u64::from(sim.source_bound(d, &hosts));
+    }
     let lost = stats.assigned.iter().filter(|k| !stats.committed.contains(&k.job) && !core.is_open(k.job)).count();
     if lost > 0 {
         return Err(sim.violation(format!("{lost} shards were assigned, never committed, and are no longer open")));
@@ -493,7 +518,9 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
         simulated_hours: cfg.hours,
         backups_done: stats.backups_done,
         rpo_misses: stats.rpo_misses,
+        rpo_misses_source_bound: stats.rpo_misses_source_bound,
         priority_inversions: stats.inverted.len() as u64,
+        preemptions: stats.preemptions,
         lost_shards: lost as u64,
         double_commits: stats.double_commits,
         stale_reports_refused: stats.stale_refused,
@@ -521,7 +548,7 @@ fn register(
     core: &mut Core,
     rng: &mut StdRng,
     world: &mut World,
-    hosts: &[SimHost],
+    hosts: &mut [SimHost],
     i: usize,
     class: Priority,
     host: usize,
@@ -543,6 +570,7 @@ fn register(
         window: None,
     };
     let db = SimDb { host, class, rpo: spec.rpo, size, last_snapshot: sim.now, backups: 0 };
+    hosts[host].demand_bps += steady_bps(size, spec.rpo);
     world.dbs.insert(spec.name.clone(), db);
     let at = sim.now;
     sim.handle(core, at, Event::DbRegistered(spec)).map_err(|e| sim.violation(format!("registering: {e}")))
@@ -569,7 +597,7 @@ fn sample(
     let live: Vec<_> = nodes.iter().filter(|n| n.alive).collect();
     let running: usize = live.iter().map(|n| n.shards.len()).sum();
     s.utilisation_percent.push(100.0 * running as f64 / (live.len() as f64 * SLOTS as f64).max(1.0));
-    s.desired_nodes.push(core.desired_nodes().map_or(0.0, |d| f64::from(d.0)));
+    s.desired_nodes.push(core.desired_nodes().map_or(f64::NAN, |d| f64::from(d.0)));
     s.live_nodes.push(live.len() as f64);
     s.failovers.push((world.stats.failovers - *failovers_sampled) as f64);
     *failovers_sampled = world.stats.failovers;
@@ -591,6 +619,8 @@ struct Stats {
     source_reports: u64,
     source_over_target: u64,
     host_cap_cuts: u64,
+    preemptions: u64,
+    rpo_misses_source_bound: u64,
     committed: FxHashSet<u64>,
     assigned: FxHashSet<ShardKey>,
     /// Each job's shard count, and the shards whose finish the core took.
@@ -598,7 +628,8 @@ struct Stats {
     finished: FxHashMap<u64, FxHashSet<u32>>,
     /// Shards whose node died or was cut off, and when: their next assignment is a failover.
     died_at: FxHashMap<ShardKey, Millis>,
-    /// Critical backups (database, its backup number) that waited while lower classes ran.
+    /// Critical backups (database, its backup number) that waited while lower classes ran and
+    /// nothing was preempted for them.
     inverted: FxHashSet<(DbName, u64)>,
 }
 
@@ -627,6 +658,8 @@ struct Sim {
     digest: Fnv,
     seed: u64,
     passes: Histogram,
+    /// The core's cap on backups per source host, for judging RPO misses.
+    host_max_running: u64,
 }
 
 impl Sim {
@@ -637,6 +670,15 @@ impl Sim {
 
     fn violation(&self, what: String) -> Violation {
         Violation { seed: self.seed, step: self.step, at: self.now, what }
+    }
+
+    /// Whether no count of nodes could have kept `d`'s RPO: at the read cap its host's latency
+    /// allowed and the backups it may serve at once, the host cannot read `d` within the half
+    /// RPO it has once due, or cannot keep up with what all its databases ask for.
+    fn source_bound(&self, d: &SimDb, hosts: &[SimHost]) -> bool {
+        let host = &hosts[d.host];
+        let best_bps = host.cap_bps.min(self.host_max_running * NODE_BPS).max(1);
+        d.size / best_bps * 1000 > d.rpo.0 / 2 || host.demand_bps > best_bps
     }
 
     /// One event through the core, timed.
@@ -654,7 +696,14 @@ impl Sim {
     }
 
     /// The invariants that each step's decisions and the core's state after them must keep.
-    fn check(&self, decisions: &[Decision], at: Millis, core: &Core, world: &mut World) -> Result<(), Violation> {
+    fn check(
+        &self,
+        decisions: &[Decision],
+        at: Millis,
+        core: &Core,
+        hosts: &[SimHost],
+        world: &mut World,
+    ) -> Result<(), Violation> {
         let stats = &mut world.stats;
         for d in decisions {
             match d {
@@ -674,6 +723,7 @@ impl Sim {
                     let d = world.dbs.get_mut(db).expect("committed databases are registered");
                     if at.since(d.last_snapshot) > d.rpo {
                         stats.rpo_misses += 1;
+                        stats.rpo_misses_source_bound += u64::from(self.source_bound(d, hosts));
                     }
                     d.last_snapshot = at;
                     d.backups += 1;
@@ -687,7 +737,9 @@ impl Sim {
                 if core.has_room() {
                     return Err(self.violation(format!("critical {db} waits while a node has room for it")));
                 }
-                if world.running_by_class[1..].iter().any(|&n| n > 0) {
+                // Lower classes run and none was told to make room: that is an inversion (while
+                // preempted shards reach their segment boundary, the wait is by design).
+                if core.preempting() == 0 && world.running_by_class[1..].iter().any(|&n| n > 0) {
                     stats.inverted.insert((db.clone(), world.dbs[db].backups));
                 }
             }
@@ -730,6 +782,7 @@ impl Sim {
                         host: sdb.host,
                         class: sdb.class,
                         cut_off: false,
+                        yield_after: None,
                     };
                     hosts[sdb.host].running += 1;
                     world.running_by_class[usize::from(sdb.class.rank())] += 1;
@@ -751,6 +804,13 @@ impl Sim {
                     if !n.cut_off && n.shards.get(key).is_some_and(|s| s.token == *token) {
                         let shard = n.shards.remove(key).expect("found above");
                         world.drop_shard(hosts, &shard);
+                    }
+                }
+                Decision::Preempt { key, node, token } => {
+                    let n = &mut nodes[by_name[node]];
+                    if let Some(shard) = n.shards.get_mut(key).filter(|s| s.token == *token && !n.cut_off) {
+                        shard.yield_after = Some(shard.done / SEGMENT);
+                        world.stats.preemptions += 1;
                     }
                 }
                 Decision::HostReadCap { host, bps } => {
