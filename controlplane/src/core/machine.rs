@@ -15,7 +15,7 @@ use super::model::{DbName, HostName, Millis, NodeName, Priority};
 use super::order::WaitOrder;
 use super::placement::{place, HostBudget, NodeRoom, Resources, RoomIndex, Wait};
 use super::planner::plan;
-use super::registry::{DbSpec, NodeCapacity, Registry, RegistryError};
+use super::registry::{in_window, next_open, DbSpec, NodeCapacity, Registry, RegistryError};
 use super::scale::{steady_bps, Demand, ScaleReason, Scaler};
 use super::throttle::{AimdParams, Throttle};
 
@@ -69,6 +69,9 @@ pub enum Event {
         capacity: NodeCapacity,
     },
     NodeLeft(NodeName),
+    /// Take `node` out of service gently (scaling down, maintenance): it gets no new work, and
+    /// its shards hand back at their next segment boundary.
+    NodeDrain(NodeName),
     /// What a node uses now and how it has done lately.
     Heartbeat {
         node: NodeName,
@@ -152,6 +155,8 @@ pub enum Decision {
     HostReadCap { host: HostName, bps: u64 },
     /// `node` may move `bps` in all from now.
     NodeRateCap { node: NodeName, bps: u64 },
+    /// `node`, draining, holds no shard any more: it may leave.
+    Drained { node: NodeName },
     /// The fleet should have `count` nodes: the steady rate its RPOs ask for and the open
     /// backlog, at the nodes' shown throughput.
     DesiredNodes { count: u32, reason: ScaleReason, steady_bps: u64, backlog_bytes: u64 },
@@ -193,6 +198,15 @@ struct DbState {
     job: Option<u64>,
     /// What it adds to the fleet's steady demand.
     steady_bps: u64,
+    /// When it was registered: its RPO runs from then until its first snapshot.
+    registered: Millis,
+}
+
+impl DbState {
+    /// What its RPO deadline counts from: its last snapshot, or its registration.
+    fn rpo_base(&self) -> Millis {
+        self.last_snapshot.unwrap_or(self.registered)
+    }
 }
 
 struct NodeState {
@@ -206,6 +220,8 @@ struct NodeState {
     /// When it last sent anything, and whether placement skips it for that.
     last_seen: Millis,
     silent: bool,
+    /// Being drained: no new work.
+    draining: bool,
 }
 
 /// What a running shard took when it was placed, to give back when it stops.
@@ -248,6 +264,8 @@ pub struct Core {
     running_by_class: [BTreeSet<ShardKey>; 4],
     /// Shards told to hand back at their next segment boundary, not yet handed back.
     preempting: FxHashSet<ShardKey>,
+    /// Draining nodes not yet announced drained.
+    draining: BTreeSet<NodeName>,
     /// Databases not due yet, by when they will be.
     not_due: BTreeSet<(Millis, DbName)>,
     next_job: u64,
@@ -276,7 +294,7 @@ impl Core {
                 let steady = steady_bps(spec.size_estimate, spec.rpo);
                 self.registry.register(spec)?;
                 self.demand.add_steady(steady);
-                self.dbs.insert(name.clone(), DbState { steady_bps: steady, ..DbState::default() });
+                self.dbs.insert(name.clone(), DbState { steady_bps: steady, registered: now, ..DbState::default() });
                 self.make_due(&name);
             }
             Event::DbChanged(spec) => {
@@ -315,6 +333,7 @@ impl Core {
                     throttle,
                     last_seen: now,
                     silent: false,
+                    draining: false,
                 };
                 self.nodes.insert(node.clone(), state);
                 self.refresh_room(&node);
@@ -331,6 +350,19 @@ impl Core {
                     self.unreserve(&key, &node);
                     self.shard_back(&key);
                 }
+            }
+            Event::NodeDrain(node) => {
+                self.registry.node(&node)?;
+                let state = self.nodes.get_mut(&node).expect("registered nodes have a state");
+                state.draining = true;
+                let running: Vec<ShardKey> = state.running.iter().cloned().collect();
+                self.roomy.remove(&node);
+                for key in running {
+                    if !self.preempting.contains(&key) {
+                        self.preempt(key, &mut out);
+                    }
+                }
+                self.draining.insert(node);
             }
             Event::Heartbeat { node, report } => {
                 self.registry.node(&node)?;
@@ -422,6 +454,7 @@ impl Core {
         self.wake(now);
         self.order.age(now);
         self.schedule(now, &mut out);
+        self.announce_drained(&mut out);
         Ok(out)
     }
 
@@ -430,9 +463,11 @@ impl Core {
         let spec = self.registry.db(db).expect("made due while registered");
         let state = &self.dbs[db];
         let (due, deadline) = match state.last_snapshot {
-            None => (self.now, self.now.after(spec.rpo)),
+            None => (state.registered, state.registered.after(spec.rpo)),
             Some(at) => (at.after(Millis(spec.rpo.0 / 2)), at.after(spec.rpo)),
         };
+        // A backup starts only within its database's window.
+        let due = next_open(spec.window, due);
         if due <= self.now {
             let class = spec.priority;
             self.enqueue(db, class, due, deadline);
@@ -449,7 +484,7 @@ impl Core {
             }
             let (due, db) = self.not_due.pop_first().expect("first exists");
             let spec = self.registry.db(&db).expect("not-due databases are registered");
-            let deadline = self.dbs[&db].last_snapshot.unwrap_or(due).after(spec.rpo);
+            let deadline = self.dbs[&db].rpo_base().after(spec.rpo);
             let class = spec.priority;
             self.enqueue(&db, class, due, deadline);
         }
@@ -517,6 +552,15 @@ impl Core {
         let mut cursor = None;
         while let Some(place) = self.order.first_after(cursor.as_ref()) {
             let (_, deadline, db) = &place;
+            let window = self.registry.db(db).expect("waiting databases are registered").window;
+            if !in_window(window, now.0) {
+                // Its window closed while it waited: it waits for the next one, out of the
+                // order (what already runs finishes; a backup is not cut at the window's end).
+                self.order.take(db);
+                self.not_due.insert((next_open(window, now), db.clone()));
+                cursor = Some(place);
+                continue;
+            }
             match self.place_db(db, *deadline, now, out) {
                 Ok(()) => {
                     self.order.remove(db);
@@ -710,10 +754,24 @@ impl Core {
         }
     }
 
+    /// Says which draining nodes hold nothing any more (once each).
+    fn announce_drained(&mut self, out: &mut Vec<Decision>) {
+        let nodes = &self.nodes;
+        let empty: Vec<NodeName> =
+            self.draining.iter().filter(|n| nodes.get(*n).is_none_or(|s| s.running.is_empty())).cloned().collect();
+        for node in empty {
+            self.draining.remove(&node);
+            if self.nodes.contains_key(&node) {
+                out.push(Decision::Drained { node });
+            }
+        }
+    }
+
     /// Keeps [`Core::roomy`] true for `node`: in it exactly when one more shard fits there and
     /// it is not silent.
     fn refresh_room(&mut self, node: &NodeName) {
-        match self.nodes.get(node).filter(|n| !n.silent).map(|n| room(node, n, &self.config.shard_need)) {
+        match self.nodes.get(node).filter(|n| !n.silent && !n.draining).map(|n| room(node, n, &self.config.shard_need))
+        {
             Some(r) if r.free.fits(&self.config.shard_need) => self.roomy.set(r),
             _ => self.roomy.remove(node),
         }
@@ -735,7 +793,7 @@ impl Core {
     /// place again from now.
     fn requeue(&mut self, db: &DbName) {
         let Ok(spec) = self.registry.db(db) else { return };
-        let deadline = self.dbs[db].last_snapshot.unwrap_or(self.now).after(spec.rpo);
+        let deadline = self.dbs[db].rpo_base().after(spec.rpo);
         self.order.push(db.clone(), spec.priority, self.now, deadline);
     }
 
@@ -1078,6 +1136,53 @@ mod tests {
         assert_eq!((*reason, *backlog_bytes), (ScaleReason::Backlog, 100 << 40));
         // 100 TiB in an hour at 80% of one node's 2 shards × 200 MiB/s.
         assert_eq!(*count, ((100u64 << 40) / 3600 * 100 / 80).div_ceil(400 << 20) as u32);
+    }
+
+    #[test]
+    fn a_backup_starts_only_within_its_window_and_one_that_missed_it_waits_for_the_next() {
+        const H: u64 = 3_600_000;
+        let one_shard = NodeCapacity { cores: 2, ..NODE };
+        let mut core = Core::new(Config::default());
+        let at_noon = Millis(12 * H);
+        core.handle(at_noon, Event::NodeJoined { node: node("n"), capacity: one_shard }).unwrap();
+        let night = DbSpec { window: Some((H, 5 * H)), rpo: Millis(24 * H), ..db("night", "h1", Priority::High, GIB) };
+        assert!(assigns(&core.handle(at_noon, Event::DbRegistered(night)).unwrap()).is_empty());
+        core.handle(Millis(25 * H - 1), beat("n")).unwrap();
+        assert!(assigns(&core.handle(Millis(25 * H - 1), Event::Tick).unwrap()).is_empty(), "before 01:00");
+        let opened = core.handle(Millis(25 * H), Event::Tick).unwrap();
+        assert_eq!(assigned_dbs(&opened), ["night"]);
+        // Another one waits for the node past its window's end: it is not started late.
+        let (_, key, n, token, _) = assigns(&opened)[0].clone();
+        let short = DbSpec { window: Some((H, 2 * H)), rpo: Millis(24 * H), ..db("short", "h2", Priority::High, GIB) };
+        core.handle(Millis(25 * H), Event::DbRegistered(short)).unwrap();
+        let done = Event::ShardFinished { key, node: n, token, bytes: GIB };
+        assert!(assigns(&core.handle(Millis(26 * H + 1), done).unwrap()).is_empty(), "02:00 passed");
+        assert_eq!(core.waiting(), 0, "it waits for tomorrow's window, out of the order");
+        core.handle(Millis(49 * H - 1), beat("n")).unwrap();
+        let out = core.handle(Millis(49 * H), Event::Tick).unwrap();
+        assert_eq!(assigned_dbs(&out), ["short"], "{out:?} {}", core.waiting());
+    }
+
+    #[test]
+    fn a_drained_node_hands_its_shards_back_at_segment_boundaries_and_takes_no_more() {
+        let mut core = Core::new(Config::default());
+        core.handle(Millis(0), Event::NodeJoined { node: node("old"), capacity: NODE }).unwrap();
+        let a = core.handle(Millis(0), Event::DbRegistered(db("a", "h1", Priority::Normal, GIB))).unwrap();
+        let (_, key, n, token, _) = assigns(&a)[0].clone();
+        core.handle(Millis(1), Event::NodeJoined { node: node("new"), capacity: NODE }).unwrap();
+        let out = core.handle(Millis(2), Event::NodeDrain(node("old"))).unwrap();
+        assert_eq!(preempts(&out), [(key.clone(), n.clone(), token)]);
+        assert!(!out.contains(&Decision::Drained { node: node("old") }), "it still holds a shard");
+        let b = core.handle(Millis(3), Event::DbRegistered(db("b", "h2", Priority::Normal, GIB))).unwrap();
+        assert_eq!(assigns(&b)[0].2, node("new"), "no new work on a draining node");
+        let out = core.handle(Millis(4), Event::ShardYielded { key, node: n, token, segments_done: 2 }).unwrap();
+        assert!(out.contains(&Decision::Drained { node: node("old") }), "{out:?}");
+        let again = assigns(&out);
+        assert_eq!((again[0].2.clone(), again[0].4), (node("new"), 2), "resumes on another node from its checkpoint");
+        assert!(
+            !core.handle(Millis(5), Event::Tick).unwrap().contains(&Decision::Drained { node: node("old") }),
+            "once"
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ enum Op {
     Leave {
         node: u8,
     },
+    Drain {
+        node: u8,
+    },
     Beat {
         node: u8,
         cpu: u8,
@@ -83,6 +86,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..6u8).prop_map(|db| Op::Remove { db }),
         2 => (0..4u8, 0..17u32).prop_map(|(node, cores)| Op::Join { node, cores }),
         1 => (0..4u8).prop_map(|node| Op::Leave { node }),
+        1 => (0..5u8).prop_map(|node| Op::Drain { node }),
         2 => (0..5u8, 0..101u8).prop_map(|(node, cpu)| Op::Beat { node, cpu }),
         2 => (0..8usize, any::<bool>(), any::<bool>())
             .prop_map(|(pick, stale, stranger)| Op::Renew { pick, stale, stranger }),
@@ -134,7 +138,10 @@ impl Model {
                 Decision::Preempt { key, node, token } => {
                     prop_assert_eq!(self.held.get(key), Some(&(node.clone(), *token)), "preempted {:?}", key);
                 }
-                Decision::HostReadCap { .. } | Decision::NodeRateCap { .. } | Decision::DesiredNodes { .. } => {}
+                Decision::HostReadCap { .. }
+                | Decision::NodeRateCap { .. }
+                | Decision::DesiredNodes { .. }
+                | Decision::Drained { .. } => {}
             }
         }
         Ok(())
@@ -185,6 +192,7 @@ proptest! {
                     capacity: NodeCapacity { cores, memory_bytes: 16 << 30, network_bps: 1 << 30, disk_bps: 1 << 30 },
                 }, None),
                 Op::Leave { node: n } => (Event::NodeLeft(node(n)), None),
+                Op::Drain { node: n } => (Event::NodeDrain(node(n)), None),
                 Op::Beat { node: n, cpu } => {
                     (Event::Heartbeat { node: node(n), report: NodeReport { cpu_percent: cpu, ..NodeReport::default() } }, None)
                 }

@@ -148,6 +148,18 @@ pub fn in_window(window: Option<(u64, u64)>, at: u64) -> bool {
     }
 }
 
+/// The first time at or after `at` within `window`, taking the clock's origin as a midnight (the
+/// service's clock is the Unix epoch, so windows are UTC).
+pub fn next_open(window: Option<(u64, u64)>, at: Millis) -> Millis {
+    let Some((start, _)) = window else { return at };
+    if in_window(window, at.0) {
+        return at;
+    }
+    let midnight = at.0 - at.0 % DAY_MS;
+    let opens = midnight + start;
+    Millis(if opens > at.0 { opens } else { opens + DAY_MS })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +223,11 @@ mod tests {
         assert!(in_window(Some((22 * h, 2 * h)), 23 * h));
         assert!(in_window(Some((22 * h, 2 * h)), h + DAY_MS));
         assert!(!in_window(Some((22 * h, 2 * h)), 12 * h));
+        // The next opening: later the same day, or the next day once today's has passed.
+        assert_eq!(next_open(Some((h, 5 * h)), Millis(2 * h)), Millis(2 * h));
+        assert_eq!(next_open(Some((h, 5 * h)), Millis(DAY_MS + 30)), Millis(DAY_MS + h));
+        assert_eq!(next_open(Some((h, 5 * h)), Millis(6 * h)), Millis(DAY_MS + h));
+        assert_eq!(next_open(Some((22 * h, 2 * h)), Millis(12 * h)), Millis(22 * h));
+        assert_eq!(next_open(None, Millis(7)), Millis(7));
     }
 }

@@ -819,7 +819,7 @@ impl Sim {
                     h.cap_bps = *bps;
                 }
                 Decision::NodeRateCap { node, bps } => nodes[by_name[node]].cap_bps = *bps,
-                Decision::Commit { .. } | Decision::DesiredNodes { .. } => {}
+                Decision::Commit { .. } | Decision::DesiredNodes { .. } | Decision::Drained { .. } => {}
             }
         }
     }
