@@ -35,6 +35,9 @@ enum Command {
         /// Partitions per node per hour (cut off from the control plane for 60 s, still working).
         #[arg(long, default_value_t = 0.0)]
         partition_rate: f64,
+        /// Mean database growth per day, as a share of its size (0.1: 10% a day).
+        #[arg(long, default_value_t = 0.0)]
+        growth_rate: f64,
         /// CLASS:COUNT@HH:MM: COUNT databases of CLASS registered at HH:MM (repeatable).
         #[arg(long = "burst", value_name = "CLASS:COUNT@HH:MM")]
         bursts: Vec<Burst>,
@@ -49,16 +52,28 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Simulate { dbs, nodes, hours, seed, kill_rate, slow_rate, partition_rate, bursts, json, report } =
-        cli.command;
+    let Command::Simulate {
+        dbs,
+        nodes,
+        hours,
+        seed,
+        kill_rate,
+        slow_rate,
+        partition_rate,
+        growth_rate,
+        bursts,
+        json,
+        report,
+    } = cli.command;
     if dbs == 0 || nodes == 0 || hours == 0 {
         eprintln!("cbcr-control: --dbs, --nodes and --hours must be at least 1");
         return ExitCode::from(2);
     }
     let rate_ok = |r: f64| r >= 0.0 && r.is_finite();
-    if !(0.0..=1.0).contains(&slow_rate) || !rate_ok(kill_rate) || !rate_ok(partition_rate) {
+    if !(0.0..=1.0).contains(&slow_rate) || !rate_ok(kill_rate) || !rate_ok(partition_rate) || !rate_ok(growth_rate) {
         eprintln!(
-            "cbcr-control: --slow-rate is a share from 0 to 1; --kill-rate and --partition-rate are rates of 0 or more"
+            "cbcr-control: --slow-rate is a share from 0 to 1; --kill-rate, --partition-rate and --growth-rate are \
+             rates of 0 or more"
         );
         return ExitCode::from(2);
     }
@@ -67,8 +82,18 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let started = std::time::Instant::now();
-    let cfg =
-        SimConfig { dbs, nodes, hours, seed, kill_rate, slow_rate, partition_rate, bursts, series: report.is_some() };
+    let cfg = SimConfig {
+        dbs,
+        nodes,
+        hours,
+        seed,
+        kill_rate,
+        slow_rate,
+        partition_rate,
+        bursts,
+        growth_per_day: growth_rate,
+        series: report.is_some(),
+    };
     let run = match sim::run(&cfg) {
         Ok(run) => run,
         Err(violation) => {

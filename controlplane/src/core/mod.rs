@@ -1,10 +1,8 @@
-//! The pure core. Built so far: the registry of databases and nodes ([`registry`]), the
-//! scheduler's order of waiting backups with aging ([`order`]), leases with fencing tokens
-//! ([`leases`]), how many shards a backup is cut into ([`planner`]) and where one runs within
-//! its source host's caps ([`placement`]), and the event loop that joins them into decisions
-//! ([`machine`]), an AIMD loop for read caps ([`throttle`]) and the desired node count with
-//! hysteresis ([`scale`]). Wiring those two into the event loop, and the simulator that drives
-//! the core, come next.
+//! The pure core: the registry of databases and nodes ([`registry`]), the scheduler's order of
+//! waiting backups with aging ([`order`]), leases with fencing tokens ([`leases`]), how many
+//! shards a backup is cut into ([`planner`]), where one runs within its source host's caps
+//! ([`placement`]), the AIMD loops for read caps ([`throttle`]), the desired node count with
+//! hysteresis ([`scale`]), and the event loop that joins them into decisions ([`machine`]).
 
 pub mod leases;
 pub mod machine;

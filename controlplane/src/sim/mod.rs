@@ -49,6 +49,9 @@ pub struct SimConfig {
     pub partition_rate: f64,
     /// Databases registered all at once during the run.
     pub bursts: Vec<Burst>,
+    /// How fast databases grow on average, a share of their size per day (each its own rate,
+    /// from none to twice this).
+    pub growth_per_day: f64,
     /// Keep the series a report plots.
     pub series: bool,
 }
@@ -233,6 +236,9 @@ struct SimDb {
     size: u64,
     last_snapshot: Millis,
     backups: u64,
+    /// How fast it grows (a share of its size per day), and when its size was last grown.
+    growth_per_day: f64,
+    grown_at: Millis,
 }
 
 /// Shards a node of [`CAPACITY`] fits with the core's default shard need.
@@ -282,7 +288,12 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
         })
         .collect();
     let host_by_name: FxHashMap<HostName, usize> = hosts.iter().enumerate().map(|(i, h)| (h.name.clone(), i)).collect();
-    let mut world = World { dbs: FxHashMap::default(), stats: Stats::default(), running_by_class: [0; 4] };
+    let mut world = World {
+        dbs: FxHashMap::default(),
+        stats: Stats::default(),
+        running_by_class: [0; 4],
+        growth_per_day: cfg.growth_per_day,
+    };
     let end = Millis::from_secs(cfg.hours * 3600);
 
     for node in &nodes {
@@ -569,7 +580,10 @@ fn register(
         rpo: Millis::from_secs(rpo_h * 3600),
         window: None,
     };
-    let db = SimDb { host, class, rpo: spec.rpo, size, last_snapshot: sim.now, backups: 0 };
+    // Growth rates spread evenly from none to twice the mean.
+    let growth_per_day = rng.gen_range(0.0..=2.0 * world.growth_per_day);
+    let (rpo, now) = (spec.rpo, sim.now);
+    let db = SimDb { host, class, rpo, size, last_snapshot: now, backups: 0, growth_per_day, grown_at: now };
     hosts[host].demand_bps += steady_bps(size, spec.rpo);
     world.dbs.insert(spec.name.clone(), db);
     let at = sim.now;
@@ -639,6 +653,8 @@ struct World {
     stats: Stats,
     /// Running shards by class, on live nodes.
     running_by_class: [u64; 4],
+    /// The databases' mean growth, a share of their size per day.
+    growth_per_day: f64,
 }
 
 impl World {
@@ -819,7 +835,17 @@ impl Sim {
                     h.cap_bps = *bps;
                 }
                 Decision::NodeRateCap { node, bps } => nodes[by_name[node]].cap_bps = *bps,
-                Decision::Commit { .. } | Decision::DesiredNodes { .. } | Decision::Drained { .. } => {}
+                Decision::Commit { db, .. } => {
+                    // It grew since: its next backup reads more than the snapshot's stats say.
+                    let d = world.dbs.get_mut(db).expect("committed databases are registered");
+                    let days = self.now.since(d.grown_at).0 as f64 / 86_400_000.0;
+                    let grown = (d.size as f64 * (1.0 + d.growth_per_day * days)) as u64;
+                    let host = &mut hosts[d.host];
+                    host.demand_bps = host.demand_bps - steady_bps(d.size, d.rpo) + steady_bps(grown, d.rpo);
+                    d.size = grown;
+                    d.grown_at = self.now;
+                }
+                Decision::DesiredNodes { .. } | Decision::Drained { .. } => {}
             }
         }
     }
@@ -866,6 +892,7 @@ mod tests {
             slow_rate: 0.1,
             partition_rate: 0.0,
             bursts: vec![],
+            growth_per_day: 0.0,
             series: false,
         }
     }
@@ -920,6 +947,14 @@ mod tests {
         assert_eq!(s.hours.len(), 6 * 12 + 1);
         let at_burst = s.hours.iter().position(|h| *h > 3.0).unwrap();
         assert!(s.waiting[0][at_burst] > 0.0 || s.desired_nodes[at_burst] > s.desired_nodes[at_burst - 2], "{s:?}");
+    }
+
+    #[test]
+    fn databases_that_grow_take_longer_to_back_up_and_stay_consistent() {
+        let steady = run(&small(10, 0.0)).unwrap().summary;
+        let growing = run(&SimConfig { growth_per_day: 2.0, ..small(10, 0.0) }).unwrap().summary;
+        assert_eq!((growing.lost_shards, growing.double_commits), (0, 0), "{growing:?}");
+        assert!(growing.backups_done < steady.backups_done, "{growing:?} vs {steady:?}");
     }
 
     #[test]
