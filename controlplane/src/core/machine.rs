@@ -281,12 +281,22 @@ impl Core {
         Self { config, ..Self::default() }
     }
 
-    /// Applies `event` at `now`; returns the decisions it leads to. An error changes nothing.
+    /// Applies `event` at `now`; returns the decisions it leads to. An error changes nothing
+    /// (not even the clock), beyond counting a stale token.
     pub fn handle(&mut self, now: Millis, event: Event) -> Result<Vec<Decision>, CoreError> {
         if now < self.now {
             return Err(CoreError::ClockBackwards { last: self.now, now });
         }
+        let before = self.now;
         self.now = now;
+        let result = self.apply(now, event);
+        if result.is_err() {
+            self.now = before;
+        }
+        result
+    }
+
+    fn apply(&mut self, now: Millis, event: Event) -> Result<Vec<Decision>, CoreError> {
         let mut out = vec![];
         match event {
             Event::DbRegistered(spec) => {
@@ -1199,5 +1209,9 @@ mod tests {
         let stray = Event::Progress { key, node: node("ghost"), token: 1, segments_done: 1, source: None };
         assert!(core.handle(Millis(10), stray).is_err());
         assert_eq!(core.waiting(), 0);
+        // A refused event does not move the clock either.
+        let late_ghost = Event::Heartbeat { node: node("ghost"), report: NodeReport::default() };
+        assert!(core.handle(Millis(500), late_ghost).is_err());
+        assert!(core.handle(Millis(11), Event::Tick).is_ok());
     }
 }
