@@ -41,6 +41,10 @@ enum Command {
         /// CLASS:COUNT@HH:MM: COUNT databases of CLASS registered at HH:MM (repeatable).
         #[arg(long = "burst", value_name = "CLASS:COUNT@HH:MM")]
         bursts: Vec<Burst>,
+        /// The fleet follows the core's desired node count (nodes join after 2 minutes; the
+        /// idlest drain and leave); --nodes is the count to start with.
+        #[arg(long)]
+        autoscale: bool,
         /// The summary as one JSON line.
         #[arg(long)]
         json: bool,
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         partition_rate,
         growth_rate,
         bursts,
+        autoscale,
         json,
         report,
     } = cli.command;
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
         partition_rate,
         bursts,
         growth_per_day: growth_rate,
+        autoscale,
         series: report.is_some(),
     };
     let run = match sim::run(&cfg) {

@@ -269,6 +269,8 @@ pub struct Core {
     /// Databases not due yet, by when they will be.
     not_due: BTreeSet<(Millis, DbName)>,
     next_job: u64,
+    /// Shards all nodes fit together.
+    slots: u64,
     demand: Demand,
     scaler: Scaler,
     next_scale: Millis,
@@ -331,7 +333,9 @@ impl Core {
             Event::NodeJoined { node, capacity } => {
                 self.registry.join(node.clone(), capacity)?;
                 let throughput_bps = self.config.default_node_bps;
-                let rate_bps = throughput_bps.saturating_mul(slots(&capacity, &self.config.shard_need));
+                let fits = slots(&capacity, &self.config.shard_need);
+                self.slots = self.slots.saturating_add(fits);
+                let rate_bps = throughput_bps.saturating_mul(fits);
                 self.demand.add_node(rate_bps);
                 let throttle = Throttle::new(self.config.throttle, self.config.throttle.max_bps);
                 let state = NodeState {
@@ -352,6 +356,7 @@ impl Core {
                 self.registry.leave(&node)?;
                 let state = self.nodes.remove(&node).expect("registered nodes have a state");
                 self.demand.remove_node(state.rate_bps);
+                self.slots = self.slots.saturating_sub(slots(&state.capacity, &self.config.shard_need));
                 self.roomy.remove(&node);
                 for key in state.running {
                     if let Some(lease) = self.leases.revoke(&key) {
@@ -543,7 +548,17 @@ impl Core {
     /// Works out the desired node count; a decision when it, or why, changed.
     fn decide_scale(&mut self, now: Millis, out: &mut Vec<Decision>) {
         let c = &self.config;
-        let needed = self.demand.needed(c.backlog_horizon, c.target_utilisation_percent, c.default_node_bps);
+        let mut needed = self.demand.needed(c.backlog_horizon, c.target_utilisation_percent, c.default_node_bps);
+        // Saturated: no node has room and backups wait for one. The rates above assume a shard
+        // moves at its node's throughput, and read caps on busy source hosts make it move less;
+        // while work waits for room, the need is at least the shards running at the target
+        // utilisation.
+        let nodes = u64::from(self.demand.nodes());
+        if !self.order.is_empty() && self.roomy.is_empty() && nodes > 0 && self.slots > 0 {
+            let running = self.running.len() as u64 * 100 * nodes;
+            let busy = running.div_ceil(c.target_utilisation_percent.clamp(1, 100) * self.slots);
+            needed = needed.max(busy.min(u64::from(u32::MAX)) as u32);
+        }
         let desired = self.scaler.decide(now, needed, self.demand.nodes());
         if self.desired != Some(desired) {
             self.desired = Some(desired);

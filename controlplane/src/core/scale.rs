@@ -23,12 +23,6 @@ pub enum ScaleReason {
     Steady,
 }
 
-/// Nodes that would move `backlog_bytes` within `horizon` at `node_bps` each (at least one).
-pub fn nodes_needed(backlog_bytes: u64, horizon: Millis, node_bps: u64) -> u32 {
-    let per_node = u128::from(node_bps.max(1)) * u128::from(horizon.0.max(1)) / 1000;
-    u128::from(backlog_bytes).div_ceil(per_node.max(1)).clamp(1, u128::from(u32::MAX)) as u32
-}
-
 /// What the fleet must move and what its nodes can, kept as databases, jobs and nodes change,
 /// so that a scale decision costs nothing per database.
 #[derive(Clone, Debug, Default)]
@@ -131,14 +125,6 @@ mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
-
-    #[test]
-    fn nodes_needed_from_backlog_horizon_and_throughput() {
-        // 3.6 TiB within an hour at 1 GiB/s per node: 1.02 nodes' worth, so 2.
-        assert_eq!(nodes_needed(3686 * GIB, Millis::from_secs(3600), GIB), 2);
-        assert_eq!(nodes_needed(0, Millis(0), 0), 1);
-        assert_eq!(nodes_needed(u64::MAX, Millis(0), 0), u32::MAX);
-    }
 
     #[test]
     fn the_need_is_the_larger_of_the_steady_rate_and_the_backlog_over_the_horizon() {

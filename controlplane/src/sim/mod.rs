@@ -52,6 +52,9 @@ pub struct SimConfig {
     /// How fast databases grow on average, a share of their size per day (each its own rate,
     /// from none to twice this).
     pub growth_per_day: f64,
+    /// The fleet follows the core's desired node count: nodes join after [`BOOT_TIME`] when it
+    /// asks for more, and when it asks for fewer the idlest are drained and leave once drained.
+    pub autoscale: bool,
     /// Keep the series a report plots.
     pub series: bool,
 }
@@ -93,6 +96,10 @@ pub const REPORT_EVERY: Millis = Millis::from_secs(5);
 pub const HEARTBEAT_EVERY: Millis = Millis::from_secs(10);
 /// How often the clock ticks for the core.
 pub const TICK_EVERY: Millis = Millis::from_secs(1);
+/// How long a node the autoscaler adds takes to join.
+pub const BOOT_TIME: Millis = Millis::from_secs(120);
+/// How often the autoscaler looks at the desired count (and the node-hours are counted).
+pub const FLEET_EVERY: Millis = Millis::from_secs(60);
 /// How often the series of a report are sampled.
 pub const SAMPLE_EVERY: Millis = Millis::from_secs(5 * 60);
 /// Bytes per second one shard on a node of normal speed moves.
@@ -135,6 +142,12 @@ pub struct Summary {
     pub sched_pass_p50_ms: f64,
     pub sched_pass_p99_ms: f64,
     pub desired_nodes_max: u32,
+    /// Nodes in service, at most and summed over time (what the fleet cost).
+    pub nodes_max: usize,
+    pub node_hours: f64,
+    /// With `--autoscale`: nodes drained and gone, and the shards they handed back to leave.
+    pub nodes_drained: u64,
+    pub drain_handbacks: u64,
     /// Source-read reports over the latency target, percent, and read-cap cuts decided.
     pub source_reports_over_target_percent: f64,
     pub host_cap_cuts: u64,
@@ -174,6 +187,10 @@ enum SimEvent {
     Partition(usize),
     Heal(usize),
     Burst(usize),
+    /// The autoscaler's look at the desired count; the node-hours counted.
+    Fleet,
+    /// A node the autoscaler added comes up.
+    Boot,
 }
 
 struct RunningShard {
@@ -198,9 +215,33 @@ struct SimNode {
     cap_bps: u64,
     alive: bool,
     cut_off: bool,
+    /// Told to drain, and gone for good once drained.
+    draining: bool,
+    retired: bool,
     shards: FxHashMap<ShardKey, RunningShard>,
     /// Shards it ran when it died: reported, stale, when it returns.
     lost_on_death: Vec<(ShardKey, u64)>,
+}
+
+impl SimNode {
+    fn new(i: usize, rng: &mut StdRng, slow_rate: f64) -> Self {
+        Self {
+            name: NodeName(format!("node{i:05}").into()),
+            bps: if rng.gen_bool(slow_rate.clamp(0.0, 1.0)) { NODE_BPS / 3 } else { NODE_BPS },
+            cap_bps: u64::MAX,
+            alive: true,
+            cut_off: false,
+            draining: false,
+            retired: false,
+            shards: FxHashMap::default(),
+            lost_on_death: vec![],
+        }
+    }
+
+    /// Counted in the fleet: neither drained away nor being drained.
+    fn in_service(&self) -> bool {
+        !self.retired && !self.draining
+    }
 }
 
 struct SimHost {
@@ -264,18 +305,8 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
         passes: Histogram::default(),
         host_max_running: u64::from(config.host_max_running),
     };
-    let mut nodes: Vec<SimNode> = (0..cfg.nodes)
-        .map(|i| SimNode {
-            name: NodeName(format!("node{i:05}").into()),
-            bps: if rng.gen_bool(cfg.slow_rate.clamp(0.0, 1.0)) { NODE_BPS / 3 } else { NODE_BPS },
-            cap_bps: u64::MAX,
-            alive: true,
-            cut_off: false,
-            shards: FxHashMap::default(),
-            lost_on_death: vec![],
-        })
-        .collect();
-    let by_name: FxHashMap<NodeName, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+    let mut nodes: Vec<SimNode> = (0..cfg.nodes).map(|i| SimNode::new(i, &mut rng, cfg.slow_rate)).collect();
+    let mut by_name: FxHashMap<NodeName, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
     let mut hosts: Vec<SimHost> = (0..cfg.dbs.div_ceil(DBS_PER_HOST))
         .map(|i| SimHost {
             name: HostName(format!("host{i:05}").into()),
@@ -293,6 +324,7 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
         stats: Stats::default(),
         running_by_class: [0; 4],
         growth_per_day: cfg.growth_per_day,
+        retiring: vec![],
     };
     let end = Millis::from_secs(cfg.hours * 3600);
 
@@ -323,15 +355,12 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
         sim.push(burst.at, SimEvent::Burst(i));
     }
     for i in 0..nodes.len() {
-        if let Some(at) = next_fault(&mut rng, cfg.kill_rate, Millis(0)) {
-            sim.push(at, SimEvent::Die(i));
-        }
-        if let Some(at) = next_fault(&mut rng, cfg.partition_rate, Millis(0)) {
-            sim.push(at, SimEvent::Partition(i));
-        }
-        sim.push(Millis(rng.gen_range(0..HEARTBEAT_EVERY.0)), SimEvent::Heartbeat(i));
+        sim.start_node(i, &mut rng, cfg, Millis(0));
     }
+    sim.push(FLEET_EVERY, SimEvent::Fleet);
     let mut failovers_sampled = 0;
+    // Nodes the autoscaler has asked for that have not come up yet.
+    let mut booting = 0usize;
 
     while let Some(Reverse((at, _, event))) = sim.queue.pop() {
         if at > end {
@@ -371,8 +400,11 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
                 out
             }
             SimEvent::Heartbeat(i) => {
-                sim.push(at.after(HEARTBEAT_EVERY), SimEvent::Heartbeat(i));
                 let node = &nodes[i];
+                if node.retired {
+                    continue;
+                }
+                sim.push(at.after(HEARTBEAT_EVERY), SimEvent::Heartbeat(i));
                 if !node.alive || node.cut_off {
                     continue;
                 }
@@ -388,6 +420,9 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
                 let beat = Event::Heartbeat { node: node.name.clone(), report };
                 sim.handle(&mut core, at, beat).map_err(|e| sim.violation(format!("heartbeat: {e}")))?
             }
+            SimEvent::Die(i) if nodes[i].retired => continue,
+            SimEvent::Return(i) if nodes[i].retired => continue,
+            SimEvent::Partition(i) if nodes[i].retired => continue,
             SimEvent::Die(i) => {
                 let node = &mut nodes[i];
                 node.alive = false;
@@ -438,6 +473,38 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
             SimEvent::Heal(i) => {
                 nodes[i].cut_off = false;
                 continue;
+            }
+            SimEvent::Fleet => {
+                sim.push(at.after(FLEET_EVERY), SimEvent::Fleet);
+                let in_service = nodes.iter().filter(|n| n.in_service()).count();
+                world.stats.node_seconds += (in_service * FLEET_EVERY.0 as usize / 1000) as u64;
+                world.stats.nodes_max = world.stats.nodes_max.max(in_service);
+                let Some((desired, _)) = core.desired_nodes().filter(|_| cfg.autoscale) else { continue };
+                let (desired, provisioned) = (desired as usize, in_service + booting);
+                for _ in provisioned..desired {
+                    sim.push(at.after(BOOT_TIME), SimEvent::Boot);
+                    booting += 1;
+                }
+                // The idlest nodes in service, and among those the last added, drain first.
+                let mut idle: Vec<usize> =
+                    (0..nodes.len()).filter(|&i| nodes[i].in_service() && nodes[i].alive).collect();
+                idle.sort_by_key(|&i| (nodes[i].shards.len(), Reverse(i)));
+                let mut out = vec![];
+                for &i in idle.iter().take(provisioned.saturating_sub(desired).min(in_service)) {
+                    nodes[i].draining = true;
+                    let drain = Event::NodeDrain(nodes[i].name.clone());
+                    out.extend(sim.handle(&mut core, at, drain).map_err(|e| sim.violation(format!("drain: {e}")))?);
+                }
+                out
+            }
+            SimEvent::Boot => {
+                booting -= 1;
+                let i = nodes.len();
+                nodes.push(SimNode::new(i, &mut rng, cfg.slow_rate));
+                by_name.insert(nodes[i].name.clone(), i);
+                sim.start_node(i, &mut rng, cfg, at);
+                let joined = Event::NodeJoined { node: nodes[i].name.clone(), capacity: CAPACITY };
+                sim.handle(&mut core, at, joined).map_err(|e| sim.violation(format!("joining: {e}")))?
             }
             SimEvent::Report { node: i, key, token } => {
                 let node = &mut nodes[i];
@@ -510,8 +577,18 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
                 }
             }
         };
-        sim.check(&decisions, at, &core, &hosts, &mut world)?;
-        sim.apply(&decisions, &mut nodes, &by_name, &mut hosts, &host_by_name, &mut world);
+        let mut decisions = decisions;
+        loop {
+            sim.check(&decisions, at, &core, &hosts, &mut world)?;
+            sim.apply(&decisions, &mut nodes, &by_name, &mut hosts, &host_by_name, &mut world);
+            // Drained nodes leave for good.
+            let Some(i) = world.retiring.pop() else { break };
+            world.stats.drained += 1;
+            nodes[i].retired = true;
+            nodes[i].alive = false;
+            let left = Event::NodeLeft(nodes[i].name.clone());
+            decisions = sim.handle(&mut core, at, left).map_err(|e| sim.violation(format!("leaving: {e}")))?;
+        }
     }
     let stats = &mut world.stats;
     // RPOs missed by databases still waiting at the end.
@@ -543,6 +620,10 @@ pub fn run(cfg: &SimConfig) -> Result<Run, Violation> {
         sched_pass_p50_ms: sim.passes.quantile_ms(0.5),
         sched_pass_p99_ms: sim.passes.quantile_ms(0.99),
         desired_nodes_max: stats.desired_max,
+        nodes_max: stats.nodes_max,
+        node_hours: stats.node_seconds as f64 / 3600.0,
+        nodes_drained: stats.drained,
+        drain_handbacks: stats.drain_handbacks,
         source_reports_over_target_percent: 100.0 * stats.source_over_target as f64
             / stats.source_reports.max(1) as f64,
         host_cap_cuts: stats.host_cap_cuts,
@@ -634,6 +715,10 @@ struct Stats {
     source_over_target: u64,
     host_cap_cuts: u64,
     preemptions: u64,
+    node_seconds: u64,
+    nodes_max: usize,
+    drain_handbacks: u64,
+    drained: u64,
     rpo_misses_source_bound: u64,
     committed: FxHashSet<u64>,
     assigned: FxHashSet<ShardKey>,
@@ -655,6 +740,8 @@ struct World {
     running_by_class: [u64; 4],
     /// The databases' mean growth, a share of their size per day.
     growth_per_day: f64,
+    /// Nodes drained, to leave.
+    retiring: Vec<usize>,
 }
 
 impl World {
@@ -679,6 +766,17 @@ struct Sim {
 }
 
 impl Sim {
+    /// Draws node `i`'s first faults after `at` and starts its heartbeats.
+    fn start_node(&mut self, i: usize, rng: &mut StdRng, cfg: &SimConfig, at: Millis) {
+        if let Some(t) = next_fault(rng, cfg.kill_rate, at) {
+            self.push(t, SimEvent::Die(i));
+        }
+        if let Some(t) = next_fault(rng, cfg.partition_rate, at) {
+            self.push(t, SimEvent::Partition(i));
+        }
+        self.push(at.after(Millis(rng.gen_range(0..HEARTBEAT_EVERY.0))), SimEvent::Heartbeat(i));
+    }
+
     fn push(&mut self, at: Millis, event: SimEvent) {
         self.seq += 1;
         self.queue.push(Reverse((at, self.seq, event)));
@@ -826,7 +924,11 @@ impl Sim {
                     let n = &mut nodes[by_name[node]];
                     if let Some(shard) = n.shards.get_mut(key).filter(|s| s.token == *token && !n.cut_off) {
                         shard.yield_after = Some(shard.done / SEGMENT);
-                        world.stats.preemptions += 1;
+                        if n.draining {
+                            world.stats.drain_handbacks += 1;
+                        } else {
+                            world.stats.preemptions += 1;
+                        }
                     }
                 }
                 Decision::HostReadCap { host, bps } => {
@@ -845,7 +947,8 @@ impl Sim {
                     d.size = grown;
                     d.grown_at = self.now;
                 }
-                Decision::DesiredNodes { .. } | Decision::Drained { .. } => {}
+                Decision::Drained { node } => world.retiring.push(by_name[node]),
+                Decision::DesiredNodes { .. } => {}
             }
         }
     }

@@ -11,6 +11,7 @@ fn small(seed: u64, kill_rate: f64) -> SimConfig {
         partition_rate: 0.0,
         bursts: vec![],
         growth_per_day: 0.0,
+        autoscale: false,
         series: false,
     }
 }
@@ -73,6 +74,19 @@ fn databases_that_grow_take_longer_to_back_up_and_stay_consistent() {
     let growing = run(&SimConfig { growth_per_day: 2.0, ..small(10, 0.0) }).unwrap().summary;
     assert_eq!((growing.lost_shards, growing.double_commits), (0, 0), "{growing:?}");
     assert!(growing.backups_done < steady.backups_done, "{growing:?} vs {steady:?}");
+}
+
+#[test]
+fn an_autoscaled_fleet_follows_the_desired_count_down_and_up_without_losing_work() {
+    let fixed = run(&small(11, 0.05)).unwrap().summary;
+    let shrinking = run(&SimConfig { autoscale: true, nodes: 60, ..small(11, 0.05) }).unwrap().summary;
+    assert!(shrinking.nodes_drained > 0 && shrinking.drain_handbacks > 0, "{shrinking:?}");
+    assert!(shrinking.node_hours < 60.0 * 6.0 * 0.8, "{shrinking:?}");
+    assert_eq!((shrinking.lost_shards, shrinking.double_commits), (0, 0), "{shrinking:?}");
+    let growing = run(&SimConfig { autoscale: true, nodes: 1, ..small(11, 0.05) }).unwrap().summary;
+    assert!(growing.nodes_max > 1, "{growing:?}");
+    assert_eq!((growing.lost_shards, growing.double_commits), (0, 0), "{growing:?}");
+    assert!(fixed.nodes_drained == 0 && fixed.node_hours == 20.0 * 6.0, "{fixed:?}");
 }
 
 #[test]

@@ -283,6 +283,21 @@ fn a_drained_node_hands_its_shards_back_at_segment_boundaries_and_takes_no_more(
 }
 
 #[test]
+fn a_saturated_fleet_with_backups_waiting_asks_for_more_nodes_than_its_rates_say() {
+    let mut core = Core::new(Config::default());
+    core.handle(Millis(0), Event::NodeJoined { node: node("n"), capacity: NODE }).unwrap();
+    for name in ["a", "b", "c"] {
+        core.handle(Millis(0), Event::DbRegistered(db(name, name, Priority::Normal, GIB))).unwrap();
+    }
+    // 3 GiB an hour is far under one node's rate, but both its shards run and one waits.
+    assert_eq!(core.waiting(), 1);
+    let out = core.handle(Millis(1), Event::Tick).unwrap();
+    let Some(Decision::DesiredNodes { count, reason, .. }) = out.last() else { panic!("{out:?}") };
+    // 2 shards running at 80% of a node's 2: 1.25 nodes, so 2.
+    assert_eq!((*count, *reason), (2, ScaleReason::Backlog));
+}
+
+#[test]
 fn bad_events_are_refused_and_change_nothing() {
     let mut core = Core::new(Config::default());
     core.handle(Millis(10), Event::Tick).unwrap();
