@@ -185,6 +185,8 @@ struct Job {
     db: DbName,
     shards: Vec<(ShardState, u64)>,
     bytes: u64,
+    /// Shards waiting for a node.
+    waiting: usize,
     /// Planned bytes per shard, and planned bytes not finished yet (the backlog's share).
     shard_bytes: u64,
     unfinished: u64,
@@ -525,6 +527,7 @@ impl Core {
         let job = Job {
             db: db.clone(),
             shards: vec![(ShardState::Waiting, 0); shards as usize],
+            waiting: shards as usize,
             bytes: 0,
             shard_bytes,
             unfinished: size,
@@ -650,7 +653,7 @@ impl Core {
     fn critical_waiting_shards(&self, db: &DbName) -> usize {
         let critical = self.registry.db(db).is_ok_and(|spec| spec.priority == Priority::Critical);
         match self.dbs[db].job.and_then(|j| self.jobs.get(&j)) {
-            Some(job) if critical => job.shards.iter().filter(|s| s.0 == ShardState::Waiting).count(),
+            Some(job) if critical => job.waiting,
             _ => 0,
         }
     }
@@ -710,7 +713,9 @@ impl Core {
             self.running_by_class[usize::from(spec_class.rank())].insert(key.clone());
             self.nodes.get_mut(&placed.node).expect("placed on a known node").running.insert(key.clone());
             self.refresh_room(&placed.node);
-            self.jobs.get_mut(&job_id).expect("open").shards[shard as usize].0 = ShardState::Running;
+            let job = self.jobs.get_mut(&job_id).expect("open");
+            job.shards[shard as usize].0 = ShardState::Running;
+            job.waiting -= 1;
             out.push(Decision::Assign {
                 key,
                 db: db.clone(),
@@ -808,6 +813,7 @@ impl Core {
         if let Some(shard) = job.shards.get_mut(key.shard as usize) {
             if shard.0 == ShardState::Running {
                 shard.0 = ShardState::Waiting;
+                job.waiting += 1;
             }
         }
         let db = job.db.clone();
