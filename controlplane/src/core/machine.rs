@@ -213,7 +213,8 @@ impl DbState {
 
 struct NodeState {
     capacity: NodeCapacity,
-    report: NodeReport,
+    /// What it last reported in use.
+    used: Resources,
     throughput_bps: u64,
     running: BTreeSet<ShardKey>,
     /// What it adds to the fleet's rate: its throughput times the shards it fits.
@@ -342,7 +343,7 @@ impl Core {
                 let throttle = Throttle::new(self.config.throttle, self.config.throttle.max_bps);
                 let state = NodeState {
                     capacity,
-                    report: NodeReport::default(),
+                    used: Resources::default(),
                     throughput_bps,
                     running: BTreeSet::new(),
                     rate_bps,
@@ -384,7 +385,7 @@ impl Core {
             Event::Heartbeat { node, report } => {
                 self.registry.node(&node)?;
                 let state = self.nodes.get_mut(&node).expect("registered nodes have a state");
-                state.report = report;
+                state.used = report.used;
                 if report.throughput_bps > 0 {
                     state.throughput_bps = report.throughput_bps;
                     self.demand.remove_node(state.rate_bps);
@@ -917,10 +918,10 @@ fn room(name: &NodeName, n: &NodeState, need: &Resources) -> NodeRoom {
     };
     let c = &n.capacity;
     let free = Resources {
-        cores: c.cores.saturating_sub(reserved.cores.max(n.report.used.cores)),
-        memory_bytes: c.memory_bytes.saturating_sub(reserved.memory_bytes.max(n.report.used.memory_bytes)),
-        network_bps: c.network_bps.saturating_sub(reserved.network_bps.max(n.report.used.network_bps)),
-        disk_bps: c.disk_bps.saturating_sub(reserved.disk_bps.max(n.report.used.disk_bps)),
+        cores: c.cores.saturating_sub(reserved.cores.max(n.used.cores)),
+        memory_bytes: c.memory_bytes.saturating_sub(reserved.memory_bytes.max(n.used.memory_bytes)),
+        network_bps: c.network_bps.saturating_sub(reserved.network_bps.max(n.used.network_bps)),
+        disk_bps: c.disk_bps.saturating_sub(reserved.disk_bps.max(n.used.disk_bps)),
     };
     NodeRoom { node: name.clone(), free, throughput_bps: n.throughput_bps }
 }
