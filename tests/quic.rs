@@ -593,6 +593,7 @@ fn garbage_frames_and_dropped_packs_end_only_their_own_stream() {
             stats: Default::default(),
             repaired: None,
             db: None,
+            job: None,
         };
         let commit = Frame::Commit { session: 1, record: snap.encode(), fence: None, root: None };
         let reply = send_raw(&conn, &commit.encode(), true).await;

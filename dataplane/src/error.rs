@@ -30,6 +30,13 @@ pub enum ExitCode {
     WrongPassword = 16,
     /// A receiver's policy does not let this client's certificate do what was asked.
     Denied = 17,
+    /// A shard run was fenced off: its token is not the highest for the shard (a take-over
+    /// by a later run, or a stale agent), or another run of it holds the same token.
+    Fenced = 18,
+    /// `commit --job` found segments of the plan with no checkpoint.
+    JobIncomplete = 19,
+    /// A shard found a source file whose size or mtime differs from the plan.
+    SourceChanged = 20,
     Interrupted = 130,
 }
 
@@ -60,6 +67,12 @@ pub enum Error {
     /// What the user named is not there (a snapshot, a path in a snapshot, a source path).
     #[error("{0}")]
     NotFound(String),
+    #[error("fenced: {0}")]
+    Fenced(String),
+    #[error("{0}")]
+    JobIncomplete(String),
+    #[error("{0}")]
+    SourceChanged(String),
     /// A snapshot's trees could not be built from what its segments gave (a directory too
     /// wide for one tree, or results that do not fit the entries).
     #[error(transparent)]
@@ -100,6 +113,9 @@ impl Error {
             Error::Network(_) | Error::ObjectStore { .. } => ExitCode::Network,
             Error::Usage(_) => ExitCode::Usage,
             Error::Denied(_) => ExitCode::Denied,
+            Error::Fenced(_) => ExitCode::Fenced,
+            Error::JobIncomplete(_) => ExitCode::JobIncomplete,
+            Error::SourceChanged(_) => ExitCode::SourceChanged,
             Error::Interrupted => ExitCode::Interrupted,
             _ => ExitCode::Fatal,
         }

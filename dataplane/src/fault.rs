@@ -16,6 +16,8 @@ pub(crate) const POINTS: &[&str] = &[
     "pack-seal",
     "index-write",
     "index-merge",
+    // A shard's checkpoint was written (`backup --job`).
+    "checkpoint",
     "snapshot-write",
     "snapshot-rename",
     // Before and after every call that changes the store, whatever the command (the power-loss

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 
 use clap::{Args, Parser, Subcommand};
-use dataplane::command::backup::{backup, BackupOptions, BackupSource, Chunking, ChunkingRules};
+use dataplane::command::backup::{
+    backup, run_shard, BackupOptions, BackupSource, Chunking, ChunkingRules, PlanOptions, ShardCount, ShardOptions,
+};
+use dataplane::command::jobs::{abandon_job, commit_job, list_jobs, parse_job};
 use dataplane::command::receiver::{ReceiverOptions, Serves};
 use dataplane::command::restore::{restore, Destination, RestoreOptions};
 use dataplane::command::verify::{describe, verify};
@@ -89,12 +92,25 @@ enum Command {
     /// Back up files and directories into a new snapshot.
     Backup {
         /// Files and directories to back up, or one generated source `synth://pg?size=..&seed=..&gen=..`.
-        #[arg(required_unless_present = "stdin")]
+        #[arg(required_unless_present_any = ["stdin", "job"])]
         paths: Vec<PathBuf>,
         /// Back up standard input as one file called NAME (a tar stream's page files get page
         /// chunks: `pg_basebackup -Ft -D - | cbcr backup --db pg1 --stdin base.tar`).
         #[arg(long, value_name = "NAME", conflicts_with = "paths")]
         stdin: Option<String>,
+        /// Run one shard of a planned job (`cbcr plan`) instead: its segments are read from the
+        /// paths the plan names (or its synth:// source), checkpointed as their packs become
+        /// durable; a re-run skips what was checkpointed. Chunking and exclusions are the plan's.
+        #[arg(long, value_name = "JOB", conflicts_with_all = ["paths", "stdin", "parent", "db", "init"], requires = "shard")]
+        job: Option<String>,
+        /// The shard of --job to run (0 to shards - 1).
+        #[arg(long, value_name = "K", requires = "job")]
+        shard: Option<u32>,
+        /// The run's fencing token (from the control plane's lease): refused unless higher than
+        /// every token the shard has seen; a run with a higher one fences this one off. Default:
+        /// one above the highest seen.
+        #[arg(long, value_name = "T", requires = "job")]
+        token: Option<u64>,
         /// Create the repository with the defaults when --repo names none yet (an empty or
         /// missing directory, or an empty prefix); without it a missing repository is an error.
         #[arg(long)]
@@ -115,31 +131,44 @@ enum Command {
         /// Seal pack files at this size.
         #[arg(long, default_value = "64MiB", value_parser = dataplane::parse_size)]
         pack_size: u64,
-        /// `auto` (page chunks for the page files of PostgreSQL, InnoDB and SQLite, each at its
-        /// own page size, found by name and content; content-defined for the rest), `cdc`
-        /// (content-defined everywhere) or `pages:SIZE` (page chunks for every file whose
-        /// length is a multiple of the page SIZE). Repeat as `PATH=POLICY` to set the policy of
-        /// the files under PATH (the longest PATH wins).
-        #[arg(long, value_parser = parse_chunking)]
-        chunking: Vec<(Option<PathBuf>, ChunkingArg)>,
-        /// Length of a page chunk: a multiple of the page size.
-        #[arg(long, default_value_t = limits::DEFAULT_PAGE_CHUNK, value_parser = dataplane::parse_size)]
-        page_chunk: u64,
         /// A changed page chunk is stored as a delta (its changed pages XOR the parent's) on
         /// top of at most this many deltas, else whole again; 0: always whole.
         #[arg(long, default_value_t = limits::DEFAULT_DELTA_CHAIN, value_parser = clap::value_parser!(u32).range(0..=wire::limits::MAX_DELTA_CHAIN as i64))]
         delta_chain: u32,
-        /// Leave out what matches GLOB (repeatable): `/...` from the root, else the path's last
-        /// components (`*.log`, `pg_wal/*`); `*` within a component, `**` across them.
-        #[arg(long, value_name = "GLOB")]
-        exclude: Vec<String>,
-        /// Leave out the patterns of FILE, one per line (`#` comments, blank lines ignored).
-        #[arg(long, value_name = "FILE")]
-        exclude_file: Vec<PathBuf>,
-        /// Keep what PostgreSQL's own base backup leaves out of a data directory
-        /// (`postmaster.pid`, `pg_stat_tmp/*`, `pgsql_tmp*`, ...).
-        #[arg(long)]
-        no_default_excludes: bool,
+        #[command(flatten)]
+        cut: CutArgs,
+    },
+    /// Plan a sharded backup: walk the source once, split its files' segments into shards of
+    /// about equal bytes, and store the plan as a job; run each shard anywhere the source is
+    /// seen (`backup --job JOB --shard K`), then `commit --job JOB`.
+    Plan {
+        /// Files and directories, or one generated source `synth://pg?...`.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The database this is a backup of (recorded in the snapshot the job makes).
+        #[arg(long, env = "CBCR_DB")]
+        db: Option<String>,
+        /// How many shards (fewer when there are fewer segments).
+        #[arg(long, conflicts_with = "shard_bytes", required_unless_present = "shard_bytes",
+              value_parser = clap::value_parser!(u32).range(1..=wire::job::MAX_SHARDS as i64))]
+        shards: Option<u32>,
+        /// Shards of about this many bytes instead.
+        #[arg(long, value_parser = dataplane::parse_size)]
+        shard_bytes: Option<u64>,
+        #[command(flatten)]
+        cut: CutArgs,
+    },
+    /// Combine a job's shards into one snapshot, once every segment of its plan is
+    /// checkpointed (else exit 19 naming the shards that are not).
+    Commit {
+        #[arg(long, value_name = "JOB")]
+        job: String,
+    },
+    /// List open jobs with each shard's progress.
+    Jobs {
+        /// Remove the job's plan, start records and checkpoints (its packs stay until a gc).
+        #[arg(long, value_name = "JOB")]
+        abandon: Option<String>,
     },
     /// List snapshots.
     Snapshots {
@@ -319,6 +348,70 @@ enum CertCommand {
     },
 }
 
+impl CutArgs {
+    fn rules(&self) -> Result<ChunkingRules, Error> {
+        let page_chunk = self.page_chunk;
+        let chunk =
+            u32::try_from(page_chunk).map_err(|_| Error::Usage(format!("--page-chunk {page_chunk} is too large")))?;
+        let policy = |arg: &ChunkingArg| match *arg {
+            ChunkingArg::Auto => Chunking::Auto { chunk },
+            ChunkingArg::Cdc => Chunking::Cdc,
+            ChunkingArg::Pages(page) => Chunking::Pages { page, chunk },
+        };
+        let mut rules = ChunkingRules { default: Chunking::Auto { chunk }, paths: vec![] };
+        for (path, arg) in &self.chunking {
+            match path {
+                // Source paths are walked canonical: so must the rules' be.
+                Some(p) => rules.paths.push((std::fs::canonicalize(p).unwrap_or(p.clone()), policy(arg))),
+                None => rules.default = policy(arg),
+            }
+        }
+        Ok(rules)
+    }
+
+    fn excludes(&self) -> Result<Excludes, Error> {
+        excludes(&self.exclude, &self.exclude_file, !self.no_default_excludes)
+    }
+}
+
+/// Paths to back up or plan, or the one synth:// source among them.
+fn path_source(paths: Vec<PathBuf>) -> Result<BackupSource, Error> {
+    let synth = paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://"));
+    match synth {
+        Some(_) if paths.len() > 1 => {
+            Err(Error::Usage("a synth:// source is backed up on its own, not with other paths".into()))
+        }
+        Some(url) => Ok(BackupSource::Synth(SynthSpec::parse(url)?)),
+        None => Ok(BackupSource::Paths(paths)),
+    }
+}
+
+/// How a backup or a plan cuts files and what it leaves out.
+#[derive(Args)]
+struct CutArgs {
+    /// `auto` (page chunks for the page files of PostgreSQL, InnoDB and SQLite, each at its
+    /// own page size, found by name and content; content-defined for the rest), `cdc`
+    /// (content-defined everywhere) or `pages:SIZE` (page chunks for every file whose
+    /// length is a multiple of the page SIZE). Repeat as `PATH=POLICY` to set the policy of
+    /// the files under PATH (the longest PATH wins).
+    #[arg(long, value_parser = parse_chunking)]
+    chunking: Vec<(Option<PathBuf>, ChunkingArg)>,
+    /// Length of a page chunk: a multiple of the page size.
+    #[arg(long, default_value_t = limits::DEFAULT_PAGE_CHUNK, value_parser = dataplane::parse_size)]
+    page_chunk: u64,
+    /// Leave out what matches GLOB (repeatable): `/...` from the root, else the path's last
+    /// components (`*.log`, `pg_wal/*`); `*` within a component, `**` across them.
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Leave out the patterns of FILE, one per line (`#` comments, blank lines ignored).
+    #[arg(long, value_name = "FILE")]
+    exclude_file: Vec<PathBuf>,
+    /// Keep what PostgreSQL's own base backup leaves out of a data directory
+    /// (`postmaster.pid`, `pg_stat_tmp/*`, `pgsql_tmp*`, ...).
+    #[arg(long)]
+    no_default_excludes: bool,
+}
+
 #[derive(Args)]
 struct InitArgs {
     /// Files are cut at multiples of this size and each segment is chunked on its own core.
@@ -441,45 +534,45 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
         Command::Backup {
             paths,
             stdin,
+            job,
+            shard,
+            token,
             init,
             parent,
             db,
             compression_level,
             pack_size,
-            chunking,
-            page_chunk,
             delta_chain,
-            exclude,
-            exclude_file,
-            no_default_excludes,
+            cut,
         } => {
-            let chunk = u32::try_from(page_chunk)
-                .map_err(|_| Error::Usage(format!("--page-chunk {page_chunk} is too large")))?;
-            let policy = |arg| match arg {
-                ChunkingArg::Auto => Chunking::Auto { chunk },
-                ChunkingArg::Cdc => Chunking::Cdc,
-                ChunkingArg::Pages(page) => Chunking::Pages { page, chunk },
-            };
-            let mut rules = ChunkingRules { default: Chunking::Auto { chunk }, paths: vec![] };
-            for (path, arg) in chunking {
-                match path {
-                    // Source paths are walked canonical: so must the rules' be.
-                    Some(p) => rules.paths.push((std::fs::canonicalize(&p).unwrap_or(p), policy(arg))),
-                    None => rules.default = policy(arg),
+            if let (Some(job), Some(shard)) = (job, shard) {
+                let opts = ShardOptions { job: parse_job(&job)?, shard, token, cores, compression_level, pack_size };
+                let out = run_shard(open(false)?, &opts, &run)?;
+                reporter.json(json!({"type": "shard", "summary": out}));
+                if !g.quiet && !g.json {
+                    println!(
+                        "job {} shard {} (token {}): {} of {} segments read, {} skipped (checkpointed), {} read, {} new, {} checkpoints, {:.2}s",
+                        out.job,
+                        out.shard,
+                        out.token,
+                        out.segments - out.segments_skipped,
+                        out.segments,
+                        out.segments_skipped,
+                        dataplane::human_size(out.bytes_read),
+                        dataplane::human_size(out.bytes_new),
+                        out.checkpoints,
+                        out.duration_s
+                    );
                 }
+                return Ok(ExitCode::Ok);
             }
-            let synth = paths.iter().filter_map(|p| p.to_str()).find(|p| p.starts_with("synth://"));
-            let source = match (stdin, synth) {
+            let source = match stdin {
                 // SAFETY: isatty has no preconditions.
-                (Some(_), _) if unsafe { libc::isatty(0) } == 1 => {
+                Some(_) if unsafe { libc::isatty(0) } == 1 => {
                     return Err(Error::Usage("--stdin reads a stream from standard input, which is a terminal".into()))
                 }
-                (Some(name), _) => BackupSource::Stdin(name),
-                (None, Some(_)) if paths.len() > 1 => {
-                    return Err(Error::Usage("a synth:// source is backed up on its own, not with other paths".into()))
-                }
-                (None, Some(url)) => BackupSource::Synth(SynthSpec::parse(url)?),
-                (None, None) => BackupSource::Paths(paths),
+                Some(name) => BackupSource::Stdin(name),
+                None => path_source(paths)?,
             };
             let repo = open(init)?;
             let opts = BackupOptions {
@@ -489,9 +582,9 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 cores,
                 compression_level,
                 pack_size,
-                chunking: rules,
+                chunking: cut.rules()?,
                 delta_chain,
-                excludes: excludes(&exclude, &exclude_file, !no_default_excludes)?,
+                excludes: cut.excludes()?,
             };
             let out = backup(repo, &opts, &run)?;
             let s = &out.snapshot.stats;
@@ -527,6 +620,114 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 );
             }
             Ok(if s.files_skipped > 0 || out.files_changed > 0 { ExitCode::Partial } else { ExitCode::Ok })
+        }
+        Command::Plan { paths, db, shards, shard_bytes, cut } => {
+            let repo = open(false)?;
+            let count = match (shards, shard_bytes) {
+                (Some(n), _) => ShardCount::Shards(n),
+                (None, Some(b)) => ShardCount::Bytes(b),
+                (None, None) => return Err(Error::Usage("give --shards N or --shard-bytes SIZE".into())),
+            };
+            let opts = PlanOptions {
+                source: path_source(paths)?,
+                db,
+                shards: count,
+                chunking: cut.rules()?,
+                excludes: cut.excludes()?,
+            };
+            let (plan, skipped) = dataplane::command::backup::plan(&repo, &opts, &run)?;
+            let shards: Vec<_> = (0..plan.shards.len())
+                .map(|k| json!({"shard": k, "segments": plan.shard_segments(k).count(), "bytes": plan.shard_bytes(k)}))
+                .collect();
+            let files = plan.entries.iter().filter(|e| matches!(e.kind, wire::job::PlanKind::File { .. })).count();
+            reporter.json(json!({
+                "type": "plan",
+                "job": plan.id.to_hex(),
+                "db": plan.db,
+                "paths": plan.paths,
+                "entries": plan.entries.len(),
+                "files": files,
+                "skipped": skipped,
+                "plan_bytes": plan.encode().len(),
+                "shards": shards,
+            }));
+            if !g.quiet && !g.json {
+                println!(
+                    "job {}: {} entries ({files} files), {} shards",
+                    plan.id.to_hex(),
+                    plan.entries.len(),
+                    plan.shards.len()
+                );
+                for k in 0..plan.shards.len() {
+                    println!(
+                        "  shard {k}: {} segments, {}",
+                        plan.shard_segments(k).count(),
+                        dataplane::human_size(plan.shard_bytes(k))
+                    );
+                }
+            }
+            Ok(if skipped > 0 { ExitCode::Partial } else { ExitCode::Ok })
+        }
+        Command::Commit { job } => {
+            let out = commit_job(open(false)?, parse_job(&job)?)?;
+            let s = &out.snapshot.stats;
+            reporter.json(json!({
+                "type": "summary",
+                "snapshot_id": out.snapshot_id.to_hex(),
+                "job": job,
+                "shards": out.snapshot.job.as_ref().map(|j| j.shards),
+                "checkpoints": out.checkpoints,
+                "combine_s": out.combine_s,
+                "bytes_read": s.bytes_read,
+                "bytes_total": s.bytes_total,
+                "bytes_new": s.bytes_new,
+                "bytes_stored": s.bytes_stored,
+                "files": s.files,
+                "dirs": s.dirs,
+            }));
+            if !g.quiet && !g.json {
+                println!(
+                    "snapshot {} saved from job {job}: {} files, {} total, {} new, {} checkpoints combined in {:.2}s",
+                    out.snapshot_id.short(),
+                    s.files,
+                    dataplane::human_size(s.bytes_total),
+                    dataplane::human_size(s.bytes_new),
+                    out.checkpoints,
+                    out.combine_s
+                );
+            }
+            Ok(ExitCode::Ok)
+        }
+        Command::Jobs { abandon: Some(job) } => {
+            let removed = abandon_job(&open(false)?, parse_job(&job)?)?;
+            reporter.json(json!({"type": "abandoned", "job": job, "objects": removed}));
+            if !g.quiet && !g.json {
+                println!("job {job} abandoned: {removed} objects removed (its packs stay until a gc)");
+            }
+            Ok(ExitCode::Ok)
+        }
+        Command::Jobs { abandon: None } => {
+            for j in list_jobs(&open(false)?)? {
+                if g.json {
+                    reporter.json(json!({"type": "job", "job": j}));
+                    continue;
+                }
+                let (done, all): (usize, usize) =
+                    j.shards.iter().fold((0, 0), |(d, a), s| (d + s.checkpointed, a + s.segments));
+                let db = j.db.as_ref().map_or(String::new(), |db| format!("db={db}  "));
+                println!(
+                    "{}  {}  {db}{}  {}  {done}/{all} segments checkpointed",
+                    j.job,
+                    j.created.get(..19).unwrap_or(&j.created),
+                    dataplane::human_size(j.bytes),
+                    j.paths.join(" ")
+                );
+                for s in &j.shards {
+                    let token = s.token.map_or("not started".into(), |t| format!("token {t}"));
+                    println!("  shard {}: {}/{} segments, {token}", s.shard, s.checkpointed, s.segments);
+                }
+            }
+            Ok(ExitCode::Ok)
         }
         Command::Snapshots { db } => {
             let repo = open(false)?;

@@ -15,6 +15,7 @@ mod error;
 pub mod frame;
 pub mod id;
 pub mod index;
+pub mod job;
 pub mod limits;
 pub mod pack;
 pub mod repo;

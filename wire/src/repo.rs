@@ -214,6 +214,18 @@ pub struct Snapshot {
     /// the same database, whatever host or paths it came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub db: Option<String>,
+    /// Set when the snapshot was combined from the shards of a job (`cbcr commit --job`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRecord>,
+}
+
+/// The sharded job a snapshot was combined from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRecord {
+    /// The job's id (32 hex digits).
+    pub id: String,
+    pub shards: u32,
 }
 
 /// Whether `name` may name a database: 1 to 255 bytes, no control characters.
@@ -277,6 +289,9 @@ impl Snapshot {
         if let Some(r) = &s.repaired {
             ChunkId::from_hex(&r.original)?;
         }
+        if let Some(j) = s.job.as_ref().filter(|j| crate::job::JobId::from_hex(&j.id).is_none()) {
+            return Err(Error::Corrupt { what: "snapshot", detail: format!("job id {:?} is not 32 hex digits", j.id) });
+        }
         if let Some(db) = s.db.as_deref().filter(|db| !is_db_name(db)) {
             return Err(Error::Corrupt {
                 what: "snapshot",
@@ -339,6 +354,7 @@ mod tests {
             stats: SnapshotStats::default(),
             repaired: None,
             db: None,
+            job: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! its options and a [`crate::events::Run`] (where events go, how it is cancelled).
 
 pub mod backup;
+pub mod jobs;
 pub mod receiver;
 pub mod repair;
 pub mod repair_snapshots;

@@ -57,7 +57,7 @@ pub(crate) fn verify_here(
     })?);
     let mut snapshots = vec![];
     let at = |kind: ObjectKind, name: &str| format!("{}/{}", repo.store.location(), kind.key(name));
-    for kind in [ObjectKind::Snapshot, ObjectKind::Index, ObjectKind::Pack, ObjectKind::Damaged] {
+    for kind in [ObjectKind::Snapshot, ObjectKind::Index, ObjectKind::Pack, ObjectKind::Damaged, ObjectKind::Job] {
         let listed = repo.store.list(kind)?;
         report.strays.extend(
             listed
@@ -77,6 +77,17 @@ pub(crate) fn verify_here(
         }
     }
     report.snapshots = snapshots.len() as u64;
+    // A damaged plan or checkpoint would fail its job's commit: named now.
+    let jobs = repo.jobs()?;
+    for object in jobs.list()? {
+        if let Err(e) = jobs.check(&object) {
+            report.damage.push(Damage {
+                kind: "job".into(),
+                name: at(ObjectKind::Job, &object.name()),
+                detail: e.to_string(),
+            });
+        }
+    }
 
     // Packs, on the cores. Only a count per pack is held here; the cores look each trailer
     // entry up in the index on disk.

@@ -738,6 +738,11 @@ impl KnownBlobs {
         Ok(())
     }
 
+    /// Whether `id` is claimed by a writer whose pack is not yet sealed and indexed.
+    pub(crate) fn is_claimed(&self, id: &ChunkId) -> bool {
+        self.shard(id).contains(id)
+    }
+
     /// Drops claims without indexing: the blobs are durable elsewhere (a receiver has them).
     pub(crate) fn release(&self, ids: impl IntoIterator<Item = ChunkId>) {
         for id in ids {

@@ -231,6 +231,13 @@ impl<'a> BlobWriter<'a> {
         self.new_blobs.offer(id, kind, data, &mut self.packing)
     }
 
+    /// Closes the open pack and sends it to the sealer: what was stored so far is durable once
+    /// the sealer has sealed it (its claims are gone then). The writer goes on with a new pack.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        self.new_blobs.finish(&mut self.packing)?;
+        self.packing.seal()
+    }
+
     /// Closes the open pack; everything stored is durable once the [`Sealer`] has finished.
     pub(crate) fn finish(mut self) -> Result<WriteStats> {
         self.new_blobs.finish(&mut self.packing)?;

@@ -47,6 +47,8 @@ pub(crate) trait Backend: Send + Sync {
     /// A receiver verifies its repository where it lies and returns the report; `None` when
     /// the caller is to read the repository itself.
     fn verify_in_place(&self, read_data: bool) -> Result<Option<VerifyReport>>;
+    /// Where the objects of sharded jobs (plans, start records, checkpoints) are kept.
+    fn job_store(&self) -> Result<std::sync::Arc<dyn crate::store::Store>>;
 }
 
 /// Where a pack's bytes go while a core writes it.

@@ -110,6 +110,10 @@ impl Backend for Direct {
     fn verify_in_place(&self, _read_data: bool) -> Result<Option<VerifyReport>> {
         Ok(None)
     }
+
+    fn job_store(&self) -> Result<Arc<dyn Store>> {
+        Ok(Arc::clone(&self.store))
+    }
 }
 
 /// Stores a snapshot record as it is to be stored (sealed, in an encrypted repository): named by

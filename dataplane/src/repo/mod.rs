@@ -3,6 +3,7 @@
 
 mod backend;
 mod direct;
+mod jobs;
 mod keys;
 mod receiver;
 
@@ -16,6 +17,7 @@ use wire::{ChunkId, RepoKey};
 
 pub(crate) use backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
 pub(crate) use direct::{publish_pack, read_trailer, Direct, PackFiles};
+pub use jobs::JobObjects;
 pub use keys::{first_line, PasswordSource, Secret};
 pub(crate) use keys::{OpenScratch, Sealing};
 pub(crate) use receiver::Receiver;
@@ -260,6 +262,16 @@ impl Repository {
     /// Takes the writer's claim, or fails at once with [`Error::Locked`].
     pub fn lock(&self) -> Result<RepoLock> {
         self.store.claim_writer()
+    }
+
+    /// Takes the claim the shard runs of jobs share (see [`Store::claim_shared_writer`]).
+    pub fn lock_shared(&self) -> Result<RepoLock> {
+        self.store.claim_shared_writer()
+    }
+
+    /// The repository's sharded jobs' objects (not through a receiver yet: an error says so).
+    pub fn jobs(&self) -> Result<JobObjects> {
+        Ok(JobObjects::new(self.backend.job_store()?, Arc::clone(&self.sealing)))
     }
 
     /// The last step of a backup: see [`Backend::commit`].

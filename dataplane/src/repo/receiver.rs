@@ -110,6 +110,13 @@ impl Backend for Receiver {
             .map(Some)
             .map_err(|e| Error::Network(format!("receiver {}: verify report: {e}", self.remote.addr)))
     }
+
+    fn job_store(&self) -> Result<Arc<dyn crate::store::Store>> {
+        Err(Error::Usage(format!(
+            "{}: sharded jobs (plan, backup --job, commit --job, jobs) do not run through a receiver yet; give --repo the receiver's repository itself (its directory, or s3://)",
+            self.location()
+        )))
+    }
 }
 
 impl PackSink for PackUpload {

@@ -20,6 +20,7 @@
 //! growing down from the end, free space of zeros between.
 
 use crate::error::{Error, Result};
+use wire::tree::Metadata;
 
 /// Page size of the generated files.
 pub const PAGE: usize = 8192;
@@ -79,6 +80,18 @@ impl SynthFile {
     }
 
     /// A stable inode number, so unchanged files are recognised by the next backup.
+    /// The metadata a backup records for the file.
+    pub fn metadata(&self) -> Metadata {
+        Metadata {
+            mode: 0o100600,
+            size: self.len(),
+            mtime_ns: self.mtime_ns,
+            ctime_ns: self.mtime_ns,
+            inode: self.inode(),
+            ..Default::default()
+        }
+    }
+
     pub fn inode(&self) -> u64 {
         mix(&[self.rel, self.first_page, self.kind as u64]) >> 16
     }
@@ -151,6 +164,16 @@ impl SynthSpec {
             bp_percent(self.change_bp),
             bp_percent(self.append_bp)
         )
+    }
+
+    /// A URL that [`Self::parse`] turns back into this spec, generation included.
+    pub fn url(&self) -> String {
+        format!("{}&gen={}", self.source_name(), self.gen)
+    }
+
+    /// The metadata a backup records for the generation's directories.
+    pub fn dir_metadata(&self) -> Metadata {
+        Metadata { mode: 0o40700, mtime_ns: self.mtime_ns(), ctime_ns: self.mtime_ns(), ..Default::default() }
     }
 
     fn relations(&self) -> Vec<Relation> {

@@ -70,4 +70,8 @@ impl Store for CrashPoints {
     fn claim_writer(&self) -> Result<Box<dyn WriterClaim>> {
         self.0.claim_writer()
     }
+
+    fn claim_shared_writer(&self) -> Result<Box<dyn WriterClaim>> {
+        self.0.claim_shared_writer()
+    }
 }

@@ -29,6 +29,17 @@ impl LocalDir {
         Self { root: root.to_owned() }
     }
 
+    /// The repository's `lock` file, locked `how` (exclusive or shared), or `Error::Locked`.
+    fn flock(&self, how: libc::c_int) -> Result<File> {
+        let path = self.root.join("lock");
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
+            return Err(Error::Locked(self.root.clone()));
+        }
+        Ok(file)
+    }
+
     fn path(&self, kind: ObjectKind, name: &str) -> PathBuf {
         self.root.join(kind.key(name))
     }
@@ -170,9 +181,9 @@ impl Store for LocalDir {
 
     fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
         let dir = self.root.join(kind.dir());
-        // Made by the first commit through a receiver's policy (`writers/`) or the first verify
-        // that found damage (`damaged/`); most repositories lack them.
-        if matches!(kind, ObjectKind::Writer | ObjectKind::Damaged) && !dir.exists() {
+        // Made by the first commit through a receiver's policy (`writers/`), the first verify
+        // that found damage (`damaged/`) or the first plan (`jobs/`); most repositories lack them.
+        if matches!(kind, ObjectKind::Writer | ObjectKind::Damaged | ObjectKind::Job) && !dir.exists() {
             return Ok(vec![]);
         }
         let mut out = vec![];
@@ -208,12 +219,12 @@ impl Store for LocalDir {
     }
 
     fn claim_writer(&self) -> Result<Box<dyn WriterClaim>> {
-        let path = self.root.join("lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(Error::Locked(self.root.clone()));
-        }
-        Ok(Box::new(super::TmpClaim { tmp: self.root.join("tmp"), _lock: Some(file) }))
+        let lock = self.flock(libc::LOCK_EX)?;
+        Ok(Box::new(super::TmpClaim { tmp: Some(self.root.join("tmp")), _lock: Some(lock) }))
+    }
+
+    fn claim_shared_writer(&self) -> Result<Box<dyn WriterClaim>> {
+        let lock = self.flock(libc::LOCK_SH)?;
+        Ok(Box::new(super::TmpClaim { tmp: None, _lock: Some(lock) }))
     }
 }

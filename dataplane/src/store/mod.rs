@@ -37,6 +37,9 @@ pub enum ObjectKind {
     /// The copies of blobs `verify` found damaged (a [`wire::verify::DamagedBlobs`]), named by
     /// the hash of their bytes; `repair packs` removes them once the index leaves them out.
     Damaged,
+    /// A sharded backup's plan, its shards' start records and checkpoints
+    /// (`jobs/<job>.plan`, see [`wire::job::JobObject`]).
+    Job,
 }
 
 impl ObjectKind {
@@ -50,6 +53,7 @@ impl ObjectKind {
             ObjectKind::Snapshot => format!("snapshots/{name}"),
             ObjectKind::Writer => format!("writers/{name}"),
             ObjectKind::Damaged => format!("damaged/{name}"),
+            ObjectKind::Job => format!("jobs/{name}"),
         }
     }
 
@@ -63,6 +67,7 @@ impl ObjectKind {
             ObjectKind::Snapshot => "snapshots",
             ObjectKind::Writer => "writers",
             ObjectKind::Damaged => "damaged",
+            ObjectKind::Job => "jobs",
         }
     }
 }
@@ -92,13 +97,14 @@ pub trait WriterClaim: Send + Sync {
 /// The claim both stores give: the work directory's `tmp/`, and for a local directory the
 /// `flock` held as long as the claim lives.
 struct TmpClaim {
-    tmp: PathBuf,
+    /// `None` for a shared claim, which must not clean what other writers are writing.
+    tmp: Option<PathBuf>,
     _lock: Option<std::fs::File>,
 }
 
 impl WriterClaim for TmpClaim {
     fn clean_tmp(&self) -> Result<()> {
-        local::clean_dir(&self.tmp)
+        self.tmp.as_deref().map_or(Ok(()), local::clean_dir)
     }
 }
 
@@ -130,6 +136,10 @@ pub trait Store: Send + Sync {
     fn index_run(&self, name: &str) -> Result<PathBuf>;
     /// Takes the writer's claim, or fails at once with `Error::Locked`.
     fn claim_writer(&self) -> Result<Box<dyn WriterClaim>>;
+    /// A claim that writers of the shards of one job share: several at once, but none while a
+    /// [`Store::claim_writer`] claim is held (that one cleans `tmp/` and merges the index).
+    /// It cleans nothing: what a killed shard left in `tmp/` goes with the next full claim.
+    fn claim_shared_writer(&self) -> Result<Box<dyn WriterClaim>>;
 
     /// A fresh path in the work directory's `tmp/` for a file being written.
     fn tmp_path(&self, what: &str) -> PathBuf {
@@ -149,6 +159,7 @@ pub fn is_object_name(kind: ObjectKind, name: &str) -> bool {
         ObjectKind::Index => name.strip_suffix(".idx"),
         ObjectKind::Snapshot | ObjectKind::Damaged => Some(name),
         ObjectKind::Config | ObjectKind::Key | ObjectKind::Writer => return true,
+        ObjectKind::Job => return wire::job::JobObject::parse(name).is_some(),
     };
     id.is_some_and(|id| ChunkId::from_hex(id).is_ok())
 }

@@ -355,6 +355,11 @@ impl Store for S3Store {
 
     fn claim_writer(&self) -> Result<Box<dyn WriterClaim>> {
         // Several writers may share a bucket: the claim guards only our own work directory.
-        Ok(Box::new(super::TmpClaim { tmp: self.work.join("tmp"), _lock: None }))
+        Ok(Box::new(super::TmpClaim { tmp: Some(self.work.join("tmp")), _lock: None }))
+    }
+
+    fn claim_shared_writer(&self) -> Result<Box<dyn WriterClaim>> {
+        // The work directory is this process's own: it may be cleaned.
+        self.claim_writer()
     }
 }

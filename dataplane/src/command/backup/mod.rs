@@ -39,7 +39,12 @@ use crate::source::synth::{self, SynthFile, SynthSpec};
 use crate::source::truncated;
 use wire::assemble::{self, DirEntry};
 
+mod plan;
+mod shard;
 mod walker;
+
+pub use plan::{plan, PlanOptions, ShardCount};
+pub use shard::{run_shard, ShardOptions, ShardOutcome};
 
 use walker::Walker;
 
@@ -223,6 +228,9 @@ struct Shared {
     /// Where the cores publish their stage latencies while they run.
     board: Arc<StageBoard>,
     run: Run,
+    /// A shard of a job: each segment's packs are closed when it ends, and its answer says
+    /// what it added and which blobs it waits on, so it can be checkpointed once durable.
+    checkpointing: bool,
 }
 
 /// Where a segment's bytes come from.
@@ -269,6 +277,10 @@ struct SegmentSummary {
     list: ChunkId,
     bytes: u64,
     chunks: u64,
+    /// With [`Shared::checkpointing`]: what the segment added, and the blobs it references
+    /// (the list and its non-zero chunks), durable once none is claimed any more.
+    added: wire::job::CheckpointStats,
+    refs: Vec<ChunkId>,
 }
 
 /// Runs a backup into `repo` and commits its snapshot.
@@ -308,32 +320,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         )));
     }
     let parent = repo.find_parent(opts.parent.as_deref(), &host, &path_strings, opts.db.as_deref())?;
-    for chunking in opts.chunking.all() {
-        let (Chunking::Auto { chunk } | Chunking::Pages { chunk, .. }, Some(page)) = (chunking, chunking.page_size())
-        else {
-            continue;
-        };
-        if chunk == 0
-            || !chunk.is_multiple_of(page)
-            || !repo.config.segment_size.is_multiple_of(u64::from(chunk))
-            || chunk > wire::limits::MAX_CHUNK_SIZE
-        {
-            return Err(Error::Usage(format!(
-                "--page-chunk {chunk}: must be a multiple of the page size {page}, divide the segment size {}, and be at most {}",
-                repo.config.segment_size,
-                wire::limits::MAX_CHUNK_SIZE
-            )));
-        }
-        let per_segment = repo.config.segment_size / u64::from(chunk);
-        if per_segment > u64::from(wire::limits::MAX_CHUNK_LIST_ENTRIES) {
-            return Err(Error::Usage(format!(
-                "--page-chunk {chunk}: a segment of {} would be {per_segment} chunks, more than the {} one chunk list holds; \
-                 give a larger --page-chunk (or a repository with smaller segments)",
-                crate::human_size(repo.config.segment_size),
-                wire::limits::MAX_CHUNK_LIST_ENTRIES
-            )));
-        }
-    }
+    check_chunking(&opts.chunking, repo.config.segment_size)?;
     if !(limits::MIN_PACK_SIZE..=limits::MAX_PACK_SIZE).contains(&opts.pack_size) {
         return Err(Error::Usage(format!(
             "--pack-size must be {} to {}",
@@ -358,6 +345,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         deltas,
         board,
         run: run.clone(),
+        checkpointing: false,
     });
 
     let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
@@ -424,6 +412,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         stats,
         repaired: None,
         db: opts.db.clone(),
+        job: None,
     };
     let snapshot_id = shared.repo.commit_snapshot(&snapshot)?;
     // The snapshot stands on its own: a merge that fails only leaves more runs to read.
@@ -432,6 +421,38 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
     }
     let stage_latency = serde_json::json!({"all": written.stages.to_json(), "cores": per_core});
     Ok(BackupOutcome { snapshot_id, snapshot, files_changed, page_files, excluded, stage_latency })
+}
+
+/// Checks every page chunk the rules give against the repository's segment size and the
+/// format's bounds.
+fn check_chunking(rules: &ChunkingRules, segment_size: u64) -> Result<()> {
+    for chunking in rules.all() {
+        let (Chunking::Auto { chunk } | Chunking::Pages { chunk, .. }, Some(page)) = (chunking, chunking.page_size())
+        else {
+            continue;
+        };
+        if chunk == 0
+            || !chunk.is_multiple_of(page)
+            || !segment_size.is_multiple_of(u64::from(chunk))
+            || chunk > wire::limits::MAX_CHUNK_SIZE
+        {
+            return Err(Error::Usage(format!(
+                "--page-chunk {chunk}: must be a multiple of the page size {page}, divide the segment size {}, and be at most {}",
+                segment_size,
+                wire::limits::MAX_CHUNK_SIZE
+            )));
+        }
+        let per_segment = segment_size / u64::from(chunk);
+        if per_segment > u64::from(wire::limits::MAX_CHUNK_LIST_ENTRIES) {
+            return Err(Error::Usage(format!(
+                "--page-chunk {chunk}: a segment of {} would be {per_segment} chunks, more than the {} one chunk list holds; \
+                 give a larger --page-chunk (or a repository with smaller segments)",
+                crate::human_size(segment_size),
+                wire::limits::MAX_CHUNK_LIST_ENTRIES
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One core: take segments until the queue closes, then seal the open pack.
@@ -456,7 +477,23 @@ fn run_core(
             previous.load(&mut reader, job.previous);
             let page = job.page.filter(|&p| wire::delta::valid_page_size(p));
             let base = deltas.as_mut().zip(page).map(|(d, page)| (d, page, &mut reader));
-            backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress)
+            let before = (writer.stats().bytes_new, writer.stats().chunks_new, writer.stats().bytes_stored);
+            let done = backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress);
+            match done {
+                Ok(mut summary) if shared.checkpointing => writer.flush().map(|()| {
+                    let s = writer.stats();
+                    summary.added = wire::job::CheckpointStats {
+                        bytes_new: s.bytes_new - before.0,
+                        chunks_new: s.chunks_new - before.1,
+                        bytes_stored: s.bytes_stored - before.2,
+                    };
+                    summary
+                }),
+                other => other.map(|mut summary| {
+                    summary.refs = vec![];
+                    summary
+                }),
+            }
         };
         stages.maybe_publish(&writer.stats().stages);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
@@ -598,7 +635,14 @@ fn backup_segment(
     }
     fault::point("segment");
     let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
-    Ok(SegmentSummary { list: list_id, bytes: streamed as u64, chunks: list.chunks.len() as u64 })
+    let refs = list.chunks.iter().filter(|c| !c.zero).map(|c| c.id).chain([list_id]).collect();
+    Ok(SegmentSummary {
+        list: list_id,
+        bytes: streamed as u64,
+        chunks: list.chunks.len() as u64,
+        added: Default::default(),
+        refs,
+    })
 }
 
 /// The chunks of a segment in the parent snapshot. They are in the repository already (the

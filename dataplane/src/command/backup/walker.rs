@@ -631,25 +631,17 @@ impl<'a> Walker<'a> {
 
     fn walk_synth_dir(&mut self, spec: &Arc<SynthSpec>, dir: &SynthDir, parent: Option<&Tree>) -> Result<usize> {
         let mut nodes = vec![];
-        let stamp = |mode: u32, size: u64, mtime_ns: i64, inode: u64| Metadata {
-            mode,
-            size,
-            mtime_ns,
-            ctime_ns: mtime_ns,
-            inode,
-            ..Default::default()
-        };
         for (name, sub) in &dir.dirs {
             let subtree = self.parent_subtree(parent, name.as_bytes())?;
             let slot = self.walk_synth_dir(spec, sub, subtree.as_ref())?;
-            let meta = stamp(0o40700, 0, spec.mtime_ns(), 0);
+            let meta = spec.dir_metadata();
             nodes.push(PendingNode::Dir { name: name.as_bytes().to_vec(), meta, slot });
         }
         for (name, f) in &dir.files {
             if self.run.cancel.is_cancelled() {
                 return Err(Error::Interrupted);
             }
-            let meta = stamp(0o100600, f.len(), f.mtime_ns, f.inode());
+            let meta = f.metadata();
             let source = SegmentSource::Synth(Arc::clone(spec), Arc::clone(f));
             let chunking = self.chunking.for_path(Path::new(&f.path));
             let mut head = vec![0; if f.len() >= synth::PAGE as u64 { synth::PAGE } else { 0 }];
