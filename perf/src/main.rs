@@ -15,6 +15,7 @@ mod pgbench;
 mod quic;
 mod report;
 mod sample;
+mod shards;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,6 +116,23 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         cores: usize,
     },
+    /// One process on all cores against one shard process per core (`plan`, `backup --job`,
+    /// `commit --job`) on the same synthetic database; checkpoint cost; a large job combined.
+    Shards {
+        #[arg(long, default_value = "8GiB", value_parser = dataplane::parse_size)]
+        size: u64,
+        #[arg(long, default_value_t = 2)]
+        cores: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// The combined job's size (0: skip it); `--combine-dedup` keeps its repository small.
+        #[arg(long, default_value = "1TiB", value_parser = dataplane::parse_size)]
+        combine_size: u64,
+        #[arg(long, default_value_t = 16)]
+        combine_shards: u32,
+        #[arg(long, default_value_t = 1000)]
+        combine_dedup: u32,
+    },
     /// Loop backup, incremental, restore and verify; fail if resources grow without bound.
     Soak {
         #[arg(long, default_value = "30m")]
@@ -149,6 +167,10 @@ fn main() -> Result<()> {
         Cmd::Pgbench { scale, transactions } => pgbench::pgbench(&cbcr, &cli.out, scale, transactions),
         Cmd::Mariadb { tables, table_size, events } => mariadb::mariadb(&cbcr, &cli.out, tables, table_size, events),
         Cmd::Quic { size, raw, cores } => quic::quic(&cbcr, &cli.out, size, raw, cores),
+        Cmd::Shards { size, cores, rounds, combine_size, combine_shards, combine_dedup } => {
+            let bench = shards::ShardBench { size, cores, rounds, combine_size, combine_shards, combine_dedup };
+            shards::shards(&cbcr, &cli.out, &bench)
+        }
         Cmd::Soak { duration, size } => soak(&cbcr, &cli.out, parse_duration(&duration)?, size),
     }
 }

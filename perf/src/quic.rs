@@ -102,7 +102,7 @@ impl Drop for S3Server {
 }
 
 /// Lets the disk settle so each measured phase starts with no writeback of the previous one.
-fn settle() {
+pub(crate) fn settle() {
     let _ = Command::new("sync").status();
 }
 

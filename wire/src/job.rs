@@ -308,30 +308,43 @@ impl JobPlan {
 }
 
 /// Splits the segments of `files` (each: entry index, size in bytes) into at most `shards`
-/// runs of about equal bytes, in file order, so a shard reads few files and neighbouring small
-/// files go together. Empty shards are left out: fewer files than shards give fewer shards.
+/// shards of about equal bytes: largest segment first, each to the shard with the fewest bytes
+/// so far (within one smallest segment of each other, where cutting the file order into runs
+/// would be off by up to a whole segment: 1 GiB by default). Each shard's segments are in file
+/// order, neighbours of one file merged into one range. Empty shards are left out: fewer
+/// segments than shards give fewer shards.
 pub fn split(files: &[(u32, u64)], segment_size: u64, shards: u32) -> Vec<Vec<SegmentRange>> {
-    let total: u64 = files.iter().map(|f| f.1).sum();
-    let shards = u64::from(shards.max(1));
-    let mut out: Vec<Vec<SegmentRange>> = vec![vec![]];
-    let mut done = 0u64;
+    use std::cmp::Reverse;
+    let mut segments: Vec<(u64, u32, u32)> = vec![];
     for &(file, size) in files {
-        let segments = size.div_ceil(segment_size) as u32;
-        for s in 0..segments {
-            // The shard this segment's first byte falls in, by the bytes before it.
-            let want = ((done as u128 * shards as u128) / total.max(1) as u128) as usize;
-            if want >= out.len() && !out.last().is_some_and(Vec::is_empty) {
-                out.push(vec![]);
-            }
-            let shard = out.last_mut().expect("one shard at least");
-            match shard.last_mut() {
-                Some(r) if r.file == file && r.end == s => r.end += 1,
-                _ => shard.push(SegmentRange { file, first: s, end: s + 1 }),
-            }
-            done += (size - u64::from(s) * segment_size).min(segment_size);
+        for s in 0..size.div_ceil(segment_size) as u32 {
+            segments.push(((size - u64::from(s) * segment_size).min(segment_size), file, s));
         }
     }
-    out.retain(|s| !s.is_empty());
+    segments.sort_by_key(|&(len, file, s)| (Reverse(len), file, s));
+    let mut load: std::collections::BinaryHeap<Reverse<(u64, usize)>> =
+        (0..shards.max(1) as usize).map(|k| Reverse((0, k))).collect();
+    let mut members: Vec<Vec<(u32, u32)>> = vec![vec![]; shards.max(1) as usize];
+    for (len, file, s) in segments {
+        let Reverse((bytes, k)) = load.pop().expect("one shard at least");
+        members[k].push((file, s));
+        load.push(Reverse((bytes + len, k)));
+    }
+    let mut out: Vec<Vec<SegmentRange>> = members
+        .into_iter()
+        .filter(|m| !m.is_empty())
+        .map(|mut m| {
+            m.sort_unstable();
+            let mut ranges: Vec<SegmentRange> = vec![];
+            for (file, s) in m {
+                match ranges.last_mut() {
+                    Some(r) if r.file == file && r.end == s => r.end += 1,
+                    _ => ranges.push(SegmentRange { file, first: s, end: s + 1 }),
+                }
+            }
+            ranges
+        })
+        .collect();
     if out.is_empty() {
         out.push(vec![]);
     }
@@ -625,8 +638,8 @@ mod tests {
             assert_eq!(bytes.iter().sum::<u64>(), (8 << 20) + 101);
             if n == 4 {
                 assert_eq!(p.shards.len(), 4);
-                // Cut at segment boundaries: each within a segment of a quarter.
-                assert!(bytes.iter().all(|&b| (1 << 20..=3 << 20).contains(&b)), "{bytes:?}");
+                // Eight whole segments and two small ones: two whole ones each.
+                assert!(bytes.iter().all(|&b| (2 << 20..=(2 << 20) + 101).contains(&b)), "{bytes:?}");
             }
         }
     }
@@ -691,6 +704,12 @@ mod tests {
             let files: Vec<(u32, u64)> = sizes.iter().enumerate().map(|(i, s)| (i as u32, *s)).collect();
             let out = split(&files, 1000, shards);
             prop_assert!(out.len() <= shards as usize);
+            // Balanced within one segment.
+            let bytes: Vec<u64> = out.iter().map(|ranges| ranges.iter().flat_map(|r| (r.first..r.end).map(move |s| (r.file, s)))
+                .map(|(f, s)| (sizes[f as usize] - u64::from(s) * 1000).min(1000)).sum()).collect();
+            if let (Some(max), Some(min)) = (bytes.iter().max(), bytes.iter().min()) {
+                prop_assert!(out.len() < shards as usize || max - min <= 1000, "{bytes:?}");
+            }
             let mut seen: Vec<(u32, u32)> = out.iter().flatten().flat_map(|r| (r.first..r.end).map(move |s| (r.file, s))).collect();
             let all = seen.len();
             seen.sort_unstable();
