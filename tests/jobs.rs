@@ -235,3 +235,22 @@ fn a_checkpoint_moved_to_another_shards_name_does_not_count() {
     let said = format!("{}{}", text(&verified.stdout), text(&verified.stderr));
     assert!(said.contains(&format!("jobs/{job}.1.")), "{said}");
 }
+
+#[test]
+fn one_shard_run_twice_at_once_leaves_one_run_whose_checkpoints_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::local(&dir.path().join("repo"));
+    target.init_small();
+    let (job, _) = plan(&target, &["--shards", "2", SYNTH_BIG]);
+    let twins: Vec<Child> = (0..2).map(|_| spawn_shard(local_command, &target.url, &job, 0)).collect();
+    let outs: Vec<Output> = twins.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    // Whichever started second took the shard over or met the first at the same token: one
+    // of them may stop fenced, and nothing else.
+    for out in &outs {
+        assert!(out.status.success() || out.status.code() == Some(18), "{}: {}", out.status, text(&out.stderr));
+    }
+    assert!(outs.iter().any(|o| o.status.success()), "neither run finished");
+    summary(target.cbcr(&["--json", "backup", "--job", &job, "--shard", "1"]));
+    target.ok(&["commit", "--job", &job]);
+    target.ok(&["verify", "--against", SYNTH_BIG]);
+}
