@@ -30,6 +30,21 @@ fn cbcr_json(cbcr: &Path, args: &[&str]) -> Result<Value> {
     serde_json::from_str(stdout.lines().last().context("no output")?).context("last line is not JSON")
 }
 
+/// Starts shard `k` of `job` on `cores` cores, on its own CPUs (the `slot`-th `cores` of them):
+/// a process pins its cores to the first CPUs of its mask.
+fn spawn_shard(cbcr: &Path, repo: &Path, job: &str, k: usize, slot: usize, cores: usize) -> Result<Child> {
+    let cpus = format!("{}-{}", slot * cores, (slot + 1) * cores - 1);
+    Command::new("taskset")
+        .args(["-c", &cpus])
+        .arg(cbcr)
+        .args(["--json", "--no-progress", "--cores", &cores.to_string(), "--repo", &s(repo)])
+        .args(["backup", "--job", job, "--shard", &k.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting a shard under taskset")
+}
+
 fn init(cbcr: &Path, repo: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(repo);
     cbcr_json(cbcr, &["init", "--repo", &s(repo)]).map(drop)
@@ -42,19 +57,7 @@ fn sharded(cbcr: &Path, repo: &Path, url: &str, shards: u32, cores_each: usize) 
     let planned = cbcr_json(cbcr, &["plan", "--repo", &s(repo), "--shards", &shards.to_string(), url])?;
     let job = planned["job"].as_str().context("plan printed no job")?.to_owned();
     let children: Vec<Child> = (0..planned["shards"].as_array().map_or(0, Vec::len))
-        .map(|k| {
-            // Each on its own CPUs: a process pins its cores to the first CPUs of its mask.
-            let cpus = format!("{}-{}", k * cores_each, (k + 1) * cores_each - 1);
-            Command::new("taskset")
-                .args(["-c", &cpus])
-                .arg(cbcr)
-                .args(["--json", "--no-progress", "--cores", &cores_each.to_string(), "--repo", &s(repo)])
-                .args(["backup", "--job", &job, "--shard", &k.to_string()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting a shard")
-        })
+        .map(|k| spawn_shard(cbcr, repo, &job, k, k, cores_each))
         .collect::<Result<_>>()?;
     let mut summaries = vec![];
     for child in children {
@@ -135,19 +138,7 @@ pub(crate) fn shards(cbcr: &Path, out: &Path, b: &ShardBench) -> Result<()> {
         for batch in (0..count).collect::<Vec<_>>().chunks(b.cores) {
             let children: Vec<Child> = batch
                 .iter()
-                .map(|k| {
-                    let slot = k % b.cores;
-                    let cpus = format!("{}-{}", slot * cores_each, (slot + 1) * cores_each - 1);
-                    Command::new("taskset")
-                        .args(["-c", &cpus])
-                        .arg(cbcr)
-                        .args(["--json", "--no-progress", "--cores", &cores_each.to_string(), "--repo", &s(&repo)])
-                        .args(["backup", "--job", &job, "--shard", &k.to_string()])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::piped())
-                        .spawn()
-                        .context("starting a shard")
-                })
+                .map(|&k| spawn_shard(cbcr, &repo, &job, k, k % b.cores, cores_each))
                 .collect::<Result<_>>()?;
             for child in children {
                 let out = child.wait_with_output()?;

@@ -12,7 +12,7 @@
 //! can write nothing that a combine would use.
 
 use crate::codec::{self, Reader};
-use crate::tree::Metadata;
+use crate::tree::{decode_meta, encode_meta, Metadata};
 use crate::{limits, ChunkId, Result};
 
 const PLAN_MAGIC: &[u8; 4] = b"CBJP";
@@ -169,7 +169,7 @@ impl JobPlan {
             for name in &e.path {
                 put_text(&mut out, name);
             }
-            put_meta(&mut out, &e.meta);
+            encode_meta(&e.meta, &mut out);
             match &e.kind {
                 PlanKind::File { segments, cut } => {
                     out.push(0);
@@ -231,7 +231,7 @@ impl JobPlan {
                 return Err(r.corrupt(format!("an entry of {depth} path components")));
             }
             let path = (0..depth).map(|_| raw_text(&mut r, limits::MAX_NAME_LEN)).collect::<Result<Vec<_>>>()?;
-            let meta = get_meta(&mut r)?;
+            let meta = decode_meta(&mut r)?;
             let kind = match r.u8()? {
                 0 => {
                     let segments = r.u32()?;
@@ -553,28 +553,6 @@ fn raw_text(r: &mut Reader<'_>, max: usize) -> Result<Vec<u8>> {
 fn text(r: &mut Reader<'_>) -> Result<String> {
     let bytes = raw_text(r, MAX_TEXT)?;
     String::from_utf8(bytes).map_err(|_| r.corrupt("a text field that is not UTF-8".into()))
-}
-
-fn put_meta(out: &mut Vec<u8>, m: &Metadata) {
-    for v in [m.mode, m.uid, m.gid] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    for v in [m.size, m.mtime_ns as u64, m.ctime_ns as u64, m.inode, m.dev] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn get_meta(r: &mut Reader<'_>) -> Result<Metadata> {
-    Ok(Metadata {
-        mode: r.u32()?,
-        uid: r.u32()?,
-        gid: r.u32()?,
-        size: r.u64()?,
-        mtime_ns: r.i64()?,
-        ctime_ns: r.i64()?,
-        inode: r.u64()?,
-        dev: r.u64()?,
-    })
 }
 
 #[cfg(test)]

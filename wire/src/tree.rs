@@ -156,16 +156,7 @@ impl Tree {
             if nodes.last().is_some_and(|prev| prev.name >= name) {
                 return Err(r.corrupt("nodes are not strictly sorted by name".into()));
             }
-            let meta = Metadata {
-                mode: r.u32()?,
-                uid: r.u32()?,
-                gid: r.u32()?,
-                size: r.u64()?,
-                mtime_ns: r.i64()?,
-                ctime_ns: r.i64()?,
-                inode: r.u64()?,
-                dev: r.u64()?,
-            };
+            let meta = decode_meta(&mut r)?;
             let kind = match kind {
                 KIND_FILE => {
                     let n = r.count(limits::MAX_FILE_SEGMENTS, 32)?;
@@ -194,6 +185,29 @@ impl Tree {
     }
 }
 
+/// Metadata as every encoding holds it: 56 bytes, fields in declaration order.
+pub(crate) fn encode_meta(m: &Metadata, out: &mut Vec<u8>) {
+    for v in [m.mode, m.uid, m.gid] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [m.size, m.mtime_ns as u64, m.ctime_ns as u64, m.inode, m.dev] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+pub(crate) fn decode_meta(r: &mut Reader<'_>) -> Result<Metadata> {
+    Ok(Metadata {
+        mode: r.u32()?,
+        uid: r.u32()?,
+        gid: r.u32()?,
+        size: r.u64()?,
+        mtime_ns: r.i64()?,
+        ctime_ns: r.i64()?,
+        inode: r.u64()?,
+        dev: r.u64()?,
+    })
+}
+
 fn encode_node(n: &Node, out: &mut Vec<u8>) {
     assert!(valid_name(&n.name), "invalid file name in tree");
     let kind = match n.kind {
@@ -204,15 +218,7 @@ fn encode_node(n: &Node, out: &mut Vec<u8>) {
     out.push(kind);
     out.extend_from_slice(&(n.name.len() as u16).to_le_bytes());
     out.extend_from_slice(&n.name);
-    let m = &n.meta;
-    for v in [m.mode, m.uid, m.gid] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.extend_from_slice(&m.size.to_le_bytes());
-    out.extend_from_slice(&m.mtime_ns.to_le_bytes());
-    out.extend_from_slice(&m.ctime_ns.to_le_bytes());
-    out.extend_from_slice(&m.inode.to_le_bytes());
-    out.extend_from_slice(&m.dev.to_le_bytes());
+    encode_meta(&n.meta, out);
     match &n.kind {
         NodeKind::File { segments } => {
             out.extend_from_slice(&(segments.len() as u32).to_le_bytes());

@@ -348,14 +348,7 @@ fn backup_locked(repo: Repository, opts: &BackupOptions, run: &Run) -> Result<Ba
         checkpointing: false,
     });
 
-    let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
-    let (job_tx, job_rx) = bounded::<SegmentJob>(depth);
-    let (done_tx, done_rx) = bounded::<SegmentDone>(depth);
-    let sealer = Sealer::start(Arc::clone(&shared.known));
-    let cores = {
-        let (shared, seal_tx) = (Arc::clone(&shared), sealer.sender());
-        runtime::spawn(opts.cores, move |core| run_core(&shared, core, &job_rx, &done_tx, seal_tx.clone()))?
-    };
+    let CorePool { jobs: job_tx, done: done_rx, sealer, cores } = start_cores(&shared, opts.cores)?;
 
     match &opts.source {
         BackupSource::Synth(spec) => progress.set_total(spec.files().iter().map(SynthFile::len).sum()),
@@ -453,6 +446,26 @@ fn check_chunking(rules: &ChunkingRules, segment_size: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The cores of one backup at work: where segments go (bounded), where their answers come from,
+/// the sealer their packs go to.
+struct CorePool {
+    jobs: Sender<SegmentJob>,
+    done: Receiver<SegmentDone>,
+    sealer: Sealer,
+    cores: runtime::Cores<Result<WriteStats>>,
+}
+
+/// Starts `cores` cores on `shared`'s work, and their sealer.
+fn start_cores(shared: &Arc<Shared>, cores: usize) -> Result<CorePool> {
+    let depth = cores * limits::SEGMENT_QUEUE_PER_CORE;
+    let (job_tx, job_rx) = bounded::<SegmentJob>(depth);
+    let (done_tx, done_rx) = bounded::<SegmentDone>(depth);
+    let sealer = Sealer::start(Arc::clone(&shared.known));
+    let (shared, seal_tx) = (Arc::clone(shared), sealer.sender());
+    let cores = runtime::spawn(cores, move |core| run_core(&shared, core, &job_rx, &done_tx, seal_tx.clone()))?;
+    Ok(CorePool { jobs: job_tx, done: done_rx, sealer, cores })
 }
 
 /// One core: take segments until the queue closes, then seal the open pack.

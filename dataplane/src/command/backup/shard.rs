@@ -14,20 +14,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
+use crossbeam_channel::{select, Receiver, Sender};
 use memmap2::{Advice, Mmap};
 use wire::job::{self, Checkpoint, CheckpointStats, Cut, JobId, JobObject, JobPlan, PlanKind, PlanSource, ShardStart};
 
-use super::{metadata, run_core, SegmentDone, SegmentJob, SegmentSource, Shared};
+use super::{metadata, start_cores, CorePool, SegmentDone, SegmentJob, SegmentSource, Shared};
 use crate::command::jobs::JobState;
 use crate::error::{Error, Result};
 use crate::events::{Run, StageBoard};
 use crate::index::{ChunkIndex, KnownBlobs};
-use crate::limits;
 use crate::pipeline::chunker::ChunkPolicy;
-use crate::pipeline::pack::Sealer;
 use crate::repo::{JobObjects, Repository};
-use crate::runtime;
 use crate::source::synth::{SynthFile, SynthSpec};
 use crate::source::truncated;
 
@@ -123,14 +120,7 @@ pub fn run_shard(repo: Repository, opts: &ShardOptions, run: &Run) -> Result<Sha
         run: run.clone(),
         checkpointing: true,
     });
-    let depth = opts.cores * limits::SEGMENT_QUEUE_PER_CORE;
-    let (job_tx, job_rx) = bounded::<SegmentJob>(depth);
-    let (done_tx, done_rx) = bounded::<SegmentDone>(depth);
-    let sealer = Sealer::start(Arc::clone(&shared.known));
-    let cores = {
-        let (shared, seal_tx) = (Arc::clone(&shared), sealer.sender());
-        runtime::spawn(opts.cores, move |core| run_core(&shared, core, &job_rx, &done_tx, seal_tx.clone()))?
-    };
+    let CorePool { jobs: job_tx, done: done_rx, sealer, cores } = start_cores(&shared, opts.cores)?;
     let mut driver = Driver {
         plan,
         known: &shared.known,
