@@ -492,21 +492,19 @@ fn run_core(
             let base = deltas.as_mut().zip(page).map(|(d, page)| (d, page, &mut reader));
             let before = (writer.stats().bytes_new, writer.stats().chunks_new, writer.stats().bytes_stored);
             let done = backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress);
-            match done {
-                Ok(mut summary) if shared.checkpointing => writer.flush().map(|()| {
+            done.and_then(|(mut summary, list)| {
+                if shared.checkpointing {
+                    writer.flush()?;
                     let s = writer.stats();
                     summary.added = wire::job::CheckpointStats {
                         bytes_new: s.bytes_new - before.0,
                         chunks_new: s.chunks_new - before.1,
                         bytes_stored: s.bytes_stored - before.2,
                     };
-                    summary
-                }),
-                other => other.map(|mut summary| {
-                    summary.refs = vec![];
-                    summary
-                }),
-            }
+                    summary.refs = list.chunks.iter().filter(|c| !c.zero).map(|c| c.id).chain([summary.list]).collect();
+                }
+                Ok(summary)
+            })
         };
         stages.maybe_publish(&writer.stats().stages);
         let answer = SegmentDone { file: job.file, segment: job.segment, result };
@@ -521,7 +519,8 @@ fn run_core(
     finished
 }
 
-/// Chunks, hashes, dedups, compresses and packs one segment; stores its chunk list.
+/// Chunks, hashes, dedups, compresses and packs one segment; stores its chunk list, and returns
+/// it with the summary.
 fn backup_segment(
     writer: &mut BlobWriter<'_>,
     job: &SegmentJob,
@@ -530,7 +529,7 @@ fn backup_segment(
     cdc: ChunkerParams,
     window: &mut Vec<u8>,
     progress: &Progress,
-) -> Result<SegmentSummary> {
+) -> Result<(SegmentSummary, ChunkList)> {
     let mut list = ChunkList::default();
     // A stream's segment is as long as what came; every other is `job.len`.
     let mut streamed = job.len;
@@ -648,14 +647,14 @@ fn backup_segment(
     }
     fault::point("segment");
     let (list_id, _) = writer.store(BlobKind::ChunkList, &list.encode())?;
-    let refs = list.chunks.iter().filter(|c| !c.zero).map(|c| c.id).chain([list_id]).collect();
-    Ok(SegmentSummary {
+    let summary = SegmentSummary {
         list: list_id,
         bytes: streamed as u64,
         chunks: list.chunks.len() as u64,
         added: Default::default(),
-        refs,
-    })
+        refs: vec![],
+    };
+    Ok((summary, list))
 }
 
 /// The chunks of a segment in the parent snapshot. They are in the repository already (the
