@@ -129,14 +129,6 @@ impl JobState {
         }
         out
     }
-
-    /// The path (for messages) of entry `file` of the plan.
-    pub fn entry_path(&self, file: u32) -> String {
-        let e = self.plan.entries.get(file as usize);
-        let parts: Vec<String> =
-            e.map(|e| e.path.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect()).unwrap_or_default();
-        format!("/{}", parts.join("/"))
-    }
 }
 
 /// Why there is no plan for `job`: it was committed (a snapshot records it), or never was.
