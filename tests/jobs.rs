@@ -1,8 +1,9 @@
 //! Sharded backups with the real binary: `plan`, shards run by several processes at once,
 //! a shard killed with SIGKILL and resumed by another process, `commit --job`, and the refusals
-//! (stale token, changed source, missing shard, a job committed twice).
+//! (stale token, changed source, missing shard, a job committed twice); into a local
+//! directory, `s3://` and a receiver.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 
 use cbcr_tests::*;
@@ -13,7 +14,7 @@ const SYNTH: &str = "synth://pg?size=24MiB&seed=5";
 const SYNTH_BIG: &str = "synth://pg?size=128MiB&seed=6";
 
 /// The job id `plan --json` printed.
-fn plan(target: &Target<'_>, args: &[&str]) -> (String, Value) {
+fn plan(target: &Target, args: &[&str]) -> (String, Value) {
     let mut full = vec!["--json", "plan"];
     full.extend_from_slice(args);
     let out = target.ok(&full);
@@ -23,10 +24,12 @@ fn plan(target: &Target<'_>, args: &[&str]) -> (String, Value) {
 }
 
 /// A shard process, started (not waited for).
-fn spawn_shard(command: impl FnOnce(&[&str]) -> Command, repo: &str, job: &str, shard: usize) -> Child {
+fn spawn_shard(target: &Target, job: &str, shard: usize) -> Child {
     let shard = shard.to_string();
+    let repo = &target.url;
     let args = ["--json", "--no-progress", "--cores", "1", "--repo", repo, "backup", "--job", job, "--shard", &shard];
-    command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    let mut command: Command = target.command(&args);
+    command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
 }
 
 /// A shard run's summary, asserting it succeeded.
@@ -38,7 +41,7 @@ fn summary(out: Output) -> Value {
 }
 
 /// The root tree of each snapshot, by id.
-fn trees(target: &Target<'_>) -> Vec<(String, String)> {
+fn trees(target: &Target) -> Vec<(String, String)> {
     let out = target.ok(&["--json", "snapshots"]);
     text(&out.stdout)
         .lines()
@@ -47,22 +50,29 @@ fn trees(target: &Target<'_>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn local_command(args: &[&str]) -> Command {
+/// A receiver serving `dir` (a repository made with [`init_small`], its password given), and
+/// the target that reaches it as the certificate `client` of its development PKI.
+fn served(dir: &Path) -> (ReceiverProcess, Target, PathBuf) {
+    init_small(&dir.join("repo"));
+    let pki = dir.join("pki");
+    ok(&["cert", "dev", "--out", s(&pki)]);
     let mut cmd = cbcr_command();
-    cmd.args(args).env_remove("CBCR_REPO").env_remove("CBCR_FAULT").env_remove("CBCR_CORES");
-    cmd
+    cmd.stderr(std::process::Stdio::null());
+    let receiver = ReceiverProcess::start(cmd, &pki, &["--repo", s(&dir.join("repo"))]);
+    let target = Target::quic(receiver.url(""), &dir.join("repo"), &pki, "client");
+    (receiver, target, pki)
 }
 
-/// The job of `target`, run by 4 processes at once, combines into one snapshot whose root tree
-/// is the one a single backup of the same source makes (trees are named by their content, so
-/// equal ids mean equal snapshots, bit for bit), and which restores as the source.
-fn four_shards_at_once(target: &Target<'_>, command: &dyn Fn(&[&str]) -> Command) {
-    target.init_small();
+/// The job of `target` (a repository made with [`init_small`]), run by 4 processes at once,
+/// combines into one snapshot whose root tree is the one a single backup of the same source
+/// makes (trees are named by their content, so equal ids mean equal snapshots, bit for bit),
+/// and which restores as the source.
+fn four_shards_at_once(target: &Target) {
     let (job, planned) = plan(target, &["--db", "pg1", "--shards", "4", SYNTH]);
     assert_eq!(planned["shards"].as_array().unwrap().len(), 4, "{planned}");
     // The plan is small: entries and segments, not data.
     assert!(planned["plan_bytes"].as_u64().unwrap() < 4096, "{planned}");
-    let children: Vec<Child> = (0..4).map(|k| spawn_shard(|a| command(a), &target.url, &job, k)).collect();
+    let children: Vec<Child> = (0..4).map(|k| spawn_shard(target, &job, k)).collect();
     let mut read = 0;
     for child in children {
         let s = summary(child.wait_with_output().unwrap());
@@ -88,14 +98,27 @@ fn four_shards_at_once(target: &Target<'_>, command: &dyn Fn(&[&str]) -> Command
 #[test]
 fn four_shard_processes_into_a_local_repository_make_the_snapshot_one_backup_makes() {
     let dir = tempfile::tempdir().unwrap();
-    four_shards_at_once(&Target::local(&dir.path().join("repo")), &local_command);
+    let target = Target::local(&dir.path().join("repo"));
+    target.init_small();
+    four_shards_at_once(&target);
 }
 
 #[test]
 fn four_shard_processes_into_s3_make_the_snapshot_one_backup_makes() {
     let Some(server) = S3Server::start() else { return };
     let target = Target::s3(&server, "jobs", "repo");
-    four_shards_at_once(&target, &|a| server.command(a));
+    target.init_small();
+    four_shards_at_once(&target);
+}
+
+#[test]
+fn four_shard_processes_through_a_receiver_make_the_snapshot_one_backup_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_receiver, target, _) = served(dir.path());
+    four_shards_at_once(&target);
+    // The receiver kept the job's objects in its repository, and removed them at the commit.
+    let jobs = std::fs::read_dir(dir.path().join("repo/jobs")).unwrap().count();
+    assert_eq!(jobs, 0);
 }
 
 #[test]
@@ -127,12 +150,10 @@ fn a_sharded_directory_restores_as_the_source() {
     assert_eq!(sharded, single, "the sharded snapshot differs from a single backup of the same directory");
 }
 
-/// Kills a shard with SIGKILL right after its `n`-th checkpoint; another process resumes it.
-fn killed_after_checkpoint(n: u32) {
-    let dir = tempfile::tempdir().unwrap();
-    let target = Target::local(&dir.path().join("repo"));
-    target.init_small();
-    let (job, _) = plan(&target, &["--shards", "2", SYNTH_BIG]);
+/// Kills a shard with SIGKILL right after its `n`-th checkpoint into `target` (a repository
+/// made with [`init_small`]); another process resumes it.
+fn killed_after_checkpoint(target: &Target, n: u32) {
+    let (job, _) = plan(target, &["--shards", "2", SYNTH_BIG]);
     let fault = format!("checkpoint:{n}");
     let killed = target.cbcr_env(&["--cores", "1", "backup", "--job", &job, "--shard", "0"], &[("CBCR_FAULT", &fault)]);
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&killed.status), Some(9), "{}", text(&killed.stderr));
@@ -155,12 +176,25 @@ fn killed_after_checkpoint(n: u32) {
 
 #[test]
 fn a_shard_killed_after_its_first_checkpoint_resumes_elsewhere_and_skips_it() {
-    killed_after_checkpoint(1);
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::local(&dir.path().join("repo"));
+    target.init_small();
+    killed_after_checkpoint(&target, 1);
 }
 
 #[test]
 fn a_shard_killed_after_its_third_checkpoint_resumes_elsewhere_and_skips_them() {
-    killed_after_checkpoint(3);
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::local(&dir.path().join("repo"));
+    target.init_small();
+    killed_after_checkpoint(&target, 3);
+}
+
+#[test]
+fn a_shard_killed_through_a_receiver_resumes_and_skips_what_it_checkpointed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_receiver, target, _) = served(dir.path());
+    killed_after_checkpoint(&target, 2);
 }
 
 #[test]
@@ -242,7 +276,7 @@ fn one_shard_run_twice_at_once_leaves_one_run_whose_checkpoints_count() {
     let target = Target::local(&dir.path().join("repo"));
     target.init_small();
     let (job, _) = plan(&target, &["--shards", "2", SYNTH_BIG]);
-    let twins: Vec<Child> = (0..2).map(|_| spawn_shard(local_command, &target.url, &job, 0)).collect();
+    let twins: Vec<Child> = (0..2).map(|_| spawn_shard(&target, &job, 0)).collect();
     let outs: Vec<Output> = twins.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
     // Whichever started second took the shard over or met the first at the same token: one
     // of them may stop fenced, and nothing else.

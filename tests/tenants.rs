@@ -222,3 +222,58 @@ fn two_tenants_on_one_receiver_are_kept_apart_by_its_policy() {
     assert!(events.iter().any(|e| e["fields"]["event"] == "handshake_refused"), "{trail}");
     assert!(events.iter().filter(|e| e["fields"]["event"] == "policy").count() >= 2, "{trail}");
 }
+
+#[test]
+fn a_sharded_job_through_a_policy_is_reached_only_by_writers_its_planner_may_write_as() {
+    const SYNTH: &str = "synth://pg?size=8MiB&seed=3";
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let pki: PathBuf = tmp.path().join("pki");
+    ok(&["cert", "dev", "--out", s(&pki)]);
+    for name in ["db1.tenant-a", "db2.tenant-a", "ops.tenant-a"] {
+        ok(&["cert", "issue", name, "--pki", s(&pki)]);
+    }
+    init_small(&a);
+    init_small(&b);
+    let policy = tmp.path().join("policy.toml");
+    fs::write(&policy, policy_text(&a, &b, "")).unwrap();
+    let log = tmp.path().join("receiver.log");
+    let mut cmd = cbcr_command();
+    cmd.env_remove("CBCR_PASSWORD").stderr(fs::File::create(&log).unwrap());
+    let receiver = ReceiverProcess::start(cmd, &pki, &["--policy", s(&policy), "--log-format", "json"]);
+    let url = receiver.url("a");
+    let planned = ok_as("db1.tenant-a", &pki, PASSWORD, &["--json", "plan", "--repo", &url, "--shards", "2", SYNTH]);
+    let job = planned["job"].as_str().unwrap().to_owned();
+    // The owner is recorded beside the plan, on the storage host.
+    assert_eq!(fs::read_to_string(a.join(format!("writers/job-{job}"))).unwrap(), "db1.tenant-a");
+
+    // Another writer of the same repository neither sees the job nor runs, commits or
+    // abandons it: its start records would fence the owner's runs.
+    let listed = as_client("db2.tenant-a", &pki, PASSWORD, &["--json", "jobs", "--repo", &url]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    assert!(!text(&listed.stdout).contains(&job), "{}", text(&listed.stdout));
+    let run = ["backup", "--repo", &url, "--job", &job, "--shard", "0"];
+    denied(&as_client("db2.tenant-a", &pki, PASSWORD, &run), "not a job of a writer this certificate may write as");
+    denied(&as_client("db2.tenant-a", &pki, PASSWORD, &["commit", "--repo", &url, "--job", &job]), "not a job of");
+    let abandon = as_client("db2.tenant-a", &pki, PASSWORD, &["jobs", "--repo", &url, "--abandon", &job]);
+    assert_eq!(abandon.status.code(), Some(1), "{}", text(&abandon.stderr));
+    // A role without backup plans nothing.
+    let ops = as_client("ops.tenant-a", &pki, PASSWORD, &["plan", "--repo", &url, "--shards", "2", SYNTH]);
+    denied(&ops, "may not Backup");
+    assert!(!fs::read_dir(a.join("jobs")).unwrap().any(|e| e.unwrap().file_name() != format!("{job}.plan").as_str()));
+
+    // The owner runs both shards and commits one snapshot, recorded as its own.
+    for shard in ["0", "1"] {
+        ok_as("db1.tenant-a", &pki, PASSWORD, &["--json", "backup", "--repo", &url, "--job", &job, "--shard", shard]);
+    }
+    let committed = ok_as("db1.tenant-a", &pki, PASSWORD, &["--json", "commit", "--repo", &url, "--job", &job]);
+    let id = committed["snapshot_id"].as_str().unwrap();
+    assert!(a.join(format!("writers/{id}_db1.tenant-a")).exists());
+    // Everything of the job is gone, its owner record last.
+    assert_eq!(fs::read_dir(a.join("jobs")).unwrap().count(), 0);
+    assert!(!a.join(format!("writers/job-{job}")).exists());
+    let audit = fs::read_to_string(&log).unwrap();
+    let puts = audit.lines().filter(|l| l.contains("\"job_put\"") && l.contains("db1.tenant-a")).count();
+    assert!(puts >= 3, "a plan and two shard starts, audited: {audit}");
+    assert!(audit.lines().any(|l| l.contains("\"job_delete\"") && l.contains(&format!("{job}.plan"))), "{audit}");
+}

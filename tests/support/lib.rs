@@ -320,21 +320,43 @@ impl Drop for S3Server {
 
 /// A test's repository: a local directory, or a prefix of a bucket on an [`S3Server`] (which
 /// keeps each object as a file, so [`Target::files`] serves both for looking at objects).
-pub struct Target<'a> {
+pub struct Target {
     pub url: String,
     files: PathBuf,
-    s3: Option<&'a S3Server>,
+    /// The variables that point cbcr at it (an S3 server's, a receiver client's certificate).
+    env: Vec<(&'static str, String)>,
 }
 
-impl<'a> Target<'a> {
+impl Target {
     pub fn local(dir: &Path) -> Self {
-        Self { url: s(dir).to_owned(), files: dir.to_owned(), s3: None }
+        Self { url: s(dir).to_owned(), files: dir.to_owned(), env: vec![] }
     }
 
-    /// `s3://BUCKET/PREFIX` on `server` (the bucket is created).
-    pub fn s3(server: &'a S3Server, bucket: &str, prefix: &str) -> Self {
+    /// `s3://BUCKET/PREFIX` on `server` (the bucket is created; the server must outlive it).
+    pub fn s3(server: &S3Server, bucket: &str, prefix: &str) -> Self {
         let url = format!("{}/{prefix}", server.bucket(bucket));
-        Self { url, files: server.object_file(bucket, prefix), s3: Some(server) }
+        Self { url, files: server.object_file(bucket, prefix), env: server.env() }
+    }
+
+    /// A receiver's repository `url` (`quic://...`), reached as the client certificate `client`
+    /// of `pki`; `files` is the directory the receiver serves.
+    pub fn quic(url: String, files: &Path, pki: &Path, client: &str) -> Self {
+        let file = |name: String| pki.join(name).to_string_lossy().into_owned();
+        let env = vec![
+            ("CBCR_CERT", file(format!("{client}.crt"))),
+            ("CBCR_KEY", file(format!("{client}.key"))),
+            ("CBCR_CA", file("ca.crt".into())),
+        ];
+        Self { url, files: files.to_owned(), env }
+    }
+
+    /// `cbcr` with `args` (no `--repo` added) and the variables that point it here, not yet
+    /// started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = cbcr_command();
+        cmd.args(args).env_remove("CBCR_REPO").env_remove("CBCR_FAULT").env_remove("CBCR_CORES");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
     }
 
     /// Where the repository's objects are files: `files().join("packs")`, ...
@@ -346,10 +368,7 @@ impl<'a> Target<'a> {
     pub fn cbcr_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut full = args.to_vec();
         full.extend(["--repo", &self.url]);
-        match self.s3 {
-            Some(server) => server.cbcr_env(&full, env),
-            None => cbcr_env(&full, env),
-        }
+        self.command(&full).envs(env.iter().copied()).output().expect("cbcr runs")
     }
 
     pub fn cbcr(&self, args: &[&str]) -> Output {

@@ -55,3 +55,6 @@ pub const MAX_BATCH_IDS: u32 = 1 << 16;
 pub const MAX_PACK_LEN: u64 = 1 << 30;
 /// Largest snapshot record or verify report carried in one frame.
 pub const MAX_RECORD_LEN: u32 = 16 << 20;
+/// Largest job object (a plan, a start record, a checkpoint, sealed) carried in one frame: a
+/// plan of about 300,000 files. A larger plan is kept on the store itself.
+pub const MAX_JOB_OBJECT_LEN: u32 = 32 << 20;

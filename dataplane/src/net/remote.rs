@@ -14,8 +14,10 @@ use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
 use wire::frame::{
-    ErrorCode, Frame, FrameHeader, WelcomeKeys, HEADER_LEN, KEY_OBJECTS_VERSION, MIN_VERSION, TENANT_VERSION, VERSION,
+    ErrorCode, Frame, FrameHeader, WelcomeKeys, HEADER_LEN, JOB_VERSION, KEY_OBJECTS_VERSION, MIN_VERSION,
+    TENANT_VERSION, VERSION,
 };
+use wire::job::{JobId, JobObject};
 use wire::pack::PackEntry;
 use wire::repo::RepoConfig;
 use wire::ChunkId;
@@ -236,6 +238,69 @@ impl Remote {
             Frame::Committed { id } => Ok(id),
             other => Err(self.unexpected(&other)),
         }
+    }
+
+    /// Job objects need protocol [`JOB_VERSION`]: an older receiver is named.
+    fn jobs_spoken(&self) -> Result<()> {
+        if self.version < JOB_VERSION {
+            return Err(Error::Protocol(format!(
+                "receiver {}: sharded jobs through a receiver need protocol version {JOB_VERSION}, it speaks {} (upgrade the receiver, or give --repo its store itself)",
+                self.addr, self.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores a job object as sealed; returns once the receiver has it durably.
+    pub(crate) fn job_put(&self, name: &JobObject, object: &[u8]) -> Result<()> {
+        self.jobs_spoken()?;
+        if object.len() > wire::limits::MAX_JOB_OBJECT_LEN as usize {
+            return Err(Error::Usage(format!(
+                "receiver {}: job object {} is {} bytes; through a receiver one is at most {} (a plan of that many files and segments is made on the repository's store itself)",
+                self.addr,
+                name.name(),
+                object.len(),
+                wire::limits::MAX_JOB_OBJECT_LEN
+            )));
+        }
+        let put = Frame::PutJobObject { session: self.session, name: name.clone(), object: object.to_vec() };
+        match self.request(&put)? {
+            Frame::JobObjectDone => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    pub(crate) fn job_get(&self, name: &JobObject) -> Result<Option<Vec<u8>>> {
+        self.jobs_spoken()?;
+        match self.request(&Frame::GetJobObject { session: self.session, name: name.clone() })? {
+            Frame::JobObjectData { object } => Ok(object),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    pub(crate) fn job_delete(&self, name: &JobObject) -> Result<()> {
+        self.jobs_spoken()?;
+        match self.request(&Frame::DeleteJobObject { session: self.session, name: name.clone() })? {
+            Frame::JobObjectDone => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// The names of `job`'s objects (every job's with `None`) this session may see.
+    pub(crate) fn job_list(&self, job: Option<JobId>) -> Result<Vec<JobObject>> {
+        self.jobs_spoken()?;
+        let mut out = vec![];
+        self.runtime.block_on(async {
+            let (_send, mut recv) = self.open(&Frame::ListJobObjects { session: self.session, job }, true).await?;
+            while let Some(frame) = quic::read_frame(&mut recv).await.map_err(|e| self.stream_error(e))? {
+                match frame {
+                    Frame::JobObjectNames { names } => out.extend(names),
+                    other => return Err(self.unexpected(&other)),
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Runs verify on the receiver, next to the data; returns whether it found damage and the

@@ -48,7 +48,7 @@ pub(crate) trait Backend: Send + Sync {
     /// the caller is to read the repository itself.
     fn verify_in_place(&self, read_data: bool) -> Result<Option<VerifyReport>>;
     /// Where the objects of sharded jobs (plans, start records, checkpoints) are kept.
-    fn job_store(&self) -> Result<std::sync::Arc<dyn crate::store::Store>>;
+    fn job_store(&self) -> std::sync::Arc<dyn super::jobs::JobStore>;
 }
 
 /// Where a pack's bytes go while a core writes it.

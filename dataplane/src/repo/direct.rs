@@ -15,6 +15,7 @@ use wire::verify::VerifyReport;
 use wire::{BlobKind, ChunkId};
 
 use super::backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
+use super::jobs::{JobStore, StoreJobs};
 use super::keys::{OpenScratch, Sealing, SNAPSHOT_AAD};
 use crate::error::{Error, IoContext, Result};
 use crate::fault;
@@ -111,8 +112,8 @@ impl Backend for Direct {
         Ok(None)
     }
 
-    fn job_store(&self) -> Result<Arc<dyn Store>> {
-        Ok(Arc::clone(&self.store))
+    fn job_store(&self) -> Arc<dyn JobStore> {
+        Arc::new(StoreJobs(Arc::clone(&self.store)))
     }
 }
 

@@ -18,6 +18,7 @@ use wire::{ChunkId, RepoKey};
 pub(crate) use backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
 pub(crate) use direct::{publish_pack, read_trailer, Direct, PackFiles};
 pub use jobs::JobObjects;
+pub(crate) use jobs::{JobStore, StoreJobs};
 pub use keys::{first_line, PasswordSource, Secret};
 pub(crate) use keys::{OpenScratch, Sealing};
 pub(crate) use receiver::Receiver;
@@ -269,9 +270,15 @@ impl Repository {
         self.store.claim_shared_writer()
     }
 
-    /// The repository's sharded jobs' objects (not through a receiver yet: an error says so).
+    /// The repository's sharded jobs' objects, where its backend keeps them.
     pub fn jobs(&self) -> Result<JobObjects> {
-        Ok(JobObjects::new(self.backend.job_store()?, Arc::clone(&self.sealing)))
+        Ok(JobObjects::new(self.backend.job_store(), Arc::clone(&self.sealing)))
+    }
+
+    /// The job objects of the repository's own store, as stored (a receiver keeps its clients'
+    /// there without opening them).
+    pub(crate) fn stored_jobs(&self) -> StoreJobs {
+        StoreJobs(Arc::clone(&self.store))
     }
 
     /// The last step of a backup: see [`Backend::commit`].

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use wire::job::{JobId, JobObject};
 use wire::pack::PackEntry;
 use wire::repo::Snapshot;
 use wire::verify::VerifyReport;
@@ -12,6 +13,7 @@ use wire::{BlobKind, ChunkId};
 
 use super::backend::{Backend, BlobSource, NewBlobs, PackSeal, PackSink, Packer};
 use super::direct::open_snapshot;
+use super::jobs::JobStore;
 use super::keys::{Sealing, SNAPSHOT_AAD};
 use crate::error::{Error, Result};
 use crate::index::{ChunkIndex, KnownBlobs};
@@ -111,11 +113,36 @@ impl Backend for Receiver {
             .map_err(|e| Error::Network(format!("receiver {}: verify report: {e}", self.remote.addr)))
     }
 
-    fn job_store(&self) -> Result<Arc<dyn crate::store::Store>> {
-        Err(Error::Usage(format!(
-            "{}: sharded jobs (plan, backup --job, commit --job, jobs) do not run through a receiver yet; give --repo the receiver's repository itself (its directory, or s3://)",
-            self.location()
-        )))
+    fn job_store(&self) -> Arc<dyn JobStore> {
+        Arc::new(RemoteJobs { remote: Arc::clone(&self.remote), location: self.location() })
+    }
+}
+
+/// Job objects kept on the receiver, one request each (a shard writes one per checkpoint).
+struct RemoteJobs {
+    remote: Arc<Remote>,
+    location: String,
+}
+
+impl JobStore for RemoteJobs {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn put(&self, name: &JobObject, object: &[u8]) -> Result<()> {
+        self.remote.job_put(name, object)
+    }
+
+    fn get(&self, name: &JobObject) -> Result<Option<Vec<u8>>> {
+        self.remote.job_get(name)
+    }
+
+    fn delete(&self, name: &JobObject) -> Result<()> {
+        self.remote.job_delete(name)
+    }
+
+    fn list(&self, job: Option<JobId>) -> Result<Vec<JobObject>> {
+        self.remote.job_list(job)
     }
 }
 

@@ -9,6 +9,7 @@
 //! mid-pack) loses its stream or its connection; the others go on, and nothing it half-sent
 //! becomes visible.
 
+mod jobs;
 mod metrics;
 mod notify;
 mod policy;
@@ -266,6 +267,7 @@ impl From<Error> for Refusal {
             Error::NoSpace(_) => ErrorCode::NoSpace,
             Error::Integrity(_) => ErrorCode::BadPack,
             Error::NotFound(_) => ErrorCode::NotFound,
+            Error::Denied(_) => ErrorCode::Denied,
             // The receiver's own trouble (storage, a bug) is never the client's bad frame.
             _ => ErrorCode::Storage,
         };
@@ -607,6 +609,10 @@ fn stage_name(frame: &Frame) -> &'static str {
         Frame::Commit { .. } => "commit",
         Frame::Verify { .. } => "verify",
         Frame::Forget { .. } => "forget",
+        Frame::PutJobObject { .. }
+        | Frame::GetJobObject { .. }
+        | Frame::DeleteJobObject { .. }
+        | Frame::ListJobObjects { .. } => "job",
         _ => "unexpected",
     }
 }
@@ -787,6 +793,29 @@ async fn request(
             })
             .await?;
             reply(send, &Frame::VerifyReport { damaged, report }, version).await
+        }
+        Frame::PutJobObject { ref name, .. } | Frame::DeleteJobObject { ref name, .. } => {
+            let access = allow(&[Op::Backup])?;
+            let (event, object) =
+                (if matches!(frame, Frame::PutJobObject { .. }) { "job_put" } else { "job_delete" }, name.name());
+            let st = Arc::clone(store);
+            let replies = blocking(move || jobs::serve(&st, &access, frame)).await?;
+            // Every checkpoint is a put: the audit names plans and shard starts, and deletes.
+            if event == "job_delete" || !object.ends_with(".ckpt") {
+                info!(target: "audit", event, session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = s.name.as_str(), object = object.as_str(), "session {id} ({}): {event} {object}", p.identity);
+            }
+            for frame in &replies {
+                reply(send, frame, version).await?;
+            }
+            Ok(())
+        }
+        Frame::GetJobObject { .. } | Frame::ListJobObjects { .. } => {
+            let access = allow(&[Op::Backup, Op::List])?;
+            let st = Arc::clone(store);
+            for frame in &blocking(move || jobs::serve(&st, &access, frame)).await? {
+                reply(send, frame, version).await?;
+            }
+            Ok(())
         }
         other => Err(Refusal(ErrorCode::BadFrame, format!("a {:?} frame is not a request", other.kind()))),
     }
