@@ -5,4 +5,5 @@
 //! seeded simulation can drive it through a fleet in seconds and every decision is repeatable.
 
 pub mod core;
+pub mod service;
 pub mod sim;

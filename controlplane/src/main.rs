@@ -1,10 +1,13 @@
-//! `cbcr-control`: the control plane's binary. So far it runs the fleet simulator over the pure
-//! core (`simulate`); the service (API, store, agents) comes with the next issues.
+//! `cbcr-control`: the control plane's binary. It runs the fleet simulator over the pure core
+//! (`simulate`) and keeps the fleet's registry in the embedded store (`db`); the API service and
+//! the agents come next.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use controlplane::service::registry_file::{self, DbEntry, Format, SizeHint, WrittenEntry};
+use controlplane::service::store::{FleetStore, Put, StoreError};
 use controlplane::sim::{self, report, Burst, SimConfig};
 
 #[derive(Parser)]
@@ -18,6 +21,59 @@ struct Cli {
 enum Command {
     /// Drives the scheduling core with a seeded, simulated fleet and prints what happened.
     Simulate(SimulateArgs),
+    /// The registry of databases in the control plane's store.
+    Db {
+        /// The embedded store (one file, created when missing).
+        #[arg(long, env = "CBCR_CONTROL_STORE", default_value = "/var/lib/cbcr-control/state.redb")]
+        store: PathBuf,
+        /// Output as JSON Lines.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Registers one database (again with the same settings: nothing changes).
+    Add {
+        name: String,
+        /// An absolute path on its host, or a synth:// source.
+        #[arg(long)]
+        source: String,
+        /// The host its source lives on (its backups are capped per host).
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "normal", value_name = "critical|high|normal|low")]
+        priority: String,
+        /// How old its latest snapshot may become: 1h, 30m, 1d.
+        #[arg(long)]
+        rpo: String,
+        /// HH:MM-HH:MM (UTC): backups start only within it.
+        #[arg(long)]
+        window: Option<String>,
+        /// The size to plan for until a snapshot says (500GiB, 3TiB).
+        #[arg(long)]
+        size_hint: Option<String>,
+        /// Where its snapshots go: quic://HOST:PORT[/NAME], s3://BUCKET[/PREFIX], or a directory.
+        #[arg(long)]
+        repo: Option<String>,
+        /// Changes a database registered with other settings.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Registers every database of a file (.toml: `[[db]]` tables; else JSON Lines, as
+    /// `db ls --json` prints), all or none.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Lists the registered databases.
+    Ls,
+    /// Unregisters a database.
+    Rm { name: String },
 }
 
 #[derive(Args)]
@@ -57,9 +113,119 @@ struct SimulateArgs {
     report: Option<PathBuf>,
 }
 
+/// Exit codes of `cbcr-control` (the README's table).
+mod exit {
+    pub(crate) const FATAL: u8 = 1;
+    pub(crate) const USAGE: u8 = 2;
+    pub(crate) const CONFLICT: u8 = 4;
+    pub(crate) const UNKNOWN: u8 = 5;
+    pub(crate) const BUSY: u8 = 6;
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let Command::Simulate(a) = cli.command;
+    match Cli::parse().command {
+        Command::Simulate(a) => simulate(a),
+        Command::Db { store, json, command } => match db(&store, json, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err((code, message)) => {
+                eprintln!("cbcr-control: {message}");
+                ExitCode::from(code)
+            }
+        },
+    }
+}
+
+fn store_error(e: StoreError) -> (u8, String) {
+    let code = match &e {
+        StoreError::Busy(_) => exit::BUSY,
+        StoreError::Conflict { .. } => exit::CONFLICT,
+        StoreError::UnknownDb(_) => exit::UNKNOWN,
+        StoreError::Redb { .. } | StoreError::Damaged { .. } => exit::FATAL,
+    };
+    (code, e.to_string())
+}
+
+fn report_puts(entries: &[DbEntry], puts: &[Put], json: bool) {
+    if json {
+        for (e, p) in entries.iter().zip(puts) {
+            println!("{}", serde_json::json!({"type": "db", "name": e.name, "result": p}));
+        }
+    }
+    let count = |want: Put| puts.iter().filter(|p| **p == want).count();
+    let (added, replaced, unchanged) = (count(Put::Added), count(Put::Replaced), count(Put::Unchanged));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"type": "summary", "added": added, "replaced": replaced, "unchanged": unchanged})
+        );
+    } else {
+        println!("{added} added, {replaced} replaced, {unchanged} unchanged");
+    }
+}
+
+fn db(store: &Path, json: bool, command: DbCommand) -> Result<(), (u8, String)> {
+    // The file is read before the store is opened: a bad file leaves no store behind.
+    let entries = match &command {
+        DbCommand::Add { name, source, host, priority, rpo, window, size_hint, repo, .. } => {
+            let written = WrittenEntry {
+                name: name.clone(),
+                source: source.clone(),
+                host: host.clone(),
+                priority: Some(priority.clone()),
+                rpo: rpo.clone(),
+                window: window.clone(),
+                size_hint: size_hint.clone().map(SizeHint::Text),
+                repo: repo.clone(),
+            };
+            vec![written.check().map_err(|m| (exit::USAGE, m))?]
+        }
+        DbCommand::Import { file, .. } => {
+            let text = std::fs::read_to_string(file).map_err(|e| (exit::USAGE, format!("{}: {e}", file.display())))?;
+            registry_file::parse(&text, Format::of(file))
+                .map_err(|e| (exit::USAGE, format!("{}:{}: {}", file.display(), e.line, e.message)))?
+        }
+        DbCommand::Ls | DbCommand::Rm { .. } => vec![],
+    };
+    if let Some(dir) = store.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        return Err((exit::USAGE, format!("{}: no such directory for the store", dir.display())));
+    }
+    let fleet = FleetStore::open(store).map_err(store_error)?;
+    match command {
+        DbCommand::Add { replace, .. } | DbCommand::Import { replace, .. } => {
+            let puts = fleet.put_dbs(&entries, replace).map_err(store_error)?;
+            report_puts(&entries, &puts, json);
+        }
+        DbCommand::Ls => {
+            for e in fleet.dbs().map_err(store_error)? {
+                if json {
+                    println!("{}", e.to_json_line());
+                } else {
+                    let window = e.written().window.unwrap_or_else(|| "any time".into());
+                    let repo = e.repo.as_deref().unwrap_or("(default)");
+                    println!(
+                        "{}  {}  {}  rpo {}  {window}  {}  -> {repo}",
+                        e.name,
+                        e.priority.name(),
+                        e.host,
+                        e.written().rpo,
+                        e.source
+                    );
+                }
+            }
+        }
+        DbCommand::Rm { name } => {
+            let gone = fleet.remove_db(&name).map_err(store_error)?;
+            if json {
+                println!("{}", serde_json::json!({"type": "removed", "name": gone.name}));
+            } else {
+                println!("removed {}", gone.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn simulate(a: SimulateArgs) -> ExitCode {
     if a.dbs == 0 || a.nodes == 0 || a.hours == 0 {
         eprintln!("cbcr-control: --dbs, --nodes and --hours must be at least 1");
         return ExitCode::from(2);

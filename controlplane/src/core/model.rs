@@ -80,6 +80,16 @@ impl Priority {
         self as u8
     }
 
+    /// What [`Priority::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "critical" => Self::Critical,

@@ -64,7 +64,8 @@ pub struct Registry {
 }
 
 impl Registry {
-    fn check(spec: &DbSpec) -> Result<(), RegistryError> {
+    /// Whether `spec` may be registered, by itself (not whether its name is taken).
+    pub fn check(spec: &DbSpec) -> Result<(), RegistryError> {
         let name = || spec.name.clone();
         if spec.rpo < MIN_RPO {
             return Err(RegistryError::RpoTooShort { name: name(), rpo: spec.rpo });
