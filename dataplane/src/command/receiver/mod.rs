@@ -31,6 +31,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use tracing::{info, warn};
 use wire::frame::{ErrorCode, Fence, Frame, WelcomeKeys, KEY_OBJECTS_VERSION, MIN_VERSION, TENANT_VERSION, VERSION};
 use wire::index::IndexEntry;
+use wire::job::JobObject;
 use wire::pack::{parse_entries, parse_footer, PackEntry, PackHeader, FOOTER_LEN, HEADER_LEN};
 use wire::repo::Encryption;
 use wire::ChunkId;
@@ -796,12 +797,13 @@ async fn request(
         }
         Frame::PutJobObject { ref name, .. } | Frame::DeleteJobObject { ref name, .. } => {
             let access = allow(&[Op::Backup])?;
-            let (event, object) =
-                (if matches!(frame, Frame::PutJobObject { .. }) { "job_put" } else { "job_delete" }, name.name());
+            let object = name.name();
+            let event = if matches!(frame, Frame::PutJobObject { .. }) { "job_put" } else { "job_delete" };
+            // Every checkpoint is a put: the audit names plans and shard starts, and deletes.
+            let audited = !matches!(frame, Frame::PutJobObject { name: JobObject::Checkpoint { .. }, .. });
             let st = Arc::clone(store);
             let replies = blocking(move || jobs::serve(&st, &access, frame)).await?;
-            // Every checkpoint is a put: the audit names plans and shard starts, and deletes.
-            if event == "job_delete" || !object.ends_with(".ckpt") {
+            if audited {
                 info!(target: "audit", event, session = id, peer = %p.addr, cert = %p.cert, identity = %p.identity, repository = s.name.as_str(), object = object.as_str(), "session {id} ({}): {event} {object}", p.identity);
             }
             for frame in &replies {
