@@ -1,12 +1,13 @@
 //! `cbcr-control`: the control plane's binary. It runs the fleet simulator over the pure core
-//! (`simulate`) and keeps the fleet's registry in the embedded store (`db`); the API service and
-//! the agents come next.
+//! (`simulate`), keeps the fleet's registry in the embedded store (`db`), and serves the
+//! HTTPS API agents and operators call (`serve`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use controlplane::service::registry_file::{self, DbEntry, Format, SizeHint, WrittenEntry};
+use controlplane::service::roles::Roles;
 use controlplane::service::store::{FleetStore, Put, StoreError};
 use controlplane::sim::{self, report, Burst, SimConfig};
 
@@ -32,6 +33,53 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Serves the fleet's HTTPS API (mutual TLS) from the registry in the store.
+    Serve(ServeArgs),
+    /// Asks a running `serve` for the fleet's status.
+    Status {
+        /// The service: https://HOST:PORT.
+        #[arg(long, env = "CBCR_CONTROL")]
+        control: String,
+        /// This client's certificate and key (PEM), and the CA the service's is signed by.
+        #[arg(long, env = "CBCR_CERT")]
+        cert: PathBuf,
+        #[arg(long, env = "CBCR_KEY")]
+        key: PathBuf,
+        #[arg(long, env = "CBCR_CA")]
+        ca: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (127.0.0.1:0 picks a port; the first line printed names it).
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// The embedded store (one file, created when missing); while `serve` runs it holds it.
+    #[arg(long, env = "CBCR_CONTROL_STORE", default_value = "/var/lib/cbcr-control/state.redb")]
+    store: PathBuf,
+    /// Who may call what: TOML lists `operators`, `readers` and `agents` of certificate names.
+    #[arg(long)]
+    roles: PathBuf,
+    /// The service's certificate and key (PEM), and the CA that signs clients' certificates.
+    #[arg(long, env = "CBCR_CERT")]
+    cert: PathBuf,
+    #[arg(long, env = "CBCR_KEY")]
+    key: PathBuf,
+    #[arg(long, env = "CBCR_CA")]
+    ca: PathBuf,
+    /// A revocation list (PEM, as `cbcr cert revoke` writes it): those certificates are refused
+    /// at the handshake.
+    #[arg(long)]
+    crl: Option<PathBuf>,
+    /// Where databases registered without a repository back up to.
+    #[arg(long)]
+    repo: Option<String>,
+    /// How long a shard's lease lasts unrenewed; agents heartbeat at a third of it.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_ttl: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -120,11 +168,26 @@ mod exit {
     pub(crate) const CONFLICT: u8 = 4;
     pub(crate) const UNKNOWN: u8 = 5;
     pub(crate) const BUSY: u8 = 6;
+    pub(crate) const UNREACHABLE: u8 = 7;
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Simulate(a) => simulate(a),
+        Command::Status { control, cert, key, ca, json } => match status(&control, [&cert, &key, &ca], json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err((code, message)) => {
+                eprintln!("cbcr-control: {message}");
+                ExitCode::from(code)
+            }
+        },
+        Command::Serve(a) => match serve(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err((code, message)) => {
+                eprintln!("cbcr-control: {message}");
+                ExitCode::from(code)
+            }
+        },
         Command::Db { store, json, command } => match db(&store, json, command) {
             Ok(()) => ExitCode::SUCCESS,
             Err((code, message)) => {
@@ -223,6 +286,83 @@ fn db(store: &Path, json: bool, command: DbCommand) -> Result<(), (u8, String)> 
         }
     }
     Ok(())
+}
+
+fn status(control: &str, [cert, key, ca]: [&PathBuf; 3], json: bool) -> Result<(), (u8, String)> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| (exit::USAGE, format!("{}: {e}", p.display())));
+    let (cert_pem, key_pem, ca_pem) = (read(cert)?, read(key)?, read(ca)?);
+    let pem = wire::tls::Pem { cert: &cert_pem, key: &key_pem, ca: &ca_pem };
+    let tls = wire::tls::client_config(pem, wire::control::ALPN).map_err(|e| (exit::USAGE, e.to_string()))?;
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(std::sync::Arc::new(tls))
+        .timeout(std::time::Duration::from_secs(30))
+        .build();
+    let url = format!("{}/v1/status", control.trim_end_matches('/'));
+    let s: wire::control::Status = match agent.get(&url).call() {
+        Ok(r) => r.into_json().map_err(|e| (exit::FATAL, format!("{url}: {e}")))?,
+        Err(ureq::Error::Status(code, r)) => {
+            let said = r.into_json::<wire::control::ApiError>().map(|e| e.error).unwrap_or_default();
+            return Err((exit::FATAL, format!("{url}: {code} {said}")));
+        }
+        Err(e) => return Err((exit::UNREACHABLE, format!("{url}: {e}"))),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&s).expect("a status serialises"));
+    } else {
+        let [c, h, n, l] = s.waiting;
+        let desired = s.desired_nodes.map_or("not decided yet".into(), |d| d.to_string());
+        println!("{} databases, {} nodes (desired: {desired})", s.dbs, s.nodes);
+        println!("waiting: {c} critical, {h} high, {n} normal, {l} low; {} shards running", s.running_shards);
+        println!("{} committed, {} failovers, {} stale reports refused", s.committed, s.failovers, s.stale_refused);
+    }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<(), (u8, String)> {
+    use controlplane::service::api::{self, ServeConfig, TlsListener};
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let read = |p: &Path| std::fs::read(p).map_err(|e| (exit::USAGE, format!("{}: {e}", p.display())));
+    let roles_text = String::from_utf8_lossy(&read(&a.roles)?).into_owned();
+    let roles = Roles::parse(&roles_text).map_err(|e| (exit::USAGE, format!("{}: {e}", a.roles.display())))?;
+    let (cert, key, ca) = (read(&a.cert)?, read(&a.key)?, read(&a.ca)?);
+    let crl = a.crl.as_deref().map(read).transpose()?;
+    let tls = wire::tls::server_config(
+        wire::tls::Pem { cert: &cert, key: &key, ca: &ca },
+        crl.as_deref(),
+        wire::control::ALPN,
+    )
+    .map_err(|e| {
+        let path = match e.part {
+            "key" => &a.key,
+            "ca" => &a.ca,
+            "crl" => a.crl.as_ref().unwrap_or(&a.ca),
+            _ => &a.cert,
+        };
+        (exit::USAGE, format!("{}: {}", path.display(), e.message))
+    })?;
+    if let Some(dir) = a.store.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        return Err((exit::USAGE, format!("{}: no such directory for the store", dir.display())));
+    }
+    let store = FleetStore::open(&a.store).map_err(store_error)?;
+    let lease_ttl = controlplane::core::Millis(a.lease_ttl.as_millis() as u64);
+    let core = controlplane::core::machine::Config { lease_ttl, ..Default::default() };
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| (exit::FATAL, format!("tokio runtime: {e}")))?;
+    runtime.block_on(async move {
+        let tcp = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .map_err(|e| (exit::USAGE, format!("--listen {}: {e}", a.listen)))?;
+        let listener = TlsListener::start(tcp, tls).map_err(|e| (exit::FATAL, e.to_string()))?;
+        println!(
+            "listening on {}",
+            axum::serve::Listener::local_addr(&listener).map_err(|e| (exit::FATAL, e.to_string()))?.addr
+        );
+        let config = ServeConfig { listener, store, roles, core, default_repo: a.repo, heartbeat: a.lease_ttl / 3 };
+        api::serve(config).await.map_err(|e| (exit::USAGE, e.to_string()))
+    })
 }
 
 fn simulate(a: SimulateArgs) -> ExitCode {

@@ -326,7 +326,7 @@ impl NewPassword {
 enum CertCommand {
     /// Write a development CA, a receiver certificate for localhost and a client certificate.
     Dev {
-        /// Directory to write ca.crt, receiver.crt/.key and client.crt/.key into.
+        /// Directory to write ca.crt, receiver.crt/.key, control.crt/.key and client.crt/.key into.
         #[arg(long)]
         out: PathBuf,
     },
@@ -995,7 +995,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             reporter.json(json!({"type": "cert", "dir": out}));
             if !g.quiet && !g.json {
                 println!(
-                    "wrote {0}/ca.crt, {0}/receiver.crt, {0}/receiver.key, {0}/client.crt, {0}/client.key",
+                    "wrote {0}/ca.crt, {0}/receiver.crt, {0}/receiver.key, {0}/control.crt, {0}/control.key, {0}/client.crt, {0}/client.key",
                     out.display()
                 );
             }

@@ -13,21 +13,29 @@ use rand::{RngCore, SeedableRng};
 /// The release `cbcr` binary, built once per test process (or `CBCR_BIN` when set).
 pub fn cbcr_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(bin) = std::env::var("CBCR_BIN") {
-            return PathBuf::from(bin);
-        }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_owned();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--release", "-p", "dataplane", "--bin", "cbcr"])
-            .current_dir(&root)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building cbcr failed");
-        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-        target.join("release").join("cbcr")
-    })
+    BIN.get_or_init(|| release_bin("dataplane", "cbcr", "CBCR_BIN"))
+}
+
+/// The release `cbcr-control` binary, built once per test process (or `CBCR_CONTROL_BIN`).
+pub fn control_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| release_bin("controlplane", "cbcr-control", "CBCR_CONTROL_BIN"))
+}
+
+fn release_bin(package: &str, bin: &str, override_var: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(override_var) {
+        return PathBuf::from(path);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", package, "--bin", bin])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building {bin} failed");
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    target.join("release").join(bin)
 }
 
 /// Runs cbcr with `args`; the environment is cleared of cbcr's variables first.

@@ -9,6 +9,7 @@
 
 pub mod assemble;
 mod codec;
+pub mod control;
 pub mod crypto;
 pub mod delta;
 mod error;
@@ -19,6 +20,7 @@ pub mod job;
 pub mod limits;
 pub mod pack;
 pub mod repo;
+pub mod tls;
 pub mod tree;
 pub mod verify;
 

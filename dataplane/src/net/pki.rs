@@ -1,5 +1,5 @@
-//! Certificates: a development PKI, client certificates issued by its CA, their revocation
-//! list, and the names a client certificate is known by (what a receiver's policy grants to).
+//! Certificates: a development PKI, client certificates issued by its CA, and their revocation
+//! list.
 
 use std::path::{Path, PathBuf};
 
@@ -19,28 +19,6 @@ fn gen(e: rcgen::Error) -> Error {
 
 fn bad(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Usage(format!("{}: {e}", path.display()))
-}
-
-/// The names a certificate is known by, for a receiver's policy: its DNS names, then its
-/// subject's common name. Empty when it does not parse (the handshake already checked it).
-pub fn certificate_names(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return vec![] };
-    let mut names: Vec<String> = vec![];
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
-                names.push((*dns).to_owned());
-            }
-        }
-    }
-    for cn in cert.subject().iter_common_name() {
-        if let Ok(cn) = cn.as_str() {
-            if !names.iter().any(|n| n == cn) {
-                names.push(cn.to_owned());
-            }
-        }
-    }
-    names
 }
 
 fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
@@ -73,8 +51,9 @@ fn leaf(name: &str, sans: &[&str], expired: bool, ca: &Certificate, ca_key: &Key
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Writes a development PKI into `out`: `ca.crt`/`ca.key`, `receiver.crt`/`.key` (for
-/// `localhost` and 127.0.0.1) and `client.crt`/`.key` (named `cbcr-client`). With
+/// Writes a development PKI into `out`: `ca.crt`/`ca.key`, `receiver.crt`/`.key` and
+/// `control.crt`/`.key` (the receiver's and `cbcr-control serve`'s, for `localhost` and
+/// 127.0.0.1) and `client.crt`/`.key` (named `cbcr-client`). With
 /// `expired_client`, the client certificate's validity ended yesterday (to check that
 /// receivers refuse it).
 pub fn write_dev_pki(out: &Path, expired_client: bool) -> Result<()> {
@@ -89,11 +68,14 @@ pub fn write_dev_pki(out: &Path, expired_client: bool) -> Result<()> {
     ca_params.not_after = now + time::Duration::days(3650);
     let ca = ca_params.self_signed(&ca_key).map_err(gen)?;
     let receiver = leaf("localhost", &["127.0.0.1"], false, &ca, &ca_key)?;
+    let control = leaf("localhost", &["127.0.0.1", "cbcr-control"], false, &ca, &ca_key)?;
     let client = leaf("cbcr-client", &[], expired_client, &ca, &ca_key)?;
     write_file(&out.join("ca.crt"), &ca.pem(), 0o644)?;
     write_file(&out.join("ca.key"), &ca_key.serialize_pem(), 0o600)?;
     write_file(&out.join("receiver.crt"), &receiver.0, 0o644)?;
     write_file(&out.join("receiver.key"), &receiver.1, 0o600)?;
+    write_file(&out.join("control.crt"), &control.0, 0o644)?;
+    write_file(&out.join("control.key"), &control.1, 0o600)?;
     write_file(&out.join("client.crt"), &client.0, 0o644)?;
     write_file(&out.join("client.key"), &client.1, 0o600)
 }
@@ -177,6 +159,7 @@ pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wire::tls::certificate_names;
 
     fn client_der() -> Vec<u8> {
         static DER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();

@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, SendStream};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use wire::frame::{Frame, FrameHeader, FrameKind, HEADER_LEN};
 
 use crate::error::{Error, IoContext, Result};
@@ -26,31 +24,27 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+impl TlsFiles {
+    /// The three files' bytes, to pass to [`wire::tls`].
+    pub fn read(&self) -> Result<[Vec<u8>; 3]> {
+        let read = |p: &Path| std::fs::read(p).at(p);
+        Ok([read(&self.cert)?, read(&self.key)?, read(&self.ca)?])
+    }
+
+    /// The error `e` names one of the files (or the revocation list `crl`).
+    pub fn error(&self, e: wire::tls::TlsError, crl: Option<&Path>) -> Error {
+        let path = match e.part {
+            "key" => &self.key,
+            "ca" => &self.ca,
+            "crl" => crl.unwrap_or(&self.ca),
+            _ => &self.cert,
+        };
+        Error::Usage(format!("{}: {}", path.display(), e.message))
+    }
 }
 
-fn tls_error(what: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Usage(format!("{}: {e}", what.display()))
-}
-
-fn load(files: &TlsFiles) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, rustls::RootCertStore)> {
-    let read = |p: &Path| std::fs::read(p).at(p);
-    let certs = CertificateDer::pem_slice_iter(&read(&files.cert)?)
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| tls_error(&files.cert, e))?;
-    if certs.is_empty() {
-        return Err(tls_error(&files.cert, "no certificate in this file"));
-    }
-    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| tls_error(&files.key, e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&read(&files.ca)?) {
-        roots.add(ca.map_err(|e| tls_error(&files.ca, e))?).map_err(|e| tls_error(&files.ca, e))?;
-    }
-    if roots.is_empty() {
-        return Err(tls_error(&files.ca, "no CA certificate in this file"));
-    }
-    Ok((certs, key, roots))
+fn pem(bytes: &[Vec<u8>; 3]) -> wire::tls::Pem<'_> {
+    wire::tls::Pem { cert: &bytes[0], key: &bytes[1], ca: &bytes[2] }
 }
 
 fn transport() -> quinn::TransportConfig {
@@ -69,26 +63,10 @@ fn transport() -> quinn::TransportConfig {
 /// Receiver side: our certificate, and a client certificate signed by the CA is mandatory;
 /// with `crl`, one whose serial that revocation list names is refused at the handshake.
 pub fn server_config(files: &TlsFiles, crl: Option<&Path>) -> Result<quinn::ServerConfig> {
-    let (certs, key, roots) = load(files)?;
-    let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-    if let Some(crl) = crl {
-        let crls = CertificateRevocationListDer::pem_slice_iter(&std::fs::read(crl).at(crl)?)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| tls_error(crl, e))?;
-        if crls.is_empty() {
-            return Err(tls_error(crl, "no revocation list in this file"));
-        }
-        // The CA is the trust anchor itself: only client certificates can be revoked.
-        builder = builder.with_crls(crls).only_check_end_entity_revocation();
-    }
-    let verifier = builder.build().map_err(|e| tls_error(crl.unwrap_or(&files.ca), e))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Usage(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| tls_error(&files.cert, e))?;
-    tls.alpn_protocols = vec![wire::frame::ALPN.to_vec()];
+    let bytes = files.read()?;
+    let crl_bytes = crl.map(|p| std::fs::read(p).at(p)).transpose()?;
+    let tls = wire::tls::server_config(pem(&bytes), crl_bytes.as_deref(), wire::frame::ALPN)
+        .map_err(|e| files.error(e, crl))?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| Error::Usage(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport()));
@@ -97,14 +75,8 @@ pub fn server_config(files: &TlsFiles, crl: Option<&Path>) -> Result<quinn::Serv
 
 /// Client side: the receiver must present a certificate signed by the CA; we present ours.
 pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig> {
-    let (certs, key, roots) = load(files)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Usage(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| tls_error(&files.cert, e))?;
-    tls.alpn_protocols = vec![wire::frame::ALPN.to_vec()];
+    let bytes = files.read()?;
+    let tls = wire::tls::client_config(pem(&bytes), wire::frame::ALPN).map_err(|e| files.error(e, None))?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Usage(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport()));

@@ -432,7 +432,7 @@ fn identity(conn: &Connection) -> (String, Vec<String>) {
     else {
         return ("unknown".into(), vec![]);
     };
-    (blake3::hash(cert.as_ref()).to_hex()[..16].to_string(), crate::net::pki::certificate_names(cert.as_ref()))
+    (wire::tls::fingerprint(cert.as_ref()), wire::tls::certificate_names(cert.as_ref()))
 }
 
 /// A connection's session, once its `Hello` was answered.
