@@ -40,16 +40,49 @@ enum Command {
         /// The service: https://HOST:PORT.
         #[arg(long, env = "CBCR_CONTROL")]
         control: String,
-        /// This client's certificate and key (PEM), and the CA the service's is signed by.
-        #[arg(long, env = "CBCR_CERT")]
-        cert: PathBuf,
-        #[arg(long, env = "CBCR_KEY")]
-        key: PathBuf,
-        #[arg(long, env = "CBCR_CA")]
-        ca: PathBuf,
+        /// This client's certificate and key, and the CA the service's is signed by.
+        #[command(flatten)]
+        tls: TlsArgs,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// One side's PEM files: its certificate and key, and the CA it trusts the other side by.
+#[derive(Args)]
+struct TlsArgs {
+    #[arg(long, env = "CBCR_CERT")]
+    cert: PathBuf,
+    #[arg(long, env = "CBCR_KEY")]
+    key: PathBuf,
+    #[arg(long, env = "CBCR_CA")]
+    ca: PathBuf,
+}
+
+impl TlsArgs {
+    /// The three files' bytes, in `wire::tls::Pem` order.
+    fn read(&self) -> Result<[Vec<u8>; 3], (u8, String)> {
+        Ok([read_file(&self.cert)?, read_file(&self.key)?, read_file(&self.ca)?])
+    }
+
+    /// A TLS error as a usage error naming the file it is about (`crl`: the revocation list).
+    fn error(&self, e: wire::tls::TlsError, crl: Option<&Path>) -> (u8, String) {
+        let path = match e.part {
+            "key" => &self.key,
+            "ca" => &self.ca,
+            "crl" => crl.unwrap_or(&self.ca),
+            _ => &self.cert,
+        };
+        (exit::USAGE, format!("{}: {}", path.display(), e.message))
+    }
+}
+
+fn read_file(p: &Path) -> Result<Vec<u8>, (u8, String)> {
+    std::fs::read(p).map_err(|e| (exit::USAGE, format!("{}: {e}", p.display())))
+}
+
+fn pem(bytes: &[Vec<u8>; 3]) -> wire::tls::Pem<'_> {
+    wire::tls::Pem { cert: &bytes[0], key: &bytes[1], ca: &bytes[2] }
 }
 
 #[derive(Args)]
@@ -64,12 +97,8 @@ struct ServeArgs {
     #[arg(long)]
     roles: PathBuf,
     /// The service's certificate and key (PEM), and the CA that signs clients' certificates.
-    #[arg(long, env = "CBCR_CERT")]
-    cert: PathBuf,
-    #[arg(long, env = "CBCR_KEY")]
-    key: PathBuf,
-    #[arg(long, env = "CBCR_CA")]
-    ca: PathBuf,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// A revocation list (PEM, as `cbcr cert revoke` writes it): those certificates are refused
     /// at the handshake.
     #[arg(long)]
@@ -174,7 +203,7 @@ mod exit {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Simulate(a) => simulate(a),
-        Command::Status { control, cert, key, ca, json } => match status(&control, [&cert, &key, &ca], json) {
+        Command::Status { control, tls, json } => match status(&control, &tls, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err((code, message)) => {
                 eprintln!("cbcr-control: {message}");
@@ -288,11 +317,9 @@ fn db(store: &Path, json: bool, command: DbCommand) -> Result<(), (u8, String)> 
     Ok(())
 }
 
-fn status(control: &str, [cert, key, ca]: [&PathBuf; 3], json: bool) -> Result<(), (u8, String)> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| (exit::USAGE, format!("{}: {e}", p.display())));
-    let (cert_pem, key_pem, ca_pem) = (read(cert)?, read(key)?, read(ca)?);
-    let pem = wire::tls::Pem { cert: &cert_pem, key: &key_pem, ca: &ca_pem };
-    let tls = wire::tls::client_config(pem, wire::control::ALPN).map_err(|e| (exit::USAGE, e.to_string()))?;
+fn status(control: &str, files: &TlsArgs, json: bool) -> Result<(), (u8, String)> {
+    let bytes = files.read()?;
+    let tls = wire::tls::client_config(pem(&bytes), wire::control::ALPN).map_err(|e| files.error(e, None))?;
     let agent = ureq::AgentBuilder::new()
         .tls_config(std::sync::Arc::new(tls))
         .timeout(std::time::Duration::from_secs(30))
@@ -325,25 +352,12 @@ fn serve(a: ServeArgs) -> Result<(), (u8, String)> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let read = |p: &Path| std::fs::read(p).map_err(|e| (exit::USAGE, format!("{}: {e}", p.display())));
-    let roles_text = String::from_utf8_lossy(&read(&a.roles)?).into_owned();
+    let roles_text = String::from_utf8_lossy(&read_file(&a.roles)?).into_owned();
     let roles = Roles::parse(&roles_text).map_err(|e| (exit::USAGE, format!("{}: {e}", a.roles.display())))?;
-    let (cert, key, ca) = (read(&a.cert)?, read(&a.key)?, read(&a.ca)?);
-    let crl = a.crl.as_deref().map(read).transpose()?;
-    let tls = wire::tls::server_config(
-        wire::tls::Pem { cert: &cert, key: &key, ca: &ca },
-        crl.as_deref(),
-        wire::control::ALPN,
-    )
-    .map_err(|e| {
-        let path = match e.part {
-            "key" => &a.key,
-            "ca" => &a.ca,
-            "crl" => a.crl.as_ref().unwrap_or(&a.ca),
-            _ => &a.cert,
-        };
-        (exit::USAGE, format!("{}: {}", path.display(), e.message))
-    })?;
+    let bytes = a.tls.read()?;
+    let crl = a.crl.as_deref().map(read_file).transpose()?;
+    let tls = wire::tls::server_config(pem(&bytes), crl.as_deref(), wire::control::ALPN)
+        .map_err(|e| a.tls.error(e, a.crl.as_deref()))?;
     if let Some(dir) = a.store.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         return Err((exit::USAGE, format!("{}: no such directory for the store", dir.display())));
     }
