@@ -23,7 +23,6 @@ use super::fleet::{Fleet, FleetError};
 use super::registry_file::{DbEntry, WrittenEntry};
 use super::roles::{Role, Roles};
 use super::store::{FleetStore, StoreError};
-use crate::core::leases::LeaseError;
 use crate::core::machine::CoreError;
 use crate::core::registry::RegistryError;
 use crate::core::Millis;
@@ -129,7 +128,7 @@ impl From<FleetError> for Refusal {
     fn from(e: FleetError) -> Self {
         let status = match &e {
             FleetError::UnknownNode(_) | FleetError::Core(CoreError::UnknownShard(_)) => StatusCode::NOT_FOUND,
-            FleetError::Core(CoreError::Lease(LeaseError::Stale { .. })) => StatusCode::CONFLICT,
+            // A stale token, or a lease the node does not hold.
             FleetError::Core(CoreError::Lease(_)) => StatusCode::CONFLICT,
             FleetError::Core(CoreError::Registry(RegistryError::UnknownDb(_) | RegistryError::UnknownNode(_))) => {
                 StatusCode::NOT_FOUND
