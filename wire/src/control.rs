@@ -138,9 +138,6 @@ pub enum ShardOutcome {
     },
 }
 
-/// `GET /v1/dbs`: one database as registered (the registry file's JSON line form).
-pub type DbLine = serde_json::Value;
-
 /// `GET /v1/nodes`: one node as the service sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {

@@ -30,7 +30,7 @@ fn bad(part: &'static str, e: impl std::fmt::Display) -> TlsError {
     TlsError { part, message: e.to_string() }
 }
 
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
