@@ -1,13 +1,11 @@
 //! `cbcr-control serve`: the real service on 127.0.0.1 with the development PKI, called over
 //! mutual TLS as operators, readers and agents would, and by a client of another CA.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cbcr_tests::{cbcr, control_bin};
+use cbcr_tests::{cbcr, control_bin, https_client as client, ControlProcess};
 use wire::control::{
     Capacity, Heartbeat, LeaseRef, Order, Orders, Register, Registered, ResourceReport, ShardOutcome, ShardReport,
     Status,
@@ -15,44 +13,6 @@ use wire::control::{
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// The service, killed when dropped.
-struct Control {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(pki: &Path, store: &Path, roles: &Path, extra: &[&str]) -> Control {
-    let mut child = Command::new(control_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", s(store), "--roles", s(roles)])
-        .args(["--cert", s(&pki.join("control.crt")), "--key", s(&pki.join("control.key"))])
-        .args(["--ca", s(&pki.join("ca.crt")), "--lease-ttl", "3s"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("serve said {line:?}")).to_owned();
-    Control { child, addr }
-}
-
-/// An HTTPS client presenting `name`'s certificate from `pki`, trusting `ca_pki`'s CA.
-fn client(pki: &Path, name: &str, ca_pki: &Path) -> ureq::Agent {
-    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
-    let (cert, key, ca) =
-        (read(pki.join(format!("{name}.crt"))), read(pki.join(format!("{name}.key"))), read(ca_pki.join("ca.crt")));
-    let tls =
-        wire::tls::client_config(wire::tls::Pem { cert: &cert, key: &key, ca: &ca }, wire::control::ALPN).unwrap();
-    ureq::AgentBuilder::new().tls_config(Arc::new(tls)).timeout(Duration::from_secs(10)).build()
 }
 
 fn status_of(r: Result<ureq::Response, ureq::Error>) -> u16 {
@@ -90,7 +50,7 @@ fn the_service_answers_by_role_hands_out_assignments_critical_first_and_refuses_
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
 
     let repo = dir.path().join("repo");
-    let control = start(&pki, &store, &roles, &["--repo", s(&repo)]);
+    let control = ControlProcess::start(&pki, &store, &roles, &["--repo", s(&repo)]);
     let url = |path: &str| format!("https://{}/v1/{path}", control.addr);
 
     // The store is the service's while it runs.

@@ -90,7 +90,7 @@ fn four_shards_at_once(target: &Target) {
     assert_eq!(trees[0].1, trees[1].1, "the sharded snapshot differs from a single backup of the same source");
     // The job is gone; committing it again names the snapshot it made.
     let again = target.cbcr(&["commit", "--job", &job]);
-    assert_eq!(again.status.code(), Some(2), "{}", text(&again.stderr));
+    assert_eq!(again.status.code(), Some(22), "{}", text(&again.stderr));
     assert!(text(&again.stderr).contains("committed already"), "{}", text(&again.stderr));
     assert!(text(&target.ok(&["jobs"]).stdout).trim().is_empty());
 }
@@ -233,13 +233,13 @@ fn stale_tokens_changed_files_missing_shards_and_unknown_jobs_are_refused_by_nam
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let unknown = "0123456789abcdef0123456789abcdef";
     let out = target.cbcr(&["commit", "--job", unknown]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(21), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("no job"), "{}", text(&out.stderr));
     // Abandoned: the job and its checkpoints are gone, the repository is whole.
     target.ok(&["jobs", "--abandon", &job]);
     assert!(std::fs::read_dir(dir.path().join("repo/jobs")).unwrap().next().is_none());
     let out = target.cbcr(&["commit", "--job", &job]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(21), "{}", text(&out.stderr));
     target.ok(&["verify"]);
 }
 

@@ -37,6 +37,10 @@ pub enum ExitCode {
     JobIncomplete = 19,
     /// A shard found a source file whose size or mtime differs from the plan.
     SourceChanged = 20,
+    /// `backup --job` or `commit --job` of a job with no plan in the repository.
+    NoJob = 21,
+    /// `plan`, `backup` or `commit --job` of a job a snapshot records as committed.
+    JobCommitted = 22,
     Interrupted = 130,
 }
 
@@ -71,6 +75,12 @@ pub enum Error {
     Fenced(String),
     #[error("{0}")]
     JobIncomplete(String),
+    /// A job with no plan in the repository: never planned there, or abandoned.
+    #[error("{0}")]
+    NoJob(String),
+    /// A job that a snapshot records as committed: its plan is gone, and it is not made twice.
+    #[error("job {job} was committed already, as snapshot {snapshot}")]
+    JobCommitted { job: String, snapshot: String },
     #[error("{0}")]
     SourceChanged(String),
     /// A snapshot's trees could not be built from what its segments gave (a directory too
@@ -115,6 +125,8 @@ impl Error {
             Error::Denied(_) => ExitCode::Denied,
             Error::Fenced(_) => ExitCode::Fenced,
             Error::JobIncomplete(_) => ExitCode::JobIncomplete,
+            Error::NoJob(_) => ExitCode::NoJob,
+            Error::JobCommitted { .. } => ExitCode::JobCommitted,
             Error::SourceChanged(_) => ExitCode::SourceChanged,
             Error::Interrupted => ExitCode::Interrupted,
             _ => ExitCode::Fatal,

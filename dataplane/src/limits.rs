@@ -141,3 +141,9 @@ const _: () = assert!(MAPPED_WINDOW >= wire::limits::MAX_CHUNK_SIZE as usize / 2
 // A pack must hold at least one largest blob, or a writer could never make progress.
 const _: () = assert!(PACK_TARGET_SIZE >= wire::limits::MAX_BLOB_SIZE as u64);
 const _: () = assert!(PACK_WRITE_BUFFER as u64 <= MIN_PACK_SIZE * 16);
+/// Tasks (shards and commits) an agent runs at once, at most; orders beyond are refused with
+/// a failure report. The control plane assigns by the capacity the agent registered, far below.
+pub const AGENT_MAX_TASKS: usize = 256;
+/// Shard reports an agent keeps to send while the control plane is unreachable (one per
+/// task, so never more than the tasks).
+pub const AGENT_REPORT_QUEUE: usize = AGENT_MAX_TASKS;

@@ -155,6 +155,12 @@ enum Command {
         /// Shards of about this many bytes instead.
         #[arg(long, value_parser = dataplane::parse_size)]
         shard_bytes: Option<u64>,
+        /// The job's id (32 hex digits; default: random), as a control plane chooses it: a plan
+        /// of this id already there is reused (with the same --shards), exactly --shards shards
+        /// are made (some may be empty), and a job a snapshot records is not planned again
+        /// (exit 22).
+        #[arg(long, value_name = "JOB")]
+        job: Option<String>,
         #[command(flatten)]
         cut: CutArgs,
     },
@@ -250,6 +256,26 @@ enum Command {
         /// as JSON lines on stderr.
         #[arg(long, default_value = "text", env = "CBCR_LOG_FORMAT", value_parser = ["text", "json"])]
         log_format: String,
+    },
+    /// Run as a node of a fleet: register with `cbcr-control`, heartbeat, and run the shards and
+    /// commits it assigns (as `cbcr` child processes) into each database's repository. The
+    /// certificate (--cert/--key/--ca) serves both the control plane and the receivers; the
+    /// repository password comes from --password-file, CBCR_PASSWORD_FILE or --key-command.
+    /// Exits 0 once drained (`cbcr-control node drain`), 130 after SIGTERM or SIGINT, having
+    /// handed its shards back.
+    Agent {
+        /// The control plane, `https://HOST:PORT`.
+        #[arg(long, env = "CBCR_CONTROL")]
+        control: String,
+        /// This node's name: its certificate must carry it (the control plane checks).
+        #[arg(long, env = "CBCR_NODE")]
+        name: String,
+        /// The network bandwidth this node offers, bytes per second.
+        #[arg(long, default_value = "1GiB", value_parser = dataplane::parse_size)]
+        network: u64,
+        /// The disk bandwidth this node offers, bytes per second.
+        #[arg(long, default_value = "1GiB", value_parser = dataplane::parse_size)]
+        disk: u64,
     },
     /// Certificates for QUIC.
     #[command(subcommand)]
@@ -444,7 +470,7 @@ fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
 fn main() -> ProcessExit {
     let cli = Cli::parse();
     // A daemon says who connected and what was committed; a command only what went wrong.
-    let level = if matches!(cli.command, Command::Receiver { .. }) { "info" } else { "warn" };
+    let level = if matches!(cli.command, Command::Receiver { .. } | Command::Agent { .. }) { "info" } else { "warn" };
     let log = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
         .with_writer(std::io::stderr);
@@ -474,6 +500,15 @@ fn on_sigint(command: &Command) -> Result<Cancel, Error> {
     let failed = |e: std::io::Error| Error::Internal(format!("cannot handle SIGINT: {e}"));
     match command {
         Command::Receiver { .. } => {}
+        Command::Agent { .. } => {
+            // SIGTERM (systemd's stop) or SIGINT: hand the shards back and leave; a second
+            // one exits at once.
+            for signal in [SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register_conditional_shutdown(signal, ExitCode::Interrupted as i32, cancel.flag())
+                    .map_err(failed)?;
+                signal_hook::flag::register(signal, cancel.flag()).map_err(failed)?;
+            }
+        }
         Command::Backup { .. } => {
             // The first SIGINT raises the flag; the second finds it raised and exits.
             signal_hook::flag::register_conditional_shutdown(SIGINT, ExitCode::Interrupted as i32, cancel.flag())
@@ -621,7 +656,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             }
             Ok(if s.files_skipped > 0 || out.files_changed > 0 { ExitCode::Partial } else { ExitCode::Ok })
         }
-        Command::Plan { paths, db, shards, shard_bytes, cut } => {
+        Command::Plan { paths, db, shards, shard_bytes, job, cut } => {
             let repo = open(false)?;
             let count = match (shards, shard_bytes) {
                 (Some(n), _) => ShardCount::Shards(n),
@@ -629,13 +664,15 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 (None, None) => return Err(Error::Usage("give --shards N or --shard-bytes SIZE".into())),
             };
             let opts = PlanOptions {
+                job: job.as_deref().map(parse_job).transpose()?,
                 source: path_source(paths)?,
                 db,
                 shards: count,
                 chunking: cut.rules()?,
                 excludes: cut.excludes()?,
             };
-            let (plan, skipped) = dataplane::command::backup::plan(&repo, &opts, &run)?;
+            let dataplane::command::backup::Planned { plan, skipped, reused } =
+                dataplane::command::backup::plan(&repo, &opts, &run)?;
             let shards: Vec<_> = (0..plan.shards.len())
                 .map(|k| json!({"shard": k, "segments": plan.shard_segments(k).count(), "bytes": plan.shard_bytes(k)}))
                 .collect();
@@ -649,12 +686,14 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 "files": files,
                 "skipped": skipped,
                 "plan_bytes": plan.encode().len(),
+                "reused": reused,
                 "shards": shards,
             }));
             if !g.quiet && !g.json {
                 println!(
-                    "job {}: {} entries ({files} files), {} shards",
+                    "job {}{}: {} entries ({files} files), {} shards",
                     plan.id.to_hex(),
+                    if reused { " (planned already)" } else { "" },
                     plan.entries.len(),
                     plan.shards.len()
                 );
@@ -843,6 +882,41 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             let opts = ReceiverOptions { listen, serves, tls, crl, metrics, cores, grace, idle_timeout };
             dataplane::command::receiver::run(opts)?;
             Ok(ExitCode::Ok)
+        }
+        Command::Agent { control, name, network, disk } => {
+            let tls = tls.ok_or_else(|| Error::Usage("an agent needs --cert, --key and --ca".into()))?;
+            let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+            let mut env = vec![];
+            for (var, path) in [("CBCR_CERT", &tls.cert), ("CBCR_KEY", &tls.key), ("CBCR_CA", &tls.ca)] {
+                env.push((var.to_owned(), absolute(path).display().to_string()));
+            }
+            if let Some(file) = &g.password_file {
+                env.push(("CBCR_PASSWORD_FILE".into(), absolute(file).display().to_string()));
+            }
+            if let Some(command) = &g.key_command {
+                env.push(("CBCR_KEY_COMMAND".into(), command.clone()));
+            }
+            if let Some(n) = g.cores {
+                env.push(("CBCR_CORES".into(), n.to_string()));
+            }
+            let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("which program am I: {e}")))?;
+            let capacity = wire::control::Capacity {
+                cores: u32::try_from(cores).unwrap_or(u32::MAX),
+                memory_bytes: dataplane::command::agent::memory_total(),
+                network_bps: network,
+                disk_bps: disk,
+            };
+            let opts = dataplane::command::agent::AgentOptions {
+                control,
+                name,
+                tls,
+                capacity,
+                runner: dataplane::command::agent::task::Runner { exe, env },
+            };
+            match dataplane::command::agent::run_agent(opts, &run.cancel.flag())? {
+                dataplane::command::agent::AgentExit::Drained => Ok(ExitCode::Ok),
+                dataplane::command::agent::AgentExit::Left => Ok(ExitCode::Interrupted),
+            }
         }
         Command::Key(key) => {
             if repo_path()?.starts_with("quic://") {

@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use rand::{RngCore, SeedableRng};
 
@@ -262,10 +263,10 @@ impl S3Server {
             return None;
         };
         let server = Self { child, root, endpoint: format!("http://127.0.0.1:{port}") };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(std::time::Instant::now() < deadline, "s3s-fs did not listen on port {port} within 20 s");
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
         Some(server)
     }
@@ -582,4 +583,52 @@ pub fn changed_pages(before: &Path, after: &Path, page: usize, is_paged: &dyn Fn
         }
     }
     changed
+}
+
+/// The service, killed when dropped.
+pub struct ControlProcess {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for ControlProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ControlProcess {
+    /// `cbcr-control serve` on 127.0.0.1 with `pki`'s control certificate, leases of 3 s, and
+    /// `extra` arguments; returns once it listens.
+    pub fn start(pki: &Path, store: &Path, roles: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(control_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--store", s(store), "--roles", s(roles)])
+            .args(["--cert", s(&pki.join("control.crt")), "--key", s(&pki.join("control.key"))])
+            .args(["--ca", s(&pki.join("ca.crt")), "--lease-ttl", "3s"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("serve said {line:?}")).to_owned();
+        Self { child, addr }
+    }
+
+    /// `https://ADDR/v1/PATH`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}/v1/{path}", self.addr)
+    }
+}
+
+/// An HTTPS client presenting `name`'s certificate from `pki`, trusting `ca_pki`'s CA.
+pub fn https_client(pki: &Path, name: &str, ca_pki: &Path) -> ureq::Agent {
+    let read = |p: PathBuf| fs::read(p).unwrap();
+    let (cert, key, ca) =
+        (read(pki.join(format!("{name}.crt"))), read(pki.join(format!("{name}.key"))), read(ca_pki.join("ca.crt")));
+    let tls =
+        wire::tls::client_config(wire::tls::Pem { cert: &cert, key: &key, ca: &ca }, wire::control::ALPN).unwrap();
+    ureq::AgentBuilder::new().tls_config(Arc::new(tls)).timeout(Duration::from_secs(10)).build()
 }

@@ -131,14 +131,19 @@ impl JobState {
     }
 }
 
-/// Why there is no plan for `job`: it was committed (a snapshot records it), or never was.
-fn missing_job(repo: &Repository, job: JobId) -> Result<Error> {
+/// The snapshot that committed `job`, if one did. Reads every snapshot record: a job's plan is
+/// gone once it is committed, and only the snapshot remembers it.
+pub(crate) fn committed_as(repo: &Repository, job: JobId) -> Result<Option<Error>> {
     let hex = job.to_hex();
     let committed = repo.snapshots()?.into_iter().find(|(_, s)| s.job.as_ref().is_some_and(|j| j.id == hex));
-    Ok(match committed {
-        Some((id, _)) => Error::Usage(format!("job {hex} was committed already, as snapshot {}", id.short())),
-        None => Error::NotFound(format!("no job {hex} in {} (`cbcr jobs` lists the open ones)", repo.location())),
-    })
+    Ok(committed.map(|(id, _)| Error::JobCommitted { job: hex, snapshot: id.to_hex() }))
+}
+
+/// Why there is no plan for `job`: it was committed (a snapshot records it), or never was.
+fn missing_job(repo: &Repository, job: JobId) -> Result<Error> {
+    Ok(committed_as(repo, job)?.unwrap_or_else(|| {
+        Error::NoJob(format!("no job {} in {} (`cbcr jobs` lists the open ones)", job.to_hex(), repo.location()))
+    }))
 }
 
 /// A committed job.

@@ -43,7 +43,7 @@ impl TlsFiles {
     }
 }
 
-fn pem(bytes: &[Vec<u8>; 3]) -> wire::tls::Pem<'_> {
+pub(crate) fn pem(bytes: &[Vec<u8>; 3]) -> wire::tls::Pem<'_> {
     wire::tls::Pem { cert: &bytes[0], key: &bytes[1], ca: &bytes[2] }
 }
 

@@ -43,7 +43,7 @@ mod plan;
 mod shard;
 mod walker;
 
-pub use plan::{plan, PlanOptions, ShardCount};
+pub use plan::{plan, PlanOptions, Planned, ShardCount};
 pub use shard::{run_shard, ShardOptions, ShardOutcome};
 
 use walker::Walker;

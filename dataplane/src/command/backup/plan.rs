@@ -31,6 +31,11 @@ pub enum ShardCount {
 }
 
 pub struct PlanOptions {
+    /// The job's id, chosen by the caller (a control plane), else random. With one, planning
+    /// is idempotent: a plan of that id already there is the answer (when it has the same
+    /// shard count), and the shard count is exact (some shards may be empty), since shards are
+    /// handed out by number.
+    pub job: Option<JobId>,
     pub source: BackupSource,
     pub db: Option<String>,
     pub shards: ShardCount,
@@ -38,10 +43,35 @@ pub struct PlanOptions {
     pub excludes: Excludes,
 }
 
-/// Walks the source, stores the plan as a new job, and returns it with the entries the walk
-/// left out (unreadable; each warned about).
-pub fn plan(repo: &Repository, opts: &PlanOptions, run: &Run) -> Result<(JobPlan, u64)> {
+/// A plan as stored.
+pub struct Planned {
+    pub plan: JobPlan,
+    /// Entries the walk left out (unreadable; each warned about).
+    pub skipped: u64,
+    /// The plan of the caller's job id was there already and is the answer (nothing walked).
+    pub reused: bool,
+}
+
+/// Walks the source and stores the plan as a new job (or finds the plan of `opts.job`).
+pub fn plan(repo: &Repository, opts: &PlanOptions, run: &Run) -> Result<Planned> {
     let objects = repo.jobs()?;
+    if let Some(id) = opts.job {
+        if let Some(existing) = objects.get(&JobObject::Plan(id), JobPlan::decode)? {
+            if let ShardCount::Shards(n) = opts.shards {
+                if existing.shards.len() != n as usize {
+                    return Err(Error::Usage(format!(
+                        "job {} is planned already with {} shards, not {n}",
+                        id.to_hex(),
+                        existing.shards.len()
+                    )));
+                }
+            }
+            return Ok(Planned { plan: existing, skipped: 0, reused: true });
+        }
+        if let Some(committed) = crate::command::jobs::committed_as(repo, id)? {
+            return Err(committed);
+        }
+    }
     if let Some(db) = opts.db.as_deref().filter(|db| !wire::repo::is_db_name(db)) {
         return Err(Error::Usage(format!("--db {db:?}: a database name is 1 to 255 bytes without control characters")));
     }
@@ -99,22 +129,32 @@ pub fn plan(repo: &Repository, opts: &PlanOptions, run: &Run) -> Result<(JobPlan
             job::MAX_PLAN_ENTRIES
         )));
     }
-    let mut id = [0u8; 16];
-    getrandom::getrandom(&mut id).map_err(|e| Error::Internal(format!("no random bytes for a job id: {e}")))?;
+    let id = match opts.job {
+        Some(id) => id,
+        None => {
+            let mut id = [0u8; 16];
+            getrandom::getrandom(&mut id).map_err(|e| Error::Internal(format!("no random bytes for a job id: {e}")))?;
+            JobId(id)
+        }
+    };
+    let mut shards = job::split(&files, segment, count);
+    if opts.job.is_some() {
+        shards.resize(count as usize, vec![]);
+    }
     let skipped = walk.skipped;
     let plan = JobPlan {
-        id: JobId(id),
+        id,
         created: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
         host: crate::source::hostname(),
         db: opts.db.clone(),
         paths,
         source,
         segment_size: segment,
-        shards: job::split(&files, segment, count),
+        shards,
         entries: walk.entries,
     };
     objects.put(&JobObject::Plan(plan.id), &plan.encode())?;
-    Ok((plan, skipped))
+    Ok(Planned { plan, skipped, reused: false })
 }
 
 struct PlanWalk<'a> {
