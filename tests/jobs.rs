@@ -288,3 +288,37 @@ fn one_shard_run_twice_at_once_leaves_one_run_whose_checkpoints_count() {
     target.ok(&["commit", "--job", &job]);
     target.ok(&["verify", "--against", SYNTH_BIG]);
 }
+
+#[test]
+fn a_plan_of_a_chosen_job_id_is_idempotent_exact_in_shards_and_never_made_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::local(&dir.path().join("repo"));
+    target.init_small();
+    let id = "00000000000000010000000000000002";
+    // 40 shards of a source of fewer segments: exactly 40, the empty ones done at once.
+    const SMALL: &str = "synth://pg?size=1MiB&seed=3";
+    let (job, first) = plan(&target, &["--job", id, "--db", "pg", "--shards", "40", SMALL]);
+    assert_eq!(
+        (job.as_str(), first["reused"].as_bool(), first["shards"].as_array().unwrap().len()),
+        (id, Some(false), 40)
+    );
+    let empty = first["shards"].as_array().unwrap().iter().filter(|s| s["segments"] == 0).count();
+    assert!(empty > 0, "{first}");
+    let (_, again) = plan(&target, &["--job", id, "--db", "pg", "--shards", "40", SMALL]);
+    assert_eq!(again["reused"].as_bool(), Some(true), "{again}");
+    let other = target.cbcr(&["plan", "--job", id, "--shards", "3", SMALL]);
+    assert_eq!(other.status.code(), Some(2), "{}", text(&other.stderr));
+    assert!(text(&other.stderr).contains("planned already with 40 shards"), "{}", text(&other.stderr));
+    for k in 0..40 {
+        let shard = k.to_string();
+        target.ok(&["--cores", "1", "backup", "--job", id, "--shard", &shard]);
+    }
+    target.ok(&["commit", "--job", id]);
+    let replanned = target.cbcr(&["plan", "--job", id, "--shards", "40", SMALL]);
+    assert_eq!(replanned.status.code(), Some(22), "{}", text(&replanned.stderr));
+    let shard = target.cbcr(&["backup", "--job", id, "--shard", "0"]);
+    assert_eq!(shard.status.code(), Some(22), "{}", text(&shard.stderr));
+    let unknown = target.cbcr(&["backup", "--job", "0000000000000000000000000000000f", "--shard", "0"]);
+    assert_eq!(unknown.status.code(), Some(21), "{}", text(&unknown.stderr));
+    target.ok(&["verify", "--read-data"]);
+}
