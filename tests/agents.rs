@@ -26,6 +26,9 @@ impl Agent {
         cmd.env_remove("CBCR_REPO").env_remove("CBCR_CORES");
         cmd.args(["--cert", &file("crt"), "--key", &file("key"), "--ca", s(&pki.join("ca.crt"))]);
         cmd.args(["--cores", "2", "agent", "--control", &format!("https://{}", control.addr), "--name", name]);
+        // The agents share this host's /proc: its disk and network rates, measured while every
+        // agent (and test) writes, must not use up what each of them offers.
+        cmd.args(["--disk", "1TiB", "--network", "1TiB"]);
         cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         Self { child: cmd.spawn().unwrap(), log }
     }
@@ -202,7 +205,9 @@ fn a_killed_agents_shard_resumes_on_another_from_its_checkpoints_and_a_drained_a
     // Shards of about 640 MiB: long enough to be caught part way.
     let dbs = db("big", "synth://pg?size=640MiB&seed=5", "critical", "1h", "48GiB");
     let fleet = Fleet::start(&["agent-a", "agent-b", "agent-c"], &dbs);
-    let (mut a, b) = (fleet.agent("agent-a"), fleet.agent("agent-b"));
+    // agent-a alone first, so that it surely runs a shard (the core may hold a second shard
+    // back from the source host while its CPU, this whole machine's, is above target).
+    let mut a = fleet.agent("agent-a");
     let target = fleet.target();
 
     // Kill agent-a -9 once its shard has checkpointed some segments but not all.
@@ -222,9 +227,9 @@ fn a_killed_agents_shard_resumes_on_another_from_its_checkpoints_and_a_drained_a
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    // A third agent joins and takes work; the killed agent's lease expires (3 s) and its shard
-    // is run again, skipping what agent-a had checkpointed.
-    let c = fleet.agent("agent-c");
+    // Two agents join and take work; the killed agent's lease expires (3 s) and its shard is
+    // run again, skipping what agent-a had checkpointed.
+    let (b, c) = (fleet.agent("agent-b"), fleet.agent("agent-c"));
     fleet.wait_committed(1, Duration::from_secs(180), &[&a, &b, &c]);
     let status = fleet.status();
     assert!(status.failovers >= 1, "{status:?}");

@@ -46,6 +46,11 @@ pub struct Fleet {
     /// core numbers jobs from 0 each start).
     epoch: u64,
     nodes: BTreeMap<String, NodeView>,
+    /// Commits ordered and not yet reported, by the lease whose report finished the job: the
+    /// node each is with, and the order. Re-sent with every heartbeat of that node (an answer
+    /// lost on the way must not lose the snapshot: the core closed the job when it decided the
+    /// commit), and handed to another node once that one is silent for a lease TTL.
+    pending_commits: BTreeMap<LeaseRef, (String, Order)>,
     committed: u64,
     failovers: u64,
     desired_nodes: Option<u32>,
@@ -77,6 +82,7 @@ impl Fleet {
             default_repo,
             epoch,
             nodes: BTreeMap::new(),
+            pending_commits: BTreeMap::new(),
             committed: 0,
             failovers: 0,
             desired_nodes: None,
@@ -185,6 +191,13 @@ impl Fleet {
         }
         let mut orders = std::mem::take(&mut view.outbox);
         orders.extend(stops);
+        let silent = |node: &str| self.nodes.get(node).is_none_or(|v| now.since(v.last_seen) > self.lease_ttl);
+        for (with, order) in self.pending_commits.values_mut() {
+            if *with == h.node || silent(with) {
+                with.clone_from(&h.node);
+                orders.push(order.clone());
+            }
+        }
         Ok(orders)
     }
 
@@ -201,13 +214,19 @@ impl Fleet {
             ShardOutcome::Yielded { segments_done } => {
                 Event::ShardYielded { key, node, token, segments_done: *segments_done }
             }
+            // Counted once, however often a re-sent commit order was run.
             ShardOutcome::Committed { .. } => {
-                self.committed += 1;
+                if self.pending_commits.remove(&r.lease).is_some() {
+                    self.committed += 1;
+                }
                 return Ok(vec![]);
             }
             // The core closed the job when it decided the commit: the database is due again
             // by its RPO and the next job makes the snapshot.
-            ShardOutcome::CommitFailed { .. } => return Ok(vec![]),
+            ShardOutcome::CommitFailed { .. } => {
+                self.pending_commits.remove(&r.lease);
+                return Ok(vec![]);
+            }
         };
         let decisions = self.core.handle(now, event)?;
         if let Some(view) = self.nodes.get_mut(&r.node) {
@@ -217,7 +236,9 @@ impl Fleet {
         for d in decisions {
             if let Decision::Commit { job, db, .. } = &d {
                 let repo = self.repo_of(&db.0);
-                now_orders.push(Order::Commit { lease: r.lease, data_job: self.data_job(*job), repo });
+                let order = Order::Commit { lease: r.lease, data_job: self.data_job(*job), repo };
+                self.pending_commits.insert(r.lease, (r.node.clone(), order.clone()));
+                now_orders.push(order);
             } else {
                 self.route(d);
             }

@@ -11,7 +11,7 @@ use wire::control::{ApiError, Heartbeat, Orders, Register, Registered, ShardRepo
 use crate::error::{Error, Result};
 use crate::net::quic::TlsFiles;
 
-/// A call's deadline: a heartbeat that takes longer is as good as lost.
+/// A call's deadline until registration tells the lease TTL (then `set_timeout`).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +27,7 @@ pub enum CallError {
 pub struct ControlClient {
     base: String,
     http: ureq::Agent,
+    timeout: Duration,
 }
 
 impl ControlClient {
@@ -40,12 +41,17 @@ impl ControlClient {
         let config = wire::tls::client_config(crate::net::quic::pem(&bytes), wire::control::ALPN)
             .map_err(|e| tls.error(e, None))?;
         let http = ureq::AgentBuilder::new().tls_config(Arc::new(config)).timeout(CALL_TIMEOUT).build();
-        Ok(Self { base: format!("{base}{API_PREFIX}"), http })
+        Ok(Self { base: format!("{base}{API_PREFIX}"), http, timeout: CALL_TIMEOUT })
+    }
+
+    /// The longest a call may take from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
     }
 
     fn post<T: Serialize, R: DeserializeOwned>(&self, path: &str, body: &T) -> Result<R, CallError> {
         let url = format!("{}{path}", self.base);
-        match self.http.post(&url).send_json(body) {
+        match self.http.post(&url).timeout(self.timeout).send_json(body) {
             Ok(r) => r.into_json().map_err(|e| CallError::Unreachable { url, detail: format!("bad answer: {e}") }),
             Err(ureq::Error::Status(status, r)) => {
                 let error = r.into_json::<ApiError>().map(|e| e.error).unwrap_or_else(|e| e.to_string());

@@ -27,6 +27,8 @@ use crate::net::quic::TlsFiles;
 const REGISTER_RETRY: Duration = Duration::from_secs(1);
 /// The most an idle loop waits before it looks at its leases' deadlines again.
 const LOOP_WAIT: Duration = Duration::from_millis(100);
+/// Between attempts to deliver reports while the service cannot be reached.
+const REPORT_RETRY_MS: u64 = 1_000;
 /// Leaving (SIGTERM), the agent waits at most this long to deliver its last reports.
 const LEAVE_REPORTS: Duration = Duration::from_secs(10);
 
@@ -47,6 +49,13 @@ pub enum AgentExit {
     Drained,
     /// Asked to stop (SIGTERM or SIGINT): its shards were handed back.
     Left,
+}
+
+/// A call may take half a lease at most (2 to 10 s): a service that does not answer must not
+/// keep the loop long from stopping a shard whose lease ran out. (An answer lost to this is
+/// not work lost: runs are renewed or expire, commits are ordered again until reported.)
+fn call_timeout(lease_ttl_ms: u64) -> Duration {
+    Duration::from_millis(lease_ttl_ms / 2).clamp(Duration::from_secs(2), Duration::from_secs(10))
 }
 
 /// The node's total memory, from /proc/meminfo (0 where it cannot be read).
@@ -93,7 +102,9 @@ pub fn run_agent(opts: AgentOptions, stop: &AtomicBool) -> Result<AgentExit> {
         registered.lease_ttl_ms
     );
     let mut meter = resources::Meter::start();
+    d.client.set_timeout(call_timeout(registered.lease_ttl_ms));
     let mut next_beat = 0u64;
+    let mut next_flush = 0u64;
     let mut left_at: Option<Instant> = None;
     loop {
         if stop.load(Ordering::SeqCst) && left_at.is_none() {
@@ -102,12 +113,15 @@ pub fn run_agent(opts: AgentOptions, stop: &AtomicBool) -> Result<AgentExit> {
             let actions = d.state.leave();
             d.apply(actions);
         }
+        // Reports first: a commit reported is not ordered again by the heartbeat's answer.
+        if d.now() >= next_flush {
+            next_flush = if d.flush_reports() { 0 } else { d.now() + REPORT_RETRY_MS };
+        }
         let now = d.now();
         if now >= next_beat {
             next_beat = now + registered.heartbeat_ms;
-            d.heartbeat(now, &registered, meter.sample(), stop);
+            d.heartbeat(now, &registered, meter.sample());
         }
-        d.flush_reports();
         let expired = d.state.tick(d.now());
         d.apply(expired);
         if d.state.may_exit() && (d.outbox.is_empty() || left_at.is_some_and(|t| t.elapsed() > LEAVE_REPORTS)) {
@@ -134,7 +148,7 @@ impl Driver {
 
     /// Registers, retrying while the service is unreachable; `None` when stopped meanwhile.
     fn register(&self, stop: &AtomicBool) -> Result<Option<Registered>> {
-        let r = Register { node: self.name.clone(), capacity: self.capacity };
+        let r = self.registration();
         let mut warned = false;
         loop {
             match self.client.register(&r) {
@@ -154,7 +168,11 @@ impl Driver {
         }
     }
 
-    fn heartbeat(&mut self, now: u64, registered: &Registered, usage: resources::Usage, stop: &AtomicBool) {
+    fn registration(&self) -> Register {
+        Register { node: self.name.clone(), capacity: self.capacity }
+    }
+
+    fn heartbeat(&mut self, now: u64, registered: &Registered, usage: resources::Usage) {
         let leases = self.state.held();
         let report = ResourceReport {
             cpu_percent: usage.cpu_percent,
@@ -177,8 +195,8 @@ impl Driver {
             // with it, and the next heartbeat is answered with stops.
             Err(CallError::Refused { status: 404, .. }) => {
                 warn!("the control plane does not know this node: registering again");
-                if let Err(e) = self.register(stop) {
-                    warn!("registering again: {e}");
+                if let Err(e) = self.client.register(&self.registration()) {
+                    warn!("registering again (next heartbeat retries): {e}");
                 }
             }
             Err(e) => warn!("heartbeat: {e}"),
@@ -243,8 +261,9 @@ impl Driver {
         self.outbox.push_back(ShardReport { node: self.name.clone(), lease: key.lease(), outcome });
     }
 
-    /// Sends the waiting reports, oldest first, until one cannot be delivered.
-    fn flush_reports(&mut self) {
+    /// Sends the waiting reports, oldest first, until one cannot be delivered; whether all
+    /// were.
+    fn flush_reports(&mut self) -> bool {
         while let Some(report) = self.outbox.front() {
             let sent_at = self.now();
             match self.client.report(report) {
@@ -260,9 +279,10 @@ impl Driver {
                 }
                 Err(e) => {
                     warn!("report waits: {e}");
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 }

@@ -104,8 +104,9 @@ impl AgentState {
         shards.filter_map(|(k, _)| if let TaskKey::Shard(l) = k { Some(*l) } else { None }).collect()
     }
 
+    /// Shards running (a commit is not one: it reads no source).
     pub fn running(&self) -> u32 {
-        self.tasks.len() as u32
+        self.tasks.keys().filter(|k| matches!(k, TaskKey::Shard(_))).count() as u32
     }
 
     /// The last rate cap the control plane set, bytes per second.
@@ -296,6 +297,7 @@ mod tests {
         let commit = Order::Commit { lease: lease(1), data_job: "j".into(), repo: "r".into() };
         let started = s.orders(20, vec![commit]);
         assert!(matches!(&started[..], [Action::Start(TaskKey::Commit(_), Work::Commit { .. })]));
+        assert_eq!(s.running(), 0, "a commit is not a running shard");
         assert!(s.tick(1_000_000).is_empty());
         assert_eq!(
             s.finished(TaskKey::Commit(lease(1)), TaskResult::Committed { snapshot: "ab".into() }),
