@@ -256,7 +256,7 @@ fn a_sharded_job_through_a_policy_is_reached_only_by_writers_its_planner_may_wri
     denied(&as_client("db2.tenant-a", &pki, PASSWORD, &run), "not a job of a writer this certificate may write as");
     denied(&as_client("db2.tenant-a", &pki, PASSWORD, &["commit", "--repo", &url, "--job", &job]), "not a job of");
     let abandon = as_client("db2.tenant-a", &pki, PASSWORD, &["jobs", "--repo", &url, "--abandon", &job]);
-    assert_eq!(abandon.status.code(), Some(1), "{}", text(&abandon.stderr));
+    assert_eq!(abandon.status.code(), Some(21), "{}", text(&abandon.stderr));
     // A role without backup plans nothing.
     let ops = as_client("ops.tenant-a", &pki, PASSWORD, &["plan", "--repo", &url, "--shards", "2", SYNTH]);
     denied(&ops, "may not Backup");
