@@ -902,7 +902,7 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("which program am I: {e}")))?;
             let capacity = wire::control::Capacity {
                 cores: u32::try_from(cores).unwrap_or(u32::MAX),
-                memory_bytes: dataplane::command::agent::memory_total(),
+                memory_bytes: dataplane::command::agent::resources::memory_total(),
                 network_bps: network,
                 disk_bps: disk,
             };

@@ -58,11 +58,6 @@ fn call_timeout(lease_ttl_ms: u64) -> Duration {
     Duration::from_millis(lease_ttl_ms / 2).clamp(Duration::from_secs(2), Duration::from_secs(10))
 }
 
-/// The node's total memory, from /proc/meminfo (0 where it cannot be read).
-pub fn memory_total() -> u64 {
-    resources::read().memory_total
-}
-
 struct Driver {
     client: ControlClient,
     name: String,

@@ -76,6 +76,11 @@ fn is_partition(name: &str) -> bool {
         && name.ends_with(|c: char| c.is_ascii_digit())
 }
 
+/// The host's total memory, bytes (0 where /proc/meminfo cannot be read).
+pub fn memory_total() -> u64 {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default()).0
+}
+
 /// One reading of this host's counters; an unreadable file counts as zero (a container may
 /// hide some).
 pub fn read() -> Counters {
@@ -110,10 +115,6 @@ pub struct Usage {
 impl Meter {
     pub fn start() -> Self {
         Self { last: read(), at: Instant::now() }
-    }
-
-    pub fn memory_total(&self) -> u64 {
-        self.last.memory_total
     }
 
     pub fn sample(&mut self) -> Usage {
