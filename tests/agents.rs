@@ -20,6 +20,17 @@ struct Agent {
 
 impl Agent {
     fn start(dir: &Path, pki: &Path, control: &ControlProcess, name: &str) -> Self {
+        Self::start_with(dir, pki, control, name, |_| {})
+    }
+
+    /// An agent whose command line `more` adds to.
+    fn start_with(
+        dir: &Path,
+        pki: &Path,
+        control: &ControlProcess,
+        name: &str,
+        more: impl FnOnce(&mut Command),
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
         let file = |ext: &str| s(&pki.join(format!("{name}.{ext}"))).to_owned();
         let mut cmd = cbcr_command();
@@ -29,6 +40,7 @@ impl Agent {
         // The agents share this host's /proc: its disk and network rates, measured while every
         // agent (and test) writes, must not use up what each of them offers.
         cmd.args(["--disk", "1TiB", "--network", "1TiB"]);
+        more(&mut cmd);
         cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         Self { child: cmd.spawn().unwrap(), log }
     }
@@ -192,6 +204,104 @@ fn two_agents_back_up_twenty_databases_through_a_receiver_critical_first() {
 }
 
 /// Checkpointed segments of `shard` of the one open job, and all its segments.
+/// One admin request to the agent at `socket`: its answer, or the exit code and error.
+fn admin(socket: &Path, args: &[&str]) -> Result<Value, (i32, String)> {
+    let mut full = vec!["admin", s(socket)];
+    full.extend(args);
+    let out = cbcr_command().args(&full).output().unwrap();
+    match out.status.code() {
+        Some(0) => Ok(serde_json::from_slice(&out.stdout).unwrap()),
+        code => Err((code.unwrap_or(-1), text(&out.stderr))),
+    }
+}
+
+/// Asks `socket` until `ready` holds for the answer to `args`; that answer.
+fn admin_until(socket: &Path, args: &[&str], within: Duration, agent: &Agent, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        if let Ok(answer) = admin(socket, args) {
+            if ready(&answer) {
+                return answer;
+            }
+            last = answer;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{args:?} never answered as awaited within {within:?}; last: {last}\nthe agent said:\n{}", agent.log());
+}
+
+#[test]
+fn a_slowed_source_lowers_the_read_cap_it_recovers_and_the_admin_socket_steers_the_agent() {
+    // One shard, long enough to outlast the test at any rate it is given.
+    let dbs = db("slow", "synth://pg?size=16GiB&seed=9", "critical", "1h", "1GiB");
+    let fleet = Fleet::start(&["agent-a"], &dbs);
+    let (slow, socket) = (fleet.dir.path().join("slow"), fleet.dir.path().join("agent-a.sock"));
+    std::fs::write(&slow, "").unwrap();
+    // While `slow` exists each window (a 1 MiB segment here) takes 150 ms more to arrive.
+    let mut a = Agent::start_with(fleet.dir.path(), &fleet.pki, &fleet.control, "agent-a", |cmd| {
+        cmd.env("CBCR_FAULT_SLOW_READ", format!("{}:150", s(&slow)));
+        cmd.args(["--read-latency-target", "50ms", "--admin-socket", s(&socket)]);
+    });
+    let mib = 1u64 << 20;
+    let cap = |v: &Value| v["throttle"]["cap_bps"].as_u64().unwrap();
+    let reason = |v: &Value| v["throttle"]["reason"].as_str().unwrap().to_owned();
+
+    // The reads are slow: the cap is cut, and keeps falling while they stay slow.
+    let running = |v: &Value| v["tasks"].as_array().is_some_and(|t| !t.is_empty());
+    admin_until(&socket, &["status"], Duration::from_secs(60), &a, running);
+    let first = admin_until(&socket, &["status"], Duration::from_secs(30), &a, |v| reason(v) == "slow_reads");
+    let low = admin_until(&socket, &["status"], Duration::from_secs(30), &a, |v| {
+        reason(v) == "slow_reads" && cap(v) > 0 && cap(v) * 2 <= cap(&first)
+    });
+    assert!(low["throttle"]["read_p99_ms"].as_f64().unwrap() > 50.0, "{low}");
+    // Fast again: the cap rises.
+    std::fs::remove_file(&slow).unwrap();
+    let rising = admin_until(&socket, &["status"], Duration::from_secs(30), &a, |v| {
+        reason(v) == "recovering" && cap(v) > cap(&low)
+    });
+    assert!(
+        a.log().contains("read cap of this node now"),
+        "the cuts are logged:
+{}",
+        a.log()
+    );
+
+    // The operator's cap wins when lower, and is what the shard runs under.
+    let throttled = admin(&socket, &["throttle", "4MiB"]).unwrap();
+    assert_eq!(throttled["throttle"]["operator_bps"], 4 * mib, "{throttled}");
+    let status = admin(&socket, &["status"]).unwrap();
+    assert_eq!(status["tasks"][0]["read_cap_bps"], 4 * mib, "{status} (was {rising})");
+    // Paused: the shard reads nothing, its lease still held.
+    assert_eq!(admin(&socket, &["pause"]).unwrap()["paused"], true);
+    admin_until(&socket, &["perf"], Duration::from_secs(15), &a, |v| {
+        v["shards"][0]["read_cap_bps"] == 1 && v["shards"][0]["read_bps"] == 0
+    });
+    let nodes = fleet.nodes();
+    assert_eq!(nodes[0].leases.len(), 1, "a paused shard keeps its lease: {nodes:?}");
+    assert_eq!(admin(&socket, &["resume"]).unwrap()["paused"], false);
+    admin_until(&socket, &["perf"], Duration::from_secs(15), &a, |v| v["shards"][0]["read_cap_bps"] == 4 * mib);
+    let lifted = admin(&socket, &["throttle", "none"]).unwrap();
+    assert_eq!(lifted["throttle"]["operator_bps"], 0, "{lifted}");
+
+    // Bad requests are answered with what was wrong (exit 2); no daemon there is exit 15.
+    let (code, err) = admin(&socket, &["throttle", "fast"]).unwrap_err();
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a rate"), "{err}");
+    let (code, err) = admin(&socket, &["reboot"]).unwrap_err();
+    assert!(code == 2 && err.contains("unknown command"), "{code} {err}");
+    let help = admin(&socket, &["help"]).unwrap();
+    assert!(help["commands"]["throttle RATE"].is_string(), "{help}");
+    let (code, _) = admin(&fleet.dir.path().join("nobody.sock"), &["status"]).unwrap_err();
+    assert_eq!(code, 15);
+
+    // Drained through its socket: the shard is handed back and the agent exits 0.
+    assert_eq!(admin(&socket, &["drain"]).unwrap()["draining"], true);
+    assert_eq!(a.wait(Duration::from_secs(60)), Some(0), "{}", a.log());
+    assert!(a.log().contains("HandingBack") || a.log().contains("Gently"), "{}", a.log());
+    assert!(!socket.exists(), "the socket is removed when the agent exits");
+}
+
 fn progress(target: &Target, shard: u32) -> Option<(u64, u64)> {
     let out = target.cbcr(&["--json", "jobs"]);
     let job: Value = text(&out.stdout).lines().next().and_then(|l| serde_json::from_str(l).ok())?;

@@ -791,3 +791,54 @@ fn a_tar_stream_on_stdin_is_chunked_as_the_same_tar_file_is_and_its_incremental_
         assert_eq!(bad.status.code(), Some(2), "{args:?}: {}", text(&bad.stderr));
     }
 }
+
+#[test]
+fn a_read_cap_holds_the_rate_and_a_steered_backup_takes_caps_on_stdin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    init_small(&repo);
+    // 24 MiB at 8 MiB/s: the first second's 8 MiB come at once, the rest take 2 s at least
+    // (a lower bound only: a slow machine is slower, never faster).
+    let started = std::time::Instant::now();
+    let synth = "synth://pg?size=24MiB&seed=2";
+    ok(&["backup", "--repo", s(&repo), "--read-cap", "8MiB", synth, "--cores", "2"]);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1900),
+        "24 MiB at 8 MiB/s in {:?}",
+        started.elapsed()
+    );
+    let bad = cbcr(&["backup", "--repo", s(&repo), "--read-cap", "fast", synth]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+
+    // Steered: a cap line, then `none`; `reading` events report what was read under it.
+    let mut child = cbcr_command()
+        .args([
+            "backup",
+            "--repo",
+            s(&repo),
+            "--json",
+            "--read-cap-stdin",
+            "synth://pg?size=48MiB&seed=3",
+            "--cores",
+            "2",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    use std::io::Write;
+    writeln!(stdin, "4MiB").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    writeln!(stdin, "none").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let readings: Vec<_> = events.iter().filter(|e| e["type"] == "reading").collect();
+    assert!(readings.iter().any(|r| r["cap_bps"] == 4 << 20), "a reading under the cap: {readings:?}");
+    assert!(readings.iter().all(|r| r["read_p99_ms"].is_number() && r["bytes"].is_u64()), "{readings:?}");
+    assert_eq!(events.last().unwrap()["type"], "summary");
+    assert!(events.last().unwrap()["bytes_read"].as_u64().unwrap() >= 48 << 20, "{:?}", events.last());
+    ok(&["verify", "--repo", s(&repo), "--read-data"]);
+}

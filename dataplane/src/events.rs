@@ -15,6 +15,7 @@ use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use serde::Serialize;
 
 use crate::metrics::StageHistograms;
+use crate::source::throttle::ReadThrottle;
 
 /// One thing a command reports. Serialised with a `type` field (`progress`, `warning`,
 /// `stages`, `phase_done`); fields may be added, never renamed.
@@ -29,6 +30,9 @@ pub enum Event {
     Stages { phase: &'static str, elapsed_s: f64, all: serde_json::Value, cores: Vec<serde_json::Value> },
     /// The phase ended (a terminal clears its bar).
     PhaseDone { phase: &'static str },
+    /// A steered backup's source reads over the last interval (`backup --read-cap-stdin`):
+    /// windows read, the p99 of the time one took to arrive, bytes, and the cap in force.
+    Reading { reads: u64, read_p99_ms: f64, bytes: u64, interval_s: f64, cap_bps: u64 },
 }
 
 /// Where a command's events go. Called from any thread, at most a few times per interval.
@@ -70,12 +74,19 @@ pub struct Run {
     pub events: Arc<dyn EventSink>,
     pub every: Duration,
     pub cancel: Cancel,
+    /// Every source read goes through it (a backup's rate cap).
+    pub reads: Arc<ReadThrottle>,
 }
 
 impl Run {
     /// Events dropped, never cancelled.
     pub fn quiet() -> Self {
-        Self { events: Arc::new(Discard), every: Duration::from_secs(1), cancel: Cancel::default() }
+        Self {
+            events: Arc::new(Discard),
+            every: Duration::from_secs(1),
+            cancel: Cancel::default(),
+            reads: ReadThrottle::off(),
+        }
     }
 
     pub fn warn(&self, path: &std::path::Path, message: &str) {

@@ -48,6 +48,23 @@ pub(crate) fn armed_in_store() -> bool {
     armed().is_some_and(|a| a.name.starts_with("store-"))
 }
 
+/// `CBCR_FAULT_SLOW_READ=PATH:MS`: while the file PATH exists, every window a backup reads from
+/// its source takes MS milliseconds longer (a deliberately slow source host, for the throttle
+/// tests). Only a steered or capped backup measures its reads, so only such a one is slowed.
+pub(crate) fn slow_read() {
+    static SLOW: OnceLock<Option<(std::path::PathBuf, u64)>> = OnceLock::new();
+    let slow = SLOW.get_or_init(|| {
+        let spec = std::env::var("CBCR_FAULT_SLOW_READ").ok()?;
+        let (path, ms) = spec.rsplit_once(':')?;
+        Some((path.into(), ms.parse().ok()?))
+    });
+    if let Some((path, ms)) = slow {
+        if path.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(*ms));
+        }
+    }
+}
+
 /// Passes the crash point `name`.
 #[inline]
 pub(crate) fn point(name: &'static str) {

@@ -141,9 +141,18 @@ const _: () = assert!(MAPPED_WINDOW >= wire::limits::MAX_CHUNK_SIZE as usize / 2
 // A pack must hold at least one largest blob, or a writer could never make progress.
 const _: () = assert!(PACK_TARGET_SIZE >= wire::limits::MAX_BLOB_SIZE as u64);
 const _: () = assert!(PACK_WRITE_BUFFER as u64 <= MIN_PACK_SIZE * 16);
+/// Source read times a backup keeps between two looks of whoever steers its read cap (4 bytes
+/// each; one per window of up to `MAPPED_WINDOW` bytes, so a second of reading needs far fewer).
+pub const READ_SAMPLES: usize = 4096;
 /// Tasks (shards and commits) an agent runs at once, at most; orders beyond are refused with
 /// a failure report. The control plane assigns by the capacity the agent registered, far below.
 pub const AGENT_MAX_TASKS: usize = 256;
+/// Admin socket connections a daemon serves at once, and the bytes one may send in all.
+pub const ADMIN_CONNECTIONS: usize = 8;
+pub const ADMIN_REQUEST_BYTES: u64 = 1 << 20;
+/// Readings of its shards an agent holds between two looks of its throttle (one per shard a
+/// second; more are dropped until the next look).
+pub const AGENT_READINGS: usize = 4 * AGENT_MAX_TASKS;
 /// Shard reports an agent keeps to send while the control plane is unreachable (one per
 /// task, so never more than the tasks).
 pub const AGENT_REPORT_QUEUE: usize = AGENT_MAX_TASKS;

@@ -6,8 +6,11 @@ mod secret;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use dataplane::command::agent::throttle::SteerParams;
+use dataplane::command::agent::AgentExit;
 use dataplane::command::backup::{
     backup, run_shard, BackupOptions, BackupSource, Chunking, ChunkingRules, PlanOptions, ShardCount, ShardOptions,
 };
@@ -21,6 +24,7 @@ use dataplane::net::quic::TlsFiles;
 use dataplane::repo::Repository;
 use dataplane::source::exclude::Excludes;
 use dataplane::source::synth::SynthSpec;
+use dataplane::source::throttle::ReadThrottle;
 use dataplane::{limits, runtime};
 use output::Reporter;
 use serde_json::json;
@@ -135,6 +139,14 @@ enum Command {
         /// top of at most this many deltas, else whole again; 0: always whole.
         #[arg(long, default_value_t = limits::DEFAULT_DELTA_CHAIN, value_parser = clap::value_parser!(u32).range(0..=wire::limits::MAX_DELTA_CHAIN as i64))]
         delta_chain: u32,
+        /// Read the source at most this fast (bytes per second: 200MiB); 0: no cap.
+        #[arg(long, env = "CBCR_READ_CAP", default_value = "0", value_parser = dataplane::parse_size, value_name = "RATE")]
+        read_cap: u64,
+        /// Take new read caps from standard input while running, one per line (a rate, or 0),
+        /// and report the source's read rate and latency each second (`reading` events with
+        /// --json): how `cbcr agent` steers the shards it runs.
+        #[arg(long, conflicts_with = "stdin")]
+        read_cap_stdin: bool,
         #[command(flatten)]
         cut: CutArgs,
     },
@@ -273,9 +285,32 @@ enum Command {
         /// The network bandwidth this node offers, bytes per second.
         #[arg(long, default_value = "1GiB", value_parser = dataplane::parse_size)]
         network: u64,
-        /// The disk bandwidth this node offers, bytes per second.
+        /// The disk bandwidth this node offers, bytes per second (also the most its read cap
+        /// rises to).
         #[arg(long, default_value = "1GiB", value_parser = dataplane::parse_size)]
         disk: u64,
+        /// The p99 of the time one window (up to 8 MiB) of a source may take to arrive: slower
+        /// reads cut the node's read cap, faster ones raise it again.
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        read_latency_target: std::time::Duration,
+        /// CPU (percent of the host) everything but this agent's shards may use before the read
+        /// cap is cut.
+        #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(1..=100))]
+        cpu_target: u8,
+        /// A Unix socket (mode 0600) for `cbcr admin SOCKET status|pause|resume|drain|throttle
+        /// RATE|perf|help`.
+        #[arg(long, env = "CBCR_ADMIN_SOCKET")]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Ask a running agent (or cbcr-control) through its admin socket: status, pause, resume,
+    /// drain, throttle RATE, perf, help. Prints the JSON answer.
+    Admin {
+        /// The daemon's --admin-socket.
+        socket: PathBuf,
+        /// What to ask.
+        command: String,
+        /// The command's argument (throttle's rate).
+        arg: Option<String>,
     },
     /// Certificates for QUIC.
     #[command(subcommand)]
@@ -478,7 +513,7 @@ fn main() -> ProcessExit {
         Command::Receiver { log_format, .. } if log_format == "json" => log.json().init(),
         _ => log.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
     }
-    let reporter = std::sync::Arc::new(Reporter::new(cli.global.json, cli.global.quiet, !cli.global.no_progress));
+    let reporter = Arc::new(Reporter::new(cli.global.json, cli.global.quiet, !cli.global.no_progress));
     let code = match on_sigint(&cli.command).and_then(|cancel| run(cli, &reporter, cancel)) {
         Ok(code) => code,
         Err(e) => {
@@ -516,7 +551,7 @@ fn on_sigint(command: &Command) -> Result<Cancel, Error> {
             signal_hook::flag::register(SIGINT, cancel.flag()).map_err(failed)?;
         }
         _ => {
-            let raised = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let raised = Arc::new(std::sync::atomic::AtomicBool::new(true));
             signal_hook::flag::register_conditional_shutdown(SIGINT, ExitCode::Interrupted as i32, raised)
                 .map_err(failed)?;
         }
@@ -524,10 +559,10 @@ fn on_sigint(command: &Command) -> Result<Cancel, Error> {
     Ok(cancel)
 }
 
-fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<ExitCode, Error> {
+fn run(cli: Cli, reporter: &Arc<Reporter>, cancel: Cancel) -> Result<ExitCode, Error> {
     let g = cli.global;
-    let events = std::sync::Arc::clone(reporter) as std::sync::Arc<dyn dataplane::events::EventSink>;
-    let run = Run { events, every: reporter.every(), cancel };
+    let events = Arc::clone(reporter) as Arc<dyn dataplane::events::EventSink>;
+    let run = Run { events, every: reporter.every(), cancel, reads: ReadThrottle::off() };
     let repo_path =
         || g.repo.clone().ok_or_else(|| Error::Usage("no repository: give --repo DIR or set CBCR_REPO".into()));
     let cores = g.cores.unwrap_or_else(runtime::default_cores);
@@ -578,8 +613,12 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             compression_level,
             pack_size,
             delta_chain,
+            read_cap,
+            read_cap_stdin,
             cut,
         } => {
+            let reads = ReadThrottle::start(read_cap, read_cap_stdin, &run);
+            let run = Run { reads, ..run };
             if let (Some(job), Some(shard)) = (job, shard) {
                 let opts = ShardOptions { job: parse_job(&job)?, shard, token, cores, compression_level, pack_size };
                 let out = run_shard(open(false)?, &opts, &run)?;
@@ -883,7 +922,12 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
             dataplane::command::receiver::run(opts)?;
             Ok(ExitCode::Ok)
         }
-        Command::Agent { control, name, network, disk } => {
+        Command::Admin { socket, command, arg } => {
+            let answer = dataplane::net::admin::call(&socket, &dataplane::net::admin::Request { command, arg })?;
+            println!("{}", serde_json::to_string_pretty(&answer).expect("JSON values serialise"));
+            Ok(ExitCode::Ok)
+        }
+        Command::Agent { control, name, network, disk, read_latency_target, cpu_target, admin_socket } => {
             let tls = tls.ok_or_else(|| Error::Usage("an agent needs --cert, --key and --ca".into()))?;
             let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
             let mut env = vec![];
@@ -912,10 +956,12 @@ fn run(cli: Cli, reporter: &std::sync::Arc<Reporter>, cancel: Cancel) -> Result<
                 tls,
                 capacity,
                 runner: dataplane::command::agent::task::Runner { exe, env },
+                steer: SteerParams::new(read_latency_target.as_micros() as u64, cpu_target, disk),
+                admin_socket,
             };
             match dataplane::command::agent::run_agent(opts, &run.cancel.flag())? {
-                dataplane::command::agent::AgentExit::Drained => Ok(ExitCode::Ok),
-                dataplane::command::agent::AgentExit::Left => Ok(ExitCode::Interrupted),
+                AgentExit::Drained | AgentExit::LeftDrained => Ok(ExitCode::Ok),
+                AgentExit::Left => Ok(ExitCode::Interrupted),
             }
         }
         Command::Key(key) => {

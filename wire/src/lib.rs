@@ -4,6 +4,9 @@
 //! bytes and return values or a typed [`Error`]. A decoder never panics, whatever the input; the
 //! proptests in each module feed it garbage and truncations to keep it that way.
 //!
+//! One algorithm lives here too, because both planes run it: the AIMD loop of read caps
+//! ([`throttle`]), the control plane's per host and node, each agent's over its own reads.
+//!
 //! Integers are little-endian. Fixed-size records are `#[repr(C)]` [`bytemuck::Pod`] structs made
 //! only of byte arrays, so they have alignment 1, no padding, and can be cast from any byte slice.
 
@@ -20,6 +23,7 @@ pub mod job;
 pub mod limits;
 pub mod pack;
 pub mod repo;
+pub mod throttle;
 pub mod tls;
 pub mod tree;
 pub mod verify;

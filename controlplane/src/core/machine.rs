@@ -17,7 +17,7 @@ use super::placement::{place, HostBudget, NodeRoom, Resources, RoomIndex, Wait};
 use super::planner::plan;
 use super::registry::{in_window, next_open, DbSpec, NodeCapacity, Registry, RegistryError};
 use super::scale::{steady_bps, Demand, ScaleReason, Scaler};
-use super::throttle::{AimdParams, Throttle};
+use wire::throttle::{AimdParams, Throttle};
 
 /// The core's settings, in one place.
 #[derive(Clone, Debug)]

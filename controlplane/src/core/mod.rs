@@ -1,7 +1,8 @@
 //! The pure core: the registry of databases and nodes ([`registry`]), the scheduler's order of
 //! waiting backups with aging ([`order`]), leases with fencing tokens ([`leases`]), how many
 //! shards a backup is cut into ([`planner`]), where one runs within its source host's caps
-//! ([`placement`]), the AIMD loops for read caps ([`throttle`]), the desired node count with
+//! ([`placement`]), the AIMD loops for read caps (`wire::throttle`, shared with the agents), the
+//! desired node count with
 //! hysteresis ([`scale`]), and the event loop that joins them into decisions ([`machine`]).
 
 pub mod leases;
@@ -14,6 +15,5 @@ pub mod placement;
 pub mod planner;
 pub mod registry;
 pub mod scale;
-pub mod throttle;
 
 pub use model::{DbName, HostName, Millis, NodeName, Priority};

@@ -73,8 +73,12 @@ impl HostBudget {
     /// that would crawl for hours at a trickle while a full share frees up in minutes.
     pub fn left(&self) -> Option<u64> {
         let left = self.max_read_bps.saturating_sub(self.read_bps);
-        let fair = (self.max_read_bps / u64::from(self.max_running.max(1))).max(MIN_READ_BPS);
-        (self.running < self.max_running && left >= fair).then_some(left)
+        (self.running < self.max_running && left >= self.fair_share()).then_some(left)
+    }
+
+    /// The budget over the backups the host may run (at least [`MIN_READ_BPS`]).
+    pub fn fair_share(&self) -> u64 {
+        (self.max_read_bps / u64::from(self.max_running.max(1))).max(MIN_READ_BPS)
     }
 }
 
@@ -126,7 +130,10 @@ fn preference(room: &NodeRoom) -> Preference {
 pub fn place(need: &Resources, nodes: &RoomIndex, host: &HostBudget) -> Result<Placed, Wait> {
     let host_left = host.left().ok_or(Wait::HostAtCap)?;
     let best = nodes.best(need).ok_or(Wait::NoRoom)?;
-    let read_cap_bps = host_left.min(best.throughput_bps.max(MIN_READ_BPS));
+    // At least a fair share whatever the node has shown: agents enforce the cap, and a node's
+    // throughput is measured under it, so a cap of the throughput alone could only shrink (a
+    // node that once ran a tiny backup slowly would read at that rate from then on).
+    let read_cap_bps = host_left.min(best.throughput_bps.max(host.fair_share()));
     Ok(Placed { node: best.node.clone(), read_cap_bps })
 }
 
@@ -161,6 +168,10 @@ mod tests {
         assert_eq!(placed.node, NodeName("fast".into()));
         // Capped by the host's budget (400 MiB/s), not the node's 600.
         assert_eq!(placed.read_cap_bps, 400 << 20);
+        // A node that has shown a trickle still gets a fair share (200 of 400 MiB/s over two
+        // backups): its throughput was measured under an earlier cap.
+        let trickle = place(&NEED, &index(&[node("trickle", ROOM, 1 << 20)]), &HOST).unwrap();
+        assert_eq!(trickle.read_cap_bps, 200 << 20);
         assert_eq!(place(&NEED, &index(&nodes[1..2]), &HOST), Err(Wait::NoRoom));
     }
 

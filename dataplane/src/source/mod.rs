@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod exclude;
 pub mod synth;
+pub mod throttle;
 pub(crate) mod truncated;
 
 /// This host's name, recorded in snapshots and told to receivers.

@@ -76,6 +76,27 @@ fn is_partition(name: &str) -> bool {
         && name.ends_with(|c: char| c.is_ascii_digit())
 }
 
+/// CPU time a process used, in jiffies (utime plus stime, the 14th and 15th fields of
+/// `/proc/PID/stat`, counted after its name, which may hold spaces and parentheses).
+pub fn parse_pid_stat(text: &str) -> u64 {
+    let Some((_, rest)) = text.rsplit_once(')') else { return 0 };
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+    f.iter().sum()
+}
+
+/// CPU time process `pid` used so far, jiffies (0 once it is gone).
+pub fn process_cpu(pid: u32) -> u64 {
+    parse_pid_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// The share of the host's CPU used by everyone but some processes: host busy time between two
+/// readings, less what those processes used meanwhile (`ours`), over all time passed.
+pub fn others_percent(a: &Counters, b: &Counters, ours: u64) -> u8 {
+    let total = b.cpu_total.saturating_sub(a.cpu_total);
+    let busy = b.cpu_busy.saturating_sub(a.cpu_busy).saturating_sub(ours);
+    (busy * 100).checked_div(total).unwrap_or(0).min(100) as u8
+}
+
 /// The host's total memory, bytes (0 where /proc/meminfo cannot be read).
 pub fn memory_total() -> u64 {
     parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default()).0
@@ -153,6 +174,18 @@ mod tests {
         let disks = "   8       0 sda 10 0 100 0 5 0 40 0 0 0 0\n   8       1 sda1 10 0 100 0 5 0 40 0 0 0 0\n 259 0 nvme0n1 1 0 10 0 1 0 6 0 0 0 0\n 259 1 nvme0n1p1 1 0 10 0 1 0 6 0 0 0 0\n   7 0 loop0 1 0 1000 0 0 0 0 0 0 0 0\n";
         assert_eq!(parse_diskstats(disks), (140 + 16) * 512, "partitions and loop devices are left out");
         assert_eq!(parse_stat(""), (0, 0));
+        let pid = "4242 (cbcr (x) y) S 1 4242 4242 0 -1 4194560 500 0 0 0 700 45 3 1 20 0 9 0 100 0 0";
+        assert_eq!(parse_pid_stat(pid), 745, "utime plus stime, after a name with spaces and parentheses");
+        assert_eq!(parse_pid_stat("garbage"), 0);
+    }
+
+    #[test]
+    fn others_cpu_leaves_our_processes_out() {
+        let a = Counters { cpu_busy: 100, cpu_total: 1000, ..Default::default() };
+        let b = Counters { cpu_busy: 700, cpu_total: 2000, ..Default::default() };
+        assert_eq!(others_percent(&a, &b, 0), 60);
+        assert_eq!(others_percent(&a, &b, 500), 10);
+        assert_eq!(others_percent(&a, &b, 5000), 0, "a child counted too high leaves nothing, not less");
     }
 
     #[test]

@@ -491,7 +491,7 @@ fn run_core(
             let page = job.page.filter(|&p| wire::delta::valid_page_size(p));
             let base = deltas.as_mut().zip(page).map(|(d, page)| (d, page, &mut reader));
             let before = (writer.stats().bytes_new, writer.stats().chunks_new, writer.stats().bytes_stored);
-            let done = backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, &shared.progress);
+            let done = backup_segment(&mut writer, &job, &previous, base, cdc, &mut window, shared);
             done.and_then(|(mut summary, list)| {
                 if shared.checkpointing {
                     writer.flush()?;
@@ -528,8 +528,10 @@ fn backup_segment(
     mut deltas: Option<(&mut BlockDeltas, u32, &mut BlobReader<'_>)>,
     cdc: ChunkerParams,
     window: &mut Vec<u8>,
-    progress: &Progress,
+    shared: &Shared,
 ) -> Result<(SegmentSummary, ChunkList)> {
+    // Every source read is counted for the progress, and goes through the read cap.
+    let (progress, reads) = (&*shared.progress, &*shared.run.reads);
     let mut list = ChunkList::default();
     // A stream's segment is as long as what came; every other is `job.len`.
     let mut streamed = job.len;
@@ -578,7 +580,7 @@ fn backup_segment(
             // process; the walker's check after the file names it (see `source::truncated`).
             truncated::reading(map, || -> Result<()> {
                 let data = &map[job.offset..job.offset + job.len];
-                let mut released = 0;
+                let (mut released, mut fetched) = (0, 0);
                 let cuts: Box<dyn Iterator<Item = (usize, usize)>> = match (&job.regions, job.policy) {
                     (Some(regions), ChunkPolicy::Fixed(chunk)) => {
                         Box::new(chunker::region_cuts(data, job.offset as u64, regions, chunk, cdc).into_iter())
@@ -586,6 +588,11 @@ fn backup_segment(
                     _ => Box::new(chunker::cuts(data, job.policy)),
                 };
                 for (off, len) in cuts {
+                    while off + len > fetched {
+                        let n = limits::MAPPED_WINDOW.min(job.len - fetched);
+                        reads.fetch(&data[fetched..fetched + n]);
+                        fetched += n;
+                    }
                     // A private copy: another process may write the file while it is mapped,
                     // and the id, the compressed bytes and a delta must all come from the same
                     // bytes (hashing and compressing the mapping itself once stored a blob that
@@ -606,8 +613,11 @@ fn backup_segment(
         }
         SegmentSource::Synth(spec, file) => {
             let fill = |offset: usize, buf: &mut [u8]| {
-                let n = buf.len().min(job.len - offset);
-                spec.fill(file, (job.offset + offset) as u64, &mut buf[..n]);
+                let n = reads.read(|| {
+                    let n = buf.len().min(job.len - offset);
+                    spec.fill(file, (job.offset + offset) as u64, &mut buf[..n]);
+                    n
+                });
                 progress.add(n as u64, 0);
                 n
             };
@@ -618,18 +628,21 @@ fn backup_segment(
             let regions = std::cell::RefCell::new(Vec::new());
             let (mut piece, mut used) = (Vec::new(), 0);
             let fill = |_: usize, buf: &mut [u8]| {
-                let mut n = 0;
-                while n < buf.len() {
-                    if used == piece.len() {
-                        let Ok(next) = pieces.recv() else { break };
-                        regions.borrow_mut().extend(next.regions);
-                        (piece, used) = (next.bytes, 0);
-                        continue;
+                let n = reads.read(|| {
+                    let mut n = 0;
+                    while n < buf.len() {
+                        if used == piece.len() {
+                            let Ok(next) = pieces.recv() else { break };
+                            regions.borrow_mut().extend(next.regions);
+                            (piece, used) = (next.bytes, 0);
+                            continue;
+                        }
+                        let take = (buf.len() - n).min(piece.len() - used);
+                        buf[n..n + take].copy_from_slice(&piece[used..used + take]);
+                        (n, used) = (n + take, used + take);
                     }
-                    let take = (buf.len() - n).min(piece.len() - used);
-                    buf[n..n + take].copy_from_slice(&piece[used..used + take]);
-                    (n, used) = (n + take, used + take);
-                }
+                    n
+                });
                 progress.add(n as u64, 0);
                 n
             };

@@ -1,5 +1,5 @@
-//! How fast a backup may read from its source: an AIMD loop per source host (and per node, on
-//! the node's own reports). While the reported source-read latency p99 and CPU use stay under
+//! How fast a backup may read from its source: an AIMD loop the control plane runs per source
+//! host and per node (on the nodes' reports), and each agent over its own shards' reads. While the reported source-read latency p99 and CPU use stay under
 //! their targets the cap rises by a fixed step; when either goes over, it is cut by a factor.
 //! Additive increase with multiplicative decrease converges to a sawtooth just under the rate
 //! at which the host reaches its targets: with the defaults the cap stays between
@@ -51,11 +51,23 @@ impl Aimd {
         Self { params, cap_bps: start_bps.clamp(params.min_bps, params.max_bps) }
     }
 
+    /// Whether a report is over either target.
+    pub fn over(&self, read_p99_us: u64, cpu_percent: u8) -> bool {
+        read_p99_us > self.params.target_p99_us || cpu_percent > self.params.target_cpu_percent
+    }
+
     /// Takes one report from the host and returns the new cap.
     pub fn report(&mut self, read_p99_us: u64, cpu_percent: u8) -> u64 {
+        self.report_reading(read_p99_us, cpu_percent, u64::MAX)
+    }
+
+    /// [`Aimd::report`] from a reader that also knows the rate it read at: a cut starts from
+    /// that rate when it is under the cap, since cutting a cap nobody reaches slows nothing (a
+    /// loop started uncapped finds an overloaded host's rate in a few reports, not dozens).
+    pub fn report_reading(&mut self, read_p99_us: u64, cpu_percent: u8, read_bps: u64) -> u64 {
         let p = &self.params;
-        self.cap_bps = if read_p99_us > p.target_p99_us || cpu_percent > p.target_cpu_percent {
-            (self.cap_bps as f64 * p.decrease) as u64
+        self.cap_bps = if self.over(read_p99_us, cpu_percent) {
+            (self.cap_bps.min(read_bps) as f64 * p.decrease) as u64
         } else {
             self.cap_bps.saturating_add(p.increase_bps)
         }
@@ -172,6 +184,15 @@ mod tests {
         // 600 MiB/s plus an eighth is 675: the fifth step of 16 MiB/s reaches it.
         let sent: Vec<_> = (0..5).map(|_| t.report(0, 0)).collect();
         assert_eq!(sent, [None, None, None, None, Some(680 << 20)]);
+    }
+
+    #[test]
+    fn a_reader_cuts_from_the_rate_it_read_at_and_rises_from_its_cap() {
+        let params = AimdParams::default();
+        let mut aimd = Aimd::new(params, params.max_bps);
+        assert_eq!(aimd.report_reading(u64::MAX, 0, 100 << 20), 75 << 20);
+        assert_eq!(aimd.report_reading(0, 0, 10 << 20), (75 + 16) << 20, "a rise ignores the rate");
+        assert_eq!(aimd.report_reading(u64::MAX, 0, 1 << 40), (91 << 20) * 3 / 4, "a rate over the cap: the cap");
     }
 
     #[test]
