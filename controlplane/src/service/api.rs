@@ -371,6 +371,8 @@ pub async fn serve(c: ServeConfig) -> Result<(), ServeError> {
             }
         }
     });
+    let watched = Arc::clone(&api);
+    super::notify::start(move || drop(watched.lock()));
     let app = router(api).into_make_service_with_connect_info::<Peer>();
     axum::serve(c.listener, app).await?;
     Ok(())

@@ -65,6 +65,34 @@ pub enum AgentExit {
     LeftDrained,
 }
 
+/// What systemd is told (`Type=notify`): READY once registered, WATCHDOG from the loop itself
+/// (so a loop stuck anywhere stops the pings and systemd restarts the agent), STOPPING when
+/// leaving. Without systemd every call is a no-op.
+struct Watchdog {
+    every: Option<Duration>,
+    last: Instant,
+}
+
+impl Watchdog {
+    fn ready() -> Self {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let mut usec = 0;
+        let every = sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
+        Self { every, last: Instant::now() }
+    }
+
+    fn pet(&mut self) {
+        if self.every.is_some_and(|every| self.last.elapsed() >= every) {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            self.last = Instant::now();
+        }
+    }
+
+    fn stopping(&self) {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    }
+}
+
 /// A call may take half a lease at most (2 to 10 s): a service that does not answer must not
 /// keep the loop long from stopping a shard whose lease ran out. (An answer lost to this is
 /// not work lost: runs are renewed or expire, commits are ordered again until reported.)
@@ -111,7 +139,10 @@ pub fn run_agent(opts: AgentOptions, stop: &AtomicBool) -> Result<AgentExit> {
     let (readings, read) = crossbeam_channel::bounded(limits::AGENT_READINGS);
     let (asks, asked) = crossbeam_channel::bounded::<Asked>(limits::ADMIN_CONNECTIONS);
     // Bound before registering: a socket that cannot be served is a usage error at start.
-    let _socket = opts.admin_socket.as_deref().map(|path| admin::serve(path, asks)).transpose()?;
+    let socket = opts.admin_socket.as_deref().map(|path| admin::serve(path, asks)).transpose()?;
+    // Without a socket nothing ever asks (a disconnected channel would be ready at once, and
+    // the loop would spin on it).
+    let asked = if socket.is_some() { asked } else { crossbeam_channel::never() };
     let mut d = Driver {
         client,
         control: opts.control.clone(),
@@ -138,6 +169,7 @@ pub fn run_agent(opts: AgentOptions, stop: &AtomicBool) -> Result<AgentExit> {
         registered.heartbeat_ms,
         registered.lease_ttl_ms
     );
+    let mut watchdog = Watchdog::ready();
     let mut meter = resources::Meter::start();
     d.client.set_timeout(call_timeout(registered.lease_ttl_ms));
     let mut next_beat = 0u64;
@@ -145,8 +177,10 @@ pub fn run_agent(opts: AgentOptions, stop: &AtomicBool) -> Result<AgentExit> {
     let mut next_look = THROTTLE_LOOK_MS;
     let mut left_at: Option<Instant> = None;
     loop {
+        watchdog.pet();
         if (stop.load(Ordering::SeqCst) || d.drain_asked) && left_at.is_none() {
             info!("leaving: handing every shard back");
+            watchdog.stopping();
             left_at = Some(Instant::now());
             let actions = d.state.leave();
             d.apply(actions);

@@ -190,6 +190,10 @@ impl Runner {
         command.args(["--repo", repo, "--json", "--no-progress"]).args(args);
         // The child's repository and database are the task's, never the agent's environment's.
         command.env_remove("CBCR_REPO").env_remove("CBCR_DB");
+        // systemd's notify socket is the agent's alone: a child must not speak for the service.
+        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+            command.env_remove(var);
+        }
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         let stdin = if steered { Stdio::piped() } else { Stdio::null() };
         command.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::inherit());
